@@ -1,0 +1,344 @@
+//! Bitmask sparse delta, the BitSnap paper's method, extended: a 1-bit-per-element mask
+//! of the elements whose bits changed, entropy-coded, plus only the changed elements,
+//! XOR'd against their base values and stored in zstd-coded byte planes.
+//!
+//! Payload: a chunk stream (see `FORMAT.md`) whose chunk bodies are
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 4 | `changed`: changed elements in the chunk, u32 LE |
+//! | 1 | mask mode: 0 bits raw, 1 bits zstd, 2 gaps zstd, 3 none changed, 4 all changed |
+//! | 4 | `mask_len`, u32 LE |
+//! | mask_len | the mask |
+//! | … | planes section of the `changed` XOR values, in element order |
+//!
+//! "bits" is the mask packed LSB first (element `i` of the chunk is bit `i % 8` of byte
+//! `i / 8`, unused high bits 0). "gaps" is, for each changed element in order, the number
+//! of unchanged elements since the previous changed one, as LEB128 varints.
+
+use rayon::prelude::*;
+
+use super::{Codec, CodecError, CodecId, Cursor, EncodeInput, Encoded, chunks, planes};
+
+/// Mask stored as packed bits.
+pub const MASK_BITS_RAW: u8 = 0;
+/// Mask stored as packed bits, zstd-coded.
+pub const MASK_BITS_ZSTD: u8 = 1;
+/// Mask stored as LEB128 gaps between changed elements, zstd-coded.
+pub const MASK_GAPS_ZSTD: u8 = 2;
+/// No element of the chunk changed; no mask bytes.
+pub const MASK_NONE: u8 = 3;
+/// Every element of the chunk changed; no mask bytes.
+pub const MASK_ALL: u8 = 4;
+
+/// The bitmask sparse delta codec.
+///
+/// ```
+/// use bitsnap_core::codec::{self, BitmaskDelta, Codec, CodecId, EncodeInput};
+/// use bitsnap_core::{DType, Role};
+/// let base = vec![0u8; 4 * 100_000];
+/// let mut next = base.clone();
+/// for i in (0..100_000).step_by(100) { next[4 * i + 3] = 0x3f; } // 1% changed
+/// let input = EncodeInput { dtype: DType::F32, role: Role::Weight, data: &next, base: Some(&base) };
+/// let enc = BitmaskDelta::default().encode(&input).unwrap().unwrap();
+/// assert!(enc.payload.len() * 20 < next.len());
+/// let back = codec::decode(CodecId::BitmaskDelta, &enc.payload, DType::F32, 100_000, Some(&base)).unwrap();
+/// assert_eq!(back, next);
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct BitmaskDelta {
+    /// zstd level; default [`super::DEFAULT_ZSTD_LEVEL`].
+    pub level: i32,
+}
+
+impl Default for BitmaskDelta {
+    fn default() -> Self {
+        BitmaskDelta {
+            level: super::DEFAULT_ZSTD_LEVEL,
+        }
+    }
+}
+
+impl Codec for BitmaskDelta {
+    fn id(&self) -> CodecId {
+        CodecId::BitmaskDelta
+    }
+
+    fn encode(&self, input: &EncodeInput<'_>) -> Result<Option<Encoded>, CodecError> {
+        let Some(base) = input.base.filter(|b| b.len() == input.data.len()) else {
+            return Ok(None);
+        };
+        let w = input.dtype.size();
+        let numel = input.data.len() / w;
+        let mut payload = Vec::new();
+        chunks::encode(numel, chunks::chunk_elems(w), &mut payload, |elems| {
+            let bytes = elems.start * w..elems.end * w;
+            encode_chunk(&input.data[bytes.clone()], &base[bytes], w, self.level)
+        })?;
+        Ok(Some(Encoded {
+            codec: CodecId::BitmaskDelta,
+            payload,
+            lossy: None,
+        }))
+    }
+}
+
+/// Number of elements (of `width` bytes) whose bits differ between `data` and `base`,
+/// counted on all cores. `data` and `base` must have the same length.
+pub fn changed_count(data: &[u8], base: &[u8], width: usize) -> u64 {
+    let step = chunks::chunk_elems(width) * width;
+    data.par_chunks(step)
+        .zip(base.par_chunks(step))
+        .map(|(a, b)| count_changed(a, b, width))
+        .sum()
+}
+
+fn count_changed(a: &[u8], b: &[u8], width: usize) -> u64 {
+    match width {
+        1 => a.iter().zip(b).filter(|(x, y)| x != y).count() as u64,
+        2 => count_fixed::<2>(a, b),
+        4 => count_fixed::<4>(a, b),
+        8 => count_fixed::<8>(a, b),
+        _ => a
+            .chunks_exact(width)
+            .zip(b.chunks_exact(width))
+            .filter(|(x, y)| x != y)
+            .count() as u64,
+    }
+}
+
+fn count_fixed<const W: usize>(a: &[u8], b: &[u8]) -> u64 {
+    a.chunks_exact(W)
+        .zip(b.chunks_exact(W))
+        .filter(|(x, y)| x != y)
+        .count() as u64
+}
+
+fn encode_chunk(data: &[u8], base: &[u8], w: usize, level: i32) -> Result<Vec<u8>, CodecError> {
+    let n = data.len() / w;
+    let mut bits = vec![0u8; n.div_ceil(8)];
+    let mut values = Vec::new();
+    let mut gaps = Vec::new();
+    let mut last_end = 0usize;
+    let mut changed = 0usize;
+    for (i, (a, b)) in data.chunks_exact(w).zip(base.chunks_exact(w)).enumerate() {
+        if a != b {
+            bits[i / 8] |= 1 << (i % 8);
+            values.extend(a.iter().zip(b).map(|(x, y)| x ^ y));
+            push_leb128(&mut gaps, (i - last_end) as u64);
+            last_end = i + 1;
+            changed += 1;
+        }
+    }
+    let mut body = Vec::with_capacity(values.len() / 2 + 64);
+    body.extend_from_slice(&(changed as u32).to_le_bytes());
+    super::with_compressor(level, |c| {
+        if changed == 0 {
+            put_mask(&mut body, MASK_NONE, &[]);
+        } else if changed == n {
+            put_mask(&mut body, MASK_ALL, &[]);
+        } else {
+            let zbits = c.compress(&bits).ok();
+            let zgaps = c.compress(&gaps).ok();
+            let mut best = (MASK_BITS_RAW, bits.as_slice());
+            for (mode, cand) in [(MASK_BITS_ZSTD, &zbits), (MASK_GAPS_ZSTD, &zgaps)] {
+                if let Some(cand) = cand
+                    && cand.len() < best.1.len()
+                {
+                    best = (mode, cand.as_slice());
+                }
+            }
+            put_mask(&mut body, best.0, best.1);
+        }
+        planes::encode(&values, w, c, &mut body);
+    })?;
+    Ok(body)
+}
+
+fn put_mask(body: &mut Vec<u8>, mode: u8, mask: &[u8]) {
+    body.push(mode);
+    body.extend_from_slice(&(mask.len() as u32).to_le_bytes());
+    body.extend_from_slice(mask);
+}
+
+fn push_leb128(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// Decodes a [`BitmaskDelta`] payload into `out` against `base` (same length as `out`).
+pub(crate) fn decode_into(
+    payload: &[u8],
+    width: usize,
+    base: &[u8],
+    out: &mut [u8],
+) -> Result<(), CodecError> {
+    let mut cur = Cursor::new(payload);
+    let chunks = chunks::parse(&mut cur, out.len() / width)?;
+    chunks::decode(&chunks, width, out, |chunk, part| {
+        let b = &base[chunk.elems.start * width..chunk.elems.end * width];
+        decode_chunk(chunk.body, width, b, part).map_err(|e| e.shifted(chunk.offset))
+    })
+}
+
+/// The positions of changed elements of one chunk, decoded from its mask.
+pub(crate) fn decode_mask(
+    cur: &mut Cursor<'_>,
+    n: usize,
+    changed: usize,
+    d: &mut zstd::bulk::Decompressor<'static>,
+) -> Result<Vec<u32>, CodecError> {
+    let at = cur.offset();
+    let mode = cur.u8("mask mode")?;
+    let len = cur.u32("mask length")? as usize;
+    let mask = cur.bytes(len, "mask")?;
+    let bits_from = |bits: &[u8]| -> Result<Vec<u32>, CodecError> {
+        if bits.len() != n.div_ceil(8) {
+            return Err(CodecError::new(at, format!("mask of {} bytes for {n} elements", bits.len())));
+        }
+        let mut idx = Vec::with_capacity(changed);
+        for (byte_i, &byte) in bits.iter().enumerate() {
+            let mut v = byte;
+            while v != 0 {
+                let i = byte_i * 8 + v.trailing_zeros() as usize;
+                if i >= n {
+                    return Err(CodecError::new(at, "mask bit set past the last element"));
+                }
+                idx.push(i as u32);
+                v &= v - 1;
+            }
+        }
+        Ok(idx)
+    };
+    let idx = match mode {
+        MASK_NONE if len == 0 => Vec::new(),
+        MASK_ALL if len == 0 => (0..n as u32).collect(),
+        MASK_BITS_RAW => bits_from(mask)?,
+        MASK_BITS_ZSTD => {
+            let bits = d
+                .decompress(mask, n.div_ceil(8))
+                .map_err(|e| CodecError::new(at, format!("zstd mask: {e}")))?;
+            bits_from(&bits)?
+        }
+        MASK_GAPS_ZSTD => {
+            // A gap below 2^32 takes at most 5 LEB128 bytes.
+            let gaps = d
+                .decompress(mask, changed.saturating_mul(5))
+                .map_err(|e| CodecError::new(at, format!("zstd mask: {e}")))?;
+            let mut idx = Vec::with_capacity(changed);
+            let mut gcur = Cursor::new(&gaps);
+            let mut next = 0u64;
+            while gcur.remaining() > 0 {
+                let gap = read_leb128(&mut gcur).map_err(|e| e.shifted(at))?;
+                let i = next.checked_add(gap).filter(|&i| i < n as u64).ok_or_else(|| {
+                    CodecError::new(at, "mask gap points past the last element")
+                })?;
+                idx.push(i as u32);
+                next = i + 1;
+            }
+            idx
+        }
+        other => {
+            return Err(CodecError::new(at, format!("unknown mask mode {other} (length {len})")));
+        }
+    };
+    if idx.len() != changed {
+        return Err(CodecError::new(
+            at,
+            format!("mask marks {} elements, header says {changed}", idx.len()),
+        ));
+    }
+    Ok(idx)
+}
+
+fn read_leb128(cur: &mut Cursor<'_>) -> Result<u64, CodecError> {
+    let mut v = 0u64;
+    for shift in (0..35).step_by(7) {
+        let byte = cur.u8("mask gap")?;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(CodecError::new(cur.offset(), "mask gap longer than 5 bytes"))
+}
+
+fn decode_chunk(body: &[u8], w: usize, base: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
+    let n = out.len() / w;
+    let mut cur = Cursor::new(body);
+    let changed = cur.u32("changed count")? as usize;
+    if changed > n {
+        return Err(CodecError::new(0, format!("{changed} changed elements in a chunk of {n}")));
+    }
+    super::with_decompressor(|d| {
+        let idx = decode_mask(&mut cur, n, changed, d)?;
+        let mut values = vec![0u8; changed * w];
+        planes::decode(&mut cur, w, d, &mut values)?;
+        cur.finish("bitmask chunk")?;
+        out.copy_from_slice(base);
+        for (&i, v) in idx.iter().zip(values.chunks_exact(w)) {
+            let i = i as usize * w;
+            out[i..i + w].iter_mut().zip(v).for_each(|(o, x)| *o ^= x);
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, testing::*};
+    use crate::{DType, Role};
+    use proptest::prelude::*;
+
+    fn enc(dtype: DType, base: &[u8], next: &[u8]) -> Vec<u8> {
+        let input = EncodeInput { dtype, role: Role::Weight, data: next, base: Some(base) };
+        BitmaskDelta::default().encode(&input).unwrap().unwrap().payload
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(dtype in any_dtype(), n in 0usize..3000, permille in any_permille(), seed in any::<u64>()) {
+            let base = tensor_bytes(dtype, n, seed);
+            let next = mutate(&base, dtype.size(), permille, seed ^ 11);
+            let payload = enc(dtype, &base, &next);
+            let back = decode(CodecId::BitmaskDelta, &payload, dtype, n, Some(&base)).unwrap();
+            prop_assert_eq!(back, next);
+        }
+
+        #[test]
+        fn corrupt_payload_never_panics(n in 1usize..500, permille in any_permille(), pos in any::<usize>(), byte in any::<u8>()) {
+            let base = tensor_bytes(DType::F32, n, 9);
+            let next = mutate(&base, 4, permille, 10);
+            let mut payload = enc(DType::F32, &base, &next);
+            let p = pos % payload.len();
+            payload[p] ^= byte | 1;
+            let _ = decode(CodecId::BitmaskDelta, &payload, DType::F32, n, Some(&base));
+            let _ = decode(CodecId::BitmaskDelta, &payload[..p], DType::F32, n, Some(&base));
+        }
+    }
+
+    #[test]
+    fn counts_changes() {
+        let base = tensor_bytes(DType::BF16, 10_000, 1);
+        let next = mutate(&base, 2, 100, 2);
+        let expected = base.chunks(2).zip(next.chunks(2)).filter(|(a, b)| a != b).count();
+        assert_eq!(changed_count(&next, &base, 2), expected as u64);
+    }
+
+    #[test]
+    fn one_percent_changed_is_twenty_times_smaller() {
+        let n = 1 << 20;
+        let base = tensor_bytes(DType::F32, n, 4);
+        let next = mutate(&base, 4, 10, 5);
+        let payload = enc(DType::F32, &base, &next);
+        assert!(payload.len() * 20 < next.len(), "{} bytes for {}", payload.len(), next.len());
+    }
+}

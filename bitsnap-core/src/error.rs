@@ -1,0 +1,146 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in bitsnap-core. Messages name the file, the tensor and
+/// the byte offset where they are known.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system I/O error on `path`.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not start with the bitsnap magic bytes.
+    #[error("{}: not a bitsnap snapshot (bad magic bytes)", file.display())]
+    BadMagic {
+        /// The file.
+        file: PathBuf,
+    },
+    /// The file was written by a format version this build cannot read.
+    #[error("{}: format version {version} is not supported (this build reads up to {supported})", file.display())]
+    UnsupportedVersion {
+        /// The file.
+        file: PathBuf,
+        /// Version found in the file.
+        version: u16,
+        /// Highest version this build reads.
+        supported: u16,
+    },
+    /// The file ends before a structure it declares.
+    #[error("{}: truncated at offset {offset}: {what}", file.display())]
+    Truncated {
+        /// The file.
+        file: PathBuf,
+        /// Offset where more bytes were needed.
+        offset: u64,
+        /// What was being read.
+        what: String,
+    },
+    /// A checksum did not match.
+    #[error("{}: checksum mismatch in {what}{} at offset {offset}: expected {expected:016x}, found {actual:016x}",
+        file.display(), tensor.as_deref().map(|t| format!(" of tensor `{t}`")).unwrap_or_default())]
+    Checksum {
+        /// The file.
+        file: PathBuf,
+        /// The tensor, if the checksum covers one.
+        tensor: Option<String>,
+        /// Which checksum (`header`, `payload`, `decoded data`, `manifest`, `base`).
+        what: &'static str,
+        /// Offset of the checked bytes in the file.
+        offset: u64,
+        /// Checksum recorded in the file.
+        expected: u64,
+        /// Checksum of the bytes found.
+        actual: u64,
+    },
+    /// A structure in the file is invalid.
+    #[error("{}: malformed {what} at offset {offset}{}: {reason}",
+        file.display(), tensor.as_deref().map(|t| format!(" (tensor `{t}`)")).unwrap_or_default())]
+    Malformed {
+        /// The file.
+        file: PathBuf,
+        /// The tensor, if the problem is in one.
+        tensor: Option<String>,
+        /// Which structure (`header`, `payload`, `manifest`).
+        what: &'static str,
+        /// Offset of the structure in the file.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A value in a file exceeds a documented limit; nothing was allocated for it.
+    #[error("{}: {what} is {value}, above the limit of {limit}", file.display())]
+    Limit {
+        /// The file.
+        file: PathBuf,
+        /// Which quantity.
+        what: &'static str,
+        /// The value found.
+        value: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A delta snapshot's base is missing or is not the snapshot it was encoded against.
+    #[error("{}: base snapshot {base_id} {reason}", file.display())]
+    MissingBase {
+        /// The delta snapshot.
+        file: PathBuf,
+        /// Id of the base it needs.
+        base_id: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A tensor given to bitsnap is inconsistent (length, shape, name).
+    #[error("tensor `{tensor}`: {reason}")]
+    InvalidTensor {
+        /// The tensor.
+        tensor: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A snapshot was asked for that the store does not list.
+    #[error("{}: no snapshot {snapshot}", store.display())]
+    UnknownSnapshot {
+        /// The store directory.
+        store: PathBuf,
+        /// The id or name asked for.
+        snapshot: String,
+    },
+    /// A buffer of this size could not be allocated.
+    #[error("could not allocate {bytes} bytes for {what}")]
+    Alloc {
+        /// What the buffer was for.
+        what: String,
+        /// Requested size.
+        bytes: u64,
+    },
+    /// An invalid option or argument.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Allocates a zeroed buffer, returning [`Error::Alloc`] instead of aborting.
+pub(crate) fn try_zeroed(len: usize, what: impl FnOnce() -> String) -> Result<Vec<u8>, Error> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| Error::Alloc {
+        what: what(),
+        bytes: len as u64,
+    })?;
+    v.resize(len, 0);
+    Ok(v)
+}
