@@ -133,14 +133,3 @@ impl Error {
         }
     }
 }
-
-/// Allocates a zeroed buffer, returning [`Error::Alloc`] instead of aborting.
-pub(crate) fn try_zeroed(len: usize, what: impl FnOnce() -> String) -> Result<Vec<u8>, Error> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| Error::Alloc {
-        what: what(),
-        bytes: len as u64,
-    })?;
-    v.resize(len, 0);
-    Ok(v)
-}

@@ -142,9 +142,18 @@ mod tests {
     fn guesses_common_names() {
         assert_eq!(Role::guess("state.0.exp_avg"), Role::OptimizerMoment(1));
         assert_eq!(Role::guess("state.0.exp_avg_sq"), Role::OptimizerMoment(2));
-        assert_eq!(Role::guess("state.0.momentum_buffer"), Role::OptimizerMoment(1));
-        assert_eq!(Role::guess("opt_state/0/mu/dense/kernel"), Role::OptimizerMoment(1));
-        assert_eq!(Role::guess("opt_state/0/nu/dense/kernel"), Role::OptimizerMoment(2));
+        assert_eq!(
+            Role::guess("state.0.momentum_buffer"),
+            Role::OptimizerMoment(1)
+        );
+        assert_eq!(
+            Role::guess("opt_state/0/mu/dense/kernel"),
+            Role::OptimizerMoment(1)
+        );
+        assert_eq!(
+            Role::guess("opt_state/0/nu/dense/kernel"),
+            Role::OptimizerMoment(2)
+        );
         assert_eq!(Role::guess("state.0.step"), Role::Other);
         assert_eq!(Role::guess("model.embed.weight"), Role::Weight);
         assert_eq!(Role::guess("mlp.bias"), Role::Weight);

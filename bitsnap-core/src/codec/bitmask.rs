@@ -201,7 +201,10 @@ pub(crate) fn decode_mask(
     let mask = cur.bytes(len, "mask")?;
     let bits_from = |bits: &[u8]| -> Result<Vec<u32>, CodecError> {
         if bits.len() != n.div_ceil(8) {
-            return Err(CodecError::new(at, format!("mask of {} bytes for {n} elements", bits.len())));
+            return Err(CodecError::new(
+                at,
+                format!("mask of {} bytes for {n} elements", bits.len()),
+            ));
         }
         let mut idx = Vec::with_capacity(changed);
         for (byte_i, &byte) in bits.iter().enumerate() {
@@ -237,16 +240,20 @@ pub(crate) fn decode_mask(
             let mut next = 0u64;
             while gcur.remaining() > 0 {
                 let gap = read_leb128(&mut gcur).map_err(|e| e.shifted(at))?;
-                let i = next.checked_add(gap).filter(|&i| i < n as u64).ok_or_else(|| {
-                    CodecError::new(at, "mask gap points past the last element")
-                })?;
+                let i = next
+                    .checked_add(gap)
+                    .filter(|&i| i < n as u64)
+                    .ok_or_else(|| CodecError::new(at, "mask gap points past the last element"))?;
                 idx.push(i as u32);
                 next = i + 1;
             }
             idx
         }
         other => {
-            return Err(CodecError::new(at, format!("unknown mask mode {other} (length {len})")));
+            return Err(CodecError::new(
+                at,
+                format!("unknown mask mode {other} (length {len})"),
+            ));
         }
     };
     if idx.len() != changed {
@@ -267,7 +274,10 @@ fn read_leb128(cur: &mut Cursor<'_>) -> Result<u64, CodecError> {
             return Ok(v);
         }
     }
-    Err(CodecError::new(cur.offset(), "mask gap longer than 5 bytes"))
+    Err(CodecError::new(
+        cur.offset(),
+        "mask gap longer than 5 bytes",
+    ))
 }
 
 fn decode_chunk(body: &[u8], w: usize, base: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
@@ -275,7 +285,10 @@ fn decode_chunk(body: &[u8], w: usize, base: &[u8], out: &mut [u8]) -> Result<()
     let mut cur = Cursor::new(body);
     let changed = cur.u32("changed count")? as usize;
     if changed > n {
-        return Err(CodecError::new(0, format!("{changed} changed elements in a chunk of {n}")));
+        return Err(CodecError::new(
+            0,
+            format!("{changed} changed elements in a chunk of {n}"),
+        ));
     }
     super::with_decompressor(|d| {
         let idx = decode_mask(&mut cur, n, changed, d)?;
@@ -299,8 +312,17 @@ mod tests {
     use proptest::prelude::*;
 
     fn enc(dtype: DType, base: &[u8], next: &[u8]) -> Vec<u8> {
-        let input = EncodeInput { dtype, role: Role::Weight, data: next, base: Some(base) };
-        BitmaskDelta::default().encode(&input).unwrap().unwrap().payload
+        let input = EncodeInput {
+            dtype,
+            role: Role::Weight,
+            data: next,
+            base: Some(base),
+        };
+        BitmaskDelta::default()
+            .encode(&input)
+            .unwrap()
+            .unwrap()
+            .payload
     }
 
     proptest! {
@@ -329,7 +351,11 @@ mod tests {
     fn counts_changes() {
         let base = tensor_bytes(DType::BF16, 10_000, 1);
         let next = mutate(&base, 2, 100, 2);
-        let expected = base.chunks(2).zip(next.chunks(2)).filter(|(a, b)| a != b).count();
+        let expected = base
+            .chunks(2)
+            .zip(next.chunks(2))
+            .filter(|(a, b)| a != b)
+            .count();
         assert_eq!(changed_count(&next, &base, 2), expected as u64);
     }
 
@@ -339,6 +365,11 @@ mod tests {
         let base = tensor_bytes(DType::F32, n, 4);
         let next = mutate(&base, 4, 10, 5);
         let payload = enc(DType::F32, &base, &next);
-        assert!(payload.len() * 20 < next.len(), "{} bytes for {}", payload.len(), next.len());
+        assert!(
+            payload.len() * 20 < next.len(),
+            "{} bytes for {}",
+            payload.len(),
+            next.len()
+        );
     }
 }

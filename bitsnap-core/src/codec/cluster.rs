@@ -143,7 +143,11 @@ pub(crate) fn floats_to_f64(dtype: DType, bytes: &[u8]) -> Option<Vec<f64>> {
     if !dtype.is_quantizable_float() {
         return None;
     }
-    Some((0..bytes.len() / dtype.size()).map(|i| value_at(dtype, bytes, i)).collect())
+    Some(
+        (0..bytes.len() / dtype.size())
+            .map(|i| value_at(dtype, bytes, i))
+            .collect(),
+    )
 }
 
 impl Codec for ClusterQuantizer {
@@ -213,7 +217,10 @@ impl Codec for ClusterQuantizer {
             .map(|(j, &v)| (to_domain(v), j as u32))
             .collect();
         let zero_code = book.iter().position(|&v| v == 0.0).map(|j| j as u32);
-        let mids: Vec<f64> = searchable.windows(2).map(|w| 0.5 * (w[0].0 + w[1].0)).collect();
+        let mids: Vec<f64> = searchable
+            .windows(2)
+            .map(|w| 0.5 * (w[0].0 + w[1].0))
+            .collect();
         let assign = |v: f64| -> u32 {
             if !in_domain(v) {
                 return zero_code.unwrap_or(0);
@@ -256,7 +263,11 @@ impl Codec for ClusterQuantizer {
                 |a, b| (a.0 + b.0, a.1 + b.1, a.2.max(b.2)),
             );
         let error = QuantError {
-            rel_l2: if sq_norm > 0.0 { (sq_err / sq_norm).sqrt() } else { sq_err.sqrt() },
+            rel_l2: if sq_norm > 0.0 {
+                (sq_err / sq_norm).sqrt()
+            } else {
+                sq_err.sqrt()
+            },
             max_abs,
         };
 
@@ -431,11 +442,20 @@ pub(crate) fn decode_into(payload: &[u8], dtype: DType, out: &mut [u8]) -> Resul
                 let code = match bits {
                     QuantBits::B4 => ((packed[i / 2] >> ((i % 2) * 4)) & 0x0f) as usize,
                     QuantBits::B8 => packed[i] as usize,
-                    QuantBits::B16 => u16::from_le_bytes([packed[2 * i], packed[2 * i + 1]]) as usize,
+                    QuantBits::B16 => {
+                        u16::from_le_bytes([packed[2 * i], packed[2 * i + 1]]) as usize
+                    }
                 };
-                let entry = book.entries.get(code * w..(code + 1) * w).filter(|_| code < k).ok_or_else(|| {
-                    CodecError::new(codes_at, format!("code {code} at element {i} is past the codebook of {k}"))
-                })?;
+                let entry = book
+                    .entries
+                    .get(code * w..(code + 1) * w)
+                    .filter(|_| code < k)
+                    .ok_or_else(|| {
+                        CodecError::new(
+                            codes_at,
+                            format!("code {code} at element {i} is past the codebook of {k}"),
+                        )
+                    })?;
                 o.copy_from_slice(entry);
             }
             Ok(())
@@ -443,17 +463,25 @@ pub(crate) fn decode_into(payload: &[u8], dtype: DType, out: &mut [u8]) -> Resul
 }
 
 /// The parsed head of a cluster payload.
+#[allow(dead_code)] // `transform` is read by inspection tools and the GPU loader.
 pub(crate) struct Codebook<'a> {
     pub bits: QuantBits,
+    /// [`TRANSFORM_LINEAR`] or [`TRANSFORM_LOG`].
     pub transform: u8,
     /// `k` entries of the tensor's dtype, back to back.
     pub entries: &'a [u8],
 }
 
 /// Parses the bits, transform and codebook of a cluster payload.
-pub(crate) fn parse_codebook<'a>(cur: &mut Cursor<'a>, dtype: DType) -> Result<Codebook<'a>, CodecError> {
+pub(crate) fn parse_codebook<'a>(
+    cur: &mut Cursor<'a>,
+    dtype: DType,
+) -> Result<Codebook<'a>, CodecError> {
     if !dtype.is_quantizable_float() {
-        return Err(CodecError::new(0, format!("cluster payload for non-float dtype {dtype}")));
+        return Err(CodecError::new(
+            0,
+            format!("cluster payload for non-float dtype {dtype}"),
+        ));
     }
     let bits = cur.u8("bits")?;
     let bits = QuantBits::from_bits(bits as u32)
@@ -468,10 +496,17 @@ pub(crate) fn parse_codebook<'a>(cur: &mut Cursor<'a>, dtype: DType) -> Result<C
     }
     let k = cur.u32("codebook size")? as usize;
     if k == 0 || k > 1 << bits.bits() {
-        return Err(CodecError::new(4, format!("codebook of {k} entries for {} bits", bits.bits())));
+        return Err(CodecError::new(
+            4,
+            format!("codebook of {k} entries for {} bits", bits.bits()),
+        ));
     }
     let entries = cur.bytes(k * dtype.size(), "codebook")?;
-    Ok(Codebook { bits, transform, entries })
+    Ok(Codebook {
+        bits,
+        transform,
+        entries,
+    })
 }
 
 #[cfg(test)]
@@ -489,14 +524,19 @@ mod tests {
                 s ^= s << 17;
                 let u = (s >> 11) as f64 / (1u64 << 53) as f64;
                 let g = (u - 0.5) * 6.0;
-                if second { (1e-10 * (g * 2.0).exp()) as f32 } else { (1e-4 * g * g * g) as f32 }
+                if second {
+                    (1e-10 * (g * 2.0).exp()) as f32
+                } else {
+                    (1e-4 * g * g * g) as f32
+                }
             })
             .collect()
     }
 
     fn bytes(dtype: DType, v: &[f32]) -> Vec<u8> {
         let mut out = Vec::new();
-        v.iter().for_each(|&x| push_value(dtype, x as f64, &mut out));
+        v.iter()
+            .for_each(|&x| push_value(dtype, x as f64, &mut out));
         out
     }
 
@@ -544,8 +584,16 @@ mod tests {
     fn few_distinct_values_are_exact() {
         let v: Vec<f32> = (0..1000).map(|i| (i % 5) as f32 * 0.25).collect();
         let data = bytes(DType::F32, &v);
-        let input = EncodeInput { dtype: DType::F32, role: Role::OptimizerMoment(1), data: &data, base: None };
-        let enc = ClusterQuantizer::new(QuantBits::B4).encode(&input).unwrap().unwrap();
+        let input = EncodeInput {
+            dtype: DType::F32,
+            role: Role::OptimizerMoment(1),
+            data: &data,
+            base: None,
+        };
+        let enc = ClusterQuantizer::new(QuantBits::B4)
+            .encode(&input)
+            .unwrap()
+            .unwrap();
         let (decoded, err) = enc.lossy.unwrap();
         assert_eq!(decoded, data);
         assert_eq!(err.rel_l2, 0.0);
@@ -554,11 +602,31 @@ mod tests {
     #[test]
     fn skips_non_finite_and_integer_tensors() {
         let data = bytes(DType::F32, &[1.0, f32::NAN, 2.0]);
-        let input = EncodeInput { dtype: DType::F32, role: Role::OptimizerMoment(1), data: &data, base: None };
-        assert!(ClusterQuantizer::default().encode(&input).unwrap().is_none());
+        let input = EncodeInput {
+            dtype: DType::F32,
+            role: Role::OptimizerMoment(1),
+            data: &data,
+            base: None,
+        };
+        assert!(
+            ClusterQuantizer::default()
+                .encode(&input)
+                .unwrap()
+                .is_none()
+        );
         let ints = vec![0u8; 12];
-        let input = EncodeInput { dtype: DType::I32, role: Role::OptimizerMoment(1), data: &ints, base: None };
-        assert!(ClusterQuantizer::default().encode(&input).unwrap().is_none());
+        let input = EncodeInput {
+            dtype: DType::I32,
+            role: Role::OptimizerMoment(1),
+            data: &ints,
+            base: None,
+        };
+        assert!(
+            ClusterQuantizer::default()
+                .encode(&input)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -566,8 +634,18 @@ mod tests {
         let mut v = moments(4000, true, 3);
         v[17] = 0.0;
         let data = bytes(DType::F32, &v);
-        let input = EncodeInput { dtype: DType::F32, role: Role::OptimizerMoment(2), data: &data, base: None };
-        let (decoded, _) = ClusterQuantizer::new(QuantBits::B8).encode(&input).unwrap().unwrap().lossy.unwrap();
+        let input = EncodeInput {
+            dtype: DType::F32,
+            role: Role::OptimizerMoment(2),
+            data: &data,
+            base: None,
+        };
+        let (decoded, _) = ClusterQuantizer::new(QuantBits::B8)
+            .encode(&input)
+            .unwrap()
+            .unwrap()
+            .lossy
+            .unwrap();
         assert_eq!(value_at(DType::F32, &decoded, 17), 0.0);
         assert!(value_at(DType::F32, &decoded, 18) > 0.0);
     }

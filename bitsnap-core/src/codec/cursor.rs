@@ -74,7 +74,10 @@ impl<'a> Cursor<'a> {
         if self.remaining() != 0 {
             return Err(CodecError::new(
                 self.pos,
-                format!("{} unexpected trailing bytes after {what}", self.remaining()),
+                format!(
+                    "{} unexpected trailing bytes after {what}",
+                    self.remaining()
+                ),
             ));
         }
         Ok(())

@@ -253,7 +253,11 @@ pub fn decode_into(
             if payload.len() != out.len() {
                 return Err(CodecError::new(
                     0,
-                    format!("raw payload of {} bytes, {} expected", payload.len(), out.len()),
+                    format!(
+                        "raw payload of {} bytes, {} expected",
+                        payload.len(),
+                        out.len()
+                    ),
                 ));
             }
             out.copy_from_slice(payload);

@@ -102,6 +102,7 @@ pub(crate) const PLANE_ZSTD: u8 = 1;
 /// Every byte of the plane is the same; one byte stored.
 pub(crate) const PLANE_CONST: u8 = 2;
 /// Bytes of a plane record's fixed part.
+#[cfg(test)]
 pub(crate) const PLANE_RECORD_BYTES: usize = 5;
 
 /// Splits `data` (elements of `width` bytes) into planes, written one after another into
@@ -267,7 +268,10 @@ pub(crate) fn decode_plane(
             if written != out.len() {
                 return Err(CodecError::new(
                     at,
-                    format!("zstd plane decoded to {written} bytes, {} expected", out.len()),
+                    format!(
+                        "zstd plane decoded to {written} bytes, {} expected",
+                        out.len()
+                    ),
                 ));
             }
         }

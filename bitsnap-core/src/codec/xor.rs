@@ -80,7 +80,8 @@ pub(crate) fn decode_into(
         super::with_decompressor(|d| {
             let mut cur = Cursor::new(chunk.body);
             planes::decode(&mut cur, width, d, part).map_err(|e| e.shifted(chunk.offset))?;
-            cur.finish("xor planes").map_err(|e| e.shifted(chunk.offset))
+            cur.finish("xor planes")
+                .map_err(|e| e.shifted(chunk.offset))
         })?;
         let b = &base[chunk.elems.start * width..chunk.elems.end * width];
         part.iter_mut().zip(b).for_each(|(o, b)| *o ^= b);
@@ -134,8 +135,26 @@ mod tests {
             base: Some(&base),
         };
         let enc = XorDelta::default().encode(&input).unwrap().unwrap();
-        assert!(decode(CodecId::XorDelta, &enc.payload, DType::F32, 16, Some(&base[..60])).is_err());
+        assert!(
+            decode(
+                CodecId::XorDelta,
+                &enc.payload,
+                DType::F32,
+                16,
+                Some(&base[..60])
+            )
+            .is_err()
+        );
         assert!(decode(CodecId::XorDelta, &enc.payload, DType::F32, 16, None).is_err());
-        assert!(decode(CodecId::XorDelta, &enc.payload[..enc.payload.len() - 1], DType::F32, 16, Some(&base)).is_err());
+        assert!(
+            decode(
+                CodecId::XorDelta,
+                &enc.payload[..enc.payload.len() - 1],
+                DType::F32,
+                16,
+                Some(&base)
+            )
+            .is_err()
+        );
     }
 }

@@ -1,0 +1,323 @@
+//! The adaptive policy: per tensor and per save, which codec stores it smallest.
+
+use crate::codec::{
+    self, BitmaskDelta, ClusterQuantizer, Codec, CodecId, EncodeInput, Encoded, Planes, QuantBits,
+    Raw, XorDelta,
+};
+use crate::format::Decision;
+use crate::{Error, Tensor};
+
+/// Tensors up to this size are trial-encoded whole with every candidate; larger ones on a
+/// sample of [`SAMPLE_WINDOWS`] windows of [`SAMPLE_WINDOW_BYTES`].
+pub const EXACT_TRIAL_BYTES: usize = 2 << 20;
+/// Windows sampled from a large tensor to estimate each candidate's size.
+pub const SAMPLE_WINDOWS: usize = 8;
+/// Bytes per sample window.
+pub const SAMPLE_WINDOW_BYTES: usize = 128 << 10;
+
+/// What may be lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Lossiness {
+    /// Every tensor restores bit for bit (the default).
+    #[default]
+    Lossless,
+    /// Optimizer moments may be cluster-quantized at `bits` per element; everything else
+    /// is lossless.
+    LossyOptimizer {
+        /// Bits per code.
+        bits: QuantBits,
+    },
+}
+
+/// The encoding policy of a [`Store`](crate::Store).
+///
+/// ```
+/// use bitsnap_core::{Lossiness, Policy, codec::QuantBits};
+/// let p = Policy::default().with_full_every(4).with_lossiness(Lossiness::LossyOptimizer { bits: QuantBits::B8 });
+/// assert_eq!(p.full_every, 4);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Policy {
+    /// Lossless (default) or lossy optimizer moments.
+    pub lossiness: Lossiness,
+    /// A full snapshot (no base) at least every this many saves, bounding restore chains
+    /// to this many files. Default 8; 1 makes every snapshot full.
+    pub full_every: u32,
+    /// A delta snapshot is kept only if it is at least this fraction smaller than the same
+    /// snapshot stored full (default 0.05); otherwise it is stored full, ending the chain.
+    pub min_delta_gain: f64,
+    /// zstd level for every codec (default 1).
+    pub zstd_level: i32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            lossiness: Lossiness::Lossless,
+            full_every: 8,
+            min_delta_gain: 0.05,
+            zstd_level: codec::DEFAULT_ZSTD_LEVEL,
+        }
+    }
+}
+
+impl Policy {
+    /// Sets [`Policy::lossiness`].
+    pub fn with_lossiness(mut self, lossiness: Lossiness) -> Self {
+        self.lossiness = lossiness;
+        self
+    }
+
+    /// Sets [`Policy::full_every`] (at least 1).
+    pub fn with_full_every(mut self, n: u32) -> Self {
+        self.full_every = n.max(1);
+        self
+    }
+
+    /// Sets [`Policy::zstd_level`].
+    pub fn with_zstd_level(mut self, level: i32) -> Self {
+        self.zstd_level = level;
+        self
+    }
+
+    /// Sets [`Policy::min_delta_gain`].
+    pub fn with_min_delta_gain(mut self, gain: f64) -> Self {
+        self.min_delta_gain = gain;
+        self
+    }
+
+    /// The lossless codecs considered for a tensor, with or without a base.
+    fn lossless(&self, with_base: bool) -> Vec<Box<dyn Codec>> {
+        let l = self.zstd_level;
+        let mut v: Vec<Box<dyn Codec>> = vec![Box::new(Planes { level: l })];
+        if with_base {
+            v.push(Box::new(XorDelta { level: l }));
+            v.push(Box::new(BitmaskDelta { level: l }));
+        }
+        v
+    }
+
+    /// Encodes one tensor: compares it with `base` (the same tensor's decoded bytes in the
+    /// base snapshot, if it has the same dtype and shape), estimates every allowed codec,
+    /// encodes with the smallest, and records why. Never returns a payload larger than
+    /// the raw bytes.
+    pub fn encode_tensor(
+        &self,
+        t: &Tensor,
+        base: Option<&Tensor>,
+    ) -> Result<(Encoded, Decision), Error> {
+        let base = base
+            .filter(|b| b.dtype == t.dtype && b.shape == t.shape && b.data.len() == t.data.len());
+        let w = t.dtype.size();
+        let wrap = |e: codec::CodecError| Error::InvalidTensor {
+            tensor: t.name.clone(),
+            reason: format!("encoding failed: {e}"),
+        };
+        let input = EncodeInput {
+            dtype: t.dtype,
+            role: t.role,
+            data: &t.data,
+            base: base.map(|b| b.data.as_slice()),
+        };
+        let mut decision = Decision::default();
+        if let Some(b) = base {
+            let changed = codec::bitmask::changed_count(&t.data, &b.data, w);
+            decision.changed = Some(changed);
+            if changed == 0 {
+                decision.candidates.push((CodecId::Unchanged, 0));
+                let enc = Encoded {
+                    codec: CodecId::Unchanged,
+                    payload: Vec::new(),
+                    lossy: None,
+                };
+                return Ok((enc, decision));
+            }
+        }
+        let raw_len = t.data.len() as u64;
+        let candidates = self.lossless(base.is_some());
+        let mut best: Option<(u64, usize, Option<Encoded>)> = None;
+        if t.data.len() <= EXACT_TRIAL_BYTES {
+            for (i, c) in candidates.iter().enumerate() {
+                if let Some(enc) = c.encode(&input).map_err(wrap)? {
+                    let size = enc.payload.len() as u64;
+                    decision.candidates.push((c.id(), size));
+                    if best.as_ref().is_none_or(|b| size < b.0) {
+                        best = Some((size, i, Some(enc)));
+                    }
+                }
+            }
+        } else {
+            let (data, base_sample) = sample(&t.data, base.map(|b| b.data.as_slice()), w);
+            let sample_input = EncodeInput {
+                data: &data,
+                base: base_sample.as_deref(),
+                ..input
+            };
+            for (i, c) in candidates.iter().enumerate() {
+                if let Some(enc) = c.encode(&sample_input).map_err(wrap)? {
+                    let est = (enc.payload.len() as f64 / data.len() as f64 * raw_len as f64).ceil()
+                        as u64;
+                    decision.candidates.push((c.id(), est));
+                    if best.as_ref().is_none_or(|b| est < b.0) {
+                        best = Some((est, i, None));
+                    }
+                }
+            }
+        }
+        decision.candidates.push((CodecId::Raw, raw_len));
+        // Lossy: cluster-quantize optimizer moments when it beats the best lossless estimate.
+        if let Lossiness::LossyOptimizer { bits } = self.lossiness
+            && t.role.is_moment()
+            && t.dtype.is_quantizable_float()
+        {
+            let numel = (t.data.len() / w) as u64;
+            let est = (numel * bits.bits() as u64).div_ceil(8)
+                + (1u64 << bits.bits()).min(numel) * w as u64;
+            if best.as_ref().is_none_or(|b| est < b.0) {
+                let q = ClusterQuantizer {
+                    bits,
+                    level: self.zstd_level,
+                    iterations: 12,
+                };
+                if let Some(enc) = q.encode(&input).map_err(wrap)? {
+                    decision
+                        .candidates
+                        .push((CodecId::Cluster, enc.payload.len() as u64));
+                    if enc.payload.len() as u64 <= raw_len {
+                        decision.error = enc.lossy.as_ref().map(|l| l.1);
+                        return Ok((enc, decision));
+                    }
+                }
+            }
+        }
+        let enc = match best {
+            Some((_, _, Some(enc))) => enc,
+            Some((_, i, None)) => candidates[i].encode(&input).map_err(wrap)?.ok_or_else(|| {
+                wrap(codec::CodecError {
+                    offset: 0,
+                    reason: "codec refused its own input".into(),
+                })
+            })?,
+            None => Raw.encode(&input).map_err(wrap)?.ok_or_else(|| {
+                wrap(codec::CodecError {
+                    offset: 0,
+                    reason: "raw codec failed".into(),
+                })
+            })?,
+        };
+        if enc.payload.len() as u64 >= raw_len && enc.codec != CodecId::Raw {
+            return Ok((
+                Encoded {
+                    codec: CodecId::Raw,
+                    payload: t.data.clone(),
+                    lossy: None,
+                },
+                decision,
+            ));
+        }
+        Ok((enc, decision))
+    }
+}
+
+/// [`SAMPLE_WINDOWS`] evenly spaced windows of `data` (and the same windows of `base`),
+/// concatenated, aligned to whole elements.
+fn sample(data: &[u8], base: Option<&[u8]>, w: usize) -> (Vec<u8>, Option<Vec<u8>>) {
+    let win = (SAMPLE_WINDOW_BYTES / w).max(1) * w;
+    let n_windows = SAMPLE_WINDOWS.min(data.len() / win).max(1);
+    let stride = ((data.len() - win.min(data.len())) / n_windows.max(1) / w) * w;
+    let ranges: Vec<_> = (0..n_windows)
+        .map(|i| i * stride..(i * stride + win).min(data.len()))
+        .collect();
+    let cat = |src: &[u8]| {
+        ranges
+            .iter()
+            .flat_map(|r| src[r.clone()].iter().copied())
+            .collect::<Vec<u8>>()
+    };
+    (cat(data), base.map(cat))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::testing::{mutate, tensor_bytes};
+    use crate::{DType, Role};
+
+    fn tensor(name: &str, dtype: DType, data: Vec<u8>, role: Role) -> Tensor {
+        let n = (data.len() / dtype.size()) as u64;
+        Tensor::new(name, dtype, vec![n], role, data).unwrap()
+    }
+
+    #[test]
+    fn picks_unchanged_bitmask_xor_and_planes_where_each_wins() {
+        let p = Policy::default();
+        let base_bytes: Vec<u8> = (0..1_000_000u32)
+            .flat_map(|i| ((i as f32).sin() * 0.02).to_le_bytes())
+            .collect();
+        let base = tensor("w", DType::F32, base_bytes.clone(), Role::Weight);
+        let (enc, d) = p.encode_tensor(&base, Some(&base)).unwrap();
+        assert_eq!((enc.codec, d.changed), (CodecId::Unchanged, Some(0)));
+        let sparse = tensor("w", DType::F32, mutate(&base_bytes, 4, 1, 1), Role::Weight);
+        assert_eq!(
+            p.encode_tensor(&sparse, Some(&base)).unwrap().0.codec,
+            CodecId::BitmaskDelta
+        );
+        let dense_bytes: Vec<u8> = (0..1_000_000u32)
+            .flat_map(|i| ((i as f32).sin() * 0.02 + 1e-6).to_le_bytes())
+            .collect();
+        let dense = tensor("w", DType::F32, dense_bytes, Role::Weight);
+        assert_eq!(
+            p.encode_tensor(&dense, Some(&base)).unwrap().0.codec,
+            CodecId::XorDelta
+        );
+        assert_eq!(
+            p.encode_tensor(&dense, None).unwrap().0.codec,
+            CodecId::Planes
+        );
+    }
+
+    #[test]
+    fn never_larger_than_raw() {
+        let p = Policy::default();
+        for n in [0usize, 1, 7, 5000] {
+            let t = tensor(
+                "r",
+                DType::U8,
+                tensor_bytes(DType::U64, n, 3)[..n].to_vec(),
+                Role::Other,
+            );
+            let (enc, _) = p.encode_tensor(&t, None).unwrap();
+            assert!(
+                enc.payload.len() <= t.data.len(),
+                "{} > {}",
+                enc.payload.len(),
+                t.data.len()
+            );
+        }
+    }
+
+    #[test]
+    fn quantizes_only_moments_and_only_when_lossy() {
+        let v: Vec<u8> = (0..50_000u64)
+            .flat_map(|i| {
+                (1e-8 * (((i * 2_654_435_761) % 1_000_003) as f32 * 1e-5).exp()).to_le_bytes()
+            })
+            .collect();
+        let lossy = Policy::default().with_lossiness(Lossiness::LossyOptimizer {
+            bits: QuantBits::B8,
+        });
+        let m2 = tensor("m", DType::F32, v.clone(), Role::OptimizerMoment(2));
+        let (enc, d) = lossy.encode_tensor(&m2, None).unwrap();
+        assert_eq!(enc.codec, CodecId::Cluster);
+        assert!(d.error.is_some());
+        let w = tensor("w", DType::F32, v.clone(), Role::Weight);
+        assert_ne!(
+            lossy.encode_tensor(&w, None).unwrap().0.codec,
+            CodecId::Cluster
+        );
+        assert_ne!(
+            Policy::default().encode_tensor(&m2, None).unwrap().0.codec,
+            CodecId::Cluster
+        );
+    }
+}
