@@ -38,6 +38,7 @@ where
         .into_par_iter()
         .map(|c| body(c * chunk_elems..((c + 1) * chunk_elems).min(numel)))
         .collect::<Result<_, _>>()?;
+    out.reserve(8 + 4 * count + bodies.iter().map(Vec::len).sum::<usize>());
     out.extend_from_slice(&(chunk_elems as u32).to_le_bytes());
     out.extend_from_slice(&(count as u32).to_le_bytes());
     for b in &bodies {

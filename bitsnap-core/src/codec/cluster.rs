@@ -279,9 +279,7 @@ impl Codec for ClusterQuantizer {
         payload.extend_from_slice(&(k as u32).to_le_bytes());
         book_bytes.iter().for_each(|b| payload.extend_from_slice(b));
         let cw = code_width(self.bits);
-        planes::encode_chunked(&packed, cw, self.level, &mut payload, |r| {
-            std::borrow::Cow::Borrowed(&packed[r])
-        })?;
+        planes::encode_chunked(&packed, None, cw, self.level, &mut payload)?;
         Ok(Some(Encoded {
             codec: CodecId::Cluster,
             payload,

@@ -50,9 +50,7 @@ impl Codec for Planes {
     fn encode(&self, input: &EncodeInput<'_>) -> Result<Option<Encoded>, CodecError> {
         let w = input.dtype.size();
         let mut payload = Vec::new();
-        encode_chunked(input.data, w, self.level, &mut payload, |range| {
-            std::borrow::Cow::Borrowed(&input.data[range])
-        })?;
+        encode_chunked(input.data, None, w, self.level, &mut payload)?;
         Ok(Some(Encoded {
             codec: CodecId::Planes,
             payload,
@@ -61,25 +59,41 @@ impl Codec for Planes {
     }
 }
 
-/// Encodes `data` as a chunk stream whose chunk bodies are planes sections of
-/// `prepare(byte range of the chunk)`.
-pub(crate) fn encode_chunked<'a, F>(
-    data: &'a [u8],
+/// Encodes `data` (or `data XOR base`, when a base is given) as a chunk stream whose
+/// chunk bodies are planes sections.
+pub(crate) fn encode_chunked(
+    data: &[u8],
+    base: Option<&[u8]>,
     width: usize,
     level: i32,
     out: &mut Vec<u8>,
-    prepare: F,
-) -> Result<(), CodecError>
-where
-    F: Fn(std::ops::Range<usize>) -> std::borrow::Cow<'a, [u8]> + Sync,
-{
+) -> Result<(), CodecError> {
     let numel = data.len() / width;
     chunks::encode(numel, chunks::chunk_elems(width), out, |elems| {
-        let bytes = prepare(elems.start * width..elems.end * width);
-        let mut body = Vec::with_capacity(bytes.len() / 2 + 64);
-        super::with_compressor(level, |c| encode(&bytes, width, c, &mut body))?;
+        let range = elems.start * width..elems.end * width;
+        // Room for the worst case up front: the body never reallocates.
+        let mut body = Vec::with_capacity(range.len() + PLANE_OVERHEAD * width);
+        match base {
+            Some(base) => XOR_SCRATCH.with(|x| {
+                let mut x = x.borrow_mut();
+                x.clear();
+                x.extend(
+                    data[range.clone()]
+                        .iter()
+                        .zip(&base[range])
+                        .map(|(a, b)| a ^ b),
+                );
+                super::with_compressor(level, |c| encode(&x, width, c, &mut body))
+            })?,
+            None => super::with_compressor(level, |c| encode(&data[range], width, c, &mut body))?,
+        }
         Ok(body)
     })
+}
+
+thread_local! {
+    static XOR_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static ZSTD_OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Decodes a [`Planes`] payload into `out`.
@@ -101,9 +115,8 @@ pub(crate) const PLANE_RAW: u8 = 0;
 pub(crate) const PLANE_ZSTD: u8 = 1;
 /// Every byte of the plane is the same; one byte stored.
 pub(crate) const PLANE_CONST: u8 = 2;
-/// Bytes of a plane record's fixed part.
-#[cfg(test)]
-pub(crate) const PLANE_RECORD_BYTES: usize = 5;
+/// Bytes of a plane record's fixed part: mode (1) and length (4).
+pub(crate) const PLANE_OVERHEAD: usize = 5;
 
 /// Splits `data` (elements of `width` bytes) into planes, written one after another into
 /// `out` (same length as `data`).
@@ -129,41 +142,66 @@ pub(crate) fn split(data: &[u8], width: usize, out: &mut [u8]) {
 }
 
 fn split_fixed<const W: usize>(data: &[u8], n: usize, out: &mut [u8]) {
-    let planes: [&mut [u8]; W] = split_mut_n::<W>(out, n);
-    for (i, elem) in data.chunks_exact(W).enumerate() {
-        for p in 0..W {
-            planes[p][i] = elem[p];
+    let mut planes: [&mut [u8]; W] = split_mut_n::<W>(out, n);
+    if let [p0, p1, p2, p3] = planes.as_mut_slice() {
+        let it = data.chunks_exact(4).zip(p0.iter_mut()).zip(p1.iter_mut());
+        for (((e, a), b), (c, d)) in it.zip(p2.iter_mut().zip(p3.iter_mut())) {
+            (*a, *b, *c, *d) = (e[0], e[1], e[2], e[3]);
         }
-    }
-}
-
-/// Joins planes (as written by [`split`]) back into elements.
-pub(crate) fn join(planes: &[u8], width: usize, out: &mut [u8]) {
-    debug_assert_eq!(planes.len(), out.len());
-    let n = planes.len() / width;
-    if width == 1 {
-        out.copy_from_slice(planes);
-        return;
-    }
-    match width {
-        2 => join_fixed::<2>(planes, n, out),
-        4 => join_fixed::<4>(planes, n, out),
-        8 => join_fixed::<8>(planes, n, out),
-        _ => {
-            for (i, elem) in out.chunks_exact_mut(width).enumerate() {
-                for (p, b) in elem.iter_mut().enumerate() {
-                    *b = planes[p * n + i];
-                }
+    } else if let [p0, p1] = planes.as_mut_slice() {
+        for ((e, a), b) in data.chunks_exact(2).zip(p0.iter_mut()).zip(p1.iter_mut()) {
+            (*a, *b) = (e[0], e[1]);
+        }
+    } else {
+        for (i, elem) in data.chunks_exact(W).enumerate() {
+            for (plane, &b) in planes.iter_mut().zip(elem) {
+                plane[i] = b;
             }
         }
     }
 }
 
-fn join_fixed<const W: usize>(planes: &[u8], n: usize, out: &mut [u8]) {
-    let src: [&[u8]; W] = std::array::from_fn(|p| &planes[p * n..(p + 1) * n]);
-    for (i, elem) in out.chunks_exact_mut(W).enumerate() {
-        for p in 0..W {
-            elem[p] = src[p][i];
+/// Joins planes (as written by [`split`]) back into elements.
+#[cfg(test)]
+pub(crate) fn join(planes: &[u8], width: usize, out: &mut [u8]) {
+    let n = planes.len() / width;
+    let slices: Vec<&[u8]> = (0..width).map(|p| &planes[p * n..(p + 1) * n]).collect();
+    join_slices(&slices, out);
+}
+
+/// Interleaves `planes` (one slice per byte of the element, each as long as the element
+/// count) into `out`.
+pub(crate) fn join_slices(planes: &[&[u8]], out: &mut [u8]) {
+    let w = planes.len();
+    let n = out.len() / w.max(1);
+    debug_assert!(planes.iter().all(|p| p.len() == n));
+    match planes {
+        [p0] => out.copy_from_slice(&p0[..n]),
+        [p0, p1] => {
+            let (p0, p1) = (&p0[..n], &p1[..n]);
+            for (i, o) in out.chunks_exact_mut(2).enumerate() {
+                o.copy_from_slice(&[p0[i], p1[i]]);
+            }
+        }
+        [p0, p1, p2, p3] => {
+            let (p0, p1, p2, p3) = (&p0[..n], &p1[..n], &p2[..n], &p3[..n]);
+            for (i, o) in out.chunks_exact_mut(4).enumerate() {
+                o.copy_from_slice(&[p0[i], p1[i], p2[i], p3[i]]);
+            }
+        }
+        [p0, p1, p2, p3, p4, p5, p6, p7] => {
+            let (p0, p1, p2, p3) = (&p0[..n], &p1[..n], &p2[..n], &p3[..n]);
+            let (p4, p5, p6, p7) = (&p4[..n], &p5[..n], &p6[..n], &p7[..n]);
+            for (i, o) in out.chunks_exact_mut(8).enumerate() {
+                o.copy_from_slice(&[p0[i], p1[i], p2[i], p3[i], p4[i], p5[i], p6[i], p7[i]]);
+            }
+        }
+        _ => {
+            for (i, elem) in out.chunks_exact_mut(w).enumerate() {
+                for (b, plane) in elem.iter_mut().zip(planes) {
+                    *b = plane[i];
+                }
+            }
         }
     }
 }
@@ -186,18 +224,50 @@ pub(crate) fn encode(
     out: &mut Vec<u8>,
 ) {
     let n = data.len() / width;
-    let mut split_buf = vec![0u8; data.len()];
-    split(data, width, &mut split_buf);
-    for plane in split_buf.chunks(n.max(1)).take(width) {
-        encode_plane(plane, compressor, out);
-    }
     if n == 0 {
-        // Empty input: `chunks` yields nothing, write `width` empty raw planes.
         for _ in 0..width {
             out.push(PLANE_RAW);
             out.extend_from_slice(&0u32.to_le_bytes());
         }
+        return;
     }
+    let mut split_buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    split_buf.clear();
+    split_buf.resize(data.len(), 0);
+    split(data, width, &mut split_buf);
+    for plane in split_buf.chunks(n) {
+        encode_plane(plane, compressor, out);
+    }
+    SCRATCH.with(|s| *s.borrow_mut() = split_buf);
+}
+
+/// Order-0 entropy (bits per byte) above which a plane is stored raw without trying
+/// zstd: at 7.9 bits zstd could save at most ~1%, and trying costs as much as the rest of
+/// the encoder. Mantissa planes of float tensors are typically above it.
+pub(crate) const INCOMPRESSIBLE_BITS_PER_BYTE: f64 = 7.9;
+
+/// Estimated order-0 entropy of `plane` in bits per byte, from a sample of up to 64 KiB
+/// taken in 256-byte runs spread over the plane.
+fn entropy_estimate(plane: &[u8]) -> f64 {
+    const RUN: usize = 256;
+    const RUNS: usize = 256;
+    let mut hist = [0u32; 256];
+    let mut total = 0u32;
+    let stride = (plane.len() / RUNS).max(RUN);
+    for start in (0..plane.len()).step_by(stride) {
+        for &b in &plane[start..(start + RUN).min(plane.len())] {
+            hist[b as usize] += 1;
+            total += 1;
+        }
+    }
+    let t = f64::from(total.max(1));
+    hist.iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / t;
+            -p * p.log2()
+        })
+        .sum()
 }
 
 /// Encodes one plane as a record appended to `out`.
@@ -215,69 +285,86 @@ pub(crate) fn encode_plane(
         out.push(first);
         return;
     }
-    let start = out.len();
-    out.push(PLANE_ZSTD);
-    out.extend_from_slice(&0u32.to_le_bytes());
-    let body = out.len();
-    // Room for the worst case, so a frame larger than the plane is detected, not an error.
-    out.resize(body + zstd::zstd_safe::compress_bound(plane.len()), 0);
-    match compressor.compress_to_buffer(plane, &mut out[body..]) {
-        Ok(len) if len < plane.len() => {
-            out.truncate(body + len);
-            out[start + 1..body].copy_from_slice(&(len as u32).to_le_bytes());
-        }
-        _ => {
-            out.truncate(start);
-            out.push(PLANE_RAW);
-            out.extend_from_slice(&(plane.len() as u32).to_le_bytes());
-            out.extend_from_slice(plane);
+    // Only a plane large enough for the sample to speak for it is judged by its sample.
+    let skip = plane.len() >= 4096 && entropy_estimate(plane) > INCOMPRESSIBLE_BITS_PER_BYTE;
+    if !skip {
+        // Compress into a reused buffer (no zero-filling, no page faults per plane).
+        let packed = ZSTD_OUT.with(|z| {
+            let mut z = z.borrow_mut();
+            z.clear();
+            z.reserve(zstd::zstd_safe::compress_bound(plane.len()));
+            match compressor.compress_to_buffer(plane, &mut *z) {
+                Ok(len) if len < plane.len() => {
+                    out.push(PLANE_ZSTD);
+                    out.extend_from_slice(&(len as u32).to_le_bytes());
+                    out.extend_from_slice(&z[..len]);
+                    true
+                }
+                _ => false,
+            }
+        });
+        if packed {
+            return;
         }
     }
+    out.push(PLANE_RAW);
+    out.extend_from_slice(&(plane.len() as u32).to_le_bytes());
+    out.extend_from_slice(plane);
 }
 
-/// Decodes one plane record from `cur` into `out` (whose length is the plane's).
-pub(crate) fn decode_plane(
-    cur: &mut Cursor<'_>,
+/// A decoded plane: borrowed from the payload when stored raw, else held in `scratch`.
+enum Plane<'a> {
+    Borrowed(&'a [u8]),
+    /// Range of the scratch buffer.
+    Scratch(std::ops::Range<usize>),
+}
+
+/// Decodes one plane record of `n` bytes from `cur`; non-raw planes are written to the
+/// end of `scratch`.
+fn decode_plane<'a>(
+    cur: &mut Cursor<'a>,
+    n: usize,
     decompressor: &mut zstd::bulk::Decompressor<'static>,
-    out: &mut [u8],
-) -> Result<(), CodecError> {
+    scratch: &mut Vec<u8>,
+) -> Result<Plane<'a>, CodecError> {
     let at = cur.offset();
     let mode = cur.u8("plane mode")?;
     let len = cur.u32("plane length")? as usize;
     let body = cur.bytes(len, "plane bytes")?;
     match mode {
-        PLANE_RAW => {
-            if len != out.len() {
-                return Err(CodecError::new(
-                    at,
-                    format!("raw plane of {len} bytes, {} expected", out.len()),
-                ));
-            }
-            out.copy_from_slice(body);
-        }
+        PLANE_RAW if len == n => Ok(Plane::Borrowed(body)),
+        PLANE_RAW => Err(CodecError::new(
+            at,
+            format!("raw plane of {len} bytes, {n} expected"),
+        )),
         PLANE_CONST => {
             let &[b] = body else {
                 return Err(CodecError::new(at, "constant plane must hold one byte"));
             };
-            out.fill(b);
+            let start = scratch.len();
+            scratch.resize(start + n, b);
+            Ok(Plane::Scratch(start..start + n))
         }
         PLANE_ZSTD => {
+            let start = scratch.len();
+            scratch.resize(start + n, 0);
             let written = decompressor
-                .decompress_to_buffer(body, out)
+                .decompress_to_buffer(body, &mut scratch[start..])
                 .map_err(|e| CodecError::new(at, format!("zstd: {e}")))?;
-            if written != out.len() {
+            if written != n {
                 return Err(CodecError::new(
                     at,
-                    format!(
-                        "zstd plane decoded to {written} bytes, {} expected",
-                        out.len()
-                    ),
+                    format!("zstd plane decoded to {written} bytes, {n} expected"),
                 ));
             }
+            Ok(Plane::Scratch(start..start + n))
         }
-        other => return Err(CodecError::new(at, format!("unknown plane mode {other}"))),
+        other => Err(CodecError::new(at, format!("unknown plane mode {other}"))),
     }
-    Ok(())
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Decodes a planes section from `cur` into `out` (elements of `width` bytes).
@@ -288,18 +375,26 @@ pub(crate) fn decode(
     out: &mut [u8],
 ) -> Result<(), CodecError> {
     let n = out.len() / width;
-    let mut planes = vec![0u8; out.len()];
-    if n == 0 {
+    // A per-thread scratch buffer: reused across chunks, so no page faults per chunk.
+    let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    scratch.clear();
+    let result = (|| {
+        let mut planes = Vec::with_capacity(width);
         for _ in 0..width {
-            decode_plane(cur, decompressor, &mut [])?;
+            planes.push(decode_plane(cur, n, decompressor, &mut scratch)?);
         }
-        return Ok(());
-    }
-    for plane in planes.chunks_mut(n) {
-        decode_plane(cur, decompressor, plane)?;
-    }
-    join(&planes, width, out);
-    Ok(())
+        let slices: Vec<&[u8]> = planes
+            .iter()
+            .map(|p| match p {
+                Plane::Borrowed(b) => *b,
+                Plane::Scratch(r) => &scratch[r.clone()],
+            })
+            .collect();
+        join_slices(&slices, out);
+        Ok(())
+    })();
+    SCRATCH.with(|s| *s.borrow_mut() = scratch);
+    result
 }
 
 #[cfg(test)]
@@ -329,7 +424,7 @@ mod tests {
             let mut d = zstd::bulk::Decompressor::new().unwrap();
             let mut enc = Vec::new();
             encode(&data, width, &mut c, &mut enc);
-            prop_assert!(enc.len() <= data.len() + PLANE_RECORD_BYTES * width);
+            prop_assert!(enc.len() <= data.len() + PLANE_OVERHEAD * width);
             let mut back = vec![0; data.len()];
             let mut cur = Cursor::new(&enc);
             decode(&mut cur, width, &mut d, &mut back).unwrap();

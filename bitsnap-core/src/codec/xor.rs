@@ -3,8 +3,6 @@
 //! Where most elements changed a little, the XOR of old and new bits is zero in the sign,
 //! exponent and high mantissa bits, so the high planes compress to almost nothing.
 
-use std::borrow::Cow;
-
 use super::{Codec, CodecError, CodecId, Cursor, EncodeInput, Encoded, chunks, planes};
 
 /// The XOR dense delta codec. Payload: a chunk stream whose chunk bodies are planes
@@ -46,18 +44,10 @@ impl Codec for XorDelta {
         let mut payload = Vec::new();
         planes::encode_chunked(
             input.data,
+            Some(base),
             input.dtype.size(),
             self.level,
             &mut payload,
-            |r| {
-                Cow::Owned(
-                    input.data[r.clone()]
-                        .iter()
-                        .zip(&base[r])
-                        .map(|(a, b)| a ^ b)
-                        .collect(),
-                )
-            },
         )?;
         Ok(Some(Encoded {
             codec: CodecId::XorDelta,
