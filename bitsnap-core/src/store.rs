@@ -139,7 +139,8 @@ pub struct Store {
     dir: PathBuf,
     policy: Policy,
     manifest: ManifestBody,
-    last: Option<(u64, State)>,
+    /// The latest save's id, decoded tensors and metadata.
+    last: Option<(u64, State, Vec<(String, String)>)>,
     lock: Option<File>,
 }
 
@@ -305,16 +306,12 @@ impl Store {
     /// memory when this `Store` made it (`from_memory` says so).
     pub fn load(&self, id: u64) -> Result<Snapshot, Error> {
         let info = self.info(id)?.clone();
-        if let Some((last_id, state)) = &self.last
+        if let Some((last_id, state, metadata)) = &self.last
             && *last_id == id
         {
-            let metadata = self
-                .open_file(id)
-                .map(|f| f.header.metadata)
-                .unwrap_or_default();
             return Ok(Snapshot {
                 info,
-                metadata,
+                metadata: metadata.clone(),
                 tensors: state.as_ref().clone(),
                 from_memory: true,
             });
@@ -492,7 +489,7 @@ impl Store {
             id,
             name,
             base,
-            metadata,
+            metadata.clone(),
             tensors
                 .iter()
                 .zip(encoded.iter())
@@ -521,7 +518,7 @@ impl Store {
                 t.data = decoded;
             }
         }
-        self.last = Some((id, Arc::new(state)));
+        self.last = Some((id, Arc::new(state), metadata));
         Ok(SaveReport {
             info,
             header,
@@ -532,7 +529,7 @@ impl Store {
     /// The decoded state of snapshot `id` and its state hash, from memory if possible.
     fn base_state(&self, id: u64) -> Result<(State, u64), Error> {
         let hash = self.info(id)?.state_hash;
-        if let Some((last_id, state)) = &self.last
+        if let Some((last_id, state, _)) = &self.last
             && *last_id == id
         {
             return Ok((state.clone(), hash));
@@ -709,7 +706,7 @@ impl Store {
             fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
         }
         sync_dir(&self.dir)?;
-        if self.last.as_ref().is_some_and(|(l, _)| *l == id) {
+        if self.last.as_ref().is_some_and(|(l, _, _)| *l == id) {
             self.last = None;
         }
         Ok(())

@@ -138,6 +138,52 @@ fn push_value(dtype: DType, v: f64, out: &mut Vec<u8>) {
     }
 }
 
+/// `v` rounded to `dtype` and back.
+fn round_to(dtype: DType, v: f64) -> f64 {
+    let mut b = Vec::with_capacity(8);
+    push_value(dtype, v, &mut b);
+    value_at(dtype, &b, 0)
+}
+
+thread_local! {
+    static VALUES: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on the values of a chunk of float bytes, converted to f64 in a reused buffer.
+fn with_values<R>(dtype: DType, bytes: &[u8], f: impl FnOnce(&[f64]) -> R) -> R {
+    VALUES.with(|cell| {
+        let mut vals = cell.borrow_mut();
+        vals.clear();
+        match dtype {
+            DType::F16 => vals.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64()),
+            ),
+            DType::BF16 => vals.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64()),
+            ),
+            DType::F32 => vals.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64),
+            ),
+            DType::F64 => vals.extend(
+                bytes
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])),
+            ),
+            _ => vals.extend(std::iter::repeat_n(
+                f64::NAN,
+                bytes.len() / dtype.size().max(1),
+            )),
+        }
+        f(&vals)
+    })
+}
+
 /// All values of a float tensor as f64, or `None` for non-float dtypes.
 pub(crate) fn floats_to_f64(dtype: DType, bytes: &[u8]) -> Option<Vec<f64>> {
     if !dtype.is_quantizable_float() {
@@ -164,12 +210,13 @@ impl Codec for ClusterQuantizer {
         let n = data.len() / dtype.size();
         let step = chunks::chunk_elems(dtype.size());
         // One parallel scan: finite?, minimum.
-        let (finite, min) = (0..n.div_ceil(step))
-            .into_par_iter()
-            .map(|c| {
-                (c * step..((c + 1) * step).min(n)).fold((true, f64::INFINITY), |(f, m), i| {
-                    let v = value_at(dtype, data, i);
-                    (f && v.is_finite(), m.min(v))
+        let (finite, min) = data
+            .par_chunks(step * dtype.size())
+            .map(|chunk| {
+                with_values(dtype, chunk, |vals| {
+                    vals.iter().fold((true, f64::INFINITY), |(f, m), &v| {
+                        (f && v.is_finite(), m.min(v))
+                    })
                 })
             })
             .reduce(|| (true, f64::INFINITY), |a, b| (a.0 && b.0, a.1.min(b.1)));
@@ -177,59 +224,45 @@ impl Codec for ClusterQuantizer {
             return Ok(None);
         }
         let log = input.role == Role::OptimizerMoment(2) && min >= 0.0;
-        let to_domain = |v: f64| if log { v.ln() } else { v };
-        let in_domain = |v: f64| !log || v > 0.0;
 
         let k_max = 1usize << self.bits.bits();
         let sample = sample_sorted(n, k_max, |i| {
             let v = value_at(dtype, data, i);
-            in_domain(v).then(|| to_domain(v))
+            match log {
+                false => Some(v),
+                true if v > 0.0 => Some(v.ln()),
+                true => None,
+            }
         });
         let centroids = kmeans_1d(&sample, k_max - usize::from(log), self.iterations);
 
-        // Codebook in the tensor's dtype: centroids back to values, rounded, deduplicated.
+        // Codebook in the tensor's dtype: centroids back to values, rounded, deduplicated;
+        // in log space exact zeros keep an entry of their own.
         let mut book: Vec<f64> = centroids
             .iter()
             .map(|&c| if log { c.exp() } else { c })
-            .map(|v| {
-                let mut b = Vec::with_capacity(8);
-                push_value(dtype, v, &mut b);
-                value_at(dtype, &b, 0)
-            })
+            .map(|v| round_to(dtype, v))
             .filter(|v| v.is_finite() && (!log || *v > 0.0))
             .collect();
-        let has_zero_code = log;
-        if has_zero_code {
-            book.push(0.0);
-        }
-        if book.is_empty() {
+        if log || book.is_empty() {
             book.push(0.0);
         }
         book.sort_by(f64::total_cmp);
         book.dedup();
         let k = book.len();
-        // Search table: codebook entries usable by the nearest-entry search, in domain
-        // order, with the midpoints between neighbours.
-        let searchable: Vec<(f64, u32)> = book
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| in_domain(**v))
-            .map(|(j, &v)| (to_domain(v), j as u32))
-            .collect();
-        let zero_code = book.iter().position(|&v| v == 0.0).map(|j| j as u32);
-        let mids: Vec<f64> = searchable
+        // Decision boundaries in value space: the midpoint between neighbours, in log
+        // space their geometric mean (so no logarithm per element). A value goes to the
+        // first entry whose boundary it does not exceed.
+        let mids: Vec<f64> = book
             .windows(2)
-            .map(|w| 0.5 * (w[0].0 + w[1].0))
+            .map(|p| {
+                if log {
+                    (p[0] * p[1]).sqrt()
+                } else {
+                    0.5 * (p[0] + p[1])
+                }
+            })
             .collect();
-        let assign = |v: f64| -> u32 {
-            if !in_domain(v) {
-                return zero_code.unwrap_or(0);
-            }
-            let y = to_domain(v);
-            let j = mids.partition_point(|&m| m < y);
-            searchable.get(j).map_or(zero_code.unwrap_or(0), |s| s.1)
-        };
-
         let book_bytes: Vec<Vec<u8>> = book
             .iter()
             .map(|&v| {
@@ -244,19 +277,20 @@ impl Codec for ClusterQuantizer {
         let (sq_err, sq_norm, max_abs) = decoded
             .par_chunks_mut(step * w)
             .zip(codes.par_chunks_mut(step))
-            .enumerate()
-            .map(|(c, (dec, codes))| {
-                let mut acc = (0.0f64, 0.0f64, 0.0f64);
-                for (j, code) in codes.iter_mut().enumerate() {
-                    let i = c * step + j;
-                    let v = value_at(dtype, data, i);
-                    let q = assign(v);
-                    *code = q as u16;
-                    dec[j * w..(j + 1) * w].copy_from_slice(&book_bytes[q as usize]);
-                    let e = v - book[q as usize];
-                    acc = (acc.0 + e * e, acc.1 + v * v, acc.2.max(e.abs()));
-                }
-                acc
+            .zip(data.par_chunks(step * w))
+            .map(|((dec, codes), src)| {
+                with_values(dtype, src, |vals| {
+                    let mut acc = (0.0f64, 0.0f64, 0.0f64);
+                    for ((code, out), &v) in codes.iter_mut().zip(dec.chunks_exact_mut(w)).zip(vals)
+                    {
+                        let q = mids.partition_point(|&m| m < v);
+                        *code = q as u16;
+                        out.copy_from_slice(&book_bytes[q]);
+                        let e = v - book[q];
+                        acc = (acc.0 + e * e, acc.1 + v * v, acc.2.max(e.abs()));
+                    }
+                    acc
+                })
             })
             .reduce(
                 || (0.0, 0.0, 0.0),
