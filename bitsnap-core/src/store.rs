@@ -43,6 +43,11 @@ pub struct SnapshotInfo {
     pub id: u64,
     /// The name it was saved as.
     pub name: String,
+    /// The series it belongs to: a delta's base is the latest snapshot of its own series,
+    /// so independent state (a model and its optimizer, saved separately) share a store.
+    /// The default series is `""`.
+    #[serde(default)]
+    pub series: String,
     /// Its file, relative to the store directory.
     pub file: String,
     /// The snapshot it is a delta of, if any.
@@ -139,8 +144,8 @@ pub struct Store {
     dir: PathBuf,
     policy: Policy,
     manifest: ManifestBody,
-    /// The latest save's id, decoded tensors and metadata.
-    last: Option<(u64, State, Vec<(String, String)>)>,
+    /// Per series, the latest save's id, decoded tensors and metadata.
+    last: HashMap<String, (u64, State, Vec<(String, String)>)>,
     lock: Option<File>,
 }
 
@@ -171,7 +176,7 @@ impl Store {
             dir,
             policy: Policy::default(),
             manifest,
-            last: None,
+            last: HashMap::new(),
             lock: None,
         })
     }
@@ -185,7 +190,7 @@ impl Store {
                 dir,
                 policy,
                 manifest,
-                last: None,
+                last: HashMap::new(),
                 lock: None,
             },
             None => {
@@ -197,7 +202,7 @@ impl Store {
                         next_id: 1,
                         snapshots: Vec::new(),
                     },
-                    last: None,
+                    last: HashMap::new(),
                     lock: None,
                 };
                 s.take_lock()?;
@@ -246,6 +251,30 @@ impl Store {
     /// The latest snapshot.
     pub fn latest(&self) -> Option<&SnapshotInfo> {
         self.manifest.snapshots.last()
+    }
+
+    /// The latest snapshot of `series`.
+    pub fn latest_in(&self, series: &str) -> Option<&SnapshotInfo> {
+        self.manifest
+            .snapshots
+            .iter()
+            .rev()
+            .find(|s| s.series == series)
+    }
+
+    /// The latest snapshot of `series` named `name`.
+    pub fn find(&self, series: &str, name: &str) -> Option<&SnapshotInfo> {
+        self.manifest
+            .snapshots
+            .iter()
+            .rev()
+            .find(|s| s.series == series && s.name == name)
+    }
+
+    /// The cached decoded state of snapshot `id`, if it is the latest save of its series
+    /// made by this `Store`.
+    fn cached(&self, id: u64) -> Option<&(u64, State, Vec<(String, String)>)> {
+        self.last.values().find(|(l, _, _)| *l == id)
     }
 
     fn info(&self, id: u64) -> Result<&SnapshotInfo, Error> {
@@ -306,9 +335,7 @@ impl Store {
     /// memory when this `Store` made it (`from_memory` says so).
     pub fn load(&self, id: u64) -> Result<Snapshot, Error> {
         let info = self.info(id)?.clone();
-        if let Some((last_id, state, metadata)) = &self.last
-            && *last_id == id
-        {
+        if let Some((_, state, metadata)) = self.cached(id) {
             return Ok(Snapshot {
                 info,
                 metadata: metadata.clone(),
@@ -413,10 +440,21 @@ impl Store {
         self.save_with_metadata(name, tensors, Vec::new())
     }
 
-    /// Saves `tensors` with string metadata as the next snapshot. It is a delta on the
-    /// latest snapshot unless the policy calls for a full one.
+    /// Saves `tensors` with string metadata as the next snapshot of the default series.
     pub fn save_with_metadata(
         &mut self,
+        name: &str,
+        tensors: Vec<Tensor>,
+        metadata: Vec<(String, String)>,
+    ) -> Result<SaveReport, Error> {
+        self.save_in("", name, tensors, metadata)
+    }
+
+    /// Saves `tensors` with string metadata as the next snapshot of `series`. It is a
+    /// delta on the latest snapshot of that series unless the policy calls for a full one.
+    pub fn save_in(
+        &mut self,
+        series: &str,
         name: &str,
         tensors: Vec<Tensor>,
         metadata: Vec<(String, String)>,
@@ -426,7 +464,7 @@ impl Store {
         let policy = self.policy;
         // Choose the base.
         let mut full_reason = None;
-        let base: Option<(u64, State, u64)> = match self.latest().map(|s| s.id) {
+        let base: Option<(u64, State, u64)> = match self.latest_in(series).map(|s| s.id) {
             None => {
                 full_reason = Some("first snapshot");
                 None
@@ -498,6 +536,7 @@ impl Store {
         let info = SnapshotInfo {
             id,
             name: name.to_string(),
+            series: series.to_string(),
             file: file.clone(),
             base: base.map(|b| b.id),
             state_hash: header.state_hash(),
@@ -518,7 +557,8 @@ impl Store {
                 t.data = decoded;
             }
         }
-        self.last = Some((id, Arc::new(state), metadata));
+        self.last
+            .insert(series.to_string(), (id, Arc::new(state), metadata));
         Ok(SaveReport {
             info,
             header,
@@ -529,9 +569,7 @@ impl Store {
     /// The decoded state of snapshot `id` and its state hash, from memory if possible.
     fn base_state(&self, id: u64) -> Result<(State, u64), Error> {
         let hash = self.info(id)?.state_hash;
-        if let Some((last_id, state, _)) = &self.last
-            && *last_id == id
-        {
+        if let Some((_, state, _)) = self.cached(id) {
             return Ok((state.clone(), hash));
         }
         let (state, header) = self.decode_chain(id)?;
@@ -706,9 +744,7 @@ impl Store {
             fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
         }
         sync_dir(&self.dir)?;
-        if self.last.as_ref().is_some_and(|(l, _, _)| *l == id) {
-            self.last = None;
-        }
+        self.last.retain(|_, (l, _, _)| *l != id);
         Ok(())
     }
 

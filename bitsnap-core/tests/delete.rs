@@ -14,7 +14,14 @@ fn series(store: &mut Store, n: usize) -> Vec<(u64, Vec<bitsnap_core::Tensor>)> 
             w = mutate(&w, 20, i as u64);
             m = mutate(&m, 900, 100 + i as u64);
             let tensors = vec![w.clone(), m.clone(), frozen.clone()];
-            (store.save(&format!("epoch-{i}"), tensors.clone()).unwrap().info.id, tensors)
+            (
+                store
+                    .save(&format!("epoch-{i}"), tensors.clone())
+                    .unwrap()
+                    .info
+                    .id,
+                tensors,
+            )
         })
         .collect()
 }
@@ -22,7 +29,8 @@ fn series(store: &mut Store, n: usize) -> Vec<(u64, Vec<bitsnap_core::Tensor>)> 
 #[test]
 fn keep_last_n_deletes_keep_every_kept_snapshot_readable() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open_or_create(dir.path(), Policy::default().with_full_every(100)).unwrap();
+    let mut store =
+        Store::open_or_create(dir.path(), Policy::default().with_full_every(100)).unwrap();
     let saved = series(&mut store, 6);
     // All but the first are deltas.
     assert!(store.snapshots().iter().skip(1).all(|s| s.base.is_some()));
@@ -32,7 +40,12 @@ fn keep_last_n_deletes_keep_every_kept_snapshot_readable() {
         let reopened = Store::open(dir.path()).unwrap();
         for s in reopened.snapshots() {
             let expect = &saved.iter().find(|(i, _)| *i == s.id).unwrap().1;
-            assert_eq!(&reopened.load(s.id).unwrap().tensors, expect, "snapshot {} after deleting {id}", s.id);
+            assert_eq!(
+                &reopened.load(s.id).unwrap().tensors,
+                expect,
+                "snapshot {} after deleting {id}",
+                s.id
+            );
         }
         assert!(reopened.verify().unwrap().failed.is_empty());
     }
@@ -42,7 +55,10 @@ fn keep_last_n_deletes_keep_every_kept_snapshot_readable() {
     assert_eq!(store.snapshots()[0].base, None);
     assert_eq!(store.snapshots()[1].base, Some(saved[4].0));
     // No stray files: manifest, lock and two snapshots.
-    let mut files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     files.sort();
     assert_eq!(files.len(), 4, "{files:?}");
 }
@@ -50,7 +66,8 @@ fn keep_last_n_deletes_keep_every_kept_snapshot_readable() {
 #[test]
 fn deleting_from_the_middle_rebases_onto_the_deleted_ones_base() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open_or_create(dir.path(), Policy::default().with_full_every(100)).unwrap();
+    let mut store =
+        Store::open_or_create(dir.path(), Policy::default().with_full_every(100)).unwrap();
     let saved = series(&mut store, 4);
     store.delete(saved[1].0).unwrap();
     assert_eq!(store.get(saved[2].0).unwrap().base, Some(saved[0].0));
@@ -62,19 +79,36 @@ fn deleting_from_the_middle_rebases_onto_the_deleted_ones_base() {
     // Saving continues after deleting the latest.
     let next = random_tensor("w", DType::BF16, &[40_000], Role::Weight, 99);
     let r = store.save("later", vec![next.clone()]).unwrap();
-    assert_eq!(Store::open(dir.path()).unwrap().load(r.info.id).unwrap().tensors, vec![next]);
+    assert_eq!(
+        Store::open(dir.path())
+            .unwrap()
+            .load(r.info.id)
+            .unwrap()
+            .tensors,
+        vec![next]
+    );
 }
 
 #[test]
 fn lossy_snapshots_survive_rebase_unchanged() {
     use bitsnap_core::{Lossiness, codec::QuantBits};
     let dir = tempfile::tempdir().unwrap();
-    let policy = Policy::default().with_full_every(100).with_lossiness(Lossiness::LossyOptimizer { bits: QuantBits::B4 });
+    let policy = Policy::default()
+        .with_full_every(100)
+        .with_lossiness(Lossiness::LossyOptimizer {
+            bits: QuantBits::B4,
+        });
     let mut store = Store::open_or_create(dir.path(), policy).unwrap();
     series(&mut store, 3);
     let ids: Vec<u64> = store.snapshots().iter().map(|s| s.id).collect();
-    let before: Vec<_> = ids.iter().map(|id| store.load(*id).unwrap().tensors).collect();
-    let before_disk: Vec<_> = ids.iter().map(|id| Store::open(dir.path()).unwrap().load(*id).unwrap().tensors).collect();
+    let before: Vec<_> = ids
+        .iter()
+        .map(|id| store.load(*id).unwrap().tensors)
+        .collect();
+    let before_disk: Vec<_> = ids
+        .iter()
+        .map(|id| Store::open(dir.path()).unwrap().load(*id).unwrap().tensors)
+        .collect();
     assert_eq!(before, before_disk);
     store.delete(ids[0]).unwrap();
     let reopened = Store::open(dir.path()).unwrap();

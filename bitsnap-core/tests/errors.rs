@@ -16,7 +16,9 @@ fn two_snapshots() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let a = random_tensor("layer.weight", DType::F32, &[300], Role::Weight, 1);
     let b = random_tensor("layer.bias", DType::BF16, &[40], Role::Weight, 2);
     let s0 = store.save("s0", vec![a.clone(), b.clone()]).unwrap();
-    let s1 = store.save("s1", vec![mutate(&a, 50, 3), mutate(&b, 500, 4)]).unwrap();
+    let s1 = store
+        .save("s1", vec![mutate(&a, 50, 3), mutate(&b, 500, 4)])
+        .unwrap();
     assert!(s1.info.base.is_some());
     let f0 = dir.path().join(&s0.info.file);
     let f1 = dir.path().join(&s1.info.file);
@@ -40,9 +42,15 @@ fn every_flipped_byte_is_detected() {
             let mut bad = good.clone();
             bad[pos] ^= 0x5a;
             std::fs::write(file, &bad).unwrap();
-            let err = load_all(dir.path()).expect_err(&format!("flip at {pos} of {} went unnoticed", file.display()));
+            let err = load_all(dir.path()).expect_err(&format!(
+                "flip at {pos} of {} went unnoticed",
+                file.display()
+            ));
             let msg = err.to_string();
-            assert!(msg.contains(&file.display().to_string()), "message does not name the file: {msg}");
+            assert!(
+                msg.contains(&file.display().to_string()),
+                "message does not name the file: {msg}"
+            );
         }
         std::fs::write(file, &good).unwrap();
     }
@@ -64,13 +72,24 @@ fn every_truncation_is_detected() {
 fn corrupted_payload_names_file_tensor_and_offset() {
     let (dir, f0, _) = two_snapshots();
     let file = SnapshotFile::open(&f0).unwrap();
-    let entry = file.header.entries.iter().find(|e| e.name == "layer.bias").unwrap().clone();
+    let entry = file
+        .header
+        .entries
+        .iter()
+        .find(|e| e.name == "layer.bias")
+        .unwrap()
+        .clone();
     let mut bytes = std::fs::read(&f0).unwrap();
     bytes[entry.offset as usize + 3] ^= 1;
     std::fs::write(&f0, &bytes).unwrap();
     let err = Store::open(dir.path()).unwrap().load(1).unwrap_err();
     match &err {
-        Error::Checksum { tensor, what, offset, .. } => {
+        Error::Checksum {
+            tensor,
+            what,
+            offset,
+            ..
+        } => {
             assert_eq!(tensor.as_deref(), Some("layer.bias"));
             assert_eq!(*what, "payload");
             assert_eq!(*offset, entry.offset);
@@ -78,7 +97,10 @@ fn corrupted_payload_names_file_tensor_and_offset() {
         other => panic!("expected a payload checksum error, got {other:?}"),
     }
     let msg = err.to_string();
-    assert!(msg.contains("layer.bias") && msg.contains(&f0.display().to_string()), "{msg}");
+    assert!(
+        msg.contains("layer.bias") && msg.contains(&f0.display().to_string()),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -100,7 +122,18 @@ fn a_base_replaced_by_another_snapshot_is_refused() {
     // Overwrite snapshot 1 with a valid snapshot of different content but the same id.
     let other = tempfile::tempdir().unwrap();
     let mut s = Store::open_or_create(other.path(), Policy::default()).unwrap();
-    let r = s.save("x", vec![random_tensor("layer.weight", DType::F32, &[300], Role::Weight, 77)]).unwrap();
+    let r = s
+        .save(
+            "x",
+            vec![random_tensor(
+                "layer.weight",
+                DType::F32,
+                &[300],
+                Role::Weight,
+                77,
+            )],
+        )
+        .unwrap();
     std::fs::copy(other.path().join(&r.info.file), &f0).unwrap();
     let store = Store::open(dir.path()).unwrap();
     let err = store.load(2).unwrap_err();
@@ -150,11 +183,20 @@ fn unknown_version_and_foreign_files_are_refused() {
     bytes[8] = 9;
     std::fs::write(&f0, &bytes).unwrap();
     let err = SnapshotFile::open(&f0).unwrap_err();
-    assert!(matches!(err, Error::UnsupportedVersion { version: 9, .. }), "{err:?}");
+    assert!(
+        matches!(err, Error::UnsupportedVersion { version: 9, .. }),
+        "{err:?}"
+    );
     std::fs::write(&f0, b"{\"not\": \"a snapshot\"}").unwrap();
-    assert!(matches!(SnapshotFile::open(&f0).unwrap_err(), Error::BadMagic { .. }));
+    assert!(matches!(
+        SnapshotFile::open(&f0).unwrap_err(),
+        Error::BadMagic { .. }
+    ));
     std::fs::write(&f0, b"").unwrap();
-    assert!(matches!(SnapshotFile::open(&f0).unwrap_err(), Error::Truncated { .. }));
+    assert!(matches!(
+        SnapshotFile::open(&f0).unwrap_err(),
+        Error::Truncated { .. }
+    ));
 }
 
 #[test]
@@ -164,7 +206,16 @@ fn corrupted_manifest_is_refused_by_name() {
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, text.replace("\"s1\"", "\"s2\"")).unwrap();
     let err = Store::open(dir.path()).unwrap_err();
-    assert!(matches!(err, Error::Checksum { what: "manifest", .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::Checksum {
+                what: "manifest",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     std::fs::write(&path, &text[..text.len() / 2]).unwrap();
     let err = Store::open(dir.path()).unwrap_err();
     assert!(err.to_string().contains("MANIFEST"), "{err}");
@@ -186,7 +237,11 @@ fn debris_of_an_interrupted_save_is_cleaned_and_ignored() {
     let (dir, f0, _) = two_snapshots();
     // What a crash between "rename snapshot" and "rename manifest" leaves behind.
     std::fs::copy(&f0, dir.path().join("snap-00000000000000000003.bsnap")).unwrap();
-    std::fs::write(dir.path().join("snap-00000000000000000004.bsnap.tmp"), b"partial").unwrap();
+    std::fs::write(
+        dir.path().join("snap-00000000000000000004.bsnap.tmp"),
+        b"partial",
+    )
+    .unwrap();
     std::fs::write(dir.path().join("MANIFEST.9.tmp"), b"{").unwrap();
     let mut store = Store::open(dir.path()).unwrap();
     assert_eq!(store.snapshots().len(), 2);

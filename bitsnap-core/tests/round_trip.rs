@@ -62,7 +62,8 @@ proptest! {
 #[test]
 fn chains_are_bounded_by_full_every() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open_or_create(dir.path(), Policy::default().with_full_every(3)).unwrap();
+    let mut store =
+        Store::open_or_create(dir.path(), Policy::default().with_full_every(3)).unwrap();
     let mut t = random_tensor("w", DType::F32, &[50_000], Role::Weight, 1);
     let mut bases = Vec::new();
     for step in 0..7 {
@@ -83,7 +84,9 @@ fn new_and_reshaped_tensors_are_stored_full_inside_a_delta() {
     let a1 = mutate(&a, 10, 3);
     let b1 = random_tensor("b", DType::F32, &[10, 100, 2], Role::Weight, 4);
     let c1 = random_tensor("c", DType::I64, &[33], Role::Other, 5);
-    let r = store.save("1", vec![a1.clone(), b1.clone(), c1.clone()]).unwrap();
+    let r = store
+        .save("1", vec![a1.clone(), b1.clone(), c1.clone()])
+        .unwrap();
     assert!(r.info.base.is_some());
     let codecs: Vec<_> = r.header.entries.iter().map(|e| e.codec.name()).collect();
     assert_eq!(codecs[0], "bitmask");
@@ -96,10 +99,14 @@ fn new_and_reshaped_tensors_are_stored_full_inside_a_delta() {
 fn lossy_optimizer_restores_dequantized_moments_and_exact_weights() {
     use bitsnap_core::{Lossiness, codec::QuantBits};
     let dir = tempfile::tempdir().unwrap();
-    let policy = Policy::default().with_lossiness(Lossiness::LossyOptimizer { bits: QuantBits::B8 });
+    let policy = Policy::default().with_lossiness(Lossiness::LossyOptimizer {
+        bits: QuantBits::B8,
+    });
     let mut store = Store::open_or_create(dir.path(), policy).unwrap();
     let w = random_tensor("w", DType::F32, &[20_000], Role::Weight, 1);
-    let v: Vec<f32> = (0..20_000u64).map(|i| 1e-9 * ((i * 2_654_435_761 % 9973) as f32 * 1e-3).exp()).collect();
+    let v: Vec<f32> = (0..20_000u64)
+        .map(|i| 1e-9 * ((i * 2_654_435_761 % 9973) as f32 * 1e-3).exp())
+        .collect();
     let m2 = bitsnap_core::Tensor::from_f32("v", &[20_000], Role::OptimizerMoment(2), &v).unwrap();
     let r = store.save("0", vec![w.clone(), m2.clone()]).unwrap();
     let q = &r.header.entries[1];
@@ -111,8 +118,58 @@ fn lossy_optimizer_restores_dequantized_moments_and_exact_weights() {
     assert_eq!(from_disk.tensors, from_memory.tensors);
     assert_eq!(from_disk.tensors[0], w);
     let back = from_disk.tensors[1].to_f32().unwrap();
-    let rel = (back.iter().zip(&v).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>()
+    let rel = (back
+        .iter()
+        .zip(&v)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum::<f64>()
         / v.iter().map(|b| (*b as f64).powi(2)).sum::<f64>())
     .sqrt();
     assert!((rel - err.rel_l2).abs() < 1e-6, "{rel} vs {}", err.rel_l2);
+}
+
+#[test]
+fn series_in_one_store_are_deltas_on_their_own_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open_or_create(dir.path(), Policy::default()).unwrap();
+    let mut model = random_tensor("w", DType::F32, &[20_000], Role::Weight, 1);
+    let mut optim = random_tensor(
+        "w.moment_1",
+        DType::F32,
+        &[20_000],
+        Role::OptimizerMoment(1),
+        2,
+    );
+    let mut saved = Vec::new();
+    for epoch in 1..=4 {
+        model = mutate(&model, 10, epoch);
+        optim = mutate(&optim, 10, 100 + epoch);
+        let m = store
+            .save_in(
+                "model",
+                &format!("epoch-{epoch}"),
+                vec![model.clone()],
+                vec![],
+            )
+            .unwrap();
+        let o = store
+            .save_in(
+                "optim",
+                &format!("epoch-{epoch}"),
+                vec![optim.clone()],
+                vec![],
+            )
+            .unwrap();
+        if epoch > 1 {
+            assert_eq!(store.get(m.info.base.unwrap()).unwrap().series, "model");
+            assert_eq!(store.get(o.info.base.unwrap()).unwrap().series, "optim");
+        }
+        saved.push((m.info.id, model.clone()));
+        saved.push((o.info.id, optim.clone()));
+    }
+    assert_eq!(store.find("optim", "epoch-2").unwrap().id, saved[3].0);
+    let reopened = Store::open(dir.path()).unwrap();
+    for (id, t) in saved {
+        assert_eq!(reopened.load(id).unwrap().tensors, vec![t]);
+    }
 }
