@@ -219,6 +219,56 @@ impl Policy {
     }
 }
 
+/// What [`Policy::judge_delta`] decided about a snapshot encoded against a base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeltaVerdict {
+    /// Keep it as a delta.
+    Keep,
+    /// No tensor used a delta codec: the snapshot is already full (store it without base).
+    NoGain,
+    /// The delta is less than [`Policy::min_delta_gain`] smaller than the same tensors
+    /// stored full: re-encode them without a base, ending the chain.
+    WouldNotPay,
+}
+
+impl DeltaVerdict {
+    /// Why the snapshot is full, if it is.
+    pub fn full_reason(self) -> Option<&'static str> {
+        match self {
+            DeltaVerdict::Keep => None,
+            DeltaVerdict::NoGain => Some("no tensor gained from a delta"),
+            DeltaVerdict::WouldNotPay => Some("delta would not pay"),
+        }
+    }
+}
+
+impl Policy {
+    /// Judges a snapshot whose tensors were encoded against a base: compares the bytes
+    /// of its delta-coded tensors with their best full (base-free) candidates.
+    pub fn judge_delta(&self, encoded: &[(Encoded, Decision)]) -> DeltaVerdict {
+        let deltas = || encoded.iter().filter(|(e, _)| e.codec.needs_base());
+        if deltas().next().is_none() {
+            return DeltaVerdict::NoGain;
+        }
+        let delta: u64 = deltas().map(|(e, _)| e.payload.len() as u64).sum();
+        let as_full: u64 = deltas()
+            .map(|(_, d)| {
+                d.candidates
+                    .iter()
+                    .filter(|(c, _)| !c.needs_base())
+                    .map(|c| c.1)
+                    .min()
+                    .unwrap_or(u64::MAX)
+            })
+            .fold(0u64, u64::saturating_add);
+        if (delta as f64) >= (1.0 - self.min_delta_gain) * as_full as f64 {
+            DeltaVerdict::WouldNotPay
+        } else {
+            DeltaVerdict::Keep
+        }
+    }
+}
+
 /// [`SAMPLE_WINDOWS`] evenly spaced windows of `data` (and the same windows of `base`),
 /// concatenated, aligned to whole elements.
 fn sample(data: &[u8], base: Option<&[u8]>, w: usize) -> (Vec<u8>, Option<Vec<u8>>) {

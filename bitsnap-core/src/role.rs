@@ -57,10 +57,8 @@ impl Role {
     /// Callers that know better pass roles explicitly.
     pub fn guess(name: &str) -> Role {
         let lower = name.to_ascii_lowercase();
-        let segments: Vec<&str> = lower
-            .split(|c: char| c == '.' || c == '/' || c == ':')
-            .collect();
-        let has = |s: &str| segments.iter().any(|seg| *seg == s);
+        let segments: Vec<&str> = lower.split(['.', '/', ':']).collect();
+        let has = |s: &str| segments.contains(&s);
         let contains = |s: &str| lower.contains(s);
         if contains("exp_avg_sq")
             || contains("moment_2")

@@ -120,6 +120,8 @@ pub struct VerifyReport {
 }
 
 type State = Arc<Vec<Tensor>>;
+/// The decoded state a store keeps of the latest save of a series: id, tensors, metadata.
+type Cached = (u64, State, Vec<(String, String)>);
 
 /// A checkpoint store: a directory of snapshots and their manifest.
 ///
@@ -145,7 +147,7 @@ pub struct Store {
     policy: Policy,
     manifest: ManifestBody,
     /// Per series, the latest save's id, decoded tensors and metadata.
-    last: HashMap<String, (u64, State, Vec<(String, String)>)>,
+    last: HashMap<String, Cached>,
     lock: Option<File>,
 }
 
@@ -273,7 +275,7 @@ impl Store {
 
     /// The cached decoded state of snapshot `id`, if it is the latest save of its series
     /// made by this `Store`.
-    fn cached(&self, id: u64) -> Option<&(u64, State, Vec<(String, String)>)> {
+    fn cached(&self, id: u64) -> Option<&Cached> {
         self.last.values().find(|(l, _, _)| *l == id)
     }
 
@@ -488,27 +490,9 @@ impl Store {
             .unwrap_or_default();
         let mut encoded = encode_all(&policy, &tensors, &base_map)?;
         if base.is_some() {
-            let delta: u64 = encoded
-                .iter()
-                .filter(|(e, _)| e.codec.needs_base())
-                .map(|(e, _)| e.payload.len() as u64)
-                .sum();
-            let as_full: u64 = encoded
-                .iter()
-                .filter(|(e, _)| e.codec.needs_base())
-                .map(|(_, d)| {
-                    d.candidates
-                        .iter()
-                        .filter(|(c, _)| !c.needs_base())
-                        .map(|c| c.1)
-                        .min()
-                        .unwrap_or(u64::MAX)
-                })
-                .fold(0u64, u64::saturating_add);
-            if encoded.iter().all(|(e, _)| !e.codec.needs_base()) {
-                full_reason = Some("no tensor gained from a delta");
-            } else if (delta as f64) >= (1.0 - policy.min_delta_gain) * as_full as f64 {
-                full_reason = Some("delta would not pay");
+            let verdict = policy.judge_delta(&encoded);
+            full_reason = verdict.full_reason();
+            if verdict == crate::policy::DeltaVerdict::WouldNotPay {
                 encoded = encode_all(&policy, &tensors, &HashMap::new())?;
             }
         }

@@ -1,0 +1,240 @@
+//! `bitsnap inspect`: per tensor, how a snapshot is stored.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Args;
+use serde::Serialize;
+
+use crate::error::CliError;
+use crate::table::{self, Align, Table};
+use crate::{choose_snapshot, index_of, open_store};
+
+/// The `--json` output of `bitsnap inspect`, documented in the command's long help.
+pub const JSON_DOC: &str = "\
+With --json, prints one JSON object (fields in this order; sizes in bytes):
+  index          position of the snapshot in `bitsnap ls`, from 0
+  id             the store's id of the snapshot
+  name           the name it was packed as
+  file           its file in the store directory
+  base_index     index of the snapshot it is a delta on, or null for a full snapshot
+  base_id        id of that snapshot, or null
+  raw_bytes      decoded size of its tensors
+  stored_bytes   size of its file (payloads, header and framing)
+  payload_bytes  size of its tensor payloads
+  ratio          raw_bytes / stored_bytes
+  metadata       object of the string metadata it was packed with (safetensors
+                 `__metadata__`)
+  tensors        array, in stored order, one object per tensor:
+    name         tensor name
+    dtype        bool, u8, i8, u16, i16, u32, i32, u64, i64, f16, bf16, f32, f64,
+                 f8_e5m2 or f8_e4m3
+    shape        array of dimensions ([] for a scalar)
+    role         weight, other, moment1 or moment2
+    codec        raw, planes, xor, bitmask, unchanged or cluster (lossy)
+    raw_bytes    decoded size
+    stored_bytes payload size
+    ratio        raw_bytes / stored_bytes
+    changed      elements that differ from the base snapshot's tensor, or null when
+                 it was not compared with one (full snapshot, new tensor, new shape)
+    changed_fraction  changed / number of elements, or null
+    error        null when the tensor restores bit for bit; for a lossy codec an
+                 object {rel_l2: ||x - x'||2 / ||x||2, max_abs: max |x - x'|}
+    candidates   array of {codec, bytes}: the codecs the policy tried and their
+                 payload sizes (estimated from samples for tensors over 2 MiB)";
+
+/// The long help of the command.
+pub fn long_about() -> String {
+    format!(
+        "\
+Show, for each tensor of a snapshot: dtype, shape, role, the codec that stores it, the \
+fraction of its elements that changed since the base snapshot, its ratio and, for lossy \
+codecs, the quantization error. Reads the snapshot's header only (no decoding; \
+`bitsnap verify` checks the data).
+
+SNAPSHOT is a decimal index into the store's snapshots (0 is the oldest), otherwise a \
+snapshot name (the latest snapshot of that name).\n\n{JSON_DOC}"
+    )
+}
+
+/// Arguments of `bitsnap inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Store directory.
+    #[arg(value_name = "STORE_DIR")]
+    store: PathBuf,
+    /// Index (from 0) or name of the snapshot.
+    #[arg(value_name = "SNAPSHOT")]
+    snapshot: String,
+    /// Print JSON (see the long help for the fields).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct InspectJson {
+    index: usize,
+    id: u64,
+    name: String,
+    file: String,
+    base_index: Option<usize>,
+    base_id: Option<u64>,
+    raw_bytes: u64,
+    stored_bytes: u64,
+    payload_bytes: u64,
+    ratio: f64,
+    metadata: serde_json::Map<String, serde_json::Value>,
+    tensors: Vec<TensorJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct TensorJson {
+    name: String,
+    dtype: &'static str,
+    shape: Vec<u64>,
+    role: String,
+    codec: &'static str,
+    raw_bytes: u64,
+    stored_bytes: u64,
+    ratio: f64,
+    changed: Option<u64>,
+    changed_fraction: Option<f64>,
+    error: Option<ErrorJson>,
+    candidates: Vec<CandidateJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorJson {
+    rel_l2: f64,
+    max_abs: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct CandidateJson {
+    codec: &'static str,
+    bytes: u64,
+}
+
+/// Runs `bitsnap inspect`.
+pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let store = open_store(&args.store)?;
+    let chosen = choose_snapshot(&store, &args.snapshot)?;
+    let info = chosen.info;
+    let header = store.header(info.id)?;
+    let tensors: Vec<TensorJson> = header
+        .entries
+        .iter()
+        .map(|e| {
+            let numel = e.numel();
+            TensorJson {
+                name: e.name.clone(),
+                dtype: e.dtype.name(),
+                shape: e.shape.clone(),
+                role: e.role.to_string(),
+                codec: e.codec.name(),
+                raw_bytes: e.raw_len(),
+                stored_bytes: e.len,
+                ratio: table::ratio(e.raw_len(), e.len),
+                changed: e.decision.changed,
+                changed_fraction: e
+                    .decision
+                    .changed
+                    .filter(|_| numel > 0)
+                    .map(|c| c as f64 / numel as f64),
+                error: e.decision.error.map(|q| ErrorJson {
+                    rel_l2: q.rel_l2,
+                    max_abs: q.max_abs,
+                }),
+                candidates: e
+                    .decision
+                    .candidates
+                    .iter()
+                    .map(|(c, b)| CandidateJson {
+                        codec: c.name(),
+                        bytes: *b,
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    let doc = InspectJson {
+        index: chosen.index,
+        id: info.id,
+        name: info.name.clone(),
+        file: info.file.clone(),
+        base_index: info.base.and_then(|b| index_of(&store, b)),
+        base_id: info.base,
+        raw_bytes: header.raw_bytes(),
+        stored_bytes: info.stored_bytes,
+        payload_bytes: header.payload_bytes(),
+        ratio: table::ratio(header.raw_bytes(), info.stored_bytes),
+        metadata: header
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect(),
+        tensors,
+    };
+    if args.json {
+        serde_json::to_writer_pretty(&mut *out, &doc)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let base = match (doc.base_index, doc.base_id) {
+        (Some(i), _) => format!("delta on snapshot {i}"),
+        (None, Some(id)) => format!("delta on id {id} (missing)"),
+        (None, None) => "full snapshot".into(),
+    };
+    writeln!(
+        out,
+        "snapshot {} `{}` (id {}, {}): {base}, {} tensors, {} raw, {} stored ({})",
+        doc.index,
+        doc.name,
+        doc.id,
+        doc.file,
+        doc.tensors.len(),
+        table::bytes(doc.raw_bytes),
+        table::bytes(doc.stored_bytes),
+        table::fmt_ratio(doc.ratio)
+    )?;
+    if !header.metadata.is_empty() {
+        let kv: Vec<String> = header
+            .metadata
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        writeln!(out, "metadata: {}", kv.join(", "))?;
+    }
+    let mut t = Table::new(&[
+        ("name", Align::Left),
+        ("dtype", Align::Left),
+        ("shape", Align::Left),
+        ("role", Align::Left),
+        ("codec", Align::Left),
+        ("changed", Align::Right),
+        ("raw", Align::Right),
+        ("stored", Align::Right),
+        ("ratio", Align::Right),
+        ("error (rel. L2 / max abs.)", Align::Left),
+    ]);
+    for e in &doc.tensors {
+        let shape: Vec<String> = e.shape.iter().map(u64::to_string).collect();
+        t.row(vec![
+            e.name.clone(),
+            e.dtype.to_string(),
+            format!("[{}]", shape.join(", ")),
+            e.role.clone(),
+            e.codec.to_string(),
+            e.changed_fraction
+                .map_or("-".into(), |f| format!("{:.3}%", f * 100.0)),
+            table::bytes(e.raw_bytes),
+            table::bytes(e.stored_bytes),
+            table::fmt_ratio(e.ratio),
+            e.error.as_ref().map_or("-".into(), |q| {
+                format!("{:.2e} / {:.2e}", q.rel_l2, q.max_abs)
+            }),
+        ]);
+    }
+    t.write(out)?;
+    Ok(())
+}
