@@ -84,8 +84,27 @@ pub fn from_burnpack(
     for (k, s) in reader.scalars() {
         metadata.push((format!("{prefix}{SCALAR}{k}"), scalar_to_string(*s)));
     }
-    let mut tensors = Vec::new();
-    for t in reader.into_tensors().map_err(record_err)? {
+    let (tensors, more) =
+        from_pack_tensors(reader.into_tensors().map_err(record_err)?, kind, prefix)?;
+    metadata.extend(more);
+    Ok((tensors, metadata))
+}
+
+/// Converts Burn's tensor snapshots (from a burnpack reader or `ModuleSnapshot::collect`,
+/// whose deferred tensors are read back here) into bitsnap tensors named `prefix + name`,
+/// and the metadata keeping their parameter ids and Burn dtypes.
+pub fn from_pack_tensors(
+    pack: Vec<burn_pack::Tensor>,
+    kind: RecordKind,
+    prefix: &str,
+) -> Result<(Vec<Tensor>, Metadata), Error> {
+    let record_err = |e: burn_pack::Error| Error::Record {
+        what: kind.name(),
+        message: e.to_string(),
+    };
+    let mut metadata = Vec::new();
+    let mut tensors = Vec::with_capacity(pack.len());
+    for t in pack {
         let (name, dtype, shape, pid, bytes) = t.into_parts().map_err(record_err)?;
         let (ours, note) = dtype_to_bitsnap(dtype).ok_or_else(|| Error::UnsupportedDType {
             tensor: name.clone(),
@@ -110,15 +129,14 @@ pub fn from_burnpack(
     Ok((tensors, metadata))
 }
 
-/// Rebuilds burnpack bytes (for `Checkpoint::checkpoint_from_bytes`) from the tensors and
-/// metadata that [`from_burnpack`] produced under `prefix`. Tensors and keys without the
-/// prefix are ignored.
-pub fn to_burnpack(
+/// The inverse of [`from_pack_tensors`]: Burn tensor snapshots (resident bytes) for the
+/// tensors named with `prefix`, with their parameter ids and Burn dtypes restored.
+pub fn to_pack_tensors(
     tensors: &[Tensor],
     metadata: &[(String, String)],
     kind: RecordKind,
     prefix: &str,
-) -> Result<Bytes, Error> {
+) -> Result<Vec<burn_pack::Tensor>, Error> {
     let bad = |reason: String| Error::Record {
         what: kind.name(),
         message: reason,
@@ -157,6 +175,23 @@ pub fn to_burnpack(
             Bytes::from_bytes_vec(t.data.clone()),
         ));
     }
+    Ok(pack)
+}
+
+/// Rebuilds burnpack bytes (for `Checkpoint::checkpoint_from_bytes`) from the tensors and
+/// metadata that [`from_burnpack`] produced under `prefix`. Tensors and keys without the
+/// prefix are ignored.
+pub fn to_burnpack(
+    tensors: &[Tensor],
+    metadata: &[(String, String)],
+    kind: RecordKind,
+    prefix: &str,
+) -> Result<Bytes, Error> {
+    let bad = |reason: String| Error::Record {
+        what: kind.name(),
+        message: reason,
+    };
+    let pack = to_pack_tensors(tensors, metadata, kind, prefix)?;
     let mut writer = Writer::new(pack);
     for (k, v) in metadata {
         let Some(k) = k.strip_prefix(prefix) else {

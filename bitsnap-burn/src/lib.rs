@@ -7,6 +7,8 @@
 //! - [`StepSaver`]: for hand-written loops, snapshots of model and optimizer by step,
 //!   taken without stalling the training thread (it hands over tensor handles; read-back,
 //!   compression and writing run in the background), with exact restore.
+//! - [`BitSnapModuleStore`]: Burn's `ModuleStore`, for `module.save_into(&mut store)` and
+//!   `module.load_from(&mut store)` outside training.
 //! - [`bridge`]: the conversion between Burn's records and bitsnap tensors.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -14,8 +16,10 @@
 pub mod bridge;
 mod checkpointer;
 mod error;
+mod module_store;
 mod saver;
 
 pub use checkpointer::{BitSnapCheckpointer, BurnRecord};
 pub use error::Error;
+pub use module_store::{BitSnapModuleStore, MODULE_SERIES};
 pub use saver::{Restored, SaveStats, StepSaver, StepSaverConfig};
