@@ -71,10 +71,7 @@ pub fn from_burnpack(
     kind: RecordKind,
     prefix: &str,
 ) -> Result<(Vec<Tensor>, Metadata), Error> {
-    let record_err = |e: burn_pack::Error| Error::Record {
-        what: kind.name(),
-        message: e.to_string(),
-    };
+    let record_err = record_error(kind);
     let reader = Reader::from_bytes(bytes).map_err(record_err)?;
     let mut metadata: Vec<(String, String)> = reader
         .metadata()
@@ -98,10 +95,7 @@ pub fn from_pack_tensors(
     kind: RecordKind,
     prefix: &str,
 ) -> Result<(Vec<Tensor>, Metadata), Error> {
-    let record_err = |e: burn_pack::Error| Error::Record {
-        what: kind.name(),
-        message: e.to_string(),
-    };
+    let record_err = record_error(kind);
     let mut metadata = Vec::new();
     let mut tensors = Vec::with_capacity(pack.len());
     for t in pack {
@@ -206,6 +200,14 @@ pub fn to_burnpack(
         }
     }
     writer.into_bytes().map_err(|e| bad(e.to_string()))
+}
+
+/// Maps a burnpack error to [`Error::Record`] for `kind`.
+fn record_error(kind: RecordKind) -> impl Fn(burn_pack::Error) -> Error + Copy {
+    move |e| Error::Record {
+        what: kind.name(),
+        message: e.to_string(),
+    }
 }
 
 fn scalar_to_string(s: Scalar) -> String {
