@@ -357,6 +357,72 @@ fn get_str16(cur: &mut Cursor<'_>) -> Result<String, CodecError> {
     String::from_utf8(b.to_vec()).map_err(|_| CodecError::new(at, "string is not UTF-8"))
 }
 
+/// Header region encoding: the header bytes as they are.
+pub const HEADER_RAW: u8 = 0;
+/// Header region encoding: `u32` decoded length, then one zstd frame.
+pub const HEADER_ZSTD: u8 = 1;
+/// zstd level of compressed headers (names and fields repeat: they compress 3–5x).
+pub const HEADER_ZSTD_LEVEL: i32 = 3;
+
+/// The header region: an encoding byte, then the header raw or zstd-compressed,
+/// whichever is smaller.
+pub fn encode_header_region(body: &[u8]) -> Vec<u8> {
+    if let Ok(z) = zstd::bulk::compress(body, HEADER_ZSTD_LEVEL)
+        && z.len() + 4 < body.len()
+        && u32::try_from(body.len()).is_ok()
+    {
+        let mut out = Vec::with_capacity(5 + z.len());
+        out.push(HEADER_ZSTD);
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&z);
+        return out;
+    }
+    let mut out = Vec::with_capacity(1 + body.len());
+    out.push(HEADER_RAW);
+    out.extend_from_slice(body);
+    out
+}
+
+/// Decodes a header region read from `file` at `offset`; the decoded header is at most
+/// [`MAX_HEADER_BYTES`].
+pub fn decode_header_region(region: &[u8], file: &Path, offset: u64) -> Result<Vec<u8>, Error> {
+    let malformed = |reason: String| Error::Malformed {
+        file: file.to_path_buf(),
+        tensor: None,
+        what: "header",
+        offset,
+        reason,
+    };
+    match region.split_first() {
+        Some((&HEADER_RAW, body)) => Ok(body.to_vec()),
+        Some((&HEADER_ZSTD, rest)) => {
+            let (len, frame) = rest
+                .split_first_chunk::<4>()
+                .ok_or_else(|| malformed("compressed header without its length".into()))?;
+            let len = u32::from_le_bytes(*len) as u64;
+            if len > MAX_HEADER_BYTES {
+                return Err(Error::Limit {
+                    file: file.to_path_buf(),
+                    what: "decoded header length",
+                    value: len,
+                    limit: MAX_HEADER_BYTES,
+                });
+            }
+            let body = zstd::bulk::decompress(frame, len as usize)
+                .map_err(|e| malformed(format!("compressed header: {e}")))?;
+            if body.len() as u64 != len {
+                return Err(malformed(format!(
+                    "compressed header decoded to {} bytes, {len} declared",
+                    body.len()
+                )));
+            }
+            Ok(body)
+        }
+        Some((&other, _)) => Err(malformed(format!("unknown header encoding {other}"))),
+        None => Err(malformed("empty header region".into())),
+    }
+}
+
 /// Streams a snapshot file: payloads first, as they are produced, then the header.
 ///
 /// The caller writes to a temporary path and renames it into place (see
@@ -416,7 +482,7 @@ impl<W: Write> SnapshotWriter<W> {
 
     /// Writes header and trailer; returns the header and the writer.
     pub fn finish(mut self) -> Result<(Header, W), Error> {
-        let body = self.header.encode();
+        let body = encode_header_region(&self.header.encode());
         let mut trailer = Vec::with_capacity(TRAILER_BYTES);
         trailer.extend_from_slice(&self.pos.to_le_bytes());
         trailer.extend_from_slice(&(body.len() as u64).to_le_bytes());
@@ -521,8 +587,8 @@ impl SnapshotFile {
                 ),
             });
         }
-        let body = &bytes[h_at as usize..t_at as usize];
-        let actual = xxh3_64(body);
+        let region = &bytes[h_at as usize..t_at as usize];
+        let actual = xxh3_64(region);
         if actual != h_hash {
             return Err(Error::Checksum {
                 file,
@@ -533,7 +599,8 @@ impl SnapshotFile {
                 actual,
             });
         }
-        let header = Header::parse(body, &file, h_at)?;
+        let body = decode_header_region(region, &file, h_at)?;
+        let header = Header::parse(&body, &file, h_at)?;
         let mut at = PREAMBLE_BYTES as u64;
         for e in &header.entries {
             if e.offset != at {

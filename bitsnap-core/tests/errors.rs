@@ -145,8 +145,9 @@ fn rewrite_header(path: &Path, edit: impl FnOnce(&mut Header)) {
     let mut header = file.header.clone();
     edit(&mut header);
     let bytes = std::fs::read(path).unwrap();
-    let data_end = bytes.len() - bitsnap_core::format::TRAILER_BYTES - file.header.encode().len();
-    let body = header.encode();
+    let trailer = &bytes[bytes.len() - bitsnap_core::format::TRAILER_BYTES..];
+    let data_end = u64::from_le_bytes(trailer[..8].try_into().unwrap()) as usize;
+    let body = bitsnap_core::format::encode_header_region(&header.encode());
     let mut out = bytes[..data_end].to_vec();
     out.extend_from_slice(&body);
     out.extend_from_slice(&(data_end as u64).to_le_bytes());
