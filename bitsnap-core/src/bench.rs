@@ -239,6 +239,8 @@ pub struct BenchReport {
     pub dtypes: Vec<DTypeResult>,
     /// bitsnap per role.
     pub roles: Vec<RoleResult>,
+    /// zstd over each whole input file, when the series came from files.
+    pub whole_file_zstd: Option<WholeFileResult>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -569,8 +571,58 @@ impl Bench {
             files: self.files,
             dtypes,
             roles,
+            whole_file_zstd: None,
         }
     }
+}
+
+/// zstd over each whole input file (its header included), one frame per file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WholeFileResult {
+    /// Bytes of the files.
+    pub file_bytes: u64,
+    /// Bytes of their zstd frames.
+    pub stored_bytes: u64,
+    /// `file_bytes / stored_bytes`.
+    pub ratio: f64,
+    /// Compression speed over all files, files compressed in parallel.
+    pub encode_gbps: f64,
+}
+
+/// The "zstd on each whole file" baseline: every file compressed as one zstd frame at
+/// `level`, files in parallel.
+pub fn whole_file_zstd(paths: &[std::path::PathBuf], level: i32) -> Result<WholeFileResult, Error> {
+    let files: Vec<Vec<u8>> = paths
+        .iter()
+        .map(|p| {
+            std::fs::read(p).map_err(|e| Error::Io {
+                path: p.clone(),
+                source: e,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let start = Instant::now();
+    let stored: Vec<u64> = files
+        .par_iter()
+        .zip(paths)
+        .map(|(f, p)| {
+            zstd::bulk::compress(f, level)
+                .map(|z| z.len() as u64)
+                .map_err(|e| Error::Io {
+                    path: p.clone(),
+                    source: e,
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let secs = start.elapsed().as_secs_f64();
+    let file_bytes: u64 = files.iter().map(|f| f.len() as u64).sum();
+    let stored_bytes = stored.iter().sum();
+    Ok(WholeFileResult {
+        file_bytes,
+        stored_bytes,
+        ratio: ratio(file_bytes, stored_bytes),
+        encode_gbps: file_bytes as f64 / 1e9 / secs.max(1e-9),
+    })
 }
 
 /// `lossless`, or `lossy-optimizer, N-bit moments`.
@@ -796,6 +848,15 @@ impl BenchReport {
                 m.delta_ratio.map_or("—".into(), fmt_ratio),
                 m.encode_gbps,
                 m.decode_gbps
+            )?;
+        }
+        if let Some(w) = &self.whole_file_zstd {
+            writeln!(
+                s,
+                "| zstd-1 whole files | each input file (header included) as one zstd frame | {} | {} | — | {:.2} | — |",
+                human_bytes(w.stored_bytes),
+                fmt_ratio(w.ratio),
+                w.encode_gbps
             )?;
         }
         if let Some(b) = &self.bitmask_bound {

@@ -29,7 +29,9 @@ With --json, prints one JSON object (sizes in bytes, speeds in GB/s of raw bytes
   dtypes         array, one per dtype: {dtype, tensors, methods (as in files)}
   roles          array, bitsnap per role (weight, moment1, moment2, other): {role,
                  tensors, raw_bytes, stored_bytes, ratio, max_rel_l2, max_abs (null when
-                 lossless)}";
+                 lossless)}
+  whole_file_zstd  {file_bytes, stored_bytes, ratio, encode_gbps}: zstd over each whole
+                 input file as one frame, or null for --synthetic";
 
 /// The long help of the command.
 pub fn long_about() -> String {
@@ -123,7 +125,13 @@ pub fn run(args: BenchArgs, out: &mut dyn Write) -> Result<(), CliError> {
         }
         bar.finish_and_clear();
     }
-    let report = bench.finish();
+    let mut report = bench.finish();
+    if !args.synthetic {
+        report.whole_file_zstd = Some(bitsnap_core::bench::whole_file_zstd(
+            &args.files,
+            report.zstd_level,
+        )?);
+    }
     if args.json {
         serde_json::to_writer_pretty(&mut *out, &report)?;
         writeln!(out)?;
