@@ -57,7 +57,7 @@ impl BitSnapModuleStore {
     }
 
     /// The snapshot name `save_into` writes and `load_from` reads (default: saves are
-    /// named `module-<n>`, loads take the latest).
+    /// named `module-<id>`, loads take the latest).
     pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self.cache = None;
@@ -109,7 +109,8 @@ impl ModuleStore for BitSnapModuleStore {
         self.cache = None;
         let (tensors, metadata) =
             bridge::from_pack_tensors(module.collect(None, None, false), RecordKind::Module, "")?;
-        let n = self.store.snapshots().len();
+        // Ids only grow, so `module-<latest id + 1>` never names a snapshot that exists.
+        let n = self.store.latest().map_or(1, |s| s.id + 1);
         let name = self.name.clone().unwrap_or_else(|| format!("module-{n}"));
         let previous = self.store.find(MODULE_SERIES, &name).map(|s| s.id);
         self.store

@@ -259,11 +259,18 @@ impl StepSaver {
     pub fn flush(&self) -> Result<(), Error> {
         let mut p = self.shared.progress();
         while p.done < p.submitted && p.stopped.is_none() {
+            // A worker that died outside its panic guard would never signal: notice it.
+            if self.worker.as_ref().is_none_or(|w| w.is_finished()) {
+                p.stopped
+                    .get_or_insert_with(|| "the saver thread ended with saves pending".into());
+                break;
+            }
             p = self
                 .shared
                 .changed
-                .wait(p)
-                .unwrap_or_else(|e| e.into_inner());
+                .wait_timeout(p, Duration::from_millis(200))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
         }
         drop(p);
         self.take_error()

@@ -34,6 +34,8 @@ pub const MAX_HEADER_BYTES: u64 = 256 << 20;
 pub const MAX_TENSORS: u64 = 1 << 20;
 /// Most metadata entries in one snapshot.
 pub const MAX_METADATA: u64 = 1 << 16;
+/// Longest metadata value, in bytes (16 MiB).
+pub const MAX_METADATA_VALUE_BYTES: usize = 16 << 20;
 /// Most candidate sizes recorded per tensor.
 pub const MAX_CANDIDATES: usize = 8;
 /// `changed` value meaning "not compared with a base".
@@ -482,7 +484,31 @@ impl<W: Write> SnapshotWriter<W> {
 
     /// Writes header and trailer; returns the header and the writer.
     pub fn finish(mut self) -> Result<(Header, W), Error> {
-        let body = encode_header_region(&self.header.encode());
+        let raw = self.header.encode();
+        // What the reader would refuse must not be written.
+        if raw.len() as u64 > MAX_HEADER_BYTES
+            || self.header.metadata.len() as u64 > MAX_METADATA
+            || self.header.entries.len() as u64 > MAX_TENSORS
+            || self
+                .header
+                .metadata
+                .iter()
+                .any(|(k, v)| k.len() > u16::MAX as usize || v.len() > MAX_METADATA_VALUE_BYTES)
+            || self
+                .header
+                .entries
+                .iter()
+                .any(|e| e.name.len() > crate::MAX_NAME_BYTES)
+            || self.header.name.len() > crate::MAX_NAME_BYTES
+        {
+            return Err(Error::Config(format!(
+                "{}: header of {} bytes, {} metadata entries or a name/key/value over the format's limits",
+                self.path.display(),
+                raw.len(),
+                self.header.metadata.len()
+            )));
+        }
+        let body = encode_header_region(&raw);
         let mut trailer = Vec::with_capacity(TRAILER_BYTES);
         trailer.extend_from_slice(&self.pos.to_le_bytes());
         trailer.extend_from_slice(&(body.len() as u64).to_le_bytes());

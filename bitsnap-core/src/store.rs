@@ -46,7 +46,7 @@ pub struct SnapshotInfo {
     /// The series it belongs to: a delta's base is the latest snapshot of its own series,
     /// so independent state (a model and its optimizer, saved separately) share a store.
     /// The default series is `""`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub series: String,
     /// Its file, relative to the store directory.
     pub file: String,
@@ -207,8 +207,18 @@ impl Store {
                     last: HashMap::new(),
                     lock: None,
                 };
+                // A directory holding snapshots but no manifest is not an empty store:
+                // taking the lock would remove them as debris.
+                if let Some(f) = snapshot_files(&s.dir)?.first() {
+                    return Err(Error::Config(format!(
+                        "{}: holds snapshot files ({}) but no {MANIFEST_FILE}; refusing to create a store over them",
+                        s.dir.display(),
+                        f.display()
+                    )));
+                }
                 s.take_lock()?;
-                s.write_manifest(&s.manifest.clone())?;
+                let body = s.manifest.clone();
+                s.write_manifest(body)?;
                 s
             }
         };
@@ -463,6 +473,7 @@ impl Store {
     ) -> Result<SaveReport, Error> {
         self.take_lock()?;
         validate(&tensors, name)?;
+        validate_metadata(&metadata)?;
         let policy = self.policy;
         // Choose the base.
         let mut full_reason = None;
@@ -531,8 +542,7 @@ impl Store {
         let mut next = self.manifest.clone();
         next.next_id = id + 1;
         next.snapshots.push(info.clone());
-        self.write_manifest(&next)?;
-        self.manifest = next;
+        self.write_manifest(next)?;
         // Keep what this snapshot decodes to: the base of the next delta, and the answer
         // to a restore in this process.
         let mut state = tensors;
@@ -602,12 +612,14 @@ impl Store {
         Ok(header)
     }
 
-    fn write_manifest(&self, body: &ManifestBody) -> Result<(), Error> {
+    /// Commits `body` as the manifest. Once the rename succeeded the change is committed:
+    /// `self.manifest` follows the disk even if the directory fsync then fails.
+    fn write_manifest(&mut self, body: ManifestBody) -> Result<(), Error> {
         let path = self.dir.join(MANIFEST_FILE);
         let tmp = self
             .dir
             .join(format!("{MANIFEST_FILE}.{}.tmp", body.next_id));
-        let body_json = serde_json::to_vec(body)
+        let body_json = serde_json::to_vec(&body)
             .map_err(|e| Error::Config(format!("manifest serialisation: {e}")))?;
         let file = ManifestFile {
             body: body.clone(),
@@ -621,6 +633,7 @@ impl Store {
             f.sync_all().map_err(|e| Error::io(&tmp, e))?;
         }
         fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        self.manifest = body;
         sync_dir(&self.dir)
     }
 
@@ -721,8 +734,7 @@ impl Store {
         }
         next.snapshots.retain(|s| s.id != id);
         next.next_id += dependants.len() as u64;
-        self.write_manifest(&next)?;
-        self.manifest = next;
+        self.write_manifest(next)?;
         replaced.push(self.dir.join(&victim.file));
         for f in replaced {
             fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
@@ -859,6 +871,29 @@ fn encode_all(
         .collect()
 }
 
+fn validate_metadata(metadata: &[(String, String)]) -> Result<(), Error> {
+    if metadata.len() as u64 > crate::format::MAX_METADATA {
+        return Err(Error::Config(format!(
+            "{} metadata entries, more than {}",
+            metadata.len(),
+            crate::format::MAX_METADATA
+        )));
+    }
+    for (k, v) in metadata {
+        if k.len() > crate::MAX_NAME_BYTES || v.len() > crate::format::MAX_METADATA_VALUE_BYTES {
+            return Err(Error::Config(format!(
+                "metadata `{}`: key of {} bytes or value of {} bytes is over the limit ({} / {})",
+                k.chars().take(64).collect::<String>(),
+                k.len(),
+                v.len(),
+                crate::MAX_NAME_BYTES,
+                crate::format::MAX_METADATA_VALUE_BYTES
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn validate(tensors: &[Tensor], snapshot: &str) -> Result<(), Error> {
     if snapshot.len() > crate::MAX_NAME_BYTES {
         return Err(Error::Config(format!(
@@ -958,6 +993,22 @@ fn read_manifest(dir: &Path) -> Result<Option<ManifestBody>, Error> {
         }
     }
     Ok(Some(file.body))
+}
+
+/// Snapshot files (`snap-*.bsnap`) in `dir`.
+fn snapshot_files(dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name();
+        if name
+            .to_str()
+            .is_some_and(|n| n.starts_with("snap-") && n.ends_with(".bsnap"))
+        {
+            out.push(entry.path());
+        }
+    }
+    Ok(out)
 }
 
 fn file_size(path: &Path) -> Result<u64, Error> {

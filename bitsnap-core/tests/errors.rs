@@ -268,3 +268,71 @@ fn invalid_tensors_are_refused_with_their_name() {
     assert!(store.save("bad", vec![t.clone(), t]).is_err());
     assert!(store.snapshots().is_empty());
 }
+
+/// Regression (review): a save whose metadata the reader would refuse must fail, not
+/// write an unreadable snapshot.
+#[test]
+fn metadata_over_the_limits_is_refused_at_save() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open_or_create(dir.path(), Policy::default()).unwrap();
+    let t = random_tensor("w", DType::F32, &[10], Role::Weight, 1);
+    let long_key = vec![("k".repeat(80_000), "v".to_string())];
+    assert!(
+        store
+            .save_with_metadata("a", vec![t.clone()], long_key)
+            .is_err()
+    );
+    let many: Vec<(String, String)> = (0..70_000)
+        .map(|i| (format!("k{i}"), String::new()))
+        .collect();
+    assert!(
+        store
+            .save_with_metadata("b", vec![t.clone()], many)
+            .is_err()
+    );
+    assert!(store.snapshots().is_empty());
+    store.save("ok", vec![t]).unwrap();
+    load_all(dir.path()).unwrap();
+}
+
+/// Regression (review): a tiny file declaring a huge raw tensor is refused before the
+/// output is allocated.
+#[test]
+fn a_huge_tensor_declared_by_a_tiny_payload_is_refused_before_allocating() {
+    let (_dir, f0, _) = two_snapshots();
+    rewrite_header(&f0, |h| {
+        h.entries[0].shape = vec![1 << 32];
+        h.entries[0].dtype = DType::F32;
+        h.entries[0].codec = bitsnap_core::codec::CodecId::Raw;
+    });
+    let file = SnapshotFile::open(&f0).unwrap();
+    let start = std::time::Instant::now();
+    let err = file.decode(&file.header.entries[0], None).unwrap_err();
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(1),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert!(err.to_string().contains("layer.weight"), "{err}");
+}
+
+/// Regression (review): manifests of the default series carry no `series` field, and
+/// files that predate the field open.
+#[test]
+fn manifests_without_series_open() {
+    let (dir, _, _) = two_snapshots();
+    let text = std::fs::read_to_string(dir.path().join(bitsnap_core::MANIFEST_FILE)).unwrap();
+    assert!(!text.contains("series"), "{text}");
+    assert_eq!(Store::open(dir.path()).unwrap().snapshots().len(), 2);
+}
+
+/// Regression (review): creating a store where snapshot files lie without a manifest
+/// refuses instead of deleting them as debris.
+#[test]
+fn creating_a_store_over_snapshot_files_without_manifest_refuses() {
+    let (dir, f0, _) = two_snapshots();
+    std::fs::remove_file(dir.path().join(bitsnap_core::MANIFEST_FILE)).unwrap();
+    let err = Store::open_or_create(dir.path(), Policy::default()).unwrap_err();
+    assert!(err.to_string().contains("no MANIFEST"), "{err}");
+    assert!(f0.exists());
+}

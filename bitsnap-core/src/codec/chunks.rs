@@ -16,6 +16,9 @@ use super::{CodecError, Cursor};
 
 /// Target raw bytes per chunk (1 MiB).
 pub const CHUNK_BYTES: usize = 1 << 20;
+/// Largest chunk a reader accepts, in raw bytes (64 MiB): with at least a few bytes per
+/// chunk body, this bounds how much output a payload of a given size can demand.
+pub const MAX_CHUNK_BYTES: usize = 64 << 20;
 
 /// Elements per chunk for elements of `width` bytes.
 pub(crate) fn chunk_elems(width: usize) -> usize {
@@ -67,6 +70,12 @@ pub(crate) fn parse<'a>(cur: &mut Cursor<'a>, numel: usize) -> Result<Vec<Chunk<
     let count = cur.u32("chunk count")? as usize;
     if chunk_elems == 0 {
         return Err(CodecError::new(at, "chunk size is 0"));
+    }
+    if chunk_elems > MAX_CHUNK_BYTES {
+        return Err(CodecError::new(
+            at,
+            format!("chunks of {chunk_elems} elements, above the limit of {MAX_CHUNK_BYTES} bytes"),
+        ));
     }
     if count != numel.div_ceil(chunk_elems) {
         return Err(CodecError::new(

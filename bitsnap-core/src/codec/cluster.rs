@@ -464,6 +464,12 @@ pub(crate) fn decode_into(payload: &[u8], dtype: DType, out: &mut [u8]) -> Resul
     let codes_at = cur.offset();
     let rest = cur.bytes(cur.remaining(), "codes")?;
     planes::decode_into(rest, cw, &mut packed).map_err(|e| e.shifted(codes_at))?;
+    if bits == QuantBits::B4 && n % 2 == 1 && packed.last().is_some_and(|b| b >> 4 != 0) {
+        return Err(CodecError::new(
+            codes_at,
+            "unused high nibble of the last 4-bit code is not 0",
+        ));
+    }
     let k = book.entries.len() / w;
     let step = chunks::chunk_elems(w);
     out.par_chunks_mut(step * w)

@@ -220,12 +220,51 @@ pub fn decode(
     let len = numel
         .checked_mul(dtype.size())
         .ok_or_else(|| CodecError::new(0, "tensor size overflows"))?;
-    let mut out = Vec::new();
-    out.try_reserve_exact(len)
-        .map_err(|_| CodecError::new(0, format!("cannot allocate {len} bytes")))?;
-    out.resize(len, 0);
+    precheck(codec, payload, dtype, numel, len)?;
+    // Zeroed lazily by the allocator: pages are committed as decoding writes them, so a
+    // payload that fails half-way has not made the whole tensor resident.
+    let mut out = vec![0u8; len];
     decode_into(codec, payload, dtype, base, &mut out)?;
     Ok(out)
+}
+
+/// Checks what can be checked of a payload's structure before the output is allocated:
+/// raw and unchanged lengths, and every chunk table (chunks are at most
+/// [`chunks::MAX_CHUNK_BYTES`] and every chunk needs bytes of its own, so a small payload
+/// cannot demand a huge output).
+fn precheck(
+    codec: CodecId,
+    payload: &[u8],
+    dtype: DType,
+    numel: usize,
+    len: usize,
+) -> Result<(), CodecError> {
+    match codec {
+        CodecId::Raw if payload.len() != len => Err(CodecError::new(
+            0,
+            format!("raw payload of {} bytes, {len} expected", payload.len()),
+        )),
+        CodecId::Unchanged if !payload.is_empty() => {
+            Err(CodecError::new(0, "unchanged tensor with a payload"))
+        }
+        CodecId::Planes | CodecId::XorDelta | CodecId::BitmaskDelta => {
+            let chunks = chunks::parse(&mut Cursor::new(payload), numel)?;
+            // Every chunk body holds at least one record per byte plane.
+            let min = if codec == CodecId::BitmaskDelta {
+                9
+            } else {
+                planes::PLANE_OVERHEAD * dtype.size()
+            };
+            match chunks.iter().find(|c| c.body.len() < min) {
+                Some(c) => Err(CodecError::new(
+                    c.offset,
+                    format!("chunk body of {} bytes is too short", c.body.len()),
+                )),
+                None => Ok(()),
+            }
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Decodes a payload of codec `codec` into `out`, whose length fixes the element count.
