@@ -3,7 +3,7 @@
 //!
 //! | bytes | field |
 //! |---|---|
-//! | 4 | `chunk_elems`: elements per chunk (the last may hold fewer), u32 LE, ≥ 1 |
+//! | 4 | `chunk_elems`: elements per chunk (the last may hold fewer), u32 LE, 1 ..= [`MAX_CHUNK_BYTES`] |
 //! | 4 | `count`: number of chunks, u32 LE, = ceil(numel / chunk_elems) |
 //! | 4 × count | byte length of each chunk body, u32 LE |
 //! | … | chunk bodies, back to back, tiling the rest of the section exactly |
@@ -16,8 +16,9 @@ use super::{CodecError, Cursor};
 
 /// Target raw bytes per chunk (1 MiB).
 pub const CHUNK_BYTES: usize = 1 << 20;
-/// Largest chunk a reader accepts, in raw bytes (64 MiB): with at least a few bytes per
-/// chunk body, this bounds how much output a payload of a given size can demand.
+/// Largest chunk a reader accepts, in elements (2^26; writers use 1 MiB of raw bytes).
+/// With a few bytes needed per chunk body, this bounds how much output a payload of a
+/// given size can demand.
 pub const MAX_CHUNK_BYTES: usize = 64 << 20;
 
 /// Elements per chunk for elements of `width` bytes.
@@ -74,7 +75,7 @@ pub(crate) fn parse<'a>(cur: &mut Cursor<'a>, numel: usize) -> Result<Vec<Chunk<
     if chunk_elems > MAX_CHUNK_BYTES {
         return Err(CodecError::new(
             at,
-            format!("chunks of {chunk_elems} elements, above the limit of {MAX_CHUNK_BYTES} bytes"),
+            format!("chunks of {chunk_elems} elements, above the limit of {MAX_CHUNK_BYTES}"),
         ));
     }
     if count != numel.div_ceil(chunk_elems) {
