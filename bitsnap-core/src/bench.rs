@@ -777,7 +777,8 @@ fn run_baseline(
 // ---------------------------------------------------------------------------------------
 // Markdown.
 
-fn human_bytes(b: u64) -> String {
+/// Bytes in decimal units: `512 B`, `1.5 kB`, `12.34 MB`, `1.20 GB`.
+pub fn human_bytes(b: u64) -> String {
     let b = b as f64;
     if b >= 1e9 {
         format!("{:.2} GB", b / 1e9)

@@ -659,17 +659,23 @@ impl Store {
         };
         let mut next = self.manifest.clone();
         let mut replaced = Vec::new();
+        // What the victim decodes to: every dependant was encoded against it.
+        let victim_state = if dependants.is_empty() {
+            None
+        } else {
+            Some(self.base_state(id)?.0)
+        };
+        let base_map: HashMap<&str, &Tensor> = new_base
+            .as_ref()
+            .map(|(_, s, _)| s.iter().map(|t| (t.name.as_str(), t)).collect())
+            .unwrap_or_default();
         for (gen_i, dep) in dependants.iter().enumerate() {
             let file = self.open_file(dep.id)?;
-            let (victim_state, _) = self.base_state(id)?;
-            let dep_state = decode_file(
-                &file,
-                Some((victim_state.as_slice(), id, victim.state_hash)),
-            )?;
-            let base_map: HashMap<&str, &Tensor> = new_base
-                .as_ref()
-                .map(|(_, s, _)| s.iter().map(|t| (t.name.as_str(), t)).collect())
+            let victim_state = victim_state
+                .as_deref()
+                .map(Vec::as_slice)
                 .unwrap_or_default();
+            let dep_state = decode_file(&file, Some((victim_state, id, victim.state_hash)))?;
             // Payloads that do not depend on the base are copied as they are (a quantized
             // tensor must not be quantized twice); the others are re-encoded losslessly.
             let lossless = Policy {

@@ -84,16 +84,7 @@ impl Table {
 
 /// Bytes in decimal units: `512 B`, `1.5 kB`, `12.34 MB`, `1.20 GB`.
 pub fn bytes(b: u64) -> String {
-    let f = b as f64;
-    if f >= 1e9 {
-        format!("{:.2} GB", f / 1e9)
-    } else if f >= 1e6 {
-        format!("{:.2} MB", f / 1e6)
-    } else if f >= 1e3 {
-        format!("{:.1} kB", f / 1e3)
-    } else {
-        format!("{b} B")
-    }
+    bitsnap_core::bench::human_bytes(b)
 }
 
 /// A compression ratio: `3.21x`.
