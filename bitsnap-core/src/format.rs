@@ -682,18 +682,30 @@ impl SnapshotFile {
                 offset: entry.offset,
                 what: format!("payload of `{}`", entry.name),
             })?;
-        let actual = xxh3_64(p);
-        if actual != entry.payload_hash {
+        self.check_hash(entry, "payload", entry.payload_hash, p)?;
+        Ok(p)
+    }
+
+    /// Fails with [`Error::Checksum`] naming `entry` unless `bytes` hash to `expected`.
+    fn check_hash(
+        &self,
+        entry: &Entry,
+        what: &'static str,
+        expected: u64,
+        bytes: &[u8],
+    ) -> Result<(), Error> {
+        let actual = xxh3_64(bytes);
+        if actual != expected {
             return Err(Error::Checksum {
                 file: self.path.clone(),
                 tensor: Some(entry.name.clone()),
-                what: "payload",
+                what,
                 offset: entry.offset,
-                expected: entry.payload_hash,
+                expected,
                 actual,
             });
         }
-        Ok(p)
+        Ok(())
     }
 
     /// Decodes `entry` (against `base`, the decoded bytes of the same tensor in the base
@@ -726,17 +738,7 @@ impl SnapshotFile {
                     reason: e.reason,
                 }
             })?;
-        let actual = xxh3_64(&out);
-        if actual != entry.raw_hash {
-            return Err(Error::Checksum {
-                file: self.path.clone(),
-                tensor: Some(entry.name.clone()),
-                what: "decoded data",
-                offset: entry.offset,
-                expected: entry.raw_hash,
-                actual,
-            });
-        }
+        self.check_hash(entry, "decoded data", entry.raw_hash, &out)?;
         Ok(out)
     }
 
