@@ -1,0 +1,162 @@
+//! Pretrain a small GPT, fine-tune it with half of it frozen, checkpoint with bitsnap,
+//! crash, restore and check; print the summary table and write the plot.
+//!
+//! `cargo run --release -p bitsnap-examples --bin finetune-gpt -- --help`
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bitsnap_core::codec::QuantBits;
+use bitsnap_examples::device::{self, DeviceChoice};
+use bitsnap_examples::finetune::{self, PolicyChoice, PresetName, RunConfig};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "GPT pretrain → fine-tune with bitsnap checkpoints, a crash and an exact restore"
+)]
+struct Args {
+    /// Model and schedule size.
+    #[arg(long, value_enum, default_value = "cpu")]
+    preset: PresetName,
+    /// Tiny sizes for CI (same as `--preset smoke`).
+    #[arg(long)]
+    smoke: bool,
+    /// Training device: a GPU through wgpu when present (a CPU rasteriser does not count), else the CPU.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceChoice,
+    /// Checkpoint encoding.
+    #[arg(long, value_enum, default_value = "lossless")]
+    policy: PolicyChoice,
+    /// Bits per quantized optimizer moment (with `--policy lossy-optimizer`): 4, 8 or 16.
+    #[arg(long, default_value_t = 8)]
+    bits: u32,
+    /// Snapshot every N steps (default: the preset's).
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Phase 1 steps (default: the preset's).
+    #[arg(long)]
+    pretrain_steps: Option<u64>,
+    /// Phase 2 steps (default: the preset's).
+    #[arg(long)]
+    finetune_steps: Option<u64>,
+    /// Simulate a crash after this step (default: two thirds into the fine-tune).
+    #[arg(long, conflicts_with = "no_crash")]
+    crash_at: Option<u64>,
+    /// Run through without a crash.
+    #[arg(long)]
+    no_crash: bool,
+    /// Continue the run in `--out` from its latest snapshot (after a real crash or Ctrl-C).
+    #[arg(long)]
+    resume: bool,
+    /// Exit abruptly after this step (queued saves abandoned), to try `--resume`.
+    #[arg(long)]
+    stop_after: Option<u64>,
+    /// Output directory (checkpoints, loss log, summary, plot).
+    #[arg(long, default_value = "runs/finetune-gpt")]
+    out: PathBuf,
+    /// Seed of the initialisation and the batch order.
+    #[arg(long, default_value_t = 17)]
+    seed: u64,
+}
+
+/// `ModuleOptimizer::load_record` creates the optimizer state on Burn's default device,
+/// which is wgpu whenever that feature is compiled in, adapter or not. Point it at the
+/// CPU (the state moves to the training device at the next step) unless the user chose.
+#[allow(unsafe_code)]
+fn default_device_cpu() {
+    if std::env::var_os("BURN_DEVICE").is_none() {
+        // SAFETY: called first thing in `main`, before any other thread exists, so no
+        // thread can be reading the environment concurrently.
+        unsafe { std::env::set_var("BURN_DEVICE", "flex") };
+    }
+}
+
+fn main() -> ExitCode {
+    default_device_cpu();
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ bitsnap_examples::Error::Stopped(_)) => {
+            eprintln!("finetune-gpt: {e}");
+            // Exit at once: the saver thread is left mid-save, like a killed process.
+            std::process::exit(75)
+        }
+        Err(e) => {
+            eprintln!("finetune-gpt: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), bitsnap_examples::Error> {
+    let name = if args.smoke {
+        PresetName::Smoke
+    } else {
+        args.preset
+    };
+    let mut preset = name.preset();
+    if let Some(n) = args.checkpoint_every {
+        preset.checkpoint_every = n.max(1);
+    }
+    if let Some(n) = args.pretrain_steps {
+        preset.pretrain_steps = n.max(1);
+    }
+    if let Some(n) = args.finetune_steps {
+        preset.finetune_steps = n.max(1);
+    }
+    let bits = match args.bits {
+        4 => QuantBits::B4,
+        8 => QuantBits::B8,
+        16 => QuantBits::B16,
+        b => {
+            return Err(bitsnap_examples::Error::Usage(format!(
+                "--bits {b}: use 4, 8 or 16"
+            )));
+        }
+    };
+    let chosen = device::choose(args.device)?;
+    println!("device: {} ({})", chosen.name, chosen.reason);
+    let crash_at = match (
+        args.no_crash,
+        args.resume || args.stop_after.is_some(),
+        args.crash_at,
+    ) {
+        (true, _, _) | (_, true, None) => None,
+        (_, _, Some(c)) => Some(c),
+        _ => Some(preset.default_crash()),
+    };
+    let cfg = RunConfig {
+        preset,
+        policy: args.policy,
+        bits,
+        crash_at,
+        resume: args.resume,
+        out: args.out,
+        seed: args.seed,
+        stop_after: args.stop_after,
+        progress: true,
+    };
+    println!(
+        "{:?}: {:.2}M parameters, {} + {} steps, checkpoints every {} in {}",
+        name,
+        preset.gpt.num_params() as f64 / 1e6,
+        preset.pretrain_steps,
+        preset.finetune_steps,
+        preset.checkpoint_every,
+        cfg.out.join("checkpoints").display()
+    );
+    let summary = finetune::run(&cfg, &chosen)?;
+    println!("\n{}", summary.table());
+    println!("plot: {}", summary.plot.display());
+    if let Some(c) = &summary.crash
+        && cfg.policy == PolicyChoice::Lossless
+        && c.identical != c.replayed
+    {
+        return Err(bitsnap_examples::Error::Resume(format!(
+            "lossless restore replayed {} steps but only {} losses were bit-identical",
+            c.replayed, c.identical
+        )));
+    }
+    Ok(())
+}

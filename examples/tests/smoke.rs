@@ -1,0 +1,225 @@
+//! Each example's reduced run (`--smoke`), checked from the outside: exit status, the
+//! summary it wrote, and the store it left on disk, read independently.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use bitsnap_core::Store;
+use bitsnap_examples::finetune::Summary;
+
+fn run(bin: &str, args: &[&str]) -> Output {
+    let out = Command::new(bin)
+        .args(args)
+        // Optimizer state restored by `load_record` lands on Burn's default device: the CPU.
+        .env("BURN_DEVICE", "flex")
+        .output()
+        .expect("run the example");
+    eprintln!(
+        "{bin} {args:?}: {}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn summary(dir: &Path) -> Summary {
+    let text = std::fs::read_to_string(dir.join("summary.json")).expect("summary.json");
+    serde_json::from_str(&text).expect("summary.json parses")
+}
+
+/// Every snapshot of the store decodes (checksums included), and the sizes the summary
+/// reports are the files' sizes and the decoded tensors' sizes.
+fn check_store(dir: &Path, summary: Option<&Summary>) -> Store {
+    let store = Store::open(dir).expect("open store");
+    let verify = store.verify().expect("verify");
+    assert!(verify.failed.is_empty(), "{:?}", verify.failed);
+    assert_eq!(verify.ok.len(), store.snapshots().len());
+    let mut disk = 0;
+    for (i, info) in store.snapshots().iter().enumerate() {
+        let len = std::fs::metadata(dir.join(&info.file)).unwrap().len();
+        let snap = store.load(info.id).expect("decode");
+        let raw: u64 = snap.tensors.iter().map(|t| t.data.len() as u64).sum();
+        assert_eq!(raw, info.raw_bytes, "{}", info.name);
+        if let Some(s) = summary {
+            let row = &s.store.snapshots[i];
+            assert_eq!(
+                (row.name.as_str(), row.file_bytes, row.raw_bytes),
+                (info.name.as_str(), len, raw)
+            );
+        }
+        disk += len;
+    }
+    if let Some(s) = summary {
+        assert_eq!(s.store.disk_bytes, disk);
+        assert!(s.store.ratio() > 1.0, "ratio {}", s.store.ratio());
+    }
+    store
+}
+
+fn model_tensors(store: &Store, name: &str) -> Vec<(String, Vec<u8>)> {
+    let info = store.find("steps", name).expect("snapshot");
+    let snap = store.load(info.id).unwrap();
+    snap.tensors
+        .into_iter()
+        .filter(|t| t.name.starts_with("model/"))
+        .map(|t| (t.name, t.data))
+        .collect()
+}
+
+fn bits(s: &Summary) -> Vec<(u64, u32)> {
+    s.losses.iter().map(|(st, l)| (*st, l.to_bits())).collect()
+}
+
+#[test]
+fn finetune_gpt_resumes_exactly_after_a_simulated_crash_and_after_a_killed_process() {
+    let bin = env!("CARGO_BIN_EXE_finetune-gpt");
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    let arg = |p: &Path| p.to_str().unwrap().to_string();
+
+    // Uninterrupted.
+    assert!(
+        run(
+            bin,
+            &[
+                "--smoke",
+                "--device",
+                "cpu",
+                "--no-crash",
+                "--out",
+                &arg(&a)
+            ]
+        )
+        .status
+        .success()
+    );
+    let sa = summary(&a);
+    let total = sa.preset.total_steps();
+    assert_eq!(sa.losses.len() as u64, total);
+    assert!(sa.crash.is_none());
+    assert!(
+        sa.eval_sonnets_after < sa.eval_sonnets_before,
+        "fine-tuning did not help"
+    );
+    let (unchanged, frozen) = sa.frozen_unchanged;
+    assert!(
+        frozen > 0 && unchanged == frozen,
+        "frozen tensors not stored unchanged: {unchanged}/{frozen}"
+    );
+    let png = std::fs::read(&sa.plot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "plot of {} bytes",
+        png.len()
+    );
+    let store_a = check_store(&a.join("checkpoints"), Some(&sa));
+
+    // Crash simulated in-process (the default): restored from disk, replayed exactly.
+    assert!(
+        run(bin, &["--smoke", "--device", "cpu", "--out", &arg(&b)])
+            .status
+            .success()
+    );
+    let sb = summary(&b);
+    let crash = sb.crash.clone().expect("a crash");
+    assert!(crash.simulated && !crash.from_memory);
+    assert!(
+        crash.replayed > 0 && crash.identical == crash.replayed,
+        "{crash:?}"
+    );
+    assert_eq!(
+        bits(&sb),
+        bits(&sa),
+        "resumed loss curve differs from the uninterrupted one"
+    );
+    let store_b = check_store(&b.join("checkpoints"), Some(&sb));
+    let last = format!("step-{total}");
+    assert!(
+        model_tensors(&store_b, &last) == model_tensors(&store_a, &last),
+        "final weights differ"
+    );
+
+    // A process killed mid-run (its queued save abandoned), then `--resume`.
+    let stop = crash.crashed_after.to_string();
+    let killed = run(
+        bin,
+        &[
+            "--smoke",
+            "--device",
+            "cpu",
+            "--stop-after",
+            &stop,
+            "--out",
+            &arg(&c),
+        ],
+    );
+    assert_eq!(killed.status.code(), Some(75));
+    assert!(
+        run(
+            bin,
+            &["--smoke", "--device", "cpu", "--resume", "--out", &arg(&c)]
+        )
+        .status
+        .success()
+    );
+    let sc = summary(&c);
+    let resumed = sc.crash.clone().expect("a resume");
+    assert!(
+        !resumed.simulated && resumed.identical == resumed.replayed,
+        "{resumed:?}"
+    );
+    assert_eq!(
+        bits(&sc),
+        bits(&sa),
+        "--resume loss curve differs from the uninterrupted one"
+    );
+    check_store(&c.join("checkpoints"), Some(&sc));
+}
+
+#[test]
+fn learner_resumes_through_bitsnap_checkpointer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run(
+        env!("CARGO_BIN_EXE_learner"),
+        &[
+            "--smoke",
+            "--epochs",
+            "4",
+            "--out",
+            tmp.path().to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("bit-identical"));
+    let store = check_store(&tmp.path().join("checkpoints"), None);
+    // KeepLastN(3) over epochs 1..=4: epochs 2, 3, 4 of model, optim and scheduler.
+    let mut names: Vec<String> = store
+        .snapshots()
+        .iter()
+        .map(|s| format!("{}/{}", s.series, s.name))
+        .collect();
+    names.sort();
+    let want: Vec<String> = ["model", "optim", "scheduler"]
+        .iter()
+        .flat_map(|k| (2..=4).map(move |e| format!("{k}/epoch-{e}")))
+        .collect();
+    assert_eq!(names, want);
+}
+
+#[test]
+fn custom_loop_restores_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run(
+        env!("CARGO_BIN_EXE_custom-loop"),
+        &["--smoke", "--out", tmp.path().to_str().unwrap()],
+    );
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("is bit-identical to"));
+    let store = check_store(&tmp.path().join("checkpoints"), None);
+    assert!(store.snapshots().len() >= 4);
+}
