@@ -14,6 +14,8 @@ use crate::Error;
 pub struct SnapshotRow {
     /// Snapshot name (`step-120`).
     pub name: String,
+    /// Its series (`steps`; `model`, `optim`, `scheduler` for `BitSnapCheckpointer`).
+    pub series: String,
     /// Training step, parsed from the name.
     pub step: u64,
     /// Decoded size of its tensors.
@@ -112,6 +114,7 @@ impl StoreReport {
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(0),
                 name: info.name.clone(),
+                series: info.series.clone(),
                 raw_bytes: info.raw_bytes,
                 file_bytes,
                 full: info.base.is_none(),

@@ -37,7 +37,8 @@ struct Args {
     /// Fewer samples, for CI.
     #[arg(long)]
     smoke: bool,
-    /// Epochs of the uninterrupted run; the second run resumes from half of them.
+    /// Epochs of the uninterrupted run (at least 3); the second run resumes two epochs
+    /// before the end.
     #[arg(long, default_value_t = 6)]
     epochs: usize,
     /// Output directory.
@@ -47,6 +48,7 @@ struct Args {
 
 #[derive(Module, Debug)]
 struct Regressor {
+    input: Linear,
     hidden: Linear,
     output: Linear,
 }
@@ -54,15 +56,15 @@ struct Regressor {
 impl Regressor {
     fn new(device: &Device) -> Regressor {
         Regressor {
-            hidden: LinearConfig::new(8, 64).init(device),
-            output: LinearConfig::new(64, 1).init(device),
+            input: LinearConfig::new(8, 256).init(device),
+            hidden: LinearConfig::new(256, 256).init(device),
+            output: LinearConfig::new(256, 1).init(device),
         }
     }
 
     fn forward(&self, batch: &Batch) -> RegressionOutput {
-        let output = self
-            .output
-            .forward(relu(self.hidden.forward(batch.x.clone())));
+        let x = relu(self.input.forward(batch.x.clone()));
+        let output = self.output.forward(relu(self.hidden.forward(x)));
         let loss = (output.clone() - batch.y.clone()).powi_scalar(2).mean();
         RegressionOutput::new(loss, output, batch.y.clone())
     }
@@ -172,8 +174,8 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let samples = if args.smoke { 64 } else { 4096 };
-    let epochs = args.epochs.max(2);
-    let resume_at = epochs / 2;
+    let epochs = args.epochs.max(3);
+    let resume_at = epochs - 2; // the oldest of the three checkpoints KeepLastN(3) keeps
     let store = args.out.join("checkpoints");
     if store.exists() {
         std::fs::remove_dir_all(&store)?;
@@ -205,8 +207,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let report = StoreReport::read(&store)?;
     for s in &report.snapshots {
         println!(
-            "  {:<10} {:>10} raw -> {:>10} file ({:.2}x){}",
-            s.name,
+            "  {:<17} {:>10} raw -> {:>10} file ({:.2}x){}",
+            format!("{}/{}", s.series, s.name),
             human(s.raw_bytes),
             human(s.file_bytes),
             s.ratio(),
