@@ -79,7 +79,7 @@ impl PresetName {
         };
         let (gpt, batch, p, f, every, lr) = match self {
             PresetName::Smoke => (gpt(32, 2, 2, 32), 4, 16, 12, 4, 3e-3),
-            PresetName::Cpu => (gpt(96, 4, 4, 64), 16, 240, 120, 20, 2e-3),
+            PresetName::Cpu => (gpt(128, 4, 4, 64), 16, 400, 200, 40, 2e-3),
             PresetName::Gpu26m => (gpt(512, 8, 8, 256), 32, 2000, 600, 200, 6e-4),
             PresetName::Gpu85m => (gpt(768, 12, 12, 256), 32, 2000, 600, 200, 3e-4),
         };
