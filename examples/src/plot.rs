@@ -35,18 +35,21 @@ type DrawResult = Result<(), Box<dyn std::error::Error>>;
 fn loss_chart(s: &Summary, area: &Area) -> DrawResult {
     let p = s.preset.pretrain_steps;
     let total = s.preset.total_steps() as f64;
-    let max = s
-        .losses
-        .iter()
-        .map(|(_, l)| *l as f64)
-        .filter(|l| l.is_finite())
-        .fold(0.0, f64::max);
+    let finite = || {
+        s.losses
+            .iter()
+            .map(|(_, l)| *l as f64)
+            .filter(|l| l.is_finite())
+    };
+    let max = finite().fold(0.0, f64::max);
+    let min = finite().fold(max, f64::min);
+    let bottom = (min - 0.1 * (max - min)).max(0.0);
     let mut chart = ChartBuilder::on(area)
         .caption("Training loss (bytes, nats)", ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(48)
-        .build_cartesian_2d(0f64..total, 0f64..(max * 1.05).max(1.0))?;
+        .build_cartesian_2d(0f64..total, bottom..(max * 1.05).max(bottom + 1.0))?;
     chart
         .configure_mesh()
         .x_desc("step")
@@ -80,32 +83,44 @@ fn loss_chart(s: &Summary, area: &Area) -> DrawResult {
         );
         chart
             .draw_series(DashedLineSeries::new(
-                vec![(c.crashed_after as f64, 0.0), (c.crashed_after as f64, top)],
+                vec![
+                    (c.crashed_after as f64, bottom),
+                    (c.crashed_after as f64, top),
+                ],
                 6,
                 4,
                 red,
             ))?
             .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], red));
-        chart.draw_series(std::iter::once(Circle::new(
-            (c.restored_step as f64, 0.0),
-            5,
-            RED.filled(),
-        )))?;
+        let at = s
+            .losses
+            .iter()
+            .find(|(st, _)| *st == c.restored_step)
+            .map_or(bottom, |(_, l)| *l as f64);
+        chart
+            .draw_series(std::iter::once(Circle::new(
+                (c.restored_step as f64, at),
+                5,
+                RED.filled(),
+            )))?
+            .label("restored snapshot")
+            .legend(|(x, y)| Circle::new((x + 9, y), 5, RED.filled()));
     }
     let ckpt = BLACK.mix(0.5);
     chart
-        .draw_series(
-            s.store
-                .snapshots
-                .iter()
-                .map(|r| TriangleMarker::new((r.step as f64, max * 1.02), 4, ckpt.filled())),
-        )?
+        .draw_series(s.store.snapshots.iter().map(|r| {
+            TriangleMarker::new(
+                (r.step as f64, bottom + 0.02 * (max - bottom)),
+                4,
+                ckpt.filled(),
+            )
+        }))?
         .label("checkpoint")
         .legend(move |(x, y)| TriangleMarker::new((x + 9, y), 4, ckpt.filled()));
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerLeft)
+        .position(SeriesLabelPosition::UpperRight)
         .label_font(("sans-serif", 13))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK.mix(0.3))
