@@ -8,7 +8,7 @@
 //! The header (tensor index) is written after the payloads so that a writer can stream
 //! payloads to disk as they are encoded; the fixed-size trailer locates it.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
@@ -410,7 +410,12 @@ pub fn decode_header_region(region: &[u8], file: &Path, offset: u64) -> Result<V
                     limit: MAX_HEADER_BYTES,
                 });
             }
-            let body = zstd::bulk::decompress(frame, len as usize)
+            // Streamed: the buffer grows with what the frame really decodes to, never to
+            // the declared length of a frame that cannot fill it (a 30-byte file must not
+            // make the reader allocate MAX_HEADER_BYTES).
+            let mut body = Vec::new();
+            zstd::stream::read::Decoder::with_buffer(frame)
+                .and_then(|d| d.take(len + 1).read_to_end(&mut body))
                 .map_err(|e| malformed(format!("compressed header: {e}")))?;
             if body.len() as u64 != len {
                 return Err(malformed(format!(

@@ -1,0 +1,261 @@
+//! The fuzz targets' bodies (`fuzz/src/lib.rs`) on stable, without libFuzzer: each runs
+//! over its committed seed corpus, the seeds the real encoders generate now, every
+//! persisted crash in `fuzz/regressions/`, and a few thousand deterministic mutations.
+//! `scripts/fuzz.sh` runs the same bodies under libFuzzer for longer.
+//!
+//! `BITSNAP_FUZZ_SMOKE_ITERS` sets the mutations per target (default 2000);
+//! `BITSNAP_BLESS_FUZZ_SEEDS=1` rewrites `fuzz/corpus/<target>/seed-*` from the
+//! generated seeds.
+
+#[path = "../../fuzz/src/lib.rs"]
+#[allow(dead_code)] // the libFuzzer entry points
+mod targets;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use targets::{Scratch, TARGETS};
+
+/// The allocation bound of the fuzz bodies, checked here as libFuzzer's
+/// `-malloc_limit_mb` checks it: they declare at most 8 MiB per tensor, so no single
+/// allocation in this test binary may reach 64 MiB.
+const MAX_ALLOC: usize = 64 << 20;
+
+/// The system allocator, recording the largest single request.
+struct Largest;
+
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call forwards to `System` with the caller's arguments unchanged; the
+// only addition is an atomic maximum, which neither allocates nor touches the memory.
+unsafe impl GlobalAlloc for Largest {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller's contract for `alloc` is `System::alloc`'s.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        // SAFETY: as for `alloc`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LARGEST.fetch_max(new_size, Ordering::Relaxed);
+        // SAFETY: `ptr` and `layout` come from this allocator, which is `System`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` was allocated by `System` with `layout`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Largest = Largest;
+
+fn assert_allocations_bounded(what: &str) {
+    let largest = LARGEST.load(Ordering::Relaxed);
+    assert!(
+        largest < MAX_ALLOC,
+        "{what}: an allocation of {largest} bytes, above the fuzz bound of {MAX_ALLOC}"
+    );
+}
+
+fn fuzz_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
+}
+
+fn files_in(dir: &Path) -> Vec<Vec<u8>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    paths.sort();
+    paths
+        .iter()
+        .filter(|p| p.is_file())
+        .map(|p| std::fs::read(p).unwrap())
+        .collect()
+}
+
+/// A xorshift stream: deterministic mutations, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// One to four libFuzzer-style edits: bit flips, interesting bytes and words, cuts,
+/// duplicated and inserted ranges, and splices of two inputs.
+fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
+    let mut out = input.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        let len = out.len();
+        match rng.below(8) {
+            0 if len > 0 => {
+                let i = rng.below(len);
+                out[i] ^= 1 << rng.below(8);
+            }
+            1 if len > 0 => {
+                let i = rng.below(len);
+                out[i] = [0, 1, 0x7f, 0x80, 0xff, 4, 16][rng.below(7)];
+            }
+            2 if len >= 4 => {
+                let i = rng.below(len - 3);
+                let v: u32 = [0, 1, u32::MAX, 1 << 20, 1 << 26, 0x8000_0000, 3][rng.below(7)];
+                out[i..i + 4].copy_from_slice(&v.to_le_bytes());
+            }
+            3 => out.truncate(rng.below(len + 1)),
+            4 if len > 0 => {
+                let a = rng.below(len);
+                let b = (a + 1 + rng.below(64)).min(len);
+                let piece = out[a..b].to_vec();
+                let at = rng.below(len + 1);
+                out.splice(at..at, piece);
+            }
+            5 => {
+                let at = rng.below(len + 1);
+                let n = 1 + rng.below(16);
+                let bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                out.splice(at..at, bytes);
+            }
+            6 if len > 0 => {
+                let a = rng.below(len);
+                let b = (a + 1 + rng.below(256)).min(len);
+                out.drain(a..b);
+            }
+            _ => {
+                let cut = rng.below(len + 1);
+                let from = rng.below(other.len() + 1);
+                out.truncate(cut);
+                out.extend_from_slice(&other[from..]);
+            }
+        }
+    }
+    out
+}
+
+fn smoke(target: &str) {
+    let iters: usize = std::env::var("BITSNAP_FUZZ_SMOKE_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let scratch = Scratch::new();
+    let generated = targets::seeds(target);
+    assert!(!generated.is_empty(), "{target}: no seeds generated");
+    let corpus_dir = fuzz_dir().join("corpus").join(target);
+    if std::env::var_os("BITSNAP_BLESS_FUZZ_SEEDS").is_some() {
+        std::fs::create_dir_all(&corpus_dir).unwrap();
+        for old in std::fs::read_dir(&corpus_dir).unwrap() {
+            let old = old.unwrap().path();
+            if old
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("seed-"))
+            {
+                std::fs::remove_file(old).unwrap();
+            }
+        }
+        for (i, s) in generated.iter().enumerate() {
+            std::fs::write(corpus_dir.join(format!("seed-{i:02}")), s).unwrap();
+        }
+    }
+    let committed = files_in(&corpus_dir);
+    assert!(
+        !committed.is_empty(),
+        "{target}: no seed corpus in {} (BITSNAP_BLESS_FUZZ_SEEDS=1 writes it)",
+        corpus_dir.display()
+    );
+    let regressions = files_in(&fuzz_dir().join("regressions").join(target));
+    let mut pool: Vec<Vec<u8>> = generated;
+    pool.extend(committed);
+    pool.extend(regressions);
+    for input in &pool {
+        targets::run(target, &scratch, input);
+    }
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ target.len() as u64);
+    for _ in 0..iters {
+        let a = &pool[rng.below(pool.len())];
+        let b = &pool[rng.below(pool.len())];
+        let input = mutate(&mut rng, a, b);
+        targets::run(target, &scratch, &input);
+    }
+    assert_allocations_bounded(target);
+}
+
+fn regression(target: &str, name: &str) {
+    let path = fuzz_dir().join("regressions").join(target).join(name);
+    let input = std::fs::read(&path).unwrap();
+    targets::run(target, &Scratch::new(), &input);
+    assert_allocations_bounded(name);
+}
+
+/// Fuzz finding (snapshot_header, out-of-memory): a 256-byte input whose compressed
+/// header region declared 256 MiB made `decode_header_region` allocate all of it before
+/// decompressing a frame that could not fill it. Now the buffer grows as it decodes.
+#[test]
+fn regression_compressed_header_declaring_256_mib_is_not_preallocated() {
+    regression("snapshot_header", "compressed-header-declares-256mib");
+}
+
+#[test]
+fn every_target_has_a_smoke_test() {
+    let names = [
+        "snapshot_header",
+        "decode_planes",
+        "decode_xor",
+        "decode_bitmask",
+        "decode_cluster",
+        "manifest",
+        "safetensors",
+    ];
+    assert_eq!(TARGETS, names);
+    for t in TARGETS {
+        assert!(
+            fuzz_dir().join(format!("fuzz_targets/{t}.rs")).is_file(),
+            "{t}: no libFuzzer entry point"
+        );
+    }
+}
+
+#[test]
+fn smoke_snapshot_header() {
+    smoke("snapshot_header");
+}
+
+#[test]
+fn smoke_decode_planes() {
+    smoke("decode_planes");
+}
+
+#[test]
+fn smoke_decode_xor() {
+    smoke("decode_xor");
+}
+
+#[test]
+fn smoke_decode_bitmask() {
+    smoke("decode_bitmask");
+}
+
+#[test]
+fn smoke_decode_cluster() {
+    smoke("decode_cluster");
+}
+
+#[test]
+fn smoke_manifest() {
+    smoke("manifest");
+}
+
+#[test]
+fn smoke_safetensors() {
+    smoke("safetensors");
+}

@@ -1,0 +1,479 @@
+//! Fuzz target bodies for bitsnap's parsers and decoders, shared by the libFuzzer
+//! targets in `fuzz_targets/` (run by `scripts/fuzz.sh`) and by the stable smoke test
+//! `bitsnap-core/tests/fuzz_smoke.rs`, which runs them over the seeds below and a few
+//! thousand mutations of them without libFuzzer.
+//!
+//! Every body feeds untrusted bytes to public bitsnap-core entry points and asserts only
+//! what must hold for any input: no panic, no hang, and results that are consistent
+//! (a parsed header re-encodes to itself; a decode into a dirty buffer gives what a
+//! decode into a fresh one gives). Checksums would stop most mutations at the door, so
+//! the bodies recompute them where the structure behind them is the target.
+//!
+//! Allocation bound: a decoder allocates the tensor size its caller declares (at most
+//! [`bitsnap_core::MAX_TENSOR_BYTES`]) once the payload's structure can fill it, plus
+//! scratch proportional to the payload. The bodies declare at most [`MAX_FUZZ_ELEMS`]
+//! elements, so under `scripts/fuzz.sh` (`-malloc_limit_mb=256`) any larger allocation
+//! is reported as a crash.
+
+use std::path::{Path, PathBuf};
+
+use bitsnap_core::codec::{self, Codec, CodecId, EncodeInput};
+use bitsnap_core::format::{self, Header, SnapshotFile};
+use bitsnap_core::{DType, Error, Lossiness, MANIFEST_FILE, Policy, Role, Store, Tensor};
+use xxhash_rust::xxh3::xxh3_64;
+
+/// Most elements a fuzz input may declare for one tensor (2^20: 8 MiB of f64).
+pub const MAX_FUZZ_ELEMS: usize = 1 << 20;
+/// Most decoded bytes of a tensor the snapshot body decodes (8 MiB).
+pub const MAX_FUZZ_BYTES: u64 = 8 << 20;
+
+/// The fuzz targets, by name (the names of `fuzz_targets/*.rs` and `corpus/*`).
+pub const TARGETS: [&str; 7] = [
+    "snapshot_header",
+    "decode_planes",
+    "decode_xor",
+    "decode_bitmask",
+    "decode_cluster",
+    "manifest",
+    "safetensors",
+];
+
+/// A deterministic base tensor of `len` bytes (delta decoders need one), at most
+/// [`MAX_FUZZ_BYTES`].
+pub fn base_bytes(len: usize) -> &'static [u8] {
+    static BASE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let base = BASE.get_or_init(|| {
+        (0..MAX_FUZZ_BYTES as usize)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
+            .collect()
+    });
+    &base[..len.min(base.len())]
+}
+
+/// Decoder input: `[dtype tag][element count, u32 LE][payload]`. The count is reduced
+/// modulo [`MAX_FUZZ_ELEMS`] + 1.
+pub fn decode(codec: CodecId, data: &[u8]) -> Option<Vec<u8>> {
+    let (&tag, rest) = data.split_first()?;
+    let (numel, payload) = rest.split_first_chunk::<4>()?;
+    let dtype = DType::from_tag(tag)?;
+    let numel = u32::from_le_bytes(*numel) as usize % (MAX_FUZZ_ELEMS + 1);
+    let base = codec.needs_base().then(|| base_bytes(numel * dtype.size()));
+    let fresh = codec::decode(codec, payload, dtype, numel, base);
+    // No output leak: decoding into a dirty buffer gives the same answer.
+    let mut dirty = vec![0xa5u8; numel * dtype.size()];
+    let into = codec::decode_into(codec, payload, dtype, base, &mut dirty);
+    match &fresh {
+        Ok(out) => {
+            assert_eq!(out.len(), numel * dtype.size(), "decoded length");
+            assert!(into.is_ok(), "decode_into refused what decode accepted");
+            assert!(dirty == *out, "decode_into differs from decode");
+        }
+        Err(e) => assert!(
+            e.offset <= payload.len(),
+            "error offset {} past the payload",
+            e.offset
+        ),
+    }
+    fresh.ok()
+}
+
+const FUZZ_FILE: &str = "fuzz.bsnap";
+
+/// Snapshot input: `[header region length, u32 LE][header region][data section]`.
+///
+/// The whole input is also tried as a snapshot file and as a header body. A header that
+/// parses is then laid out over the data section as a writer would lay it out, with
+/// matching checksums, opened, and every tensor decoded (against a generated base).
+pub fn snapshot_header(data: &[u8]) {
+    let path = Path::new(FUZZ_FILE);
+    let _ = SnapshotFile::from_bytes(data.to_vec(), path);
+    let _ = Header::parse(data, path, 0);
+    let Some((len, rest)) = data.split_first_chunk::<4>() else {
+        return;
+    };
+    let len = (u32::from_le_bytes(*len) as usize).min(rest.len());
+    let (region, mut section) = rest.split_at(len);
+    let Ok(body) = format::decode_header_region(region, path, 0) else {
+        return;
+    };
+    let Ok(mut header) = Header::parse(&body, path, 0) else {
+        return;
+    };
+    // What parses re-encodes to itself.
+    let encoded = header.encode();
+    match Header::parse(&encoded, path, 0) {
+        Ok(again) => assert!(again.encode() == encoded, "header round trip differs"),
+        Err(e) => panic!("a parsed header, re-encoded, is refused: {e}"),
+    }
+    let mut file = Vec::with_capacity(data.len() + 64);
+    file.extend_from_slice(&format::MAGIC);
+    file.extend_from_slice(&format::VERSION.to_le_bytes());
+    file.extend_from_slice(&[0; 6]);
+    for e in &mut header.entries {
+        let n = usize::try_from(e.len)
+            .unwrap_or(usize::MAX)
+            .min(section.len());
+        let (payload, tail) = section.split_at(n);
+        section = tail;
+        e.offset = file.len() as u64;
+        e.len = n as u64;
+        e.payload_hash = xxh3_64(payload);
+        file.extend_from_slice(payload);
+    }
+    let h_at = file.len() as u64;
+    let region = format::encode_header_region(&header.encode());
+    file.extend_from_slice(&region);
+    file.extend_from_slice(&h_at.to_le_bytes());
+    file.extend_from_slice(&(region.len() as u64).to_le_bytes());
+    file.extend_from_slice(&xxh3_64(&region).to_le_bytes());
+    file.extend_from_slice(&format::END_MAGIC);
+    let snap = match SnapshotFile::from_bytes(file, path) {
+        Ok(s) => s,
+        Err(e) => panic!("a well-formed file is refused: {e}"),
+    };
+    for e in &snap.header.entries {
+        if e.raw_len() > MAX_FUZZ_BYTES {
+            continue;
+        }
+        let _ = snap.decode(e, Some(base_bytes(e.raw_len() as usize)));
+        let _ = snap.decode(e, None);
+    }
+}
+
+/// A scratch directory for the bodies that read files: a small real store (whose
+/// snapshot files a fuzzed manifest may list) and a file for safetensors input.
+#[derive(Debug)]
+pub struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    /// Creates the directory and writes the fixture store into `store/`.
+    pub fn new() -> Scratch {
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("fuzz scratch directory: {e}"),
+        };
+        let store = dir.path().join("store");
+        if let Err(e) = fixture_store(&store, |_| {}) {
+            panic!("fuzz fixture store: {e}");
+        }
+        Scratch { dir }
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// Manifest input: the bytes of a `MANIFEST`, opened as the fixture store's manifest.
+    /// A wrong checksum is put right once, so that what it guards is fuzzed too.
+    pub fn manifest(&self, data: &[u8]) {
+        let dir = self.store();
+        let path = dir.join(MANIFEST_FILE);
+        if std::fs::write(&path, data).is_err() {
+            return;
+        }
+        let store = match Store::open(&dir) {
+            Ok(s) => s,
+            Err(Error::Checksum {
+                what: "manifest",
+                actual,
+                ..
+            }) => {
+                let Some(fixed) = with_checksum(data, actual) else {
+                    return;
+                };
+                if std::fs::write(&path, fixed).is_err() {
+                    return;
+                }
+                match Store::open(&dir) {
+                    Ok(s) => s,
+                    Err(_) => return,
+                }
+            }
+            Err(_) => return,
+        };
+        let ids: Vec<u64> = store.snapshots().iter().map(|s| s.id).collect();
+        for id in ids {
+            let _ = store.header(id);
+            let _ = store.load(id);
+        }
+        let _ = store.verify();
+        let _ = store.latest().map(|s| store.latest_in(&s.series));
+    }
+
+    /// Safetensors input: a whole file, indexed and read.
+    pub fn safetensors(&self, data: &[u8]) {
+        let path = self.dir.path().join("input.safetensors");
+        if std::fs::write(&path, data).is_err() {
+            return;
+        }
+        let index = bitsnap_core::safetensors::read_index(&path);
+        let read = bitsnap_core::safetensors::read_file(&path, |_| None);
+        match (&index, &read) {
+            (Ok(index), Ok((tensors, metadata))) => {
+                assert_eq!(index.tensors.len(), tensors.len(), "index and read differ");
+                assert!(*metadata == index.metadata, "metadata differs");
+            }
+            (Err(_), Err(_)) => {}
+            _ => panic!("read_index and read_file disagree on whether the file is valid"),
+        }
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch::new()
+    }
+}
+
+/// `manifest` with its `checksum` field replaced by `checksum`, if it is a JSON object.
+fn with_checksum(manifest: &[u8], checksum: u64) -> Option<Vec<u8>> {
+    let mut v: serde_json::Value = serde_json::from_slice(manifest).ok()?;
+    v.as_object_mut()?.insert(
+        "checksum".into(),
+        serde_json::Value::String(format!("{checksum:016x}")),
+    );
+    serde_json::to_vec(&v).ok()
+}
+
+fn scratch() -> &'static Scratch {
+    static SCRATCH: std::sync::OnceLock<Scratch> = std::sync::OnceLock::new();
+    SCRATCH.get_or_init(Scratch::new)
+}
+
+/// [`Scratch::manifest`] in a process-wide scratch directory (libFuzzer entry).
+pub fn manifest(data: &[u8]) {
+    scratch().manifest(data);
+}
+
+/// [`Scratch::safetensors`] in a process-wide scratch directory (libFuzzer entry).
+pub fn safetensors(data: &[u8]) {
+    scratch().safetensors(data);
+}
+
+/// A small tensor set that changes a little with `step`.
+fn fixture_tensors(step: u64) -> Result<Vec<Tensor>, Error> {
+    let w: Vec<f32> = (0..512)
+        .map(|i| ((i as f32) * 0.01).sin() + if i as u64 % 97 == step { 1.0 } else { 0.0 })
+        .collect();
+    let m: Vec<f32> = (0..256)
+        .map(|i| 1e-6 * (1 + (i + step) % 13) as f32)
+        .collect();
+    let b: Vec<u8> = (0..64u32)
+        .flat_map(|i| half::bf16::from_f32(i as f32 * 0.5).to_le_bytes())
+        .collect();
+    Ok(vec![
+        Tensor::from_f32("layer.weight", &[16, 32], Role::Weight, &w)?,
+        Tensor::from_f32(
+            "layer.weight.moment_2",
+            &[256],
+            Role::OptimizerMoment(2),
+            &m,
+        )?,
+        Tensor::new("layer.bias", DType::BF16, vec![64], Role::Weight, b)?,
+        Tensor::new(
+            "step",
+            DType::I64,
+            vec![],
+            Role::Other,
+            step.to_le_bytes().to_vec(),
+        )?,
+    ])
+}
+
+/// Writes a small store to `dir`: full and delta snapshots, two series, metadata, a
+/// lossy optimizer moment, a delete that rebases. Calls `each_manifest` with the
+/// manifest after every change.
+pub fn fixture_store(dir: &Path, mut each_manifest: impl FnMut(Vec<u8>)) -> Result<(), Error> {
+    let policy = Policy::default()
+        .with_full_every(3)
+        .with_lossiness(Lossiness::LossyOptimizer {
+            bits: codec::QuantBits::B4,
+        });
+    let mut store = Store::open_or_create(dir, policy)?;
+    let manifest = |m: &mut dyn FnMut(Vec<u8>)| {
+        if let Ok(b) = std::fs::read(dir.join(MANIFEST_FILE)) {
+            m(b);
+        }
+    };
+    for step in 0..4 {
+        let meta = vec![("step".to_string(), step.to_string())];
+        store.save_with_metadata(&format!("step-{step}"), fixture_tensors(step)?, meta)?;
+        manifest(&mut each_manifest);
+    }
+    store.save_in("optim", "o-0", fixture_tensors(9)?, Vec::new())?;
+    manifest(&mut each_manifest);
+    store.delete(2)?;
+    manifest(&mut each_manifest);
+    Ok(())
+}
+
+/// Seed inputs for `target`, generated by the real encoders and writers.
+pub fn seeds(target: &str) -> Vec<Vec<u8>> {
+    match target {
+        "snapshot_header" => snapshot_seeds(),
+        "decode_planes" => codec_seeds(CodecId::Planes),
+        "decode_xor" => codec_seeds(CodecId::XorDelta),
+        "decode_bitmask" => codec_seeds(CodecId::BitmaskDelta),
+        "decode_cluster" => codec_seeds(CodecId::Cluster),
+        "manifest" => {
+            let mut out = Vec::new();
+            if let Ok(dir) = tempfile::tempdir() {
+                let _ = fixture_store(dir.path(), |m| out.push(m));
+            }
+            out
+        }
+        "safetensors" => safetensors_seeds(),
+        _ => Vec::new(),
+    }
+}
+
+/// Runs the body of `target` on `data` (the libFuzzer targets call the same bodies).
+pub fn run(target: &str, scratch: &Scratch, data: &[u8]) {
+    match target {
+        "snapshot_header" => snapshot_header(data),
+        "decode_planes" => {
+            let _ = decode(CodecId::Planes, data);
+        }
+        "decode_xor" => {
+            let _ = decode(CodecId::XorDelta, data);
+        }
+        "decode_bitmask" => {
+            let _ = decode(CodecId::BitmaskDelta, data);
+        }
+        "decode_cluster" => {
+            let _ = decode(CodecId::Cluster, data);
+        }
+        "manifest" => scratch.manifest(data),
+        "safetensors" => scratch.safetensors(data),
+        other => panic!("no fuzz target `{other}`"),
+    }
+}
+
+fn codec_seeds(id: CodecId) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let shapes: [(DType, usize); 6] = [
+        (DType::F32, 0),
+        (DType::F32, 1),
+        (DType::BF16, 77),
+        (DType::F32, 3000),
+        (DType::F64, 500),
+        // Two chunks, compressible: a small file.
+        (DType::U8, (1 << 20) + 5000),
+    ];
+    for (dtype, numel) in shapes {
+        let base = base_bytes(numel * dtype.size()).to_vec();
+        let mut data: Vec<u8> = match dtype {
+            DType::F32 => (0..numel)
+                .flat_map(|i| (1e-3 * (i % 50) as f32).to_le_bytes())
+                .collect(),
+            DType::U8 => base.clone(),
+            _ => base.iter().map(|b| b & 0x3f).collect(),
+        };
+        for i in (0..data.len()).step_by(37) {
+            data[i] ^= 0x10;
+        }
+        let input = EncodeInput {
+            dtype,
+            role: Role::OptimizerMoment(2),
+            data: &data,
+            base: Some(&base),
+        };
+        let encoders: Vec<Box<dyn Codec>> = match id {
+            CodecId::Planes => vec![Box::new(codec::Planes::default())],
+            CodecId::XorDelta => vec![Box::new(codec::XorDelta::default())],
+            CodecId::BitmaskDelta => vec![Box::new(codec::BitmaskDelta::default())],
+            _ => [
+                codec::QuantBits::B4,
+                codec::QuantBits::B8,
+                codec::QuantBits::B16,
+            ]
+            .into_iter()
+            .map(|b| Box::new(codec::ClusterQuantizer::new(b)) as Box<dyn Codec>)
+            .collect(),
+        };
+        for encoder in encoders {
+            let Ok(Some(e)) = encoder.encode(&input) else {
+                continue;
+            };
+            let mut seed = vec![dtype.tag()];
+            seed.extend_from_slice(&(numel as u32).to_le_bytes());
+            seed.extend_from_slice(&e.payload);
+            if seed.len() <= 64 << 10 {
+                out.push(seed);
+            }
+        }
+    }
+    out
+}
+
+fn snapshot_seeds() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let Ok(dir) = tempfile::tempdir() else {
+        return out;
+    };
+    if fixture_store(dir.path(), |_| {}).is_err() {
+        return out;
+    }
+    let Ok(entries) = std::fs::read_dir(dir.path()) else {
+        return out;
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "bsnap"))
+        .collect();
+    files.sort();
+    for f in files {
+        let Ok(bytes) = std::fs::read(&f) else {
+            continue;
+        };
+        let t_at = bytes.len().saturating_sub(format::TRAILER_BYTES);
+        let Some(h_at) = bytes
+            .get(t_at..t_at + 8)
+            .and_then(|w| w.try_into().ok())
+            .map(|w| u64::from_le_bytes(w) as usize)
+        else {
+            continue;
+        };
+        let (Some(region), Some(section)) = (
+            bytes.get(h_at..t_at),
+            bytes.get(format::PREAMBLE_BYTES..h_at),
+        ) else {
+            continue;
+        };
+        let mut seed = (region.len() as u32).to_le_bytes().to_vec();
+        seed.extend_from_slice(region);
+        seed.extend_from_slice(section);
+        out.push(seed);
+    }
+    out
+}
+
+fn safetensors_seeds() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let Ok(dir) = tempfile::tempdir() else {
+        return out;
+    };
+    let path = dir.path().join("seed.safetensors");
+    let sets: Vec<(Vec<Tensor>, bitsnap_core::safetensors::Metadata)> = vec![
+        (fixture_tensors(1).unwrap_or_default(), Vec::new()),
+        (
+            fixture_tensors(2)
+                .unwrap_or_default()
+                .into_iter()
+                .take(1)
+                .collect(),
+            vec![("format".into(), "pt".into())],
+        ),
+        (Vec::new(), Vec::new()),
+    ];
+    for (tensors, meta) in sets {
+        if bitsnap_core::safetensors::write_file(&path, &tensors, &meta).is_ok()
+            && let Ok(b) = std::fs::read(&path)
+        {
+            out.push(b);
+        }
+    }
+    out
+}
