@@ -5,7 +5,8 @@
 //! tensors back from the device, and the store compresses them on all cores and writes
 //! them. The queue is bounded ([`StepSaverConfig::queue_depth`]): when the disk or the
 //! encoder cannot keep up, `snapshot` waits instead of piling up memory. An error in the
-//! background is never lost: the next `snapshot`, `flush` or `restore` returns it.
+//! background is never lost: each failed save's error is returned by one later call to
+//! `snapshot`, `flush` or `restore`, oldest first.
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -111,7 +112,8 @@ type Job = (
 struct Progress {
     submitted: u64,
     done: u64,
-    error: Option<Error>,
+    /// Failed saves not yet reported, oldest first: each call reports one.
+    errors: std::collections::VecDeque<Error>,
     stats: Vec<SaveStats>,
     stopped: Option<String>,
 }
@@ -246,7 +248,7 @@ impl StepSaver {
 
     fn take_error(&self) -> Result<(), Error> {
         let mut p = self.shared.progress();
-        if let Some(e) = p.error.take() {
+        if let Some(e) = p.errors.pop_front() {
             return Err(e);
         }
         if let Some(why) = &p.stopped {
@@ -255,7 +257,8 @@ impl StepSaver {
         Ok(())
     }
 
-    /// Waits until every queued snapshot is written; returns the first background error.
+    /// Waits until every queued snapshot is written; returns the oldest background error
+    /// not yet reported (call again for the next one).
     pub fn flush(&self) -> Result<(), Error> {
         let mut p = self.shared.progress();
         while p.done < p.submitted && p.stopped.is_none() {
@@ -378,7 +381,7 @@ impl StepSaver {
 impl Drop for StepSaver {
     fn drop(&mut self) {
         self.shutdown();
-        if let Some(e) = self.shared.progress().error.take() {
+        for e in self.shared.progress().errors.drain(..) {
             tracing::error!(error = %e, "a background save failed and was not collected before the saver was dropped");
         }
     }
@@ -435,8 +438,8 @@ fn run(rx: Receiver<Job>, shared: Arc<Shared>, keep_last: Option<usize>) {
             }
             Ok(Err(e)) => {
                 tracing::error!(step, error = %e, "background save failed");
-                // Keep the first error: later ones are usually its consequences.
-                p.error.get_or_insert(Error::Background {
+                // Every failed step is reported, one per call: none is silently lost.
+                p.errors.push_back(Error::Background {
                     step,
                     source: Box::new(e),
                 });
@@ -448,7 +451,7 @@ fn run(rx: Receiver<Job>, shared: Arc<Shared>, keep_last: Option<usize>) {
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_else(|| "unknown panic".into());
                 tracing::error!(step, panic = %msg, "background save panicked");
-                p.error.get_or_insert(Error::Background {
+                p.errors.push_back(Error::Background {
                     step,
                     source: Box::new(Error::SaverStopped(msg)),
                 });
