@@ -123,6 +123,15 @@ pub enum Error {
     /// An invalid option or argument.
     #[error("{0}")]
     Config(String),
+    /// Another writer changed the store first (a concurrent commit to a remote manifest,
+    /// or a snapshot id already taken); nothing this writer wrote became visible.
+    #[error("{}: conflict: {reason}", file.display())]
+    Conflict {
+        /// The object that was changed (usually the manifest).
+        file: PathBuf,
+        /// What happened.
+        reason: String,
+    },
 }
 
 impl Error {

@@ -52,6 +52,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod backend;
 pub mod bench;
 pub mod codec;
 mod dtype;
@@ -60,6 +61,7 @@ pub mod format;
 mod policy;
 mod role;
 pub mod safetensors;
+pub mod shard;
 mod store;
 mod tensor;
 
@@ -70,6 +72,7 @@ pub use policy::{
     DeltaVerdict, EXACT_TRIAL_BYTES, Lossiness, Policy, SAMPLE_WINDOW_BYTES, SAMPLE_WINDOWS,
 };
 pub use role::Role;
+pub use shard::{ShardInfo, ShardReport};
 pub use store::{
     LOCK_FILE, MANIFEST_FILE, MAX_MANIFEST_BYTES, SaveReport, Snapshot, SnapshotInfo, Store,
     VerifyReport,

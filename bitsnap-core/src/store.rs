@@ -12,10 +12,14 @@
 //! renamed into place and the directory fsynced; only then is the manifest rewritten the
 //! same way. A crash at any point leaves the previous manifest, and every snapshot it
 //! lists, intact; files it does not list are removed by the next writer.
+//!
+//! The same rules hold on object storage ([`backend`](crate::backend)): snapshot objects
+//! are immutable once written, and the manifest is replaced last, with a conditional PUT,
+//! so a writer killed mid-upload leaves nothing visible. Sharded snapshots (one file per
+//! writer rank, committed together) are in [`crate::shard`].
 
+use std::any::Any;
 use std::collections::HashMap;
-use std::fs::{self, File};
-use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -23,8 +27,10 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::backend::{Backend, LocalDir, ObjectVersion};
 use crate::codec::{CodecId, Encoded};
 use crate::format::{BaseRef, Entry, Header, SnapshotFile, SnapshotWriter};
+use crate::shard::ShardInfo;
 use crate::{Error, Policy, Tensor};
 
 /// File name of the manifest.
@@ -33,8 +39,14 @@ pub const MANIFEST_FILE: &str = "MANIFEST";
 pub const LOCK_FILE: &str = "LOCK";
 /// Largest manifest accepted, in bytes (64 MiB).
 pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
-/// Manifest format version.
+/// Manifest format version (written when no snapshot is sharded).
 pub const MANIFEST_VERSION: u32 = 1;
+/// Manifest format version written when a snapshot is sharded (FORMAT.md 4.1).
+pub const MANIFEST_VERSION_SHARDED: u32 = 2;
+/// Largest snapshot file read back, in bytes (1 TiB): a sanity bound, not a budget.
+pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 40;
+/// Attempts at committing a snapshot while other writers keep changing a remote manifest.
+const COMMIT_ATTEMPTS: u32 = 8;
 
 /// One committed snapshot, as the manifest lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +72,10 @@ pub struct SnapshotInfo {
     pub raw_bytes: u64,
     /// Size of its file.
     pub stored_bytes: u64,
+    /// For a sharded snapshot, its shards in rank order (then `file` is empty, `base` is
+    /// `None`, and the other fields are totals); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardInfo>,
 }
 
 impl SnapshotInfo {
@@ -70,10 +86,10 @@ impl SnapshotInfo {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct ManifestBody {
-    version: u32,
-    next_id: u64,
-    snapshots: Vec<SnapshotInfo>,
+pub(crate) struct ManifestBody {
+    pub(crate) version: u32,
+    pub(crate) next_id: u64,
+    pub(crate) snapshots: Vec<SnapshotInfo>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -119,9 +135,9 @@ pub struct VerifyReport {
     pub orphans: Vec<PathBuf>,
 }
 
-type State = Arc<Vec<Tensor>>;
+pub(crate) type State = Arc<Vec<Tensor>>;
 /// The decoded state a store keeps of the latest save of a series: id, tensors, metadata.
-type Cached = (u64, State, Vec<(String, String)>);
+pub(crate) type Cached = (u64, State, Vec<(String, String)>);
 
 /// A checkpoint store: a directory of snapshots and their manifest.
 ///
@@ -143,12 +159,17 @@ type Cached = (u64, State, Vec<(String, String)>);
 /// assert_eq!(reopened.load(second.info.id).unwrap().tensors, vec![t1]);
 /// ```
 pub struct Store {
-    dir: PathBuf,
-    policy: Policy,
-    manifest: ManifestBody,
+    pub(crate) dir: PathBuf,
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) policy: Policy,
+    pub(crate) manifest: ManifestBody,
+    /// Version of the manifest object `manifest` was read from (`None`: there was none).
+    pub(crate) version: Option<ObjectVersion>,
     /// Per series, the latest save's id, decoded tensors and metadata.
-    last: HashMap<String, Cached>,
-    lock: Option<File>,
+    pub(crate) last: HashMap<String, Cached>,
+    /// Per series and rank, the latest shard this `Store` saved.
+    pub(crate) shard_last: HashMap<(String, u32), Cached>,
+    lock: Option<Box<dyn Any + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -164,10 +185,36 @@ impl Store {
     /// Opens an existing store for reading (and writing, once a save takes the lock).
     /// Fails if `dir` holds no manifest.
     pub fn open(dir: impl AsRef<Path>) -> Result<Store, Error> {
-        let dir = dir.as_ref().to_path_buf();
-        let manifest = read_manifest(&dir)?.ok_or_else(|| {
+        Store::open_backend(Arc::new(LocalDir::new(dir)))
+    }
+
+    /// Opens the store in `dir`, creating the directory and an empty manifest if needed.
+    pub fn open_or_create(dir: impl AsRef<Path>, policy: Policy) -> Result<Store, Error> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        Store::open_or_create_backend(Arc::new(LocalDir::new(dir)), policy)
+    }
+
+    /// [`Store::open`] of a location: a directory, or a URL such as `s3://bucket/prefix`
+    /// (with the `remote` feature; see [`backend::from_location`](crate::backend::from_location)).
+    pub fn open_url(location: &str) -> Result<Store, Error> {
+        Store::open_backend(crate::backend::from_location(location)?)
+    }
+
+    /// [`Store::open_or_create`] of a location: a directory or a URL.
+    pub fn open_or_create_url(location: &str, policy: Policy) -> Result<Store, Error> {
+        if crate::backend::is_url(location) {
+            Store::open_or_create_backend(crate::backend::from_location(location)?, policy)
+        } else {
+            Store::open_or_create(location, policy)
+        }
+    }
+
+    /// Opens an existing store kept by `backend`.
+    pub fn open_backend(backend: Arc<dyn Backend>) -> Result<Store, Error> {
+        let (manifest, version) = read_manifest(backend.as_ref())?.ok_or_else(|| {
             Error::io(
-                dir.join(MANIFEST_FILE),
+                backend.path_of(MANIFEST_FILE),
                 std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     "no bitsnap store here (MANIFEST is missing)",
@@ -175,55 +222,76 @@ impl Store {
             )
         })?;
         Ok(Store {
-            dir,
+            dir: backend.location().to_path_buf(),
+            backend,
             policy: Policy::default(),
             manifest,
+            version: Some(version),
             last: HashMap::new(),
+            shard_last: HashMap::new(),
             lock: None,
         })
     }
 
-    /// Opens the store in `dir`, creating the directory and an empty manifest if needed.
-    pub fn open_or_create(dir: impl AsRef<Path>, policy: Policy) -> Result<Store, Error> {
-        let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let mut store = match read_manifest(&dir)? {
-            Some(manifest) => Store {
-                dir,
+    /// Opens the store kept by `backend`, creating an empty manifest if there is none.
+    pub fn open_or_create_backend(
+        backend: Arc<dyn Backend>,
+        policy: Policy,
+    ) -> Result<Store, Error> {
+        let mut store = match read_manifest(backend.as_ref())? {
+            Some((manifest, version)) => Store {
+                dir: backend.location().to_path_buf(),
+                backend,
                 policy,
                 manifest,
+                version: Some(version),
                 last: HashMap::new(),
+                shard_last: HashMap::new(),
                 lock: None,
             },
             None => {
                 let mut s = Store {
-                    dir,
+                    dir: backend.location().to_path_buf(),
+                    backend,
                     policy,
                     manifest: ManifestBody {
                         version: MANIFEST_VERSION,
                         next_id: 1,
                         snapshots: Vec::new(),
                     },
+                    version: None,
                     last: HashMap::new(),
+                    shard_last: HashMap::new(),
                     lock: None,
                 };
                 // A directory holding snapshots but no manifest is not an empty store:
                 // taking the lock would remove them as debris.
-                if let Some(f) = snapshot_files(&s.dir)?.first() {
+                if let Some(f) = snapshot_files(s.backend.as_ref())?.first() {
                     return Err(Error::Config(format!(
                         "{}: holds snapshot files ({}) but no {MANIFEST_FILE}; refusing to create a store over them",
                         s.dir.display(),
-                        f.display()
+                        s.backend.path_of(f).display()
                     )));
                 }
                 s.take_lock()?;
-                let body = s.manifest.clone();
-                s.write_manifest(body)?;
+                if s.version.is_none() {
+                    let body = s.manifest.clone();
+                    match s.write_manifest(body) {
+                        // Another process created it first: use theirs.
+                        Err(Error::Conflict { .. }) => s.refresh()?,
+                        r => r?,
+                    }
+                }
                 s
             }
         };
         store.policy = policy;
         Ok(store)
+    }
+
+    /// The backend keeping this store's objects.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
     }
 
     /// Replaces the encoding policy for later saves.
@@ -289,22 +357,48 @@ impl Store {
         self.last.values().find(|(l, _, _)| *l == id)
     }
 
-    fn info(&self, id: u64) -> Result<&SnapshotInfo, Error> {
+    pub(crate) fn info(&self, id: u64) -> Result<&SnapshotInfo, Error> {
         self.get(id).ok_or_else(|| Error::UnknownSnapshot {
             store: self.dir.clone(),
             snapshot: id.to_string(),
         })
     }
 
-    /// Reads and checks the header of snapshot `id` (no payload is decoded).
+    /// Reads and checks the header of snapshot `id` (no payload is decoded). For a
+    /// sharded snapshot: every shard's entries, in rank order (their offsets are within
+    /// each shard's file), with rank 0's metadata and no base.
     pub fn header(&self, id: u64) -> Result<Header, Error> {
-        Ok(self.open_file(id)?.header)
+        if self.info(id)?.shards.is_empty() {
+            Ok(self.open_file(id)?.header)
+        } else {
+            self.sharded_header(id)
+        }
     }
 
     fn open_file(&self, id: u64) -> Result<SnapshotFile, Error> {
         let info = self.info(id)?;
-        let path = self.dir.join(&info.file);
-        let file = SnapshotFile::open(&path)?;
+        if !info.shards.is_empty() {
+            return Err(Error::Config(format!(
+                "{}: snapshot {id} is sharded: read it with Store::load or Store::load_shard",
+                self.dir.display()
+            )));
+        }
+        self.open_object(&info.file, id)
+    }
+
+    /// Reads and checks snapshot file `name`, which must hold snapshot `id`.
+    pub(crate) fn open_object(&self, name: &str, id: u64) -> Result<SnapshotFile, Error> {
+        let path = self.backend.path_of(name);
+        let bytes = self
+            .backend
+            .read(name, MAX_SNAPSHOT_BYTES)?
+            .ok_or_else(|| {
+                Error::io(
+                    &path,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "snapshot file is missing"),
+                )
+            })?;
+        let file = SnapshotFile::from_bytes(bytes, &path)?;
         if file.header.id != id {
             return Err(Error::Malformed {
                 file: path,
@@ -347,6 +441,9 @@ impl Store {
     /// memory when this `Store` made it (`from_memory` says so).
     pub fn load(&self, id: u64) -> Result<Snapshot, Error> {
         let info = self.info(id)?.clone();
+        if !info.shards.is_empty() {
+            return self.load_sharded(id);
+        }
         if let Some((_, state, metadata)) = self.cached(id) {
             return Ok(Snapshot {
                 info,
@@ -385,65 +482,71 @@ impl Store {
         })
     }
 
-    fn take_lock(&mut self) -> Result<(), Error> {
+    /// Becomes a writer. Local stores: takes the writer lock (once); the manifest on
+    /// disk is then the truth and files it does not list were left by a crash. Remote
+    /// stores have no lock: the manifest is re-read before every change and committed
+    /// conditionally.
+    pub(crate) fn take_lock(&mut self) -> Result<(), Error> {
         if self.lock.is_some() {
             return Ok(());
         }
-        let path = self.dir.join(LOCK_FILE);
-        let f = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
-        f.try_lock().map_err(|e| match e {
-            fs::TryLockError::WouldBlock => Error::io(
-                &path,
-                std::io::Error::new(
-                    std::io::ErrorKind::WouldBlock,
-                    "another process is writing to this store",
-                ),
-            ),
-            fs::TryLockError::Error(e) => Error::io(&path, e),
-        })?;
-        self.lock = Some(f);
-        // We are the only writer: the manifest on disk is the truth, and files it does not
-        // list were left by a crash.
-        if let Some(m) = read_manifest(&self.dir)? {
-            self.manifest = m;
+        self.lock = self.backend.lock()?;
+        self.refresh()?;
+        if self.backend.exclusive() {
+            for orphan in self.orphan_names()? {
+                tracing::info!(file = %self.backend.path_of(&orphan).display(),
+                    "removing a file left by an interrupted save");
+                self.backend.remove(&orphan)?;
+            }
         }
-        for orphan in self.orphans()? {
-            tracing::info!(file = %orphan.display(), "removing a file left by an interrupted save");
-            fs::remove_file(&orphan).map_err(|e| Error::io(&orphan, e))?;
+        Ok(())
+    }
+
+    /// Re-reads the committed manifest.
+    pub(crate) fn refresh(&mut self) -> Result<(), Error> {
+        if let Some((m, v)) = read_manifest(self.backend.as_ref())? {
+            self.manifest = m;
+            self.version = Some(v);
         }
         Ok(())
     }
 
     /// Files in the directory that look like snapshots or temporaries but are not listed.
     fn orphans(&self) -> Result<Vec<PathBuf>, Error> {
+        Ok(self
+            .orphan_names()?
+            .iter()
+            .map(|n| self.backend.path_of(n))
+            .collect())
+    }
+
+    /// Names of the objects that look like snapshots or temporaries but are not listed.
+    /// Shard files of snapshot ids not committed yet are not orphans: their writer may
+    /// still be at work ([`crate::shard`]).
+    fn orphan_names(&self) -> Result<Vec<String>, Error> {
         let listed: std::collections::HashSet<&str> = self
             .manifest
             .snapshots
             .iter()
-            .map(|s| s.file.as_str())
+            .flat_map(|s| {
+                std::iter::once(s.file.as_str()).chain(s.shards.iter().map(|h| h.file.as_str()))
+            })
             .collect();
         let mut out = Vec::new();
-        for entry in fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))? {
-            let entry = entry.map_err(|e| Error::io(&self.dir, e))?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
+        for name in self.backend.list()? {
             let ours = name.starts_with("snap-")
                 && (name.ends_with(".bsnap") || name.ends_with(".tmp"))
                 || name.starts_with("MANIFEST.") && name.ends_with(".tmp");
-            if ours && !listed.contains(name) {
-                out.push(entry.path());
+            let pending = crate::shard::pending_shard(&name, self.manifest.next_id);
+            if ours && !pending && !listed.contains(name.as_str()) {
+                out.push(name);
             }
         }
         out.sort();
         Ok(out)
     }
 
-    fn depth(&self, id: u64) -> u32 {
+    pub(crate) fn depth(&self, id: u64) -> u32 {
         self.chain(id).map_or(u32::MAX, |c| c.len() as u32 - 1)
     }
 
@@ -482,6 +585,10 @@ impl Store {
                 full_reason = Some("first snapshot");
                 None
             }
+            Some(latest) if !self.info(latest)?.shards.is_empty() => {
+                full_reason = Some("latest snapshot is sharded");
+                None
+            }
             Some(latest) if self.depth(latest).saturating_add(1) >= policy.full_every => {
                 full_reason = Some("full snapshot interval reached");
                 None
@@ -516,8 +623,8 @@ impl Store {
             })
         };
         let id = self.manifest.next_id;
-        let file = format!("snap-{id:020}.bsnap");
-        let header = self.write_snapshot(
+        let file = self.snapshot_file_name(id);
+        let (header, stored_bytes) = self.write_snapshot(
             &file,
             id,
             name,
@@ -537,12 +644,10 @@ impl Store {
             state_hash: header.state_hash(),
             tensors: header.entries.len() as u64,
             raw_bytes: header.raw_bytes(),
-            stored_bytes: file_size(&self.dir.join(&file))?,
+            stored_bytes,
+            shards: Vec::new(),
         };
-        let mut next = self.manifest.clone();
-        next.next_id = id + 1;
-        next.snapshots.push(info.clone());
-        self.write_manifest(next)?;
+        self.commit_new(info.clone(), &[file])?;
         // Keep what this snapshot decodes to: the base of the next delta, and the answer
         // to a restore in this process.
         let mut state = tensors;
@@ -560,6 +665,83 @@ impl Store {
         })
     }
 
+    /// The file name of a new snapshot `id`: `snap-<id>.bsnap` under the writer lock;
+    /// with a random suffix on remote stores, where writers are not excluded and must
+    /// not overwrite each other's objects.
+    fn snapshot_file_name(&self, id: u64) -> String {
+        if self.backend.exclusive() {
+            format!("snap-{id:020}.bsnap")
+        } else {
+            format!("snap-{id:020}-{:016x}.bsnap", unique_token())
+        }
+    }
+
+    /// Commits `info` as a new snapshot: appends it to the manifest and replaces the
+    /// manifest. When another writer changed a remote manifest first, re-reads it and
+    /// tries again, as long as `info`'s id is still free and its bases still listed;
+    /// otherwise removes `files` (what this save wrote) and fails with
+    /// [`Error::Conflict`].
+    pub(crate) fn commit_new(&mut self, info: SnapshotInfo, files: &[String]) -> Result<(), Error> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let bases: Vec<u64> = info
+                .base
+                .into_iter()
+                .chain(info.shards.iter().filter_map(|s| s.base))
+                .collect();
+            let stale = if info.id < self.manifest.next_id {
+                Some(format!(
+                    "snapshot id {} was taken (the store's next id is {})",
+                    info.id, self.manifest.next_id
+                ))
+            } else {
+                bases
+                    .iter()
+                    .find(|b| self.get(**b).is_none())
+                    .map(|b| format!("base snapshot {b} was deleted"))
+            };
+            let result = match stale {
+                Some(reason) => Err(Error::Conflict {
+                    file: self.backend.path_of(MANIFEST_FILE),
+                    reason,
+                }),
+                None => {
+                    let mut next = self.manifest.clone();
+                    next.next_id = info.id + 1;
+                    next.snapshots.push(info.clone());
+                    self.write_manifest(next)
+                }
+            };
+            match result {
+                Err(Error::Conflict { .. })
+                    if !self.backend.exclusive() && attempt < COMMIT_ATTEMPTS =>
+                {
+                    tracing::info!(
+                        id = info.id,
+                        attempt,
+                        "manifest changed underneath; retrying the commit"
+                    );
+                    self.refresh()?;
+                    if info.id < self.manifest.next_id
+                        || bases.iter().any(|b| self.get(*b).is_none())
+                    {
+                        attempt = COMMIT_ATTEMPTS - 1;
+                    }
+                }
+                Err(e) => {
+                    if matches!(e, Error::Conflict { .. }) {
+                        for f in files {
+                            let _ = self.backend.remove(f);
+                        }
+                    }
+                    return Err(e);
+                }
+                Ok(()) => return Ok(()),
+            }
+        }
+    }
+
     /// The decoded state of snapshot `id` and its state hash, from memory if possible.
     fn base_state(&self, id: u64) -> Result<(State, u64), Error> {
         let hash = self.info(id)?.state_hash;
@@ -570,7 +752,8 @@ impl Store {
         Ok((state, header.state_hash()))
     }
 
-    fn write_snapshot<'a>(
+    /// Writes snapshot file `file` through the backend; returns its header and size.
+    pub(crate) fn write_snapshot<'a>(
         &self,
         file: &str,
         id: u64,
@@ -578,12 +761,10 @@ impl Store {
         base: Option<BaseRef>,
         metadata: Vec<(String, String)>,
         items: impl Iterator<Item = (&'a Tensor, &'a Encoded, &'a crate::format::Decision)>,
-    ) -> Result<Header, Error> {
-        let path = self.dir.join(file);
-        let tmp = self.dir.join(format!("{file}.tmp"));
-        let out = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut w =
-            SnapshotWriter::new(BufWriter::with_capacity(1 << 20, out), &tmp, id, name, base)?;
+    ) -> Result<(Header, u64), Error> {
+        let path = self.backend.path_of(file);
+        let out = self.backend.create(file)?;
+        let mut w = SnapshotWriter::new(out, &path, id, name, base)?;
         w.set_metadata(metadata);
         for (t, e, d) in items {
             let raw_hash = xxh3_64(e.lossy.as_ref().map_or(&t.data, |l| &l.0));
@@ -602,23 +783,19 @@ impl Store {
             w.push(entry, &e.payload)?;
         }
         let (header, out) = w.finish()?;
-        let out = out
-            .into_inner()
-            .map_err(|e| Error::io(&tmp, e.into_error()))?;
-        out.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        drop(out);
-        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-        sync_dir(&self.dir)?;
-        Ok(header)
+        let size = out.finish()?;
+        Ok((header, size))
     }
 
-    /// Commits `body` as the manifest. Once the rename succeeded the change is committed:
-    /// `self.manifest` follows the disk even if the directory fsync then fails.
-    fn write_manifest(&mut self, body: ManifestBody) -> Result<(), Error> {
-        let path = self.dir.join(MANIFEST_FILE);
-        let tmp = self
-            .dir
-            .join(format!("{MANIFEST_FILE}.{}.tmp", body.next_id));
+    /// Commits `body` as the manifest. Once the rename (local) or conditional PUT
+    /// (remote) succeeded the change is committed: `self.manifest` follows the store even
+    /// if the directory fsync then fails.
+    pub(crate) fn write_manifest(&mut self, mut body: ManifestBody) -> Result<(), Error> {
+        body.version = if body.snapshots.iter().any(|s| !s.shards.is_empty()) {
+            MANIFEST_VERSION_SHARDED
+        } else {
+            MANIFEST_VERSION
+        };
         let body_json = serde_json::to_vec(&body)
             .map_err(|e| Error::Config(format!("manifest serialisation: {e}")))?;
         let file = ManifestFile {
@@ -627,14 +804,12 @@ impl Store {
         };
         let text = serde_json::to_vec_pretty(&file)
             .map_err(|e| Error::Config(format!("manifest serialisation: {e}")))?;
-        {
-            let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-            std::io::Write::write_all(&mut f, &text).map_err(|e| Error::io(&tmp, e))?;
-            f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        }
-        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        let version = self
+            .backend
+            .commit_manifest(MANIFEST_FILE, &text, self.version.as_ref())?;
         self.manifest = body;
-        sync_dir(&self.dir)
+        self.version = Some(version);
+        self.backend.sync()
     }
 
     /// Deletes snapshot `id`. Snapshots that are deltas on it are first rewritten against
@@ -643,6 +818,9 @@ impl Store {
     pub fn delete(&mut self, id: u64) -> Result<(), Error> {
         self.take_lock()?;
         let victim = self.info(id)?.clone();
+        if !victim.shards.is_empty() {
+            return self.delete_sharded(id);
+        }
         let dependants: Vec<SnapshotInfo> = self
             .manifest
             .snapshots
@@ -712,7 +890,7 @@ impl Store {
                     state_hash: *hash,
                 });
             let name = format!("snap-{:020}-r{}.bsnap", dep.id, next.next_id + gen_i as u64);
-            let header = self.write_snapshot(
+            let (header, stored) = self.write_snapshot(
                 &name,
                 dep.id,
                 &dep.name,
@@ -722,7 +900,7 @@ impl Store {
             )?;
             if header.state_hash() != dep.state_hash {
                 return Err(Error::Checksum {
-                    file: self.dir.join(&name),
+                    file: self.backend.path_of(&name),
                     tensor: None,
                     what: "rebased state",
                     offset: 0,
@@ -730,9 +908,8 @@ impl Store {
                     actual: header.state_hash(),
                 });
             }
-            let stored = file_size(&self.dir.join(&name))?;
             if let Some(s) = next.snapshots.iter_mut().find(|s| s.id == dep.id) {
-                replaced.push(self.dir.join(&s.file));
+                replaced.push(s.file.clone());
                 s.file = name;
                 s.base = base.map(|b| b.id);
                 s.stored_bytes = stored;
@@ -741,11 +918,11 @@ impl Store {
         next.snapshots.retain(|s| s.id != id);
         next.next_id += dependants.len() as u64;
         self.write_manifest(next)?;
-        replaced.push(self.dir.join(&victim.file));
+        replaced.push(victim.file.clone());
         for f in replaced {
-            fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
+            self.backend.remove(&f)?;
         }
-        sync_dir(&self.dir)?;
+        self.backend.sync()?;
         self.last.retain(|_, (l, _, _)| *l != id);
         Ok(())
     }
@@ -766,6 +943,13 @@ impl Store {
         }
         let mut states: HashMap<u64, (State, u64)> = HashMap::new();
         for s in &self.manifest.snapshots {
+            if !s.shards.is_empty() {
+                match self.verify_sharded(s) {
+                    Ok(()) => report.ok.push(s.id),
+                    Err(e) => report.failed.push((s.id, e)),
+                }
+                continue;
+            }
             let result = (|| {
                 let file = self.open_file(s.id)?;
                 let prev = match s.base {
@@ -818,7 +1002,7 @@ impl Store {
 }
 
 /// Decodes every tensor of `file`; `prev` is the base snapshot's state, id and state hash.
-fn decode_file(
+pub(crate) fn decode_file(
     file: &SnapshotFile,
     prev: Option<(&[Tensor], u64, u64)>,
 ) -> Result<Vec<Tensor>, Error> {
@@ -866,7 +1050,7 @@ fn decode_file(
         .collect()
 }
 
-fn encode_all(
+pub(crate) fn encode_all(
     policy: &Policy,
     tensors: &[Tensor],
     base: &HashMap<&str, &Tensor>,
@@ -877,7 +1061,7 @@ fn encode_all(
         .collect()
 }
 
-fn validate_metadata(metadata: &[(String, String)]) -> Result<(), Error> {
+pub(crate) fn validate_metadata(metadata: &[(String, String)]) -> Result<(), Error> {
     if metadata.len() as u64 > crate::format::MAX_METADATA {
         return Err(Error::Config(format!(
             "{} metadata entries, more than {}",
@@ -900,7 +1084,7 @@ fn validate_metadata(metadata: &[(String, String)]) -> Result<(), Error> {
     Ok(())
 }
 
-fn validate(tensors: &[Tensor], snapshot: &str) -> Result<(), Error> {
+pub(crate) fn validate(tensors: &[Tensor], snapshot: &str) -> Result<(), Error> {
     if snapshot.len() > crate::MAX_NAME_BYTES {
         return Err(Error::Config(format!(
             "snapshot name is {} bytes, more than {}",
@@ -939,22 +1123,21 @@ fn validate(tensors: &[Tensor], snapshot: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn read_manifest(dir: &Path) -> Result<Option<ManifestBody>, Error> {
-    let path = dir.join(MANIFEST_FILE);
-    let meta = match fs::metadata(&path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(&path, e)),
+fn read_manifest(backend: &dyn Backend) -> Result<Option<(ManifestBody, ObjectVersion)>, Error> {
+    let path = backend.path_of(MANIFEST_FILE);
+    let (text, version) = match backend.read_versioned(MANIFEST_FILE, MAX_MANIFEST_BYTES) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(None),
+        Err(Error::Limit { value, .. }) => {
+            return Err(Error::Limit {
+                file: path,
+                what: "manifest size",
+                value,
+                limit: MAX_MANIFEST_BYTES,
+            });
+        }
+        Err(e) => return Err(e),
     };
-    if meta.len() > MAX_MANIFEST_BYTES {
-        return Err(Error::Limit {
-            file: path,
-            what: "manifest size",
-            value: meta.len(),
-            limit: MAX_MANIFEST_BYTES,
-        });
-    }
-    let text = fs::read(&path).map_err(|e| Error::io(&path, e))?;
     let malformed = |offset: u64, reason: String| Error::Malformed {
         file: path.clone(),
         tensor: None,
@@ -978,17 +1161,18 @@ fn read_manifest(dir: &Path) -> Result<Option<ManifestBody>, Error> {
             actual,
         });
     }
-    if file.body.version != MANIFEST_VERSION {
+    if file.body.version != MANIFEST_VERSION && file.body.version != MANIFEST_VERSION_SHARDED {
         return Err(malformed(
             0,
             format!(
-                "manifest version {} (this build reads {MANIFEST_VERSION})",
+                "manifest version {} (this build reads {MANIFEST_VERSION} and {MANIFEST_VERSION_SHARDED})",
                 file.body.version
             ),
         ));
     }
+    let bad_name = |f: &str| f.contains(['/', '\\']) || f.starts_with('.');
     for s in &file.body.snapshots {
-        if s.file.contains(['/', '\\']) || s.file.starts_with('.') || s.id >= file.body.next_id {
+        if bad_name(&s.file) || s.id >= file.body.next_id {
             return Err(malformed(
                 0,
                 format!(
@@ -997,35 +1181,37 @@ fn read_manifest(dir: &Path) -> Result<Option<ManifestBody>, Error> {
                 ),
             ));
         }
-    }
-    Ok(Some(file.body))
-}
-
-/// Snapshot files (`snap-*.bsnap`) in `dir`.
-fn snapshot_files(dir: &Path) -> Result<Vec<PathBuf>, Error> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let entry = entry.map_err(|e| Error::io(dir, e))?;
-        let name = entry.file_name();
-        if name
-            .to_str()
-            .is_some_and(|n| n.starts_with("snap-") && n.ends_with(".bsnap"))
-        {
-            out.push(entry.path());
+        if let Err(reason) = crate::shard::check_listing(s, file.body.version) {
+            return Err(malformed(0, format!("snapshot {}: {reason}", s.id)));
+        }
+        if s.shards.iter().any(|h| bad_name(&h.file)) {
+            return Err(malformed(
+                0,
+                format!("snapshot {} has a shard with an invalid file name", s.id),
+            ));
         }
     }
-    Ok(out)
+    Ok(Some((file.body, version)))
 }
 
-fn file_size(path: &Path) -> Result<u64, Error> {
-    fs::metadata(path)
-        .map(|m| m.len())
-        .map_err(|e| Error::io(path, e))
+/// Snapshot files (`snap-*.bsnap`) in the store.
+fn snapshot_files(backend: &dyn Backend) -> Result<Vec<String>, Error> {
+    Ok(backend
+        .list()?
+        .into_iter()
+        .filter(|n| n.starts_with("snap-") && n.ends_with(".bsnap"))
+        .collect())
 }
 
-/// fsyncs a directory so that renames in it are durable.
-fn sync_dir(dir: &Path) -> Result<(), Error> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, e))
+/// 64 random bits, for object names no other writer picks.
+fn unique_token() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
 }
