@@ -60,7 +60,7 @@ snapshot name (the latest snapshot of that name).\n\n{JSON_DOC}"
 /// Arguments of `bitsnap inspect`.
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// Store directory.
+    /// Store directory, or an `s3://bucket/prefix` URL.
     #[arg(value_name = "STORE_DIR")]
     store: PathBuf,
     /// Index (from 0) or name of the snapshot.

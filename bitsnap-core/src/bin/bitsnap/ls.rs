@@ -42,7 +42,7 @@ bytes and ratio.\n\n{JSON_DOC}"
 /// Arguments of `bitsnap ls`.
 #[derive(Debug, Args)]
 pub struct LsArgs {
-    /// Store directory.
+    /// Store directory, or an `s3://bucket/prefix` URL.
     #[arg(value_name = "STORE_DIR")]
     store: PathBuf,
     /// Print JSON (see the long help for the fields).

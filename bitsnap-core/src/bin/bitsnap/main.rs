@@ -35,6 +35,10 @@ Errors are reported on stderr as one line, `bitsnap: <message>`, naming the file
 tensor and byte offset where known). Exit codes: 0 success, 1 failure (including a failed \
 `verify`), 2 usage error.
 
+STORE_DIR may be an `s3://bucket/prefix` URL: S3 settings come from the environment \
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION; AWS_ENDPOINT and AWS_ALLOW_HTTP=true \
+for S3-compatible servers).
+
 Progress bars are drawn on stderr only when it is a terminal. Logs go to stderr; set \
 RUST_LOG (for example RUST_LOG=info) to see more of them.")]
 struct Cli {
@@ -166,9 +170,18 @@ fn index_of(store: &Store, id: u64) -> Option<usize> {
     store.snapshots().iter().position(|s| s.id == id)
 }
 
-/// Opens an existing store.
+/// Opens an existing store: a directory, or an `s3://bucket/prefix` URL.
 fn open_store(dir: &Path) -> Result<Store, CliError> {
-    Ok(Store::open(dir)?)
+    match store_url(dir) {
+        Some(url) => Ok(Store::open_url(url)?),
+        None => Ok(Store::open(dir)?),
+    }
+}
+
+/// The URL a store argument names, if it is one (`s3://bucket/prefix`) rather than a
+/// directory.
+fn store_url(arg: &Path) -> Option<&str> {
+    arg.to_str().filter(|s| bitsnap_core::backend::is_url(s))
 }
 
 /// The snapshot name of a file: its stem.

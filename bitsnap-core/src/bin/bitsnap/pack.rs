@@ -31,7 +31,7 @@ Prints one line per snapshot: its index, name, base, sizes and ratio, and under 
 /// Arguments of `bitsnap pack`.
 #[derive(Debug, Args)]
 pub struct PackArgs {
-    /// Store directory (created if missing).
+    /// Store directory (created if missing), or an `s3://bucket/prefix` URL.
     #[arg(value_name = "STORE_DIR")]
     store: PathBuf,
     /// safetensors files, oldest first.
@@ -50,7 +50,10 @@ pub fn run(args: PackArgs, out: &mut dyn Write) -> Result<(), CliError> {
     for f in &args.files {
         total += safetensors::read_index(f)?.data_bytes();
     }
-    let mut store = Store::open_or_create(&args.store, policy)?;
+    let mut store = match crate::store_url(&args.store) {
+        Some(url) => Store::open_or_create_url(url, policy)?,
+        None => Store::open_or_create(&args.store, policy)?,
+    };
     let bar = progress::bytes(total, "packing");
     let rules = &args.policy.roles;
     for f in &args.files {

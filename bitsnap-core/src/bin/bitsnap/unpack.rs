@@ -31,7 +31,7 @@ partial file."
 /// Arguments of `bitsnap unpack`.
 #[derive(Debug, Args)]
 pub struct UnpackArgs {
-    /// Store directory.
+    /// Store directory, or an `s3://bucket/prefix` URL.
     #[arg(value_name = "STORE_DIR")]
     store: PathBuf,
     /// Index (from 0) or name of the snapshot.

@@ -22,7 +22,7 @@ the next `pack`). Exits 1 if any snapshot failed."
 /// Arguments of `bitsnap verify`.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// Store directory.
+    /// Store directory, or an `s3://bucket/prefix` URL.
     #[arg(value_name = "STORE_DIR")]
     store: PathBuf,
 }
