@@ -1,0 +1,619 @@
+//! Stores on a real S3-compatible server (`s3s-fs`, started on 127.0.0.1 for each test):
+//! the CLI over `s3://` URLs, conditional manifest commits, a writer killed mid-upload,
+//! and four rank processes writing one sharded snapshot.
+//!
+//! `s3s-fs` is found on `PATH` (or at `$BITSNAP_S3S_FS`); `.ci/run` installs it. Without
+//! it these tests fail when `CI` is set and are skipped (with a note) otherwise.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bitsnap_core::backend::{Backend, ObjectBackend};
+use bitsnap_core::{DType, Error, Policy, Role, Store, Tensor};
+use common::{mutate, random_tensor};
+
+const BUCKET: &str = "bitsnap";
+const ACCESS_KEY: &str = "bitsnap-test";
+const SECRET_KEY: &str = "bitsnap-test-secret";
+const BIN: &str = env!("CARGO_BIN_EXE_bitsnap");
+
+/// An `s3s-fs` server on a free 127.0.0.1 port over a temporary directory; killed on drop.
+struct S3Server {
+    child: Child,
+    root: tempfile::TempDir,
+    endpoint: String,
+}
+
+impl S3Server {
+    /// Starts the server, or returns `None` (skip) when it is not installed outside CI.
+    fn start() -> Option<S3Server> {
+        let Some(bin) = find_s3s_fs() else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "s3s-fs is not installed (CI must install it: `cargo install s3s-fs --locked`)"
+            );
+            eprintln!("note: s3s-fs not found on PATH; skipping this S3 test");
+            return None;
+        };
+        let root = tempfile::tempdir().expect("server root");
+        std::fs::create_dir(root.path().join(BUCKET)).expect("bucket dir");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = Command::new(bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .arg(root.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start s3s-fs");
+        let server = S3Server {
+            child,
+            root,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "s3s-fs did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(server)
+    }
+
+    fn url(&self, prefix: &str) -> String {
+        format!("s3://{BUCKET}/{prefix}")
+    }
+
+    fn options(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("aws_endpoint", self.endpoint.clone()),
+            ("aws_access_key_id", ACCESS_KEY.into()),
+            ("aws_secret_access_key", SECRET_KEY.into()),
+            ("aws_region", "us-east-1".into()),
+            ("aws_allow_http", "true".into()),
+        ]
+    }
+
+    /// The `AWS_*` environment of a process using this server.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT", self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+
+    fn backend(&self, prefix: &str) -> Arc<dyn Backend> {
+        let opts = self.options();
+        let opts: Vec<(&str, &str)> = opts.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Arc::new(ObjectBackend::from_url(&self.url(prefix), &opts).expect("backend"))
+    }
+
+    /// Where the server keeps object `name` of `prefix`.
+    fn object_path(&self, prefix: &str, name: &str) -> PathBuf {
+        self.root.path().join(BUCKET).join(prefix).join(name)
+    }
+
+    /// Whether a multipart upload is under way: s3s-fs keeps its record (`.upload-…`) and
+    /// parts (`.upload_id-…`) in the root until the upload is completed or aborted.
+    fn upload_in_progress(&self) -> bool {
+        std::fs::read_dir(self.root.path()).is_ok_and(|d| {
+            d.flatten().any(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(".upload"))
+            })
+        })
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn find_s3s_fs() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("BITSNAP_S3S_FS") {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("s3s-fs"))
+        .find(|p| p.is_file())
+}
+
+/// Rank `rank`'s tensors at `step` (1-based): random at step 1, then 1% of elements
+/// changed per step. 5 tensors of 4 MiB: each shard file takes a multipart upload.
+fn rank_tensors(rank: u32, step: u64) -> Vec<Tensor> {
+    (0..5u64)
+        .map(|i| {
+            let seed = 1 + 1000 * rank as u64 + i;
+            let name = format!("rank{rank}.layer{i}.weight");
+            let mut t = random_tensor(&name, DType::F32, &[1024, 1024], Role::Weight, seed);
+            for s in 2..=step {
+                t = mutate(&t, 10, seed * 7919 + s);
+            }
+            t
+        })
+        .collect()
+}
+
+/// Runs this test binary's `child_process` entry with `role` and extra environment.
+fn spawn_child(role: &str, server: &S3Server, env: &[(&str, String)]) -> Child {
+    let mut cmd = Command::new(std::env::current_exe().expect("test binary"));
+    cmd.args([
+        "--ignored",
+        "--exact",
+        "child_process",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("BITSNAP_TEST_ROLE", role)
+    .env_remove("RUST_LOG")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    for (k, v) in server.env().iter().chain(env) {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn child")
+}
+
+fn env_u64(key: &str) -> u64 {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{key} not set"))
+}
+
+/// The processes the tests start: a writer to kill, and the ranks of a sharded save.
+#[test]
+#[ignore = "entry point of child processes started by the other tests"]
+fn child_process() {
+    let role = std::env::var("BITSNAP_TEST_ROLE").expect("BITSNAP_TEST_ROLE");
+    let url = std::env::var("BITSNAP_TEST_URL").expect("BITSNAP_TEST_URL");
+    match role.as_str() {
+        "writer" => {
+            // A committed snapshot, then a large one to be killed during its upload.
+            let mut store = Store::open_or_create_url(&url, Policy::default()).expect("store");
+            let small = vec![random_tensor("w", DType::F32, &[256, 256], Role::Weight, 3)];
+            store.save("step-1", small).expect("first save");
+            println!("committed 1");
+            let big: Vec<Tensor> = (0..24u64)
+                .map(|i| {
+                    random_tensor(
+                        &format!("big{i}"),
+                        DType::U8,
+                        &[4 << 20],
+                        Role::Other,
+                        9 + i,
+                    )
+                })
+                .collect();
+            store.save("step-2", big).expect("second save");
+            println!("committed 2");
+        }
+        "rank" => {
+            let rank = env_u64("BITSNAP_TEST_RANK") as u32;
+            let world = env_u64("BITSNAP_TEST_WORLD") as u32;
+            let steps = env_u64("BITSNAP_TEST_STEPS");
+            let mut store = Store::open_url(&url).expect("store");
+            for step in 1..=steps {
+                let report = store
+                    .save_shard(
+                        "model",
+                        step,
+                        &format!("step-{step}"),
+                        rank,
+                        world,
+                        rank_tensors(rank, step),
+                        Vec::new(),
+                    )
+                    .expect("save shard");
+                println!(
+                    "rank {rank} step {step} base {:?} bytes {}",
+                    report.info.base, report.info.stored_bytes
+                );
+                if rank == 0 {
+                    store
+                        .commit_sharded(
+                            "model",
+                            step,
+                            &format!("step-{step}"),
+                            world,
+                            Duration::from_secs(60),
+                        )
+                        .expect("commit");
+                } else {
+                    // Wait for the commit, as ranks wait at a barrier after a save.
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while Store::open_url(&url).expect("reopen").get(step).is_none() {
+                        assert!(Instant::now() < deadline, "step {step} never committed");
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
+            println!("rank {rank} done");
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
+
+#[test]
+fn cli_packs_unpacks_and_verifies_a_series_on_s3() {
+    let Some(server) = S3Server::start() else {
+        return;
+    };
+    let files = tempfile::tempdir().unwrap();
+    let mut series = Vec::new();
+    let mut t = random_tensor("layer.weight", DType::F32, &[512, 512], Role::Weight, 11);
+    let bias = random_tensor("layer.bias", DType::BF16, &[512], Role::Weight, 12);
+    for step in 0..3 {
+        let path = files.path().join(format!("step-{step}.safetensors"));
+        bitsnap_core::safetensors::write_file(&path, &[t.clone(), bias.clone()], &[]).unwrap();
+        series.push((path, vec![t.clone(), bias.clone()]));
+        t = mutate(&t, 5, 100 + step);
+    }
+    let url = server.url("cli/run");
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .envs(server.env())
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "bitsnap {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut pack = vec!["pack", url.as_str()];
+    pack.extend(series.iter().map(|(p, _)| p.to_str().unwrap()));
+    run(&pack);
+    let ls: serde_json::Value = serde_json::from_str(&run(&["ls", &url, "--json"])).unwrap();
+    let snaps = ls["snapshots"].as_array().unwrap();
+    assert_eq!(snaps.len(), 3);
+    assert!(snaps[0]["base_id"].is_null());
+    assert_eq!(snaps[1]["base_id"], snaps[0]["id"], "a delta on S3 too");
+    for (i, (_, tensors)) in series.iter().enumerate() {
+        let out = files.path().join(format!("out-{i}.safetensors"));
+        run(&["unpack", &url, &i.to_string(), "-o", out.to_str().unwrap()]);
+        let (mut back, _) =
+            bitsnap_core::safetensors::read_file(&out, |_| Some(Role::Weight)).unwrap();
+        let mut want = tensors.clone();
+        back.sort_by(|a, b| a.name.cmp(&b.name));
+        want.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(back, want, "snapshot {i} restores bit-exact");
+    }
+    let verify = run(&["verify", &url]);
+    assert!(
+        verify.contains("3 snapshots: 3 ok, 0 failed, 0 orphan files"),
+        "{verify}"
+    );
+
+    // Reads check checksums: flip one payload byte on the server's disk.
+    let file = snaps[2]["file"].as_str().unwrap();
+    let on_disk = server.object_path("cli/run", file);
+    let mut bytes = std::fs::read(&on_disk).unwrap();
+    bytes[20] ^= 0x40;
+    std::fs::write(&on_disk, bytes).unwrap();
+    let out = Command::new(BIN)
+        .args(["verify", &url])
+        .envs(server.env())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("checksum mismatch"), "{err}");
+    assert!(
+        err.contains(&format!("s3://{BUCKET}/cli/run/{file}")),
+        "{err}"
+    );
+}
+
+#[test]
+fn library_series_on_s3_restores_like_the_local_store() {
+    let Some(server) = S3Server::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut local = Store::open_or_create(dir.path(), Policy::default()).unwrap();
+    let mut remote =
+        Store::open_or_create_backend(server.backend("lib"), Policy::default()).unwrap();
+    let mut states = Vec::new();
+    // 24 MiB: the first save of each is a multipart upload.
+    let mut ts: Vec<Tensor> = (0..6u64)
+        .map(|i| {
+            random_tensor(
+                &format!("t{i}"),
+                DType::F32,
+                &[1 << 20],
+                Role::Weight,
+                40 + i,
+            )
+        })
+        .collect();
+    for step in 0..4u64 {
+        let l = local.save(&format!("step-{step}"), ts.clone()).unwrap();
+        let r = remote.save(&format!("step-{step}"), ts.clone()).unwrap();
+        assert_eq!(l.info.state_hash, r.info.state_hash);
+        assert_eq!(l.info.base, r.info.base);
+        assert_eq!(l.header.entries.len(), r.header.entries.len());
+        states.push((r.info.id, ts.clone()));
+        ts = ts.iter().map(|t| mutate(t, 20, 77 + step)).collect();
+    }
+    let reopened = Store::open_backend(server.backend("lib")).unwrap();
+    assert_eq!(reopened.snapshots().len(), 4);
+    for (id, want) in &states {
+        let got = reopened.load(*id).unwrap();
+        assert!(!got.from_memory);
+        assert_eq!(&got.tensors, want, "snapshot {id}");
+    }
+    let report = reopened.verify().unwrap();
+    assert_eq!(report.ok.len(), 4);
+    assert!(report.failed.is_empty() && report.orphans.is_empty());
+    // Delete (with a rebase of its dependant) works remotely too.
+    remote.delete(states[1].0).unwrap();
+    let after = Store::open_backend(server.backend("lib")).unwrap();
+    assert_eq!(after.load(states[2].0).unwrap().tensors, states[2].1);
+    assert!(after.verify().unwrap().orphans.is_empty());
+}
+
+#[test]
+fn manifest_commits_are_conditional_on_the_server() {
+    let Some(server) = S3Server::start() else {
+        return;
+    };
+    let b = server.backend("cas");
+    let v1 = b.commit_manifest("MANIFEST", b"one", None).unwrap();
+    // A second "first" manifest loses: If-None-Match: *.
+    assert!(matches!(
+        b.commit_manifest("MANIFEST", b"two", None),
+        Err(Error::Conflict { .. })
+    ));
+    let v2 = b.commit_manifest("MANIFEST", b"two", Some(&v1)).unwrap();
+    // A writer still holding the first version loses: If-Match: <e-tag>.
+    let err = b
+        .commit_manifest("MANIFEST", b"three", Some(&v1))
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }), "{err}");
+    assert!(
+        err.to_string().contains("s3://bitsnap/cas/MANIFEST"),
+        "{err}"
+    );
+    let (bytes, v) = b.read_versioned("MANIFEST", 1 << 20).unwrap().unwrap();
+    assert_eq!((bytes.as_slice(), v), (&b"two"[..], v2));
+
+    // Two stores that read the same manifest: the second commit re-reads and retries.
+    let mut a = Store::open_or_create_backend(server.backend("race"), Policy::default()).unwrap();
+    let mut c = Store::open_backend(server.backend("race")).unwrap();
+    let t = random_tensor("w", DType::F32, &[1000], Role::Weight, 5);
+    let first = a.save("a", vec![t.clone()]).unwrap();
+    let second = c.save("c", vec![t.clone()]).unwrap();
+    assert!(second.info.id > first.info.id);
+    let s = Store::open_backend(server.backend("race")).unwrap();
+    assert_eq!(s.snapshots().len(), 2);
+    assert_eq!(s.verify().unwrap().ok.len(), 2);
+}
+
+#[test]
+fn writer_killed_mid_upload_leaves_only_complete_snapshots() {
+    let Some(server) = S3Server::start() else {
+        return;
+    };
+    let url = server.url("killed");
+    let mut child = spawn_child("writer", &server, &[("BITSNAP_TEST_URL", url.clone())]);
+    // The child's stdout reaches us only when it exits: watch the store instead.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Store::open_backend(server.backend("killed")).map_or(true, |s| s.get(1).is_none()) {
+        assert!(
+            Instant::now() < deadline,
+            "the writer never committed snapshot 1"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !server.upload_in_progress() {
+        assert!(
+            Instant::now() < deadline,
+            "the second upload never started: {:?}",
+            std::fs::read_dir(server.root.path())
+                .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL, mid-upload
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "the writer finished before it was killed"
+    );
+    let store = Store::open_backend(server.backend("killed")).unwrap();
+    assert_eq!(
+        store.snapshots().len(),
+        1,
+        "only the complete snapshot is listed"
+    );
+    let report = store.verify().unwrap();
+    assert_eq!(report.ok, vec![1]);
+    assert!(report.failed.is_empty());
+    // A new writer carries on from the committed state.
+    let mut store =
+        Store::open_or_create_backend(server.backend("killed"), Policy::default()).unwrap();
+    let t = random_tensor("w", DType::F32, &[256, 256], Role::Weight, 3);
+    let next = store.save("step-2", vec![mutate(&t, 10, 4)]).unwrap();
+    assert_eq!(next.info.base, Some(1));
+    assert_eq!(store.verify().unwrap().ok.len(), 2);
+}
+
+#[test]
+fn four_rank_processes_write_one_sharded_snapshot_series() {
+    let Some(server) = S3Server::start() else {
+        return;
+    };
+    let url = server.url("sharded");
+    Store::open_or_create_backend(server.backend("sharded"), Policy::default()).unwrap();
+    let world = 4u32;
+    let steps = 3u64;
+    let children: Vec<Child> = (0..world)
+        .map(|rank| {
+            spawn_child(
+                "rank",
+                &server,
+                &[
+                    ("BITSNAP_TEST_URL", url.clone()),
+                    ("BITSNAP_TEST_RANK", rank.to_string()),
+                    ("BITSNAP_TEST_WORLD", world.to_string()),
+                    ("BITSNAP_TEST_STEPS", steps.to_string()),
+                ],
+            )
+        })
+        .collect();
+    for mut c in children {
+        let out: Vec<String> = BufReader::new(c.stdout.take().unwrap())
+            .lines()
+            .map_while(Result::ok)
+            .collect();
+        let status = c.wait().unwrap();
+        assert!(status.success(), "rank failed: {out:?}");
+    }
+    let store = Store::open_backend(server.backend("sharded")).unwrap();
+    assert_eq!(store.snapshots().len(), steps as usize);
+    for step in 1..=steps {
+        let info = store.get(step).unwrap();
+        assert_eq!(info.shards.len(), world as usize);
+        for h in &info.shards {
+            // Deltas per shard: each rank's shard is a delta on its previous one.
+            assert_eq!(
+                h.base,
+                (step > 1).then_some(step - 1),
+                "step {step} rank {}",
+                h.rank
+            );
+            if step > 1 {
+                assert!(
+                    h.stored_bytes * 4 < h.raw_bytes,
+                    "delta shard is small: {h:?}"
+                );
+            }
+        }
+        let all = store.load(step).unwrap();
+        let want: Vec<Tensor> = (0..world).flat_map(|r| rank_tensors(r, step)).collect();
+        assert_eq!(all.tensors, want, "step {step}: every shard, bit-exact");
+        let own = store.load_shard(step, 2).unwrap();
+        assert_eq!(
+            own.tensors,
+            rank_tensors(2, step),
+            "step {step}: rank 2 alone"
+        );
+    }
+    let report = store.verify().unwrap();
+    assert_eq!(report.ok.len(), steps as usize);
+    assert!(report.failed.is_empty() && report.orphans.is_empty());
+}
+
+#[test]
+fn sharded_commit_with_a_missing_rank_commits_nothing() {
+    let Some(server) = S3Server::start() else {
+        return;
+    };
+    let mut store =
+        Store::open_or_create_backend(server.backend("partial"), Policy::default()).unwrap();
+    // Ranks 0-2 save their shard of step 1; rank 3 has not (slow, or died).
+    for rank in 0..3 {
+        let mut r = Store::open_backend(server.backend("partial")).unwrap();
+        r.save_shard(
+            "model",
+            1,
+            "step-1",
+            rank,
+            4,
+            rank_tensors(rank, 1),
+            Vec::new(),
+        )
+        .unwrap();
+    }
+    let err = store
+        .commit_sharded("model", 1, "step-1", 4, Duration::from_millis(300))
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("snap-00000000000000000001-s00003.bsnap"),
+        "{err}"
+    );
+    let reopened = Store::open_backend(server.backend("partial")).unwrap();
+    assert!(reopened.snapshots().is_empty(), "nothing committed");
+    // The shards already there are pending, not orphans, until rank 3 catches up.
+    assert!(reopened.verify().unwrap().orphans.is_empty());
+    let mut r3 = Store::open_backend(server.backend("partial")).unwrap();
+    r3.save_shard("model", 1, "step-1", 3, 4, rank_tensors(3, 1), Vec::new())
+        .unwrap();
+    let info = store
+        .commit_sharded("model", 1, "step-1", 4, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(info.tensors, 20);
+    assert_eq!(
+        Store::open_backend(server.backend("partial"))
+            .unwrap()
+            .load_shard(1, 3)
+            .unwrap()
+            .tensors,
+        rank_tensors(3, 1)
+    );
+}
+
+#[test]
+fn sharded_snapshots_in_a_local_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    Store::open_or_create(dir.path(), Policy::default()).unwrap();
+    for step in 1..=2u64 {
+        for rank in 0..2u32 {
+            let mut r = Store::open(dir.path()).unwrap();
+            r.save_shard(
+                "model",
+                step,
+                &format!("step-{step}"),
+                rank,
+                2,
+                rank_tensors(rank, step),
+                Vec::new(),
+            )
+            .unwrap();
+        }
+        let mut s = Store::open(dir.path()).unwrap();
+        s.commit_sharded(
+            "model",
+            step,
+            &format!("step-{step}"),
+            2,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    }
+    let s = Store::open(dir.path()).unwrap();
+    assert_eq!(s.get(2).unwrap().shards[1].base, Some(1));
+    assert_eq!(s.load_shard(2, 1).unwrap().tensors, rank_tensors(1, 2));
+    assert_eq!(s.verify().unwrap().ok, vec![1, 2]);
+    // Saving over a committed id is refused.
+    let mut r = Store::open(dir.path()).unwrap();
+    let err = r
+        .save_shard("model", 2, "again", 0, 2, rank_tensors(0, 2), Vec::new())
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }), "{err}");
+    // The manifest of a sharded store is version 2.
+    let text = std::fs::read_to_string(dir.path().join("MANIFEST")).unwrap();
+    assert!(text.contains("\"version\": 2"), "{text}");
+}
