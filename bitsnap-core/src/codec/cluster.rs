@@ -447,6 +447,26 @@ fn kmeans_pp(sorted: &[f64], k: usize) -> Vec<f64> {
     centers
 }
 
+/// Checks a cluster payload for `n` elements before anything is allocated for them: the
+/// codebook, and a chunk table of codes that can fill `n` elements (every chunk body
+/// holding at least a plane record per code byte).
+pub(crate) fn precheck(payload: &[u8], dtype: DType, n: usize) -> Result<(), CodecError> {
+    let mut cur = Cursor::new(payload);
+    let bits = parse_codebook(&mut cur, dtype)?.bits;
+    let width = code_width(bits);
+    let chunks = chunks::parse(&mut cur, packed_len(n, bits) / width)?;
+    match chunks
+        .iter()
+        .find(|c| c.body.len() < planes::PLANE_OVERHEAD * width)
+    {
+        Some(c) => Err(CodecError::new(
+            c.offset,
+            format!("code chunk body of {} bytes is too short", c.body.len()),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Decodes a [`ClusterQuantizer`] payload into `out`.
 pub(crate) fn decode_into(payload: &[u8], dtype: DType, out: &mut [u8]) -> Result<(), CodecError> {
     let w = dtype.size();

@@ -229,7 +229,7 @@ pub fn decode(
 }
 
 /// Checks what can be checked of a payload's structure before the output is allocated:
-/// raw and unchanged lengths, and every chunk table (chunks are at most
+/// raw and unchanged lengths, a cluster codebook, and every chunk table (chunks are at most
 /// [`chunks::MAX_CHUNK_BYTES`] and every chunk needs bytes of its own, so a small payload
 /// cannot demand a huge output).
 fn precheck(
@@ -263,6 +263,7 @@ fn precheck(
                 None => Ok(()),
             }
         }
+        CodecId::Cluster => cluster::precheck(payload, dtype, numel),
         _ => Ok(()),
     }
 }
