@@ -208,8 +208,23 @@ fn child_process() {
             let rank = env_u64("BITSNAP_TEST_RANK") as u32;
             let world = env_u64("BITSNAP_TEST_WORLD") as u32;
             let steps = env_u64("BITSNAP_TEST_STEPS");
+            // Optionally, one rank saves 96 MiB more at step 2 (a long upload to kill).
+            let big_rank = std::env::var("BITSNAP_TEST_BIG_RANK").ok();
+            let wait = Duration::from_secs(60);
             let mut store = Store::open_url(&url).expect("store");
             for step in 1..=steps {
+                let mut tensors = rank_tensors(rank, step);
+                if step == 2 && big_rank == Some(rank.to_string()) {
+                    tensors.extend((0..24u64).map(|i| {
+                        random_tensor(
+                            &format!("extra{i}"),
+                            DType::U8,
+                            &[4 << 20],
+                            Role::Other,
+                            50 + i,
+                        )
+                    }));
+                }
                 let report = store
                     .save_shard(
                         "model",
@@ -217,7 +232,7 @@ fn child_process() {
                         &format!("step-{step}"),
                         rank,
                         world,
-                        rank_tensors(rank, step),
+                        tensors,
                         Vec::new(),
                     )
                     .expect("save shard");
@@ -227,17 +242,11 @@ fn child_process() {
                 );
                 if rank == 0 {
                     store
-                        .commit_sharded(
-                            "model",
-                            step,
-                            &format!("step-{step}"),
-                            world,
-                            Duration::from_secs(60),
-                        )
+                        .commit_sharded("model", step, &format!("step-{step}"), world, wait)
                         .expect("commit");
                 } else {
                     // Wait for the commit, as ranks wait at a barrier after a save.
-                    let deadline = Instant::now() + Duration::from_secs(60);
+                    let deadline = Instant::now() + wait;
                     while Store::open_url(&url).expect("reopen").get(step).is_none() {
                         assert!(Instant::now() < deadline, "step {step} never committed");
                         std::thread::sleep(Duration::from_millis(20));
@@ -616,4 +625,71 @@ fn sharded_snapshots_in_a_local_directory() {
     // The manifest of a sharded store is version 2.
     let text = std::fs::read_to_string(dir.path().join("MANIFEST")).unwrap();
     assert!(text.contains("\"version\": 2"), "{text}");
+}
+
+#[test]
+fn rank_killed_mid_upload_leaves_the_sharded_snapshot_uncommitted() {
+    let Some(server) = S3Server::start() else {
+        return;
+    };
+    let prefix = "sharded-killed";
+    let url = server.url(prefix);
+    Store::open_or_create_backend(server.backend(prefix), Policy::default()).unwrap();
+    let world = 4u32;
+    let mut children: Vec<Child> = (0..world)
+        .map(|rank| {
+            spawn_child(
+                "rank",
+                &server,
+                &[
+                    ("BITSNAP_TEST_URL", url.clone()),
+                    ("BITSNAP_TEST_RANK", rank.to_string()),
+                    ("BITSNAP_TEST_WORLD", world.to_string()),
+                    ("BITSNAP_TEST_STEPS", "2".into()),
+                    ("BITSNAP_TEST_BIG_RANK", "3".into()),
+                ],
+            )
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Store::open_backend(server.backend(prefix)).map_or(true, |s| s.get(1).is_none()) {
+        assert!(Instant::now() < deadline, "step 1 never committed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Step 2's shards of ranks 0-2 are small deltas (one PUT each): the only multipart
+    // upload now is rank 3's.
+    while !server.upload_in_progress() {
+        assert!(
+            Instant::now() < deadline,
+            "rank 3's step-2 upload never started"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    children[3].kill().unwrap(); // SIGKILL, mid-upload
+    assert!(!children[3].wait().unwrap().success());
+    // Rank 0's commit of step 2 can only time out; stop the ranks waiting for it.
+    std::thread::sleep(Duration::from_secs(2));
+    for c in &mut children[..3] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let store = Store::open_backend(server.backend(prefix)).unwrap();
+    let ids: Vec<u64> = store.snapshots().iter().map(|s| s.id).collect();
+    assert_eq!(ids, vec![1], "only the complete sharded snapshot is listed");
+    let want: Vec<Tensor> = (0..world).flat_map(|r| rank_tensors(r, 1)).collect();
+    assert_eq!(store.load(1).unwrap().tensors, want);
+    let report = store.verify().unwrap();
+    assert_eq!(report.ok, vec![1]);
+    assert!(
+        report.orphans.is_empty(),
+        "step 2's shards are pending, not debris"
+    );
+    assert!(
+        store
+            .backend()
+            .size(&bitsnap_core::shard::shard_file_name(2, 3))
+            .unwrap()
+            .is_none(),
+        "the killed upload left no object"
+    );
 }
