@@ -86,6 +86,12 @@ fn mean(v: impl IntoIterator<Item = f64>) -> (f64, f64, usize) {
     (v.iter().sum::<f64>() / n.max(1) as f64, max, n)
 }
 
+fn median(v: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = v.into_iter().collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
 impl Summary {
     /// Mean training loss over the last `n` steps up to `until`.
     pub fn mean_loss(&self, until: u64, n: usize) -> f32 {
@@ -215,7 +221,10 @@ impl Summary {
         let (m, max, n) = mean(self.stalls_ms.values().cloned());
         row(
             "training-thread stall per checkpoint",
-            format!("mean {m:.3} ms, max {max:.3} ms over {n} snapshots"),
+            format!(
+                "median {:.3} ms, mean {m:.3} ms, max {max:.3} ms over {n} snapshots",
+                median(self.stalls_ms.values().cloned())
+            ),
         );
         let (rb, _, _) = mean(self.readback_ms.iter().cloned());
         let (ew, _, _) = mean(self.encode_write_ms.iter().cloned());
