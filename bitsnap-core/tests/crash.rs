@@ -6,7 +6,7 @@
 //! The child is this test binary run again with `BITSNAP_CRASH_CHILD` set (see
 //! [`child_process_entry`]). Every tensor is a pure function of the snapshot's name, so
 //! the parent knows what each listed snapshot must decode to. `BITSNAP_KILL_TRIALS` sets
-//! the number of kills (default 200).
+//! the number of kills (default 200), `BITSNAP_KILL_DIR` the file system they run on.
 //!
 //! SIGKILL ends the process but not the kernel: what was written stays in the page
 //! cache. This checks the save protocol's ordering against process death at any
@@ -185,9 +185,14 @@ fn kill_trials() -> u64 {
 #[test]
 fn sigkill_at_random_points_never_damages_the_store() {
     let trials = kill_trials();
-    // On the real disk, not tmpfs: there fsync takes time, so more kills land between
-    // a write and its commit (on tmpfs most land in encoding).
-    let dir = tempfile::tempdir().unwrap();
+    // On a real disk, not tmpfs: there fsync takes time, so more kills land between a
+    // write and its commit (on tmpfs most land in encoding). BITSNAP_KILL_DIR picks the
+    // file system (default: the temporary directory).
+    let dir = match std::env::var_os("BITSNAP_KILL_DIR") {
+        Some(d) => tempfile::tempdir_in(d),
+        None => tempfile::tempdir(),
+    }
+    .unwrap();
     let store_dir = dir.path().join("store");
     Store::open_or_create(&store_dir, policy()).unwrap();
     let exe = std::env::current_exe().unwrap();
