@@ -272,6 +272,12 @@ impl Store {
             })
         };
         let file = shard_file_name(id, rank);
+        // A shard of an uncommitted id left by an earlier attempt of this rank (a crash
+        // after its upload): replaced, as object stores refuse to create it again.
+        if self.backend.size(&file)?.is_some() {
+            tracing::info!(file = %self.backend.path_of(&file).display(), "replacing an uncommitted shard");
+            self.backend.remove(&file)?;
+        }
         let (header, stored_bytes) = self.write_snapshot(
             &file,
             id,

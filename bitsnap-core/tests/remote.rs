@@ -570,6 +570,10 @@ fn sharded_commit_with_a_missing_rank_commits_nothing() {
     let mut r3 = Store::open_backend(server.backend("partial")).unwrap();
     r3.save_shard("model", 1, "step-1", 3, 4, rank_tensors(3, 1), Vec::new())
         .unwrap();
+    // A restarted rank saves its uncommitted shard again: the old one is replaced.
+    let mut r1 = Store::open_backend(server.backend("partial")).unwrap();
+    r1.save_shard("model", 1, "step-1", 1, 4, rank_tensors(1, 1), Vec::new())
+        .unwrap();
     let info = store
         .commit_sharded("model", 1, "step-1", 4, Duration::from_secs(5))
         .unwrap();
