@@ -301,7 +301,9 @@ impl Store {
         Ok(self.open_file(id)?.header)
     }
 
-    fn open_file(&self, id: u64) -> Result<SnapshotFile, Error> {
+    /// Opens the file of snapshot `id` and checks that it holds that snapshot (header and
+    /// trailer checked; payloads are checked as they are read).
+    pub fn open_file(&self, id: u64) -> Result<SnapshotFile, Error> {
         let info = self.info(id)?;
         let path = self.dir.join(&info.file);
         let file = SnapshotFile::open(&path)?;
@@ -320,8 +322,9 @@ impl Store {
         Ok(file)
     }
 
-    /// Snapshots from the full one at the root of `id`'s chain to `id`.
-    fn chain(&self, id: u64) -> Result<Vec<u64>, Error> {
+    /// Snapshots from the full one at the root of `id`'s chain to `id`: the order in which
+    /// a restore applies them.
+    pub fn chain(&self, id: u64) -> Result<Vec<u64>, Error> {
         let mut chain = vec![id];
         let mut cur = self.info(id)?;
         while let Some(b) = cur.base {
