@@ -177,26 +177,39 @@ impl DeviceLoader {
             snapshots: chain.len(),
             ..LoadStats::default()
         };
+        let files = chain
+            .iter()
+            .map(|&sid| store.open_file(sid))
+            .collect::<Result<Vec<_>, _>>()?;
+        // A tensor's history starts at its last base-free payload (dense or codes): what
+        // came before is overwritten, so it is neither decoded nor uploaded.
+        let mut start: HashMap<&str, usize> = HashMap::new();
+        for (k, f) in files.iter().enumerate() {
+            for e in &f.header.entries {
+                if !e.codec.needs_base() {
+                    start.insert(e.name.as_str(), k);
+                }
+            }
+        }
         // Entropy decoding runs on the rayon pool, a few tensors ahead of the uploads.
         let (tx, rx) = channel::bounded::<Result<Decoded, Error>>(rayon::current_num_threads() * 2);
         let mut state: HashMap<String, Words> = HashMap::new();
         let mut header: Option<Header> = None;
         let mut decode_time = Duration::ZERO;
+        let (files, start) = (&files, &start);
         std::thread::scope(|scope| -> Result<(), Error> {
-            let producer = scope.spawn(move || {
-                for &sid in &chain {
-                    let file = match store.open_file(sid) {
-                        Ok(f) => f,
-                        Err(e) => {
-                            let _ = tx.send(Err(e.into()));
-                            return;
-                        }
-                    };
+            scope.spawn(move || {
+                for (k, file) in files.iter().enumerate() {
                     let head = file.header.clone();
                     if tx.send(Ok(Decoded::Header(Box::new(head)))).is_err() {
                         return;
                     }
                     let sent = file.header.entries.par_iter().try_for_each(|e| {
+                        if start.get(e.name.as_str()).is_some_and(|&s| k < s) {
+                            return tx
+                                .send(Ok(Decoded::Skipped(e.name.clone())))
+                                .map_err(|_| ());
+                        }
                         let t = Instant::now();
                         let form = file.decode_for_device(e).map_err(Error::from);
                         let msg = form.map(|f| Decoded::Tensor(e.clone(), f, t.elapsed()));
@@ -228,6 +241,10 @@ impl DeviceLoader {
                         }
                         current = Some(*h);
                     }
+                    Decoded::Skipped(name) => {
+                        stats.forms.skipped += 1;
+                        next.remove(&name);
+                    }
                     Decoded::Tensor(entry, form, took) => {
                         decode_time += took;
                         let base = state.get(&entry.name);
@@ -236,9 +253,6 @@ impl DeviceLoader {
                     }
                 }
             }
-            producer
-                .join()
-                .map_err(|_| Error::Device("the decoding thread panicked".into()))?;
             if let Some(done) = current.take() {
                 state = next;
                 header = Some(done);
@@ -298,6 +312,8 @@ fn check_base(store: &Store, next: &Header, prev: &Header) -> Result<(), Error> 
 enum Decoded {
     Header(Box<Header>),
     Tensor(Entry, DeviceForm, Duration),
+    /// Overwritten later in the chain by a base-free payload.
+    Skipped(String),
 }
 
 fn burn_dtype(name: &str, dtype: DType, metadata: &Metadata) -> Result<BurnDType, Error> {
@@ -653,6 +669,8 @@ pub struct FormCounts {
     pub codes: usize,
     /// Finished on the CPU (8-byte elements).
     pub host: usize,
+    /// Not read at all: a later snapshot stores the tensor without a base.
+    pub skipped: usize,
 }
 
 /// A snapshot restored onto a device: every tensor, the snapshot's metadata, and what the
