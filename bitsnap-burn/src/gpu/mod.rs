@@ -178,7 +178,7 @@ impl DeviceLoader {
             ..LoadStats::default()
         };
         let files = chain
-            .iter()
+            .par_iter()
             .map(|&sid| store.open_file(sid))
             .collect::<Result<Vec<_>, _>>()?;
         // A tensor's history starts at its last base-free payload (dense or codes): what
@@ -191,7 +191,8 @@ impl DeviceLoader {
                 }
             }
         }
-        // Entropy decoding runs on the rayon pool, a few tensors ahead of the uploads.
+        // Entropy decoding and uploads run on the rayon pool, a few tensors ahead of the
+        // kernels, which this thread launches in chain order.
         let (tx, rx) = channel::bounded::<Result<Decoded, Error>>(rayon::current_num_threads() * 2);
         let mut state: HashMap<String, Words> = HashMap::new();
         let mut header: Option<Header> = None;
@@ -211,8 +212,11 @@ impl DeviceLoader {
                                 .map_err(|_| ());
                         }
                         let t = Instant::now();
-                        let form = file.decode_for_device(e).map_err(Error::from);
-                        let msg = form.map(|f| Decoded::Tensor(e.clone(), f, t.elapsed()));
+                        let staged = file
+                            .decode_for_device(e)
+                            .map_err(Error::from)
+                            .and_then(|form| target.stage(e, form));
+                        let msg = staged.map(|f| Decoded::Tensor(e.clone(), f, t.elapsed()));
                         tx.send(msg).map_err(|_| ())
                     });
                     if sent.is_err() {
@@ -245,10 +249,10 @@ impl DeviceLoader {
                         stats.forms.skipped += 1;
                         next.remove(&name);
                     }
-                    Decoded::Tensor(entry, form, took) => {
+                    Decoded::Tensor(entry, staged, took) => {
                         decode_time += took;
                         let base = state.get(&entry.name);
-                        let words = target.finish(store, &entry, &form, base, &mut stats)?;
+                        let words = target.finish(store, &entry, staged, base, &mut stats)?;
                         next.insert(entry.name, words);
                     }
                 }
@@ -311,7 +315,7 @@ fn check_base(store: &Store, next: &Header, prev: &Header) -> Result<(), Error> 
 
 enum Decoded {
     Header(Box<Header>),
-    Tensor(Entry, DeviceForm, Duration),
+    Tensor(Entry, Staged, Duration),
     /// Overwritten later in the chain by a base-free payload.
     Skipped(String),
 }
@@ -363,7 +367,10 @@ impl CubeTarget {
 
     /// Uploads 32-bit words.
     fn upload_words(&self, words: &[u32]) -> Words {
-        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let mut bytes = Vec::with_capacity(words.len() * 4);
+        words
+            .iter()
+            .for_each(|w| bytes.extend_from_slice(&w.to_le_bytes()));
         self.upload(&bytes)
     }
 
@@ -385,62 +392,15 @@ impl CubeTarget {
             .ok_or_else(|| Error::Device(format!("read {} bytes, {len} expected", bytes.len())))
     }
 
-    /// Turns one tensor's device form into its buffer, next to its base.
-    fn finish(
-        &self,
-        store: &Store,
-        entry: &Entry,
-        form: &DeviceForm,
-        base: Option<&Words>,
-        stats: &mut LoadStats,
-    ) -> Result<Words, Error> {
-        let len = entry.raw_len() as usize;
-        let words = len.div_ceil(4);
-        let width_bits = match entry.dtype.size() {
-            1 => Some(8),
-            2 => Some(16),
-            4 => Some(32),
-            _ => None,
-        };
-        stats.upload_bytes += form.upload_bytes();
-        let missing_base = || -> Error {
-            bitsnap_core::Error::MissingBase {
-                file: store.dir().to_path_buf(),
-                base_id: 0,
-                reason: format!(
-                    "has no tensor `{}` of dtype {} and shape {:?} to decode against",
-                    entry.name, entry.dtype, entry.shape
-                ),
-            }
-            .into()
-        };
-        let base = match form {
-            DeviceForm::Dense(_) | DeviceForm::Codes(_) => None,
-            _ => Some(base.filter(|b| b.words == words).ok_or_else(missing_base)?),
-        };
-        Ok(match (form, width_bits, base) {
-            (DeviceForm::Dense(d), _, _) => {
-                stats.forms.dense += 1;
-                self.upload(d)
-            }
-            (DeviceForm::Unchanged, _, Some(b)) => {
-                stats.forms.unchanged += 1;
-                Words {
-                    handle: b.handle.clone(),
-                    words,
-                }
-            }
-            (DeviceForm::Xor(x), Some(_), Some(b)) => {
-                stats.forms.xor += 1;
-                let delta = self.upload(x);
-                let out = self.empty(words);
-                if words > 0 {
-                    kernels::xor(&self.client, b, &delta, &out);
-                }
-                out
-            }
-            (DeviceForm::Sparse(s), Some(wb), Some(b)) => {
-                stats.forms.sparse += 1;
+    /// Uploads what one tensor's device form needs (on any thread).
+    fn stage(&self, entry: &Entry, form: DeviceForm) -> Result<Staged, Error> {
+        let upload_bytes = form.upload_bytes();
+        let narrow = matches!(entry.dtype.size(), 1 | 2 | 4);
+        let kind = match form {
+            DeviceForm::Dense(d) => StagedKind::Dense(self.upload(&d)),
+            DeviceForm::Unchanged => StagedKind::Unchanged,
+            DeviceForm::Xor(x) if narrow => StagedKind::Xor(self.upload(&x)),
+            DeviceForm::Sparse(s) if narrow => {
                 let numel = entry.numel() as usize;
                 if s.mask.len() != numel.div_ceil(32)
                     || s.block_ranks.len() != numel.div_ceil(bitsnap_core::codec::RANK_BLOCK)
@@ -452,51 +412,129 @@ impl CubeTarget {
                     )));
                 }
                 if s.changed == 0 {
-                    return Ok(Words {
-                        handle: b.handle.clone(),
-                        words,
-                    });
+                    StagedKind::Unchanged
+                } else {
+                    StagedKind::Sparse {
+                        mask: self.upload_words(&s.mask),
+                        ranks: self.upload_words(&s.block_ranks),
+                        values: self.upload(&s.values),
+                    }
                 }
-                let mask = self.upload_words(&s.mask);
-                let ranks = self.upload_words(&s.block_ranks);
-                let values = self.upload(&s.values);
-                let out = self.empty(words);
-                kernels::scatter(&self.client, b, &mask, &ranks, &values, &out, wb);
-                out
             }
-            (DeviceForm::Codes(c), Some(wb), _) => {
-                stats.forms.codes += 1;
-                let codes = self.upload(&c.codes);
-                let book = self.upload(&c.codebook);
+            DeviceForm::Codes(c) if narrow => StagedKind::Codes {
+                codes: self.upload(&c.codes),
+                book: self.upload(&c.codebook),
+                bits: c.bits,
+            },
+            // 8-byte elements: finished on the CPU once the base is known.
+            other => StagedKind::Host(other),
+        };
+        Ok(Staged { kind, upload_bytes })
+    }
+
+    /// Turns one tensor's staged form into its buffer, next to its base.
+    fn finish(
+        &self,
+        store: &Store,
+        entry: &Entry,
+        staged: Staged,
+        base: Option<&Words>,
+        stats: &mut LoadStats,
+    ) -> Result<Words, Error> {
+        let len = entry.raw_len() as usize;
+        let words = len.div_ceil(4);
+        let width_bits = 8 * entry.dtype.size() as u32;
+        stats.upload_bytes += staged.upload_bytes;
+        let missing_base = || -> Error {
+            bitsnap_core::Error::MissingBase {
+                file: store.dir().to_path_buf(),
+                base_id: 0,
+                reason: format!(
+                    "has no tensor `{}` of dtype {} and shape {:?} to decode against",
+                    entry.name, entry.dtype, entry.shape
+                ),
+            }
+            .into()
+        };
+        let base = base.filter(|b| b.words == words);
+        let base_needed = || base.ok_or_else(missing_base);
+        Ok(match staged.kind {
+            StagedKind::Dense(d) => {
+                stats.forms.dense += 1;
+                d
+            }
+            StagedKind::Unchanged => {
+                stats.forms.unchanged += 1;
+                Words {
+                    handle: base_needed()?.handle.clone(),
+                    words,
+                }
+            }
+            StagedKind::Xor(delta) => {
+                stats.forms.xor += 1;
+                let b = base_needed()?;
                 let out = self.empty(words);
                 if words > 0 {
-                    kernels::lookup(
-                        &self.client,
-                        &codes,
-                        &book,
-                        &out,
-                        entry.numel() as u32,
-                        wb,
-                        c.bits,
-                    );
+                    kernels::xor(&self.client, b, &delta, &out);
                 }
                 out
             }
-            // 8-byte elements: finish on the CPU.
-            (form, None, base) => {
+            StagedKind::Sparse {
+                mask,
+                ranks,
+                values,
+            } => {
+                stats.forms.sparse += 1;
+                let b = base_needed()?;
+                let out = self.empty(words);
+                kernels::scatter(&self.client, b, &mask, &ranks, &values, &out, width_bits);
+                out
+            }
+            StagedKind::Codes { codes, book, bits } => {
+                stats.forms.codes += 1;
+                let out = self.empty(words);
+                if words > 0 {
+                    let numel = entry.numel() as u32;
+                    kernels::lookup(&self.client, &codes, &book, &out, numel, width_bits, bits);
+                }
+                out
+            }
+            StagedKind::Host(form) => {
                 stats.forms.host += 1;
-                let base = match base {
-                    Some(b) => Some(self.read(b, len)?),
-                    None => None,
+                let base = match form {
+                    DeviceForm::Dense(_) | DeviceForm::Codes(_) => None,
+                    _ => Some(self.read(base_needed()?, len)?),
                 };
                 let numel = entry.numel() as usize;
-                let dense = apply_device_form(form, entry.dtype, numel, base.as_deref())
+                let dense = apply_device_form(&form, entry.dtype, numel, base.as_deref())
                     .map_err(|e| Error::Device(format!("tensor `{}`: {}", entry.name, e.reason)))?;
                 self.upload(&dense)
             }
-            (_, Some(_), None) => return Err(missing_base()),
         })
     }
+}
+
+/// One tensor's payload, uploaded and waiting for its base.
+struct Staged {
+    kind: StagedKind,
+    upload_bytes: u64,
+}
+
+enum StagedKind {
+    Dense(Words),
+    Unchanged,
+    Xor(Words),
+    Sparse {
+        mask: Words,
+        ranks: Words,
+        values: Words,
+    },
+    Codes {
+        codes: Words,
+        book: Words,
+        bits: u32,
+    },
+    Host(DeviceForm),
 }
 
 /// Where a restored tensor lives.
