@@ -202,6 +202,36 @@ pub fn to_burnpack(
     writer.into_bytes().map_err(|e| bad(e.to_string()))
 }
 
+/// The metadata key of a per-tensor entry (`burn.pid.`, `burn.dtype.`) for tensor `name`,
+/// whose record prefix (`model/`, `optim/`, or none) comes before its last `/`.
+fn tensor_key(what: &str, name: &str) -> String {
+    match name.rsplit_once('/') {
+        Some((prefix, rest)) => format!("{prefix}/{what}{rest}"),
+        None => format!("{what}{name}"),
+    }
+}
+
+fn lookup<'a>(metadata: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    metadata
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The Burn dtype of stored tensor `name` (prefix included) of bitsnap dtype `dtype`.
+pub(crate) fn burn_dtype_of(
+    name: &str,
+    dtype: DType,
+    metadata: &[(String, String)],
+) -> Option<PackDType> {
+    dtype_to_burn(dtype, lookup(metadata, &tensor_key(DTYPE, name)))
+}
+
+/// The parameter id recorded for stored tensor `name` (prefix included), if any.
+pub(crate) fn param_id_of(name: &str, metadata: &[(String, String)]) -> Option<u64> {
+    lookup(metadata, &tensor_key(PID, name)).and_then(|v| v.parse().ok())
+}
+
 /// Maps a burnpack error to [`Error::Record`] for `kind`.
 fn record_error(kind: RecordKind) -> impl Fn(burn_pack::Error) -> Error + Copy {
     move |e| Error::Record {

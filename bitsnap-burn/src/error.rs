@@ -53,6 +53,9 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// The device failed (a read-back, a kernel) or a restored tensor was used wrongly.
+    #[error("device: {0}")]
+    Device(String),
     /// The background saver thread stopped (it panicked); pending saves are lost and no
     /// further save is accepted.
     #[error("the background saver stopped: {0}")]

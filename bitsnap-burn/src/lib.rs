@@ -9,13 +9,17 @@
 //!   compression and writing run in the background), with exact restore.
 //! - [`BitSnapModuleStore`]: Burn's `ModuleStore`, for `module.save_into(&mut store)` and
 //!   `module.load_from(&mut store)` outside training.
+//! - [`gpu::DeviceLoader`]: restores a snapshot onto a Burn device; on wgpu the compact
+//!   form crosses the bus and CubeCL kernels expand bitmask deltas and dequantize codes.
 //! - [`bridge`]: the conversion between Burn's records and bitsnap tensors.
-#![forbid(unsafe_code)]
+// Kernel launches are the only `unsafe`: one file, `gpu/kernels.rs`, SAFETY on each.
+#![deny(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod bridge;
 mod checkpointer;
 mod error;
+pub mod gpu;
 mod module_store;
 mod saver;
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
-use crate::codec::{CodecError, CodecId, Cursor, QuantError};
+use crate::codec::{CodecError, CodecId, Cursor, DeviceForm, QuantError};
 use crate::tensor::byte_len;
 use crate::{DType, Error, Role};
 
@@ -717,12 +717,7 @@ impl SnapshotFile {
     /// snapshot, for delta codecs) and checks the result against its recorded hash.
     pub fn decode(&self, entry: &Entry, base: Option<&[u8]>) -> Result<Vec<u8>, Error> {
         let payload = self.payload(entry)?;
-        let numel = usize::try_from(entry.numel()).map_err(|_| Error::Limit {
-            file: self.path.clone(),
-            what: "tensor elements",
-            value: entry.numel(),
-            limit: usize::MAX as u64,
-        })?;
+        let numel = self.numel(entry)?;
         if entry.codec.needs_base() && base.is_none() {
             return Err(Error::MissingBase {
                 file: self.path.clone(),
@@ -733,18 +728,46 @@ impl SnapshotFile {
                 ),
             });
         }
-        let out =
-            crate::codec::decode(entry.codec, payload, entry.dtype, numel, base).map_err(|e| {
-                Error::Malformed {
-                    file: self.path.clone(),
-                    tensor: Some(entry.name.clone()),
-                    what: "payload",
-                    offset: entry.offset + e.offset as u64,
-                    reason: e.reason,
-                }
-            })?;
+        let out = crate::codec::decode(entry.codec, payload, entry.dtype, numel, base)
+            .map_err(|e| self.malformed(entry, e))?;
         self.check_hash(entry, "decoded data", entry.raw_hash, &out)?;
         Ok(out)
+    }
+
+    /// Entropy-decodes `entry` into the form a device finishes next to its base (see
+    /// [`crate::codec::device`]). The payload checksum is verified; the decoded-data
+    /// checksum can only be checked on the finished tensor
+    /// ([`SnapshotFile::check_decoded`]).
+    pub fn decode_for_device(&self, entry: &Entry) -> Result<DeviceForm, Error> {
+        let payload = self.payload(entry)?;
+        let numel = self.numel(entry)?;
+        crate::codec::decode_for_device(entry.codec, payload, entry.dtype, numel)
+            .map_err(|e| self.malformed(entry, e))
+    }
+
+    /// Fails with [`Error::Checksum`] naming `entry` unless `decoded` is what the snapshot
+    /// recorded for it.
+    pub fn check_decoded(&self, entry: &Entry, decoded: &[u8]) -> Result<(), Error> {
+        self.check_hash(entry, "decoded data", entry.raw_hash, decoded)
+    }
+
+    fn numel(&self, entry: &Entry) -> Result<usize, Error> {
+        usize::try_from(entry.numel()).map_err(|_| Error::Limit {
+            file: self.path.clone(),
+            what: "tensor elements",
+            value: entry.numel(),
+            limit: usize::MAX as u64,
+        })
+    }
+
+    fn malformed(&self, entry: &Entry, e: CodecError) -> Error {
+        Error::Malformed {
+            file: self.path.clone(),
+            tensor: Some(entry.name.clone()),
+            what: "payload",
+            offset: entry.offset + e.offset as u64,
+            reason: e.reason,
+        }
     }
 
     /// Total file size in bytes.

@@ -375,7 +375,9 @@ impl Store {
         }
     }
 
-    fn open_file(&self, id: u64) -> Result<SnapshotFile, Error> {
+    /// Opens the file of snapshot `id` and checks that it holds that snapshot (header and
+    /// trailer checked; payloads are checked as they are read).
+    pub fn open_file(&self, id: u64) -> Result<SnapshotFile, Error> {
         let info = self.info(id)?;
         if !info.shards.is_empty() {
             return Err(Error::Config(format!(
@@ -414,8 +416,9 @@ impl Store {
         Ok(file)
     }
 
-    /// Snapshots from the full one at the root of `id`'s chain to `id`.
-    fn chain(&self, id: u64) -> Result<Vec<u64>, Error> {
+    /// Snapshots from the full one at the root of `id`'s chain to `id`: the order in which
+    /// a restore applies them.
+    pub fn chain(&self, id: u64) -> Result<Vec<u64>, Error> {
         let mut chain = vec![id];
         let mut cur = self.info(id)?;
         while let Some(b) = cur.base {

@@ -188,47 +188,112 @@ pub(crate) fn decode_into(
     })
 }
 
-/// The positions of changed elements of one chunk, decoded from its mask.
-pub(crate) fn decode_mask(
+/// The mask of one chunk, entropy-decoded and checked: it marks exactly `changed` of the
+/// chunk's `n` elements and nothing past the last one.
+pub(crate) enum ChunkMask {
+    /// No element changed.
+    None,
+    /// Every element changed.
+    All,
+    /// Packed bits, LSB first, `ceil(n / 8)` bytes.
+    Bits(Vec<u8>),
+    /// Positions of the changed elements, ascending.
+    Positions(Vec<u32>),
+}
+
+impl ChunkMask {
+    /// Positions of the changed elements of a chunk of `n`, ascending.
+    pub(crate) fn positions(self, n: usize) -> Vec<u32> {
+        match self {
+            ChunkMask::None => Vec::new(),
+            ChunkMask::All => (0..n as u32).collect(),
+            ChunkMask::Positions(p) => p,
+            ChunkMask::Bits(bits) => {
+                let mut idx = Vec::new();
+                for (byte_i, &byte) in bits.iter().enumerate() {
+                    let mut v = byte;
+                    while v != 0 {
+                        idx.push((byte_i * 8) as u32 + v.trailing_zeros());
+                        v &= v - 1;
+                    }
+                }
+                idx
+            }
+        }
+    }
+
+    /// Sets, in the packed bit array `out` (LSB first), the bits of this chunk's changed
+    /// elements, the chunk starting at element `start` of `n`. `out`'s bits for the
+    /// chunk must be clear.
+    pub(crate) fn write_bits(self, start: usize, n: usize, out: &mut [u8]) {
+        fn set(out: &mut [u8], i: usize) {
+            out[i / 8] |= 1 << (i % 8);
+        }
+        match self {
+            ChunkMask::None => {}
+            ChunkMask::Bits(bits) if start % 8 == 0 => {
+                out[start / 8..start / 8 + bits.len()]
+                    .iter_mut()
+                    .zip(&bits)
+                    .for_each(|(o, b)| *o |= b);
+            }
+            ChunkMask::All if start % 8 == 0 => {
+                out[start / 8..start / 8 + n / 8].fill(0xff);
+                (n / 8 * 8..n).for_each(|i| set(out, start + i));
+            }
+            ChunkMask::All => (0..n).for_each(|i| set(out, start + i)),
+            other => {
+                for i in other.positions(n) {
+                    set(out, start + i as usize);
+                }
+            }
+        }
+    }
+}
+
+/// Reads and checks the mask of one chunk of `n` elements, `changed` of them changed.
+pub(crate) fn read_mask(
     cur: &mut Cursor<'_>,
     n: usize,
     changed: usize,
     d: &mut zstd::bulk::Decompressor<'static>,
-) -> Result<Vec<u32>, CodecError> {
+) -> Result<ChunkMask, CodecError> {
     let at = cur.offset();
     let mode = cur.u8("mask mode")?;
     let len = cur.u32("mask length")? as usize;
     let mask = cur.bytes(len, "mask")?;
-    let bits_from = |bits: &[u8]| -> Result<Vec<u32>, CodecError> {
+    let check_bits = |bits: Vec<u8>| -> Result<ChunkMask, CodecError> {
         if bits.len() != n.div_ceil(8) {
             return Err(CodecError::new(
                 at,
                 format!("mask of {} bytes for {n} elements", bits.len()),
             ));
         }
-        let mut idx = Vec::with_capacity(changed);
-        for (byte_i, &byte) in bits.iter().enumerate() {
-            let mut v = byte;
-            while v != 0 {
-                let i = byte_i * 8 + v.trailing_zeros() as usize;
-                if i >= n {
-                    return Err(CodecError::new(at, "mask bit set past the last element"));
-                }
-                idx.push(i as u32);
-                v &= v - 1;
-            }
+        if n % 8 != 0 && bits.last().is_some_and(|&b| b >> (n % 8) != 0) {
+            return Err(CodecError::new(at, "mask bit set past the last element"));
         }
-        Ok(idx)
+        let ones: usize = bits.iter().map(|b| b.count_ones() as usize).sum();
+        if ones != changed {
+            return Err(CodecError::new(
+                at,
+                format!("mask marks {ones} elements, header says {changed}"),
+            ));
+        }
+        Ok(ChunkMask::Bits(bits))
     };
-    let idx = match mode {
-        MASK_NONE if len == 0 => Vec::new(),
-        MASK_ALL if len == 0 => (0..n as u32).collect(),
-        MASK_BITS_RAW => bits_from(mask)?,
+    match mode {
+        MASK_NONE if len == 0 && changed == 0 => Ok(ChunkMask::None),
+        MASK_ALL if len == 0 && changed == n => Ok(ChunkMask::All),
+        MASK_NONE | MASK_ALL if len == 0 => Err(CodecError::new(
+            at,
+            format!("mask mode {mode} for {changed} changed of {n}"),
+        )),
+        MASK_BITS_RAW => check_bits(mask.to_vec()),
         MASK_BITS_ZSTD => {
             let bits = d
                 .decompress(mask, n.div_ceil(8))
                 .map_err(|e| CodecError::new(at, format!("zstd mask: {e}")))?;
-            bits_from(&bits)?
+            check_bits(bits)
         }
         MASK_GAPS_ZSTD => {
             // A gap below 2^32 takes at most 5 LEB128 bytes.
@@ -247,22 +312,19 @@ pub(crate) fn decode_mask(
                 idx.push(i as u32);
                 next = i + 1;
             }
-            idx
+            if idx.len() != changed {
+                return Err(CodecError::new(
+                    at,
+                    format!("mask marks {} elements, header says {changed}", idx.len()),
+                ));
+            }
+            Ok(ChunkMask::Positions(idx))
         }
-        other => {
-            return Err(CodecError::new(
-                at,
-                format!("unknown mask mode {other} (length {len})"),
-            ));
-        }
-    };
-    if idx.len() != changed {
-        return Err(CodecError::new(
+        other => Err(CodecError::new(
             at,
-            format!("mask marks {} elements, header says {changed}", idx.len()),
-        ));
+            format!("unknown mask mode {other} (length {len})"),
+        )),
     }
-    Ok(idx)
 }
 
 fn read_leb128(cur: &mut Cursor<'_>) -> Result<u64, CodecError> {
@@ -280,6 +342,59 @@ fn read_leb128(cur: &mut Cursor<'_>) -> Result<u64, CodecError> {
     ))
 }
 
+/// A [`BitmaskDelta`] payload entropy-decoded but not applied: the mask of the whole
+/// tensor (packed bits, LSB first, `ceil(numel / 8)` bytes), the changed elements'
+/// `value XOR base` in element order, and their count.
+pub(crate) struct Sparse {
+    pub mask: Vec<u8>,
+    pub values: Vec<u8>,
+    pub changed: usize,
+}
+
+/// Decodes a [`BitmaskDelta`] payload for `numel` elements of `width` bytes into its
+/// mask and changed values, chunks in parallel; a device holding the base applies them.
+pub(crate) fn decode_sparse(
+    payload: &[u8],
+    width: usize,
+    numel: usize,
+) -> Result<Sparse, CodecError> {
+    let mut cur = Cursor::new(payload);
+    let chunks = chunks::parse(&mut cur, numel)?;
+    let parts: Vec<(ChunkMask, Vec<u8>)> = chunks
+        .par_iter()
+        .map(|chunk| {
+            let n = chunk.elems.len();
+            let mut cur = Cursor::new(chunk.body);
+            let changed = cur.u32("changed count")? as usize;
+            if changed > n {
+                return Err(CodecError::new(
+                    chunk.offset,
+                    format!("{changed} changed elements in a chunk of {n}"),
+                ));
+            }
+            super::with_decompressor(|d| {
+                let mask = read_mask(&mut cur, n, changed, d)?;
+                let mut values = vec![0u8; changed * width];
+                planes::decode(&mut cur, width, d, &mut values)?;
+                cur.finish("bitmask chunk")?;
+                Ok((mask, values))
+            })
+            .map_err(|e| e.shifted(chunk.offset))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut mask = vec![0u8; numel.div_ceil(8)];
+    let mut values = Vec::with_capacity(parts.iter().map(|p| p.1.len()).sum());
+    for (chunk, (m, v)) in chunks.iter().zip(parts) {
+        m.write_bits(chunk.elems.start, chunk.elems.len(), &mut mask);
+        values.extend_from_slice(&v);
+    }
+    Ok(Sparse {
+        mask,
+        changed: values.len() / width.max(1),
+        values,
+    })
+}
+
 fn decode_chunk(body: &[u8], w: usize, base: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
     let n = out.len() / w;
     let mut cur = Cursor::new(body);
@@ -291,7 +406,7 @@ fn decode_chunk(body: &[u8], w: usize, base: &[u8], out: &mut [u8]) -> Result<()
         ));
     }
     super::with_decompressor(|d| {
-        let idx = decode_mask(&mut cur, n, changed, d)?;
+        let idx = read_mask(&mut cur, n, changed, d)?.positions(n);
         let mut values = vec![0u8; changed * w];
         planes::decode(&mut cur, w, d, &mut values)?;
         cur.finish("bitmask chunk")?;

@@ -467,14 +467,35 @@ pub(crate) fn precheck(payload: &[u8], dtype: DType, n: usize) -> Result<(), Cod
     }
 }
 
-/// Decodes a [`ClusterQuantizer`] payload into `out`.
-pub(crate) fn decode_into(payload: &[u8], dtype: DType, out: &mut [u8]) -> Result<(), CodecError> {
+/// A cluster payload entropy-decoded but not looked up: what a device needs to
+/// dequantize. Every code is checked to index the codebook.
+pub(crate) struct Codes {
+    pub bits: QuantBits,
+    /// `k` entries of the tensor's dtype, back to back.
+    pub codebook: Vec<u8>,
+    /// The codes, packed little-endian (4-bit: element `2i` in the low nibble of byte `i`;
+    /// 16-bit: two bytes per code).
+    pub packed: Vec<u8>,
+}
+
+impl Codes {
+    fn code(&self, i: usize) -> usize {
+        match self.bits {
+            QuantBits::B4 => ((self.packed[i / 2] >> ((i % 2) * 4)) & 0x0f) as usize,
+            QuantBits::B8 => self.packed[i] as usize,
+            QuantBits::B16 => {
+                u16::from_le_bytes([self.packed[2 * i], self.packed[2 * i + 1]]) as usize
+            }
+        }
+    }
+}
+
+/// Decodes the codebook and the codes of a [`ClusterQuantizer`] payload for `n` elements.
+pub(crate) fn decode_codes(payload: &[u8], dtype: DType, n: usize) -> Result<Codes, CodecError> {
     let w = dtype.size();
-    let n = out.len() / w;
     let mut cur = Cursor::new(payload);
     let book = parse_codebook(&mut cur, dtype)?;
     let bits = book.bits;
-    let cw = code_width(bits);
     let plen = packed_len(n, bits);
     let mut packed = Vec::new();
     packed
@@ -483,45 +504,56 @@ pub(crate) fn decode_into(payload: &[u8], dtype: DType, out: &mut [u8]) -> Resul
     packed.resize(plen, 0);
     let codes_at = cur.offset();
     let rest = cur.bytes(cur.remaining(), "codes")?;
-    planes::decode_into(rest, cw, &mut packed).map_err(|e| e.shifted(codes_at))?;
+    planes::decode_into(rest, code_width(bits), &mut packed).map_err(|e| e.shifted(codes_at))?;
     if bits == QuantBits::B4 && n % 2 == 1 && packed.last().is_some_and(|b| b >> 4 != 0) {
         return Err(CodecError::new(
             codes_at,
             "unused high nibble of the last 4-bit code is not 0",
         ));
     }
-    let k = book.entries.len() / w;
+    let codes = Codes {
+        bits,
+        codebook: book.entries.to_vec(),
+        packed,
+    };
+    let k = codes.codebook.len() / w;
+    if k < 1 << bits.bits() {
+        let step = chunks::chunk_elems(w);
+        let bad = (0..n.div_ceil(step))
+            .into_par_iter()
+            .find_map_any(|c| (c * step..((c + 1) * step).min(n)).find(|&i| codes.code(i) >= k));
+        if let Some(i) = bad {
+            return Err(CodecError::new(
+                codes_at,
+                format!(
+                    "code {} at element {i} is past the codebook of {k}",
+                    codes.code(i)
+                ),
+            ));
+        }
+    }
+    Ok(codes)
+}
+
+/// Decodes a [`ClusterQuantizer`] payload into `out`.
+pub(crate) fn decode_into(payload: &[u8], dtype: DType, out: &mut [u8]) -> Result<(), CodecError> {
+    let w = dtype.size();
+    let n = out.len() / w;
+    let codes = decode_codes(payload, dtype, n)?;
     let step = chunks::chunk_elems(w);
     out.par_chunks_mut(step * w)
         .enumerate()
-        .try_for_each(|(c, part)| {
+        .for_each(|(c, part)| {
             for (j, o) in part.chunks_exact_mut(w).enumerate() {
-                let i = c * step + j;
-                let code = match bits {
-                    QuantBits::B4 => ((packed[i / 2] >> ((i % 2) * 4)) & 0x0f) as usize,
-                    QuantBits::B8 => packed[i] as usize,
-                    QuantBits::B16 => {
-                        u16::from_le_bytes([packed[2 * i], packed[2 * i + 1]]) as usize
-                    }
-                };
-                let entry = book
-                    .entries
-                    .get(code * w..(code + 1) * w)
-                    .filter(|_| code < k)
-                    .ok_or_else(|| {
-                        CodecError::new(
-                            codes_at,
-                            format!("code {code} at element {i} is past the codebook of {k}"),
-                        )
-                    })?;
-                o.copy_from_slice(entry);
+                let code = codes.code(c * step + j);
+                o.copy_from_slice(&codes.codebook[code * w..(code + 1) * w]);
             }
-            Ok(())
-        })
+        });
+    Ok(())
 }
 
 /// The parsed head of a cluster payload.
-#[allow(dead_code)] // `transform` is read by inspection tools and the GPU loader.
+#[allow(dead_code)] // `transform` is read by inspection tools.
 pub(crate) struct Codebook<'a> {
     pub bits: QuantBits,
     /// [`TRANSFORM_LINEAR`] or [`TRANSFORM_LOG`].

@@ -34,6 +34,7 @@ pub mod bitmask;
 mod chunks;
 pub mod cluster;
 mod cursor;
+pub mod device;
 pub mod planes;
 mod xor;
 
@@ -44,6 +45,9 @@ pub use bitmask::BitmaskDelta;
 pub use chunks::CHUNK_BYTES;
 pub use cluster::{ClusterQuantizer, QuantBits, QuantError};
 pub(crate) use cursor::Cursor;
+pub use device::{
+    DeviceForm, QuantCodes, RANK_BLOCK, SparseDelta, apply_device_form, decode_for_device,
+};
 pub use planes::Planes;
 pub use xor::XorDelta;
 

@@ -64,6 +64,26 @@ pub(crate) fn decode_into(
     base: &[u8],
     out: &mut [u8],
 ) -> Result<(), CodecError> {
+    decode_with(payload, width, out, |chunk, part| {
+        let b = &base[chunk.elems.start * width..chunk.elems.end * width];
+        part.iter_mut().zip(b).for_each(|(o, b)| *o ^= b);
+    })
+}
+
+/// Decodes an [`XorDelta`] payload into `out` without a base: `out` receives
+/// `tensor XOR base`, which a device holding the base finishes with one XOR.
+pub(crate) fn decode_delta_into(
+    payload: &[u8],
+    width: usize,
+    out: &mut [u8],
+) -> Result<(), CodecError> {
+    decode_with(payload, width, out, |_, _| {})
+}
+
+fn decode_with<F>(payload: &[u8], width: usize, out: &mut [u8], finish: F) -> Result<(), CodecError>
+where
+    F: Fn(&chunks::Chunk<'_>, &mut [u8]) + Sync,
+{
     let mut cur = Cursor::new(payload);
     let chunks = chunks::parse(&mut cur, out.len() / width)?;
     chunks::decode(&chunks, width, out, |chunk, part| {
@@ -73,8 +93,7 @@ pub(crate) fn decode_into(
             cur.finish("xor planes")
                 .map_err(|e| e.shifted(chunk.offset))
         })?;
-        let b = &base[chunk.elems.start * width..chunk.elems.end * width];
-        part.iter_mut().zip(b).for_each(|(o, b)| *o ^= b);
+        finish(chunk, part);
         Ok(())
     })
 }
