@@ -89,7 +89,11 @@ fn mean(v: impl IntoIterator<Item = f64>) -> (f64, f64, usize) {
 fn median(v: impl IntoIterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = v.into_iter().collect();
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
+    let n = v.len();
+    match (v.get(n.saturating_sub(1) / 2), v.get(n / 2)) {
+        (Some(a), Some(b)) => (a + b) / 2.0,
+        _ => 0.0,
+    }
 }
 
 impl Summary {
