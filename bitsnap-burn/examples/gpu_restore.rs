@@ -116,7 +116,7 @@ fn blank(dtypes: &[DType], device: &Device) -> State {
 
 fn checksum(m: &State) -> u64 {
     m.t.iter()
-        .map(|p| xxhash_rust::xxh3::xxh3_64(&p.val().into_data().bytes()))
+        .map(|p| xxhash_rust::xxh3::xxh3_64(p.val().into_data().bytes()))
         .fold(0, |a, b| a.rotate_left(5) ^ b)
 }
 

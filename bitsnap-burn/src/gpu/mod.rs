@@ -216,7 +216,8 @@ impl DeviceLoader {
                             .decode_for_device(e)
                             .map_err(Error::from)
                             .and_then(|form| target.stage(e, form));
-                        let msg = staged.map(|f| Decoded::Tensor(e.clone(), f, t.elapsed()));
+                        let msg =
+                            staged.map(|f| Decoded::Tensor(Box::new((e.clone(), f, t.elapsed()))));
                         tx.send(msg).map_err(|_| ())
                     });
                     if sent.is_err() {
@@ -249,7 +250,8 @@ impl DeviceLoader {
                         stats.forms.skipped += 1;
                         next.remove(&name);
                     }
-                    Decoded::Tensor(entry, staged, took) => {
+                    Decoded::Tensor(boxed) => {
+                        let (entry, staged, took) = *boxed;
                         decode_time += took;
                         let base = state.get(&entry.name);
                         let words = target.finish(store, &entry, staged, base, &mut stats)?;
@@ -315,7 +317,7 @@ fn check_base(store: &Store, next: &Header, prev: &Header) -> Result<(), Error> 
 
 enum Decoded {
     Header(Box<Header>),
-    Tensor(Entry, Staged, Duration),
+    Tensor(Box<(Entry, Staged, Duration)>),
     /// Overwritten later in the chain by a base-free payload.
     Skipped(String),
 }

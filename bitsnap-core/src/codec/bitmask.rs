@@ -231,13 +231,13 @@ impl ChunkMask {
         }
         match self {
             ChunkMask::None => {}
-            ChunkMask::Bits(bits) if start % 8 == 0 => {
+            ChunkMask::Bits(bits) if start.is_multiple_of(8) => {
                 out[start / 8..start / 8 + bits.len()]
                     .iter_mut()
                     .zip(&bits)
                     .for_each(|(o, b)| *o |= b);
             }
-            ChunkMask::All if start % 8 == 0 => {
+            ChunkMask::All if start.is_multiple_of(8) => {
                 out[start / 8..start / 8 + n / 8].fill(0xff);
                 (n / 8 * 8..n).for_each(|i| set(out, start + i));
             }
@@ -269,7 +269,7 @@ pub(crate) fn read_mask(
                 format!("mask of {} bytes for {n} elements", bits.len()),
             ));
         }
-        if n % 8 != 0 && bits.last().is_some_and(|&b| b >> (n % 8) != 0) {
+        if !n.is_multiple_of(8) && bits.last().is_some_and(|&b| b >> (n % 8) != 0) {
             return Err(CodecError::new(at, "mask bit set past the last element"));
         }
         let ones: usize = bits.iter().map(|b| b.count_ones() as usize).sum();
