@@ -16,6 +16,15 @@ use std::process::Command;
 use bitsnap_core::{DType, Error, MANIFEST_FILE, Policy, Role, Store, Tensor};
 use common::{mutate, random_tensor};
 
+/// These tests fork children (`mount`, `setpriv`) while others drop and reopen stores: a
+/// child forked in between holds a copy of the store's `flock` until it execs, and the
+/// reopened store's save would see "another process is writing". One at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A tmpfs mounted on a temporary directory; unmounted on drop.
 struct Tmpfs {
     dir: tempfile::TempDir,
@@ -134,6 +143,7 @@ fn phase(e: &Error) -> &'static str {
 
 #[test]
 fn a_full_disk_at_any_point_of_a_save_or_delete_damages_nothing() {
+    let _serial = serial();
     let Some(fs) = Tmpfs::mount("1m") else {
         return;
     };
@@ -170,9 +180,11 @@ fn a_full_disk_at_any_point_of_a_save_or_delete_damages_nothing() {
                 *phases.entry(phase(&e)).or_default() += 1;
             }
         }
-        // A delete that rebases a dependant, with the disk still as full as the save left it.
-        if saved.len() > 3 {
-            let victim = saved[saved.len() - 3].0;
+        std::fs::remove_file(filler).unwrap();
+        // A delete that rebases a dependant, with as little room.
+        let base_of_a_delta = store.snapshots().iter().rev().find_map(|s| s.base);
+        if let Some(victim) = base_of_a_delta {
+            let filler = fill_leaving(fs.path(), free);
             match store.delete(victim) {
                 Ok(()) => saved.retain(|(id, _)| *id != victim),
                 Err(e) => {
@@ -180,8 +192,8 @@ fn a_full_disk_at_any_point_of_a_save_or_delete_damages_nothing() {
                     *phases.entry(phase(&e)).or_default() += 1;
                 }
             }
+            std::fs::remove_file(filler).unwrap();
         }
-        std::fs::remove_file(filler).unwrap();
         assert_intact(&dir, &saved);
         // Room again: the oldest goes, keeping the store small.
         while saved.len() > 3 {
@@ -213,6 +225,7 @@ fn a_full_disk_at_any_point_of_a_save_or_delete_damages_nothing() {
 
 #[test]
 fn a_read_only_file_system_refuses_writes_by_name_and_still_reads() {
+    let _serial = serial();
     let Some(fs) = Tmpfs::mount("4m") else {
         return;
     };
@@ -246,6 +259,7 @@ fn a_read_only_file_system_refuses_writes_by_name_and_still_reads() {
 
 #[test]
 fn a_snapshot_replaced_by_garbage_is_named_and_the_store_goes_on() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open_or_create(dir.path(), Policy::default()).unwrap();
     let a = tensors(1);
@@ -282,6 +296,7 @@ fn a_snapshot_replaced_by_garbage_is_named_and_the_store_goes_on() {
 
 #[test]
 fn a_manifest_replaced_by_garbage_is_refused_and_not_overwritten() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open_or_create(dir.path(), Policy::default()).unwrap();
     let s0 = store.save("a", tensors(1)).unwrap();
@@ -301,6 +316,7 @@ fn a_manifest_replaced_by_garbage_is_refused_and_not_overwritten() {
 
 #[test]
 fn a_missing_base_fails_its_deltas_by_name_and_the_next_save_is_full() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open_or_create(dir.path(), Policy::default()).unwrap();
     let a = tensors(1);
@@ -354,6 +370,7 @@ fn permission_child_entry() {
 
 #[test]
 fn a_store_the_process_may_not_write_refuses_saves_by_name() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let store_dir = dir.path().join("store");
     let mut store = Store::open_or_create(&store_dir, Policy::default()).unwrap();
