@@ -61,8 +61,8 @@ pub enum Expansion {
 /// use bitsnap_core::{DType, Policy, Role, Store, Tensor};
 /// let dir = tempfile::tempdir().unwrap();
 /// let mut store = Store::open_or_create(dir.path(), Policy::default()).unwrap();
-/// let w = Tensor::from_f32("w", vec![2, 2], Role::Weight, &[1.0, 2.0, 3.0, 4.0]).unwrap();
-/// let id = store.save("step-1", vec![w]).unwrap().id;
+/// let w = Tensor::from_f32("w", &[2, 2], Role::Weight, &[1.0, 2.0, 3.0, 4.0]).unwrap();
+/// let id = store.save("step-1", vec![w]).unwrap().info.id;
 /// let device = burn::tensor::Device::flex();
 /// let snap = DeviceLoader::new(&device).load(&store, id).unwrap();
 /// let t = snap.get("w").unwrap().float::<2>().unwrap();
