@@ -38,9 +38,9 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::backend::Backend;
-use crate::format::{BaseRef, Header, MAX_HEADER_BYTES, TRAILER_BYTES};
-use crate::store::{MANIFEST_VERSION_SHARDED, validate_metadata};
-use crate::store::{Snapshot, SnapshotInfo, State, decode_file, encode_all, validate};
+use crate::format::{Header, MAX_HEADER_BYTES, TRAILER_BYTES};
+use crate::store::{MANIFEST_VERSION_SHARDED, encode_against, validate_metadata};
+use crate::store::{Snapshot, SnapshotInfo, State, decode_file, validate};
 use crate::{Error, Store, Tensor};
 
 /// Most shards (ranks) in one snapshot.
@@ -251,26 +251,7 @@ impl Store {
                 }
             },
         };
-        let base_map: HashMap<&str, &Tensor> = base
-            .as_ref()
-            .map(|(_, s, _)| s.iter().map(|t| (t.name.as_str(), t)).collect())
-            .unwrap_or_default();
-        let mut encoded = encode_all(&policy, &tensors, &base_map)?;
-        if base.is_some() {
-            let verdict = policy.judge_delta(&encoded);
-            full_reason = verdict.full_reason();
-            if verdict == crate::policy::DeltaVerdict::WouldNotPay {
-                encoded = encode_all(&policy, &tensors, &HashMap::new())?;
-            }
-        }
-        let base = if full_reason.is_some() {
-            None
-        } else {
-            base.map(|(id, _, hash)| BaseRef {
-                id,
-                state_hash: hash,
-            })
-        };
+        let (encoded, base) = encode_against(&policy, &tensors, base, &mut full_reason)?;
         let file = shard_file_name(id, rank);
         // A shard of an uncommitted id left by an earlier attempt of this rank (a crash
         // after its upload): replaced, as object stores refuse to create it again.

@@ -605,26 +605,7 @@ impl Store {
                 }
             },
         };
-        let base_map: HashMap<&str, &Tensor> = base
-            .as_ref()
-            .map(|(_, s, _)| s.iter().map(|t| (t.name.as_str(), t)).collect())
-            .unwrap_or_default();
-        let mut encoded = encode_all(&policy, &tensors, &base_map)?;
-        if base.is_some() {
-            let verdict = policy.judge_delta(&encoded);
-            full_reason = verdict.full_reason();
-            if verdict == crate::policy::DeltaVerdict::WouldNotPay {
-                encoded = encode_all(&policy, &tensors, &HashMap::new())?;
-            }
-        }
-        let base = if full_reason.is_some() {
-            None
-        } else {
-            base.map(|(id, _, hash)| BaseRef {
-                id,
-                state_hash: hash,
-            })
-        };
+        let (encoded, base) = encode_against(&policy, &tensors, base, &mut full_reason)?;
         let id = self.manifest.next_id;
         let file = self.snapshot_file_name(id);
         let (header, stored_bytes) = self.write_snapshot(
@@ -1051,6 +1032,41 @@ pub(crate) fn decode_file(
             })
         })
         .collect()
+}
+
+/// An encoded tensor and how its codec was chosen.
+pub(crate) type EncodedTensor = (Encoded, crate::format::Decision);
+
+/// Encodes `tensors` against `base` (its id, decoded state and state hash) if there is
+/// one and the delta pays, else full; sets `full_reason` when it ends up full. Returns the
+/// encoded tensors and the base they were encoded against.
+pub(crate) fn encode_against(
+    policy: &Policy,
+    tensors: &[Tensor],
+    base: Option<(u64, State, u64)>,
+    full_reason: &mut Option<&'static str>,
+) -> Result<(Vec<EncodedTensor>, Option<BaseRef>), Error> {
+    let base_map: HashMap<&str, &Tensor> = base
+        .as_ref()
+        .map(|(_, s, _)| s.iter().map(|t| (t.name.as_str(), t)).collect())
+        .unwrap_or_default();
+    let mut encoded = encode_all(policy, tensors, &base_map)?;
+    if base.is_some() {
+        let verdict = policy.judge_delta(&encoded);
+        *full_reason = verdict.full_reason();
+        if verdict == crate::policy::DeltaVerdict::WouldNotPay {
+            encoded = encode_all(policy, tensors, &HashMap::new())?;
+        }
+    }
+    let base = if full_reason.is_some() {
+        None
+    } else {
+        base.map(|(id, _, hash)| BaseRef {
+            id,
+            state_hash: hash,
+        })
+    };
+    Ok((encoded, base))
 }
 
 pub(crate) fn encode_all(
