@@ -250,7 +250,21 @@ mod tests {
             let ones: u32 = s.mask.iter().map(|w| w.count_ones()).sum();
             assert_eq!(u64::from(ones), s.changed);
         }
-        assert!(form.upload_bytes() <= (next.len() as u64).max(1) * 2);
+        let w = dtype.size();
+        match &form {
+            DeviceForm::Dense(d) | DeviceForm::Xor(d) => assert_eq!(d.len(), next.len()),
+            DeviceForm::Unchanged => assert_eq!(form.upload_bytes(), 0),
+            DeviceForm::Sparse(s) => assert_eq!(s.values.len() as u64, s.changed * w as u64),
+            DeviceForm::Codes(c) => {
+                let packed = match c.bits {
+                    4 => n.div_ceil(2),
+                    8 => n,
+                    _ => 2 * n,
+                };
+                assert_eq!(c.codes.len(), packed);
+                assert!(c.codebook.len() % w == 0 && c.codebook.len() <= (w << c.bits));
+            }
+        }
     }
 
     proptest! {
