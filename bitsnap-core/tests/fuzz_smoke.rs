@@ -11,9 +11,7 @@
 #[allow(dead_code)] // the libFuzzer entry points
 mod targets;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use targets::{Scratch, TARGETS};
 
@@ -22,40 +20,15 @@ use targets::{Scratch, TARGETS};
 /// allocation in this test binary may reach 64 MiB.
 const MAX_ALLOC: usize = 64 << 20;
 
-/// The system allocator, recording the largest single request.
-struct Largest;
-
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call forwards to `System` with the caller's arguments unchanged; the
-// only addition is an atomic maximum, which neither allocates nor touches the memory.
-unsafe impl GlobalAlloc for Largest {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        // SAFETY: the caller's contract for `alloc` is `System::alloc`'s.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        // SAFETY: as for `alloc`.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
-        // SAFETY: `ptr` and `layout` come from this allocator, which is `System`.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` was allocated by `System` with `layout`.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+#[path = "common/largest_alloc.rs"]
+mod largest_alloc;
+use largest_alloc::Largest;
 
 #[global_allocator]
 static ALLOCATOR: Largest = Largest;
 
 fn assert_allocations_bounded(what: &str) {
-    let largest = LARGEST.load(Ordering::Relaxed);
+    let largest = largest_alloc::largest();
     assert!(
         largest < MAX_ALLOC,
         "{what}: an allocation of {largest} bytes, above the fuzz bound of {MAX_ALLOC}"

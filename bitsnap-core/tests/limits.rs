@@ -3,9 +3,7 @@
 //! or manifest are refused with [`Error::Limit`] (or a named [`Error::Malformed`]), and
 //! no allocation in this test binary comes near the declared size.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bitsnap_core::format::{
     self, Header, MAX_HEADER_BYTES, MAX_METADATA, MAX_TENSORS, SnapshotFile,
@@ -16,40 +14,15 @@ use xxhash_rust::xxh3::xxh3_64;
 /// No single allocation in these tests may reach this (the declared sizes are GiBs).
 const MAX_ALLOC: usize = 16 << 20;
 
-/// The system allocator, recording the largest single request.
-struct Largest;
-
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call forwards to `System` with the caller's arguments unchanged; the
-// only addition is an atomic maximum, which neither allocates nor touches the memory.
-unsafe impl GlobalAlloc for Largest {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        // SAFETY: the caller's contract for `alloc` is `System::alloc`'s.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        // SAFETY: as for `alloc`.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
-        // SAFETY: `ptr` and `layout` come from this allocator, which is `System`.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` was allocated by `System` with `layout`.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+#[path = "common/largest_alloc.rs"]
+mod largest_alloc;
+use largest_alloc::Largest;
 
 #[global_allocator]
 static ALLOCATOR: Largest = Largest;
 
 fn assert_small_allocations() {
-    let largest = LARGEST.load(Ordering::Relaxed);
+    let largest = largest_alloc::largest();
     assert!(largest < MAX_ALLOC, "an allocation of {largest} bytes");
 }
 
