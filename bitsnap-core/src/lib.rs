@@ -54,6 +54,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod ci;
 pub mod codec;
 mod dtype;
 mod error;

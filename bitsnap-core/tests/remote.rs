@@ -35,7 +35,7 @@ impl S3Server {
     fn start() -> Option<S3Server> {
         let Some(bin) = find_s3s_fs() else {
             assert!(
-                std::env::var_os("CI").is_none(),
+                !bitsnap_core::ci::required(),
                 "s3s-fs is not installed (CI must install it: `cargo install s3s-fs --locked`)"
             );
             eprintln!("note: s3s-fs not found on PATH; skipping this S3 test");
