@@ -120,9 +120,113 @@ pub enum Error {
         /// Requested size.
         bytes: u64,
     },
-    /// An invalid option or argument.
+    /// An invalid option or argument. bitsnap-core itself now reports the specific
+    /// variants below; this one is kept for callers that construct it.
     #[error("{0}")]
     Config(String),
+    /// Something given to bitsnap (a snapshot name, metadata, the number of tensors) is
+    /// over a limit of the format; nothing was written.
+    #[error("{what} is {value}, above the format's limit of {limit}")]
+    InputLimit {
+        /// Which quantity (names the key or tensor where there is one).
+        what: String,
+        /// The value given.
+        value: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// Decoding a snapshot would take more memory than the decode budget allows
+    /// ([`Store::with_decode_budget`](crate::Store::with_decode_budget)); nothing of it
+    /// was decoded.
+    #[error("{}: decoding needs {needed} bytes (tensor `{tensor}` crosses the budget), above the decode budget of {budget} bytes", file.display())]
+    Budget {
+        /// The snapshot file.
+        file: PathBuf,
+        /// The tensor whose decoded size crosses the budget.
+        tensor: String,
+        /// Decoded bytes the snapshot (with what it is decoded against) needs.
+        needed: u64,
+        /// The budget.
+        budget: u64,
+    },
+    /// A directory holds snapshot files but no manifest: not creating a store over them.
+    #[error("{}: holds snapshot files ({}) but no MANIFEST; refusing to create a store over them", store.display(), file.display())]
+    NotAStore {
+        /// The directory.
+        store: PathBuf,
+        /// The first snapshot file found.
+        file: PathBuf,
+    },
+    /// A snapshot was asked for in a way its kind (sharded or not) does not allow.
+    #[error("{}: snapshot {snapshot} {reason}", store.display())]
+    WrongKind {
+        /// The store.
+        store: PathBuf,
+        /// The snapshot.
+        snapshot: u64,
+        /// What does not fit (`is sharded: read it with Store::load or Store::load_shard`).
+        reason: String,
+    },
+    /// A snapshot cannot be deleted while others depend on it in a way a deletion cannot
+    /// rewrite.
+    #[error("{}: snapshot {snapshot} is the base of shards of snapshot {user}; deleting the base of shard deltas is not supported (delete the newer snapshots first)", store.display())]
+    InUse {
+        /// The store.
+        store: PathBuf,
+        /// The snapshot asked to be deleted.
+        snapshot: u64,
+        /// A snapshot that depends on it.
+        user: u64,
+    },
+    /// A rank and world size of a sharded save that do not fit.
+    #[error("rank {rank} of {world}: need 0 <= rank < world <= {max}")]
+    InvalidRank {
+        /// The rank given.
+        rank: u32,
+        /// The world size given.
+        world: u32,
+        /// Most ranks allowed.
+        max: u32,
+    },
+    /// JSON that could not be read or written (the manifest).
+    #[error("{}: {what}: {source}", file.display())]
+    Json {
+        /// The file.
+        file: PathBuf,
+        /// What was being read or written.
+        what: &'static str,
+        /// The serde_json error (line and column for parse errors).
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A store location (URL or path) that cannot be used.
+    #[error("{location}: {reason}")]
+    InvalidLocation {
+        /// The location as given.
+        location: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The safetensors library refused to write a file.
+    #[error("{}: cannot write safetensors: {source}", file.display())]
+    Safetensors {
+        /// The file.
+        file: PathBuf,
+        /// The safetensors error.
+        #[source]
+        source: ::safetensors::SafeTensorError,
+    },
+    /// A shard file belongs to another commit attempt than the one committed or listed
+    /// (a stale shard left by an earlier, interrupted attempt).
+    #[error("{}: shard of commit attempt {actual:016x}, expected attempt {expected:016x}", file.display())]
+    StaleShard {
+        /// The shard file.
+        file: PathBuf,
+        /// The attempt the commit or manifest names.
+        expected: u64,
+        /// The attempt in the shard's header.
+        actual: u64,
+    },
     /// Another writer changed the store first (a concurrent commit to a remote manifest,
     /// or a snapshot id already taken); nothing this writer wrote became visible.
     #[error("{}: conflict: {reason}", file.display())]

@@ -62,9 +62,12 @@ pub mod format;
 mod policy;
 mod role;
 pub mod safetensors;
-pub mod shard;
 mod store;
 mod tensor;
+
+/// Sharded snapshots (one file per writer rank, committed together); see
+/// [`Store::save_shard`] and [`Store::commit_sharded`].
+pub use store::shard;
 
 pub use dtype::DType;
 pub use error::Error;
@@ -75,7 +78,8 @@ pub use policy::{
 pub use role::Role;
 pub use shard::{ShardInfo, ShardReport};
 pub use store::{
-    LOCK_FILE, MANIFEST_FILE, MAX_MANIFEST_BYTES, SaveReport, Snapshot, SnapshotInfo, Store,
-    VerifyReport,
+    BaseState, ChainLink, FALLBACK_DECODE_BUDGET, FullReason, LOCK_FILE, MANIFEST_FILE,
+    MAX_MANIFEST_BYTES, RestoreChain, SaveReport, Snapshot, SnapshotInfo, Store, VerifyReport,
+    default_decode_budget,
 };
 pub use tensor::{MAX_NAME_BYTES, MAX_RANK, MAX_TENSOR_BYTES, Tensor};

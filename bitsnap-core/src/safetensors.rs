@@ -398,7 +398,10 @@ pub fn write_file(
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| Error::Config(format!("{}: not a file path", path.display())))?;
+        .ok_or_else(|| Error::InvalidLocation {
+            location: path.display().to_string(),
+            reason: "not a file path".into(),
+        })?;
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{file_name}."))
         .suffix(".tmp")
@@ -411,10 +414,10 @@ pub fn write_file(
     )
     .map_err(|e| match e {
         SafeTensorError::IoError(source) => Error::io(tmp.path(), source),
-        other => Error::Config(format!(
-            "{}: cannot write safetensors: {other}",
-            path.display()
-        )),
+        other => Error::Safetensors {
+            file: path.to_path_buf(),
+            source: other,
+        },
     })?;
     tmp.as_file()
         .sync_all()

@@ -42,11 +42,14 @@ fn file_with_region(region: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A raw header body: id, empty name, no base, then the given tail.
+/// A raw header body of the current version (2): id, empty name, no base, attempt 0,
+/// an empty extension area, then the given tail.
 fn header_body(tail: &[u8]) -> Vec<u8> {
     let mut b = 7u64.to_le_bytes().to_vec();
     b.extend_from_slice(&0u16.to_le_bytes());
     b.extend_from_slice(&[0; 17]);
+    b.extend_from_slice(&0u64.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
     b.extend_from_slice(tail);
     b
 }

@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{Backend, ObjectVersion, ObjectWriter};
 use crate::Error;
-use crate::store::LOCK_FILE;
+
+/// File name of the writer lock, which this backend owns (FORMAT.md 1).
+pub const LOCK_FILE: &str = "LOCK";
 
 /// A store in a directory of the local filesystem.
 #[derive(Debug, Clone)]

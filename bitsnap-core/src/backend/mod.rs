@@ -35,7 +35,7 @@ mod local;
 #[cfg(feature = "remote")]
 mod object;
 
-pub use local::LocalDir;
+pub use local::{LOCK_FILE, LocalDir};
 #[cfg(feature = "remote")]
 pub use object::{MULTIPART_PART_BYTES, ObjectBackend};
 
@@ -126,9 +126,10 @@ pub fn from_location(location: &str) -> Result<Arc<dyn Backend>, Error> {
         }
         #[cfg(not(feature = "remote"))]
         {
-            return Err(Error::Config(format!(
-                "{location}: remote stores need bitsnap-core's `remote` feature"
-            )));
+            return Err(Error::InvalidLocation {
+                location: location.to_string(),
+                reason: "remote stores need bitsnap-core's `remote` feature".into(),
+            });
         }
     }
     Ok(Arc::new(LocalDir::new(location)))

@@ -74,7 +74,10 @@ impl ObjectBackend {
     /// conditional PUT), then from `options` (the same keys, as `object_store`'s
     /// `AmazonS3ConfigKey` parses them: `aws_endpoint`, `endpoint`, …), which win.
     pub fn from_url(url: &str, options: &[(&str, &str)]) -> Result<ObjectBackend, Error> {
-        let config = |reason: String| Error::Config(format!("{url}: {reason}"));
+        let config = |reason: String| Error::InvalidLocation {
+            location: url.to_string(),
+            reason,
+        };
         let (scheme, rest) = url
             .split_once("://")
             .ok_or_else(|| config("not a URL".into()))?;

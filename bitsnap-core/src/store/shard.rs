@@ -37,10 +37,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::manifest::MANIFEST_VERSION_SHARDED;
+use super::save::{BaseState, FullReason, Plan, unique_token, validate, validate_metadata};
+use super::{Cached, Snapshot, SnapshotInfo};
 use crate::backend::Backend;
-use crate::format::{Header, MAX_HEADER_BYTES, TRAILER_BYTES};
-use crate::store::{MANIFEST_VERSION_SHARDED, encode_against, validate_metadata};
-use crate::store::{Snapshot, SnapshotInfo, State, decode_file, validate};
+use crate::format::{Header, TRAILER_BYTES, Trailer};
 use crate::{Error, Store, Tensor};
 
 /// Most shards (ranks) in one snapshot.
@@ -65,6 +66,14 @@ pub struct ShardInfo {
     pub raw_bytes: u64,
     /// Size of its file.
     pub stored_bytes: u64,
+    /// The commit attempt its header carries (format v2; 0 for shards written before
+    /// attempts existed). Omitted from the manifest when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempt: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// What [`Store::save_shard`] did.
@@ -75,7 +84,30 @@ pub struct ShardReport {
     /// Its header: per-tensor codec, sizes and decisions.
     pub header: Header,
     /// Why it is a full shard, if it is one.
-    pub full_reason: Option<&'static str>,
+    pub full_reason: Option<FullReason>,
+}
+
+/// The commit attempt nonce [`Store::save_shard`] and [`Store::commit_sharded`] use when
+/// not given one: derived from the series, id, name and world size, so it is the same
+/// for every rank, but also the same for a retry of the same step. Pass a fresh nonce
+/// per attempt ([`new_attempt`], shared by the ranks) to
+/// [`Store::save_shard_attempt`] and [`Store::commit_sharded_attempt`] to bind the
+/// shards to one attempt.
+pub fn default_attempt(series: &str, id: u64, name: &str, world: u32) -> u64 {
+    let mut bytes = Vec::with_capacity(series.len() + name.len() + 28);
+    for part in [series.as_bytes(), name.as_bytes()] {
+        bytes.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(part);
+    }
+    bytes.extend_from_slice(&id.to_le_bytes());
+    bytes.extend_from_slice(&world.to_le_bytes());
+    xxh3_64(&bytes).max(1)
+}
+
+/// A fresh, non-zero commit attempt nonce (random): one process draws it and shares it
+/// with every rank of the attempt.
+pub fn new_attempt() -> u64 {
+    unique_token().max(1)
 }
 
 /// File name of rank `rank`'s shard of snapshot `id`.
@@ -132,8 +164,8 @@ fn combined_hash(shards: &[ShardInfo]) -> u64 {
     xxh3_64(&bytes)
 }
 
-/// Reads and checks just the header of snapshot file `name` (trailer, then the header
-/// region: two ranged reads).
+/// Reads and checks just the header of snapshot file `name` (preamble, trailer, then
+/// the header region: three ranged reads), with [`Trailer::parse`] as for whole files.
 pub(crate) fn read_header(backend: &dyn Backend, name: &str) -> Result<(Header, u64), Error> {
     let path = backend.path_of(name);
     let size = backend.size(name)?.ok_or_else(|| {
@@ -142,52 +174,13 @@ pub(crate) fn read_header(backend: &dyn Backend, name: &str) -> Result<(Header, 
             std::io::Error::new(std::io::ErrorKind::NotFound, "shard file is missing"),
         )
     })?;
-    let t_at = size
-        .checked_sub(TRAILER_BYTES as u64)
-        .filter(|&t| t >= crate::format::PREAMBLE_BYTES as u64)
-        .ok_or_else(|| Error::Truncated {
-            file: path.clone(),
-            offset: size,
-            what: "trailer".into(),
-        })?;
-    let trailer = backend.read_range(name, t_at..size)?;
-    let word = |i: usize| {
-        trailer
-            .get(i * 8..i * 8 + 8)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u64::from_le_bytes)
-    };
-    if trailer.get(24..32) != Some(&crate::format::END_MAGIC[..]) {
-        return Err(Error::Truncated {
-            file: path,
-            offset: size,
-            what: "trailer (no end marker: the file is incomplete)".into(),
-        });
-    }
-    let (h_at, h_len, h_hash) = (word(0), word(1), word(2));
-    if h_len > MAX_HEADER_BYTES || h_at.checked_add(h_len) != Some(t_at) {
-        return Err(Error::Malformed {
-            file: path,
-            tensor: None,
-            what: "trailer",
-            offset: t_at,
-            reason: format!("header at {h_at} of {h_len} bytes does not end at the trailer"),
-        });
-    }
-    let region = backend.read_range(name, h_at..t_at)?;
-    let actual = xxh3_64(&region);
-    if actual != h_hash {
-        return Err(Error::Checksum {
-            file: path,
-            tensor: None,
-            what: "header",
-            offset: h_at,
-            expected: h_hash,
-            actual,
-        });
-    }
-    let body = crate::format::decode_header_region(&region, &path, h_at)?;
-    Ok((Header::parse(&body, &path, h_at)?, size))
+    let pre_len = (crate::format::PREAMBLE_BYTES as u64).min(size);
+    let version = crate::format::check_preamble(&backend.read_range(name, 0..pre_len)?, &path)?;
+    let t_at = size.saturating_sub(TRAILER_BYTES as u64);
+    let trailer = Trailer::parse(&backend.read_range(name, t_at..size)?, size, &path)?;
+    let region = backend.read_range(name, trailer.header_offset..trailer.offset())?;
+    let header = crate::format::parse_region(&region, &trailer, version, &path)?;
+    Ok((header, size))
 }
 
 impl Store {
@@ -198,6 +191,8 @@ impl Store {
     ///
     /// Takes no lock and does not write the manifest: every rank may call it at once.
     /// One process per rank: two writers of the same rank and id overwrite each other.
+    /// The shard carries [`default_attempt`]; [`Store::save_shard_attempt`] takes a
+    /// nonce of the caller's.
     #[allow(clippy::too_many_arguments)]
     pub fn save_shard(
         &mut self,
@@ -209,90 +204,85 @@ impl Store {
         tensors: Vec<Tensor>,
         metadata: Vec<(String, String)>,
     ) -> Result<ShardReport, Error> {
+        let attempt = default_attempt(series, id, name, world);
+        self.save_shard_attempt(series, id, name, rank, world, attempt, tensors, metadata)
+    }
+
+    /// [`Store::save_shard`] for commit attempt `attempt` (a non-zero nonce every rank of
+    /// the attempt shares, for example from [`new_attempt`] on one rank, broadcast):
+    /// [`Store::commit_sharded_attempt`] with the same nonce commits only shards of
+    /// this attempt, never a stale shard an earlier, interrupted attempt left.
+    #[allow(clippy::too_many_arguments)]
+    pub fn save_shard_attempt(
+        &mut self,
+        series: &str,
+        id: u64,
+        name: &str,
+        rank: u32,
+        world: u32,
+        attempt: u64,
+        tensors: Vec<Tensor>,
+        metadata: Vec<(String, String)>,
+    ) -> Result<ShardReport, Error> {
         check_rank(rank, world)?;
         validate(&tensors, name)?;
         validate_metadata(&metadata)?;
         self.refresh()?;
+        let file = shard_file_name(id, rank);
         if id < self.manifest.next_id {
             return Err(Error::Conflict {
-                file: self.backend.path_of(&shard_file_name(id, rank)),
+                file: self.backend.path_of(&file),
                 reason: format!(
                     "snapshot id {id} is already used (the store's next id is {})",
                     self.manifest.next_id
                 ),
             });
         }
-        let policy = self.policy;
-        let mut full_reason = None;
-        let base: Option<(u64, State, u64)> = match self.latest_in(series).cloned() {
-            None => {
-                full_reason = Some("first snapshot");
-                None
-            }
-            Some(l) if l.shards.len() != world as usize => {
-                full_reason = Some("latest snapshot is not sharded the same way");
-                None
-            }
+        let base = match self.latest_in(series).cloned() {
+            None => Err(FullReason::First),
+            Some(l) if l.shards.len() != world as usize => Err(FullReason::ShardLayoutChanged),
             Some(l)
                 if self
-                    .shard_chain(l.id, rank)
+                    .chain_files(l.id, Some(rank))
                     .map_or(u32::MAX, |c| c.len() as u32)
-                    >= policy.full_every =>
+                    >= self.policy.full_every =>
             {
-                full_reason = Some("full snapshot interval reached");
-                None
+                Err(FullReason::Interval)
             }
-            Some(l) => match self.shard_state(l.id, rank) {
-                Ok((state, hash)) => Some((l.id, state, hash)),
-                Err(e) => {
-                    tracing::warn!(error = %e, rank, "latest shard unreadable; saving a full shard");
-                    full_reason = Some("latest snapshot unreadable");
-                    None
-                }
-            },
+            Some(l) => self.shard_state(l.id, rank).map_err(|e| {
+                tracing::warn!(error = %e, rank, "latest shard unreadable; saving a full shard");
+                FullReason::LatestUnreadable
+            }),
         };
-        let (encoded, base) = encode_against(&policy, &tensors, base, &mut full_reason)?;
-        let file = shard_file_name(id, rank);
         // A shard of an uncommitted id left by an earlier attempt of this rank (a crash
         // after its upload): replaced, as object stores refuse to create it again.
         if self.backend.size(&file)?.is_some() {
             tracing::info!(file = %self.backend.path_of(&file).display(), "replacing an uncommitted shard");
             self.backend.remove(&file)?;
         }
-        let (header, stored_bytes) = self.write_snapshot(
-            &file,
+        let plan = Plan {
+            file: file.clone(),
             id,
             name,
+            attempt,
             base,
-            metadata.clone(),
-            tensors
-                .iter()
-                .zip(encoded.iter())
-                .map(|(t, (e, d))| (t, e, d)),
-        )?;
+        };
+        let w = self.write_save(plan, tensors, metadata)?;
         let info = ShardInfo {
             rank,
             file,
-            base: base.map(|b| b.id),
-            state_hash: header.state_hash(),
-            tensors: header.entries.len() as u64,
-            raw_bytes: header.raw_bytes(),
-            stored_bytes,
+            base: w.base.map(|b| b.id),
+            state_hash: w.header.state_hash(),
+            tensors: w.header.entries.len() as u64,
+            raw_bytes: w.header.raw_bytes(),
+            stored_bytes: w.stored_bytes,
+            attempt,
         };
-        let mut state = tensors;
-        for (t, (e, _)) in state.iter_mut().zip(encoded) {
-            if let Some((decoded, _)) = e.lossy {
-                t.data = decoded;
-            }
-        }
-        self.shard_last.insert(
-            (series.to_string(), rank),
-            (id, State::new(state), metadata),
-        );
+        self.shard_last.insert((series.to_string(), rank), w.cached);
         Ok(ShardReport {
             info,
-            header,
-            full_reason,
+            header: w.header,
+            full_reason: w.full_reason,
         })
     }
 
@@ -300,7 +290,8 @@ impl Store {
     /// store: waits up to `wait` for missing ones, checks every shard's header (its id
     /// and name, and that no tensor name is in two shards), then appends one manifest
     /// entry listing them. Fails, committing nothing, if a shard is still missing after
-    /// `wait` (an I/O error of kind `TimedOut` naming the first missing file).
+    /// `wait` (an I/O error of kind `TimedOut` naming the first missing file). Commits
+    /// shards of [`default_attempt`]; see [`Store::commit_sharded_attempt`].
     pub fn commit_sharded(
         &mut self,
         series: &str,
@@ -309,33 +300,76 @@ impl Store {
         world: u32,
         wait: Duration,
     ) -> Result<SnapshotInfo, Error> {
+        let attempt = default_attempt(series, id, name, world);
+        self.commit_sharded_attempt(series, id, name, world, attempt, wait)
+    }
+
+    /// [`Store::commit_sharded`] of commit attempt `attempt`: a shard file whose header
+    /// carries another attempt is stale (left by an earlier attempt) and counts as
+    /// missing while the commit waits; if it is still there at the deadline the commit
+    /// fails with [`Error::StaleShard`], committing nothing.
+    pub fn commit_sharded_attempt(
+        &mut self,
+        series: &str,
+        id: u64,
+        name: &str,
+        world: u32,
+        attempt: u64,
+        wait: Duration,
+    ) -> Result<SnapshotInfo, Error> {
         check_rank(0, world)?;
         self.take_lock()?;
         let files: Vec<String> = (0..world).map(|r| shard_file_name(id, r)).collect();
         let deadline = Instant::now() + wait;
+        // Headers of the shards of this attempt found so far, by rank.
+        let mut found: HashMap<u32, (Header, u64)> = HashMap::new();
         loop {
             let present: HashSet<String> = self.backend.list()?.into_iter().collect();
-            let Some(missing) = files.iter().find(|f| !present.contains(*f)) else {
+            let mut waiting: Option<Error> = None;
+            for (rank, file) in (0..world).zip(&files) {
+                if found.contains_key(&rank) {
+                    continue;
+                }
+                if !present.contains(file) {
+                    waiting.get_or_insert_with(|| {
+                        Error::io(
+                            self.backend.path_of(file),
+                            std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!(
+                                    "shard missing after {:.1} s: snapshot {id} not committed",
+                                    wait.as_secs_f64()
+                                ),
+                            ),
+                        )
+                    });
+                    continue;
+                }
+                let (header, size) = read_header(self.backend.as_ref(), file)?;
+                if header.attempt != attempt {
+                    waiting.get_or_insert(Error::StaleShard {
+                        file: self.backend.path_of(file),
+                        expected: attempt,
+                        actual: header.attempt,
+                    });
+                    continue;
+                }
+                found.insert(rank, (header, size));
+            }
+            let Some(err) = waiting else {
                 break;
             };
             if Instant::now() >= deadline {
-                return Err(Error::io(
-                    self.backend.path_of(missing),
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!(
-                            "shard missing after {:.1} s: snapshot {id} not committed",
-                            wait.as_secs_f64()
-                        ),
-                    ),
-                ));
+                return Err(err);
             }
             std::thread::sleep(POLL);
         }
         let mut shards = Vec::with_capacity(files.len());
         let mut owner: HashMap<String, u32> = HashMap::new();
         for (rank, file) in (0..world).zip(&files) {
-            let (header, size) = read_header(self.backend.as_ref(), file)?;
+            let Some((header, size)) = found.remove(&rank) else {
+                continue;
+            };
             if header.id != id || header.name != name {
                 return Err(Error::Malformed {
                     file: self.backend.path_of(file),
@@ -364,6 +398,7 @@ impl Store {
                 tensors: header.entries.len() as u64,
                 raw_bytes: header.raw_bytes(),
                 stored_bytes: size,
+                attempt,
             });
         }
         let info = SnapshotInfo {
@@ -385,19 +420,20 @@ impl Store {
     /// Decodes rank `rank`'s shard of sharded snapshot `id`, walking that rank's chain.
     pub fn load_shard(&self, id: u64, rank: u32) -> Result<Snapshot, Error> {
         let info = self.info(id)?.clone();
-        if let Some((_, state, metadata)) = self.cached_shard(id, rank) {
+        if let Some(c) = self.cached_shard(id, rank) {
             return Ok(Snapshot {
                 info,
-                metadata: metadata.clone(),
-                tensors: state.as_ref().clone(),
+                metadata: c.metadata.clone(),
+                tensors: c.state.as_ref().clone(),
                 from_memory: true,
             });
         }
-        let (state, header) = self.decode_shard_chain(id, rank)?;
+        let chain = self.restore_chain(id, Some(rank))?;
+        let tensors = chain.decode()?;
         Ok(Snapshot {
             info,
-            metadata: header.metadata,
-            tensors: State::try_unwrap(state).unwrap_or_else(|s| s.as_ref().clone()),
+            metadata: chain.target().header.metadata.clone(),
+            tensors,
             from_memory: false,
         })
     }
@@ -435,8 +471,9 @@ impl Store {
     /// Decodes every shard of `s` and checks it against the manifest.
     pub(crate) fn verify_sharded(&self, s: &SnapshotInfo) -> Result<(), Error> {
         for h in &s.shards {
-            let (_, header) = self.decode_shard_chain(s.id, h.rank)?;
-            let actual = header.state_hash();
+            let chain = self.restore_chain(s.id, Some(h.rank))?;
+            chain.decode()?;
+            let actual = chain.target().header.state_hash();
             if actual != h.state_hash {
                 return Err(Error::Checksum {
                     file: self.backend.path_of(&h.file),
@@ -459,12 +496,11 @@ impl Store {
             .iter()
             .find(|s| s.shards.iter().any(|h| h.base == Some(id)))
         {
-            return Err(Error::Config(format!(
-                "{}: snapshot {id} is the base of shards of snapshot {}; deleting the base of \
-                 shard deltas is not supported (delete the newer snapshots first)",
-                self.dir.display(),
-                d.id
-            )));
+            return Err(Error::InUse {
+                store: self.dir.clone(),
+                snapshot: id,
+                user: d.id,
+            });
         }
         let victim = self.info(id)?.clone();
         let mut next = self.manifest.clone();
@@ -474,97 +510,49 @@ impl Store {
             self.backend.remove(&h.file)?;
         }
         self.backend.sync()?;
-        self.shard_last.retain(|_, (l, _, _)| *l != id);
+        self.shard_last.retain(|_, c| c.id != id);
         Ok(())
     }
 
-    fn cached_shard(&self, id: u64, rank: u32) -> Option<&crate::store::Cached> {
+    fn cached_shard(&self, id: u64, rank: u32) -> Option<&Cached> {
         self.shard_last
             .iter()
-            .find(|((_, r), (l, _, _))| *r == rank && *l == id)
+            .find(|((_, r), c)| *r == rank && c.id == id)
             .map(|(_, c)| c)
     }
 
-    /// The decoded state of rank `rank`'s shard of `id` and its state hash.
-    fn shard_state(&self, id: u64, rank: u32) -> Result<(State, u64), Error> {
+    /// The decoded state of rank `rank`'s shard of `id`, as a base.
+    fn shard_state(&self, id: u64, rank: u32) -> Result<BaseState, Error> {
         let hash = self
             .info(id)?
             .shards
             .get(rank as usize)
             .map(|h| h.state_hash)
             .unwrap_or_default();
-        if let Some((_, state, _)) = self.cached_shard(id, rank) {
-            return Ok((state.clone(), hash));
+        if let Some(c) = self.cached_shard(id, rank) {
+            return Ok(BaseState {
+                id,
+                state: c.state.clone(),
+                hash,
+            });
         }
-        let (state, header) = self.decode_shard_chain(id, rank)?;
-        Ok((state, header.state_hash()))
-    }
-
-    /// Rank `rank`'s shards from the full one at the root of the chain to `id`'s.
-    fn shard_chain(&self, id: u64, rank: u32) -> Result<Vec<(u64, String)>, Error> {
-        let shard_of = |sid: u64, from: &str| -> Result<&ShardInfo, Error> {
-            let info = self.get(sid).ok_or_else(|| Error::MissingBase {
-                file: self.backend.path_of(from),
-                base_id: sid,
-                reason: "is not in the store".into(),
-            })?;
-            info.shards
-                .get(rank as usize)
-                .ok_or_else(|| Error::MissingBase {
-                    file: self.backend.path_of(from),
-                    base_id: sid,
-                    reason: format!("has no shard of rank {rank}"),
-                })
-        };
-        if self.info(id)?.shards.is_empty() {
-            return Err(Error::Config(format!(
-                "{}: snapshot {id} is not sharded",
-                self.dir.display()
-            )));
-        }
-        let mut cur = shard_of(id, "")?;
-        let mut chain = vec![(id, cur.file.clone())];
-        while let Some(b) = cur.base {
-            if chain.len() > self.manifest.snapshots.len() {
-                return Err(Error::MissingBase {
-                    file: self.backend.path_of(&cur.file),
-                    base_id: b,
-                    reason: "forms a cycle in the manifest".into(),
-                });
-            }
-            cur = shard_of(b, &cur.file)?;
-            chain.push((b, cur.file.clone()));
-        }
-        chain.reverse();
-        Ok(chain)
-    }
-
-    fn decode_shard_chain(&self, id: u64, rank: u32) -> Result<(State, Header), Error> {
-        let mut state: Option<(State, Header)> = None;
-        for (sid, file) in self.shard_chain(id, rank)? {
-            let f = self.open_object(&file, sid)?;
-            let prev = state
-                .as_ref()
-                .map(|(s, h)| (s.clone(), h.id, h.state_hash()));
-            let decoded = decode_file(
-                &f,
-                prev.as_ref()
-                    .map(|(s, id, hash)| (s.as_slice(), *id, *hash)),
-            )?;
-            state = Some((State::new(decoded), f.header));
-        }
-        state.ok_or_else(|| Error::UnknownSnapshot {
-            store: self.dir.clone(),
-            snapshot: format!("{id} (rank {rank})"),
+        let chain = self.restore_chain(id, Some(rank))?;
+        let state = chain.decode()?;
+        Ok(BaseState {
+            id,
+            state: std::sync::Arc::new(state),
+            hash: chain.target().header.state_hash(),
         })
     }
 }
 
 fn check_rank(rank: u32, world: u32) -> Result<(), Error> {
     if world == 0 || world > MAX_SHARDS || rank >= world {
-        return Err(Error::Config(format!(
-            "rank {rank} of {world}: need 0 <= rank < world <= {MAX_SHARDS}"
-        )));
+        return Err(Error::InvalidRank {
+            rank,
+            world,
+            max: MAX_SHARDS,
+        });
     }
     Ok(())
 }

@@ -1,0 +1,444 @@
+//! Loading: the one checked chain reader ([`RestoreChain`]) behind [`Store::load`],
+//! [`Store::verify`], the bases of saves and deletions, and the GPU loader of
+//! `bitsnap-burn`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use super::{Snapshot, Store, budget};
+use crate::format::{Entry, Header, RefScope, SnapshotFile};
+use crate::{DType, Error, Tensor};
+
+/// The files to decode, in order, to restore one snapshot (or one rank's part of a
+/// sharded snapshot): from the full snapshot at the root of its chain to the snapshot
+/// itself, each read into memory and checked before anything is decoded:
+///
+/// - every file holds the snapshot the manifest lists (id; for shards, the commit
+///   attempt);
+/// - every file's base is the file before it (id and state hash), the root has none;
+/// - every delta-coded tensor has a tensor of the same name, dtype and shape in the file
+///   before it, and every base reference (format v2) names one;
+/// - decoding each file, while the state before it is held, fits the store's decode
+///   budget ([`Store::with_decode_budget`]).
+///
+/// Payloads are borrowed from the files and checksum-verified as they are taken
+/// ([`ChainLink::payload`]); errors name the real file path and the tensor.
+///
+/// ```
+/// use bitsnap_core::{Policy, Role, Store, Tensor};
+/// let dir = tempfile::tempdir().unwrap();
+/// let mut store = Store::open_or_create(dir.path(), Policy::default()).unwrap();
+/// let mut w: Vec<f32> = (0..4096).map(|i| i as f32).collect();
+/// store.save("a", vec![Tensor::from_f32("w", &[4096], Role::Weight, &w).unwrap()]).unwrap();
+/// w[3] = -1.0;
+/// let b = store.save("b", vec![Tensor::from_f32("w", &[4096], Role::Weight, &w).unwrap()]).unwrap();
+///
+/// // One chain per part: one for an unsharded snapshot, one per rank of a sharded one.
+/// let chains = store.restore_chains(b.info.id).unwrap();
+/// assert_eq!(chains.len(), 1);
+/// let chain = &chains[0];
+/// assert_eq!(chain.files().len(), 2); // full root, then the delta
+/// for link in chain.links() {
+///     for &i in &link.decode_order() {
+///         let entry = &link.file.header.entries[i];
+///         let payload: &[u8] = link.payload(entry).unwrap(); // verified, borrowed
+///         // A delta's base tensor is in the file before it, dtype and shape checked.
+///         if entry.codec.needs_base() {
+///             let base = link.base_entry(entry).unwrap();
+///             assert_eq!((base.dtype, &base.shape), (entry.dtype, &entry.shape));
+///         }
+///         println!("{}: {} {} bytes", link.path().display(), entry.name, payload.len());
+///     }
+/// }
+/// // Or decode it all on the host.
+/// assert_eq!(chain.decode().unwrap()[0].to_f32().unwrap(), w);
+/// ```
+#[derive(Debug)]
+pub struct RestoreChain {
+    snapshot: u64,
+    rank: Option<u32>,
+    files: Vec<SnapshotFile>,
+}
+
+/// One file of a [`RestoreChain`] and the file before it (its base), if any.
+#[derive(Debug, Clone, Copy)]
+pub struct ChainLink<'a> {
+    /// Position in the chain (0: the root, a full snapshot).
+    pub step: usize,
+    /// The file.
+    pub file: &'a SnapshotFile,
+    /// The file before it, which its delta payloads are decoded against.
+    pub base: Option<&'a SnapshotFile>,
+}
+
+impl<'a> ChainLink<'a> {
+    /// The real path of the file, for error messages.
+    pub fn path(&self) -> &'a Path {
+        &self.file.path
+    }
+
+    /// The checksum-verified payload of `entry` (one of this file's), borrowed.
+    pub fn payload(&self, entry: &Entry) -> Result<&'a [u8], Error> {
+        self.file.payload(entry)
+    }
+
+    /// The entry of the same tensor in the base file, if there is a base file and it has
+    /// one. For delta-coded entries the chain checked that it exists with the same dtype
+    /// and shape.
+    pub fn base_entry(&self, entry: &Entry) -> Option<&'a Entry> {
+        self.base?
+            .header
+            .entries
+            .iter()
+            .find(|b| b.name == entry.name)
+    }
+
+    /// The order in which to decode this file's entries: referenced tensors first
+    /// ([`Header::decode_order`]).
+    pub fn decode_order(&self) -> Vec<usize> {
+        self.file.header.decode_order()
+    }
+}
+
+impl RestoreChain {
+    /// The snapshot this chain restores.
+    pub fn snapshot(&self) -> u64 {
+        self.snapshot
+    }
+
+    /// For a sharded snapshot, the rank whose part this chain restores.
+    pub fn rank(&self) -> Option<u32> {
+        self.rank
+    }
+
+    /// The files in decoding order: the root (full) first, the snapshot itself last.
+    pub fn files(&self) -> &[SnapshotFile] {
+        &self.files
+    }
+
+    /// The snapshot's own file (the last of the chain).
+    pub fn target(&self) -> &SnapshotFile {
+        // A chain is never empty: `Store::restore_chain` builds it from at least one file.
+        &self.files[self.files.len() - 1]
+    }
+
+    /// Each file with its base, in decoding order.
+    pub fn links(&self) -> impl Iterator<Item = ChainLink<'_>> {
+        self.files.iter().enumerate().map(|(step, file)| ChainLink {
+            step,
+            file,
+            base: step.checked_sub(1).and_then(|b| self.files.get(b)),
+        })
+    }
+
+    /// Decodes the chain on the host: the snapshot's tensors, in header order.
+    pub fn decode(&self) -> Result<Vec<Tensor>, Error> {
+        let mut state: Option<Vec<Tensor>> = None;
+        for file in &self.files {
+            state = Some(decode_file(file, state.as_deref())?);
+        }
+        Ok(state.unwrap_or_default())
+    }
+
+    /// The files, taken out.
+    pub fn into_files(self) -> Vec<SnapshotFile> {
+        self.files
+    }
+}
+
+/// What a file is decoded against: the id, state hash and tensor shapes of the
+/// snapshot before it in its chain.
+pub(crate) struct LinkBase<'a> {
+    pub(crate) id: u64,
+    pub(crate) hash: u64,
+    pub(crate) raw_bytes: u64,
+    pub(crate) shapes: HashMap<&'a str, (DType, &'a [u64])>,
+}
+
+impl<'a> LinkBase<'a> {
+    pub(crate) fn of_header(h: &'a Header) -> LinkBase<'a> {
+        LinkBase {
+            id: h.id,
+            hash: h.state_hash(),
+            raw_bytes: h.raw_bytes(),
+            shapes: h
+                .entries
+                .iter()
+                .map(|e| (e.name.as_str(), (e.dtype, e.shape.as_slice())))
+                .collect(),
+        }
+    }
+
+    pub(crate) fn of_state(id: u64, hash: u64, state: &'a [Tensor]) -> LinkBase<'a> {
+        LinkBase {
+            id,
+            hash,
+            raw_bytes: state.iter().map(|t| t.data.len() as u64).sum(),
+            shapes: state
+                .iter()
+                .map(|t| (t.name.as_str(), (t.dtype, t.shape.as_slice())))
+                .collect(),
+        }
+    }
+}
+
+/// Checks that `file` may be decoded against `base` (`None`: it is the root of its
+/// chain): its recorded base, the base tensors of its delta entries and base
+/// references, and that decoding it next to the base fits `budget`.
+pub(crate) fn check_link(
+    file: &SnapshotFile,
+    base: Option<&LinkBase<'_>>,
+    budget: u64,
+) -> Result<(), Error> {
+    let header = &file.header;
+    let missing = |base_id: u64, reason: String| Error::MissingBase {
+        file: file.path.clone(),
+        base_id,
+        reason,
+    };
+    match (header.base, base) {
+        (None, _) => {}
+        (Some(want), None) => return Err(missing(want.id, "was not provided".into())),
+        (Some(want), Some(b)) => {
+            if want.id != b.id || want.state_hash != b.hash {
+                return Err(missing(
+                    want.id,
+                    format!(
+                        "does not match: found snapshot {} with state hash {:016x}, expected {:016x}",
+                        b.id, b.hash, want.state_hash
+                    ),
+                ));
+            }
+            for e in &header.entries {
+                let fits = |name: &str| {
+                    b.shapes
+                        .get(name)
+                        .is_some_and(|(d, s)| *d == e.dtype && *s == e.shape.as_slice())
+                };
+                if e.codec.needs_base() && !fits(&e.name) {
+                    return Err(missing(
+                        want.id,
+                        format!(
+                            "has no tensor `{}` of dtype {} and shape {:?} to decode against",
+                            e.name, e.dtype, e.shape
+                        ),
+                    ));
+                }
+                if let Some(r) = e
+                    .references
+                    .iter()
+                    .find(|r| r.scope == RefScope::Base && !fits(&r.name))
+                {
+                    return Err(missing(
+                        want.id,
+                        format!(
+                            "has no tensor `{}` of dtype {} and shape {:?} that tensor `{}` references",
+                            r.name, e.dtype, e.shape, e.name
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    let held = if header.base.is_some() {
+        base.map_or(0, |b| b.raw_bytes)
+    } else {
+        0
+    };
+    budget::check(header, held, budget, &file.path)
+}
+
+/// Decodes every tensor of `file` against `base`, the decoded state of the file before
+/// it (checked by [`check_link`]), in decoding order; returns them in header order.
+pub(crate) fn decode_file(
+    file: &SnapshotFile,
+    base: Option<&[Tensor]>,
+) -> Result<Vec<Tensor>, Error> {
+    let header = &file.header;
+    let base_map: HashMap<&str, &Tensor> = match (header.base, base) {
+        (Some(_), Some(state)) => state.iter().map(|t| (t.name.as_str(), t)).collect(),
+        _ => HashMap::new(),
+    };
+    // No codec of this build reads the tensors its payload references; decoding follows
+    // the reference order all the same, so codecs that do will find them decoded.
+    let order = header.decode_order();
+    let decoded: Vec<(usize, Tensor)> = order
+        .par_iter()
+        .map(|&i| {
+            let e = &header.entries[i];
+            let base = base_map
+                .get(e.name.as_str())
+                .filter(|b| b.dtype == e.dtype && b.shape == e.shape)
+                .map(|b| b.data.as_slice());
+            let data = file.decode(e, base)?;
+            Ok((
+                i,
+                Tensor {
+                    name: e.name.clone(),
+                    dtype: e.dtype,
+                    shape: e.shape.clone(),
+                    role: e.role,
+                    data,
+                },
+            ))
+        })
+        .collect::<Result<_, Error>>()?;
+    let mut out: Vec<Option<Tensor>> = (0..header.entries.len()).map(|_| None).collect();
+    for (i, t) in decoded {
+        if let Some(slot) = out.get_mut(i) {
+            *slot = Some(t);
+        }
+    }
+    Ok(out.into_iter().flatten().collect())
+}
+
+impl Store {
+    /// Snapshots from the full one at the root of `id`'s chain to `id`: the order in which
+    /// a restore applies them.
+    pub fn chain(&self, id: u64) -> Result<Vec<u64>, Error> {
+        Ok(self
+            .chain_files(id, None)?
+            .into_iter()
+            .map(|(sid, _, _)| sid)
+            .collect())
+    }
+
+    /// The chain of `id` (`rank`: of that rank's shards) as (snapshot id, file, commit
+    /// attempt), root first, from the manifest.
+    pub(crate) fn chain_files(
+        &self,
+        id: u64,
+        rank: Option<u32>,
+    ) -> Result<Vec<(u64, String, u64)>, Error> {
+        let info = self.info(id)?;
+        if info.shards.is_empty() != rank.is_none() {
+            return Err(Error::WrongKind {
+                store: self.dir.clone(),
+                snapshot: id,
+                reason: if rank.is_some() {
+                    "is not sharded".into()
+                } else {
+                    "is sharded: read it with Store::load or Store::load_shard".into()
+                },
+            });
+        }
+        // (base, file, attempt) of snapshot `sid`'s part; `from` names the file that
+        // needs it.
+        let part = |sid: u64, from: &str| -> Result<(Option<u64>, String, u64), Error> {
+            let missing = |reason: String| Error::MissingBase {
+                file: self.backend.path_of(from),
+                base_id: sid,
+                reason,
+            };
+            let s = self
+                .get(sid)
+                .ok_or_else(|| missing("is not in the store".into()))?;
+            match rank {
+                None if s.shards.is_empty() => Ok((s.base, s.file.clone(), 0)),
+                None => Err(missing("is sharded".into())),
+                Some(r) => s
+                    .shards
+                    .get(r as usize)
+                    .map(|h| (h.base, h.file.clone(), h.attempt))
+                    .ok_or_else(|| missing(format!("has no shard of rank {r}"))),
+            }
+        };
+        let (mut base, file, attempt) = part(id, "")?;
+        let mut chain = vec![(id, file, attempt)];
+        while let Some(b) = base {
+            let from = chain.last().map(|c| c.1.clone()).unwrap_or_default();
+            if chain.len() > self.manifest.snapshots.len() {
+                return Err(Error::MissingBase {
+                    file: self.backend.path_of(&from),
+                    base_id: b,
+                    reason: "forms a cycle in the manifest".into(),
+                });
+            }
+            let (next, file, attempt) = part(b, &from)?;
+            chain.push((b, file, attempt));
+            base = next;
+        }
+        chain.reverse();
+        Ok(chain)
+    }
+
+    /// The checked chain of files that restores snapshot `id` (`rank`: rank `rank`'s
+    /// part of sharded snapshot `id`; `None` for an unsharded snapshot). See
+    /// [`RestoreChain`] for what is checked.
+    pub fn restore_chain(&self, id: u64, rank: Option<u32>) -> Result<RestoreChain, Error> {
+        let names = self.chain_files(id, rank)?;
+        let files = names
+            .par_iter()
+            .map(|(sid, name, attempt)| {
+                let f = self.open_object(name, *sid)?;
+                if rank.is_some() && f.header.attempt != *attempt {
+                    return Err(Error::StaleShard {
+                        file: f.path.clone(),
+                        expected: *attempt,
+                        actual: f.header.attempt,
+                    });
+                }
+                Ok(f)
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let mut prev: Option<&Header> = None;
+        for f in &files {
+            check_link(
+                f,
+                prev.map(LinkBase::of_header).as_ref(),
+                self.decode_budget,
+            )?;
+            prev = Some(&f.header);
+        }
+        if files.is_empty() {
+            return Err(Error::UnknownSnapshot {
+                store: self.dir.clone(),
+                snapshot: id.to_string(),
+            });
+        }
+        Ok(RestoreChain {
+            snapshot: id,
+            rank,
+            files,
+        })
+    }
+
+    /// The checked chains that restore snapshot `id`, full, delta or sharded: one for an
+    /// unsharded snapshot, one per rank (in rank order) for a sharded one.
+    pub fn restore_chains(&self, id: u64) -> Result<Vec<RestoreChain>, Error> {
+        let world = self.info(id)?.shards.len() as u32;
+        if world == 0 {
+            return Ok(vec![self.restore_chain(id, None)?]);
+        }
+        (0..world)
+            .map(|rank| self.restore_chain(id, Some(rank)))
+            .collect()
+    }
+
+    /// Decodes snapshot `id`, walking its chain of bases. The latest save is served from
+    /// memory when this `Store` made it (`from_memory` says so).
+    pub fn load(&self, id: u64) -> Result<Snapshot, Error> {
+        let info = self.info(id)?.clone();
+        if !info.shards.is_empty() {
+            return self.load_sharded(id);
+        }
+        if let Some(c) = self.cached(id) {
+            return Ok(Snapshot {
+                info,
+                metadata: c.metadata.clone(),
+                tensors: c.state.as_ref().clone(),
+                from_memory: true,
+            });
+        }
+        let chain = self.restore_chain(id, None)?;
+        let tensors = chain.decode()?;
+        Ok(Snapshot {
+            info,
+            metadata: chain.target().header.metadata.clone(),
+            tensors,
+            from_memory: false,
+        })
+    }
+}

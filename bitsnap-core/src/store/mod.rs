@@ -1,0 +1,506 @@
+//! A store: a directory of snapshot files and a manifest listing the complete ones.
+//!
+//! ```text
+//! store/
+//!   MANIFEST                       the committed list of snapshots (JSON, checksummed)
+//!   LOCK                           held by the one writer
+//!   snap-00000000000000000001.bsnap
+//!   snap-00000000000000000002.bsnap   (a delta on 1)
+//! ```
+//!
+//! Every change is atomic: a snapshot file is written under a temporary name, fsynced,
+//! renamed into place and the directory fsynced; only then is the manifest rewritten the
+//! same way. A crash at any point leaves the previous manifest, and every snapshot it
+//! lists, intact; files it does not list are removed by the next writer.
+//!
+//! The same rules hold on object storage ([`backend`](crate::backend)): snapshot objects
+//! are immutable once written, and the manifest is replaced last, with a conditional PUT,
+//! so a writer killed mid-upload leaves nothing visible. Sharded snapshots (one file per
+//! writer rank, committed together) are in [`shard`].
+//!
+//! One job per module: this one holds [`Store`], its constructors and queries;
+//! `manifest` reads and writes the manifest and the file names it may list; `save` is
+//! the one save routine (full, delta and shard saves); `load` the one checked chain
+//! reader ([`RestoreChain`]) used by load, verify, delete and the GPU loader; `delete`
+//! and `verify` their operations; [`shard`] the sharded snapshots.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, LocalDir, ObjectVersion};
+use crate::format::{Header, SnapshotFile};
+use crate::{Error, Policy, Tensor};
+
+mod budget;
+mod delete;
+mod load;
+mod manifest;
+mod save;
+pub mod shard;
+mod verify;
+
+pub use crate::backend::LOCK_FILE;
+pub use budget::{FALLBACK_DECODE_BUDGET, default_decode_budget};
+pub use load::{ChainLink, RestoreChain};
+pub(crate) use manifest::ManifestBody;
+pub use manifest::{MANIFEST_FILE, MANIFEST_VERSION, MAX_MANIFEST_BYTES};
+pub use save::{BaseState, FullReason};
+use shard::ShardInfo;
+
+/// Largest snapshot file read back, in bytes (1 TiB): a sanity bound, not a budget.
+pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 40;
+
+/// One committed snapshot, as the manifest lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Id, increasing with every save.
+    pub id: u64,
+    /// The name it was saved as.
+    pub name: String,
+    /// The series it belongs to: a delta's base is the latest snapshot of its own series,
+    /// so independent state (a model and its optimizer, saved separately) share a store.
+    /// The default series is `""`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub series: String,
+    /// Its file, relative to the store directory.
+    pub file: String,
+    /// The snapshot it is a delta of, if any.
+    pub base: Option<u64>,
+    /// [`Header::state_hash`] of the snapshot.
+    pub state_hash: u64,
+    /// Number of tensors.
+    pub tensors: u64,
+    /// Decoded size of all its tensors.
+    pub raw_bytes: u64,
+    /// Size of its file.
+    pub stored_bytes: u64,
+    /// For a sharded snapshot, its shards in rank order (then `file` is empty, `base` is
+    /// `None`, and the other fields are totals); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardInfo>,
+}
+
+impl SnapshotInfo {
+    /// `raw_bytes / stored_bytes`.
+    pub fn ratio(&self) -> f64 {
+        self.raw_bytes as f64 / self.stored_bytes.max(1) as f64
+    }
+}
+
+/// A decoded snapshot.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// What the manifest says of it.
+    pub info: SnapshotInfo,
+    /// String metadata saved with it.
+    pub metadata: Vec<(String, String)>,
+    /// Its tensors, decoded (bit-exact for lossless codecs, dequantized for lossy ones).
+    pub tensors: Vec<Tensor>,
+    /// Whether it came from the in-memory copy of the latest save rather than from disk.
+    pub from_memory: bool,
+}
+
+/// What a save did: the snapshot and, per tensor, the codec chosen and why.
+#[derive(Debug, Clone)]
+pub struct SaveReport {
+    /// The new snapshot.
+    pub info: SnapshotInfo,
+    /// Its header: per-tensor codec, sizes and [`Decision`](crate::format::Decision).
+    pub header: Header,
+    /// Why it is a full snapshot, if it is one (its `Display` is the reason as text).
+    pub full_reason: Option<FullReason>,
+}
+
+/// The outcome of [`Store::verify`].
+#[derive(Debug, Default)]
+pub struct VerifyReport {
+    /// Snapshots that decoded and matched every checksum.
+    pub ok: Vec<u64>,
+    /// Snapshots that did not, with the first error found in each.
+    pub failed: Vec<(u64, Error)>,
+    /// Files in the directory that the manifest does not list (left by a crash).
+    pub orphans: Vec<PathBuf>,
+}
+
+pub(crate) type State = Arc<Vec<Tensor>>;
+
+/// The decoded state a store keeps of the latest save of a series (or of a rank).
+#[derive(Debug, Clone)]
+pub(crate) struct Cached {
+    /// The snapshot id.
+    pub(crate) id: u64,
+    /// What it decodes to.
+    pub(crate) state: State,
+    /// Its metadata.
+    pub(crate) metadata: Vec<(String, String)>,
+}
+
+/// A checkpoint store: a directory of snapshots and their manifest.
+///
+/// ```
+/// use bitsnap_core::{Policy, Role, Store, Tensor};
+/// let dir = tempfile::tempdir().unwrap();
+/// let mut store = Store::open_or_create(dir.path(), Policy::default()).unwrap();
+/// let w: Vec<f32> = (0..10_000).map(|i| i as f32 * 1e-3).collect();
+/// let t0 = Tensor::from_f32("w", &[100, 100], Role::Weight, &w).unwrap();
+/// let first = store.save("step-0", vec![t0.clone()]).unwrap();
+/// let mut w1 = w.clone();
+/// w1[42] += 1.0;
+/// let t1 = Tensor::from_f32("w", &[100, 100], Role::Weight, &w1).unwrap();
+/// let second = store.save("step-1", vec![t1.clone()]).unwrap();
+/// assert_eq!(second.info.base, Some(first.info.id));
+/// assert!(second.info.stored_bytes < 1000);
+/// // Restore from disk, walking the chain.
+/// let reopened = Store::open(dir.path()).unwrap();
+/// assert_eq!(reopened.load(second.info.id).unwrap().tensors, vec![t1]);
+/// ```
+pub struct Store {
+    pub(crate) dir: PathBuf,
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) policy: Policy,
+    pub(crate) manifest: ManifestBody,
+    /// Version of the manifest object `manifest` was read from (`None`: there was none).
+    pub(crate) version: Option<ObjectVersion>,
+    /// Per series, the latest save's id, decoded tensors and metadata.
+    pub(crate) last: HashMap<String, Cached>,
+    /// Per series and rank, the latest shard this `Store` saved.
+    pub(crate) shard_last: HashMap<(String, u32), Cached>,
+    /// Most bytes one restore may decode ([`Store::with_decode_budget`]).
+    pub(crate) decode_budget: u64,
+    lock: Option<Box<dyn Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .field("snapshots", &self.manifest.snapshots.len())
+            .finish()
+    }
+}
+
+impl Store {
+    /// Opens an existing store for reading (and writing, once a save takes the lock).
+    /// Fails if `dir` holds no manifest.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Store, Error> {
+        Store::open_backend(Arc::new(LocalDir::new(dir)))
+    }
+
+    /// Opens the store in `dir`, creating the directory and an empty manifest if needed.
+    pub fn open_or_create(dir: impl AsRef<Path>, policy: Policy) -> Result<Store, Error> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        Store::open_or_create_backend(Arc::new(LocalDir::new(dir)), policy)
+    }
+
+    /// [`Store::open`] of a location: a directory, or a URL such as `s3://bucket/prefix`
+    /// (with the `remote` feature; see [`backend::from_location`](crate::backend::from_location)).
+    pub fn open_url(location: &str) -> Result<Store, Error> {
+        Store::open_backend(crate::backend::from_location(location)?)
+    }
+
+    /// [`Store::open_or_create`] of a location: a directory or a URL.
+    pub fn open_or_create_url(location: &str, policy: Policy) -> Result<Store, Error> {
+        if crate::backend::is_url(location) {
+            Store::open_or_create_backend(crate::backend::from_location(location)?, policy)
+        } else {
+            Store::open_or_create(location, policy)
+        }
+    }
+
+    /// Opens an existing store kept by `backend`.
+    pub fn open_backend(backend: Arc<dyn Backend>) -> Result<Store, Error> {
+        let (manifest, version) = manifest::read_manifest(backend.as_ref())?.ok_or_else(|| {
+            Error::io(
+                backend.path_of(MANIFEST_FILE),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no bitsnap store here (MANIFEST is missing)",
+                ),
+            )
+        })?;
+        Ok(Store {
+            dir: backend.location().to_path_buf(),
+            backend,
+            policy: Policy::default(),
+            manifest,
+            version: Some(version),
+            last: HashMap::new(),
+            shard_last: HashMap::new(),
+            decode_budget: default_decode_budget(),
+            lock: None,
+        })
+    }
+
+    /// Opens the store kept by `backend`, creating an empty manifest if there is none.
+    pub fn open_or_create_backend(
+        backend: Arc<dyn Backend>,
+        policy: Policy,
+    ) -> Result<Store, Error> {
+        let mut store = match manifest::read_manifest(backend.as_ref())? {
+            Some((manifest, version)) => Store {
+                dir: backend.location().to_path_buf(),
+                backend,
+                policy,
+                manifest,
+                version: Some(version),
+                last: HashMap::new(),
+                shard_last: HashMap::new(),
+                decode_budget: default_decode_budget(),
+                lock: None,
+            },
+            None => {
+                let mut s = Store {
+                    dir: backend.location().to_path_buf(),
+                    backend,
+                    policy,
+                    manifest: ManifestBody {
+                        version: MANIFEST_VERSION,
+                        next_id: 1,
+                        snapshots: Vec::new(),
+                    },
+                    version: None,
+                    last: HashMap::new(),
+                    shard_last: HashMap::new(),
+                    decode_budget: default_decode_budget(),
+                    lock: None,
+                };
+                // A directory holding snapshots but no manifest is not an empty store:
+                // taking the lock would remove them as debris.
+                if let Some(f) = manifest::snapshot_files(s.backend.as_ref())?.first() {
+                    return Err(Error::NotAStore {
+                        store: s.dir.clone(),
+                        file: s.backend.path_of(f),
+                    });
+                }
+                s.take_lock()?;
+                if s.version.is_none() {
+                    let body = s.manifest.clone();
+                    match s.write_manifest(body) {
+                        // Another process created it first: use theirs.
+                        Err(Error::Conflict { .. }) => s.refresh()?,
+                        r => r?,
+                    }
+                }
+                s
+            }
+        };
+        store.policy = policy;
+        Ok(store)
+    }
+
+    /// The backend keeping this store's objects.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Sets the decode budget: the most bytes one restore (load, verify, the base of a
+    /// save or delete, a GPU restore) may hold decoded at once, checked against the
+    /// headers before anything is decoded ([`Error::Budget`] otherwise). Default:
+    /// [`default_decode_budget`] (half the machine's RAM).
+    pub fn with_decode_budget(mut self, bytes: u64) -> Store {
+        self.decode_budget = bytes;
+        self
+    }
+
+    /// [`Store::with_decode_budget`] on a borrowed store.
+    pub fn set_decode_budget(&mut self, bytes: u64) {
+        self.decode_budget = bytes;
+    }
+
+    /// The decode budget in bytes.
+    pub fn decode_budget(&self) -> u64 {
+        self.decode_budget
+    }
+
+    /// Replaces the encoding policy for later saves.
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
+    /// The encoding policy.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The store directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Committed snapshots, oldest first.
+    pub fn snapshots(&self) -> &[SnapshotInfo] {
+        &self.manifest.snapshots
+    }
+
+    /// The snapshot with this id.
+    pub fn get(&self, id: u64) -> Option<&SnapshotInfo> {
+        self.manifest.snapshots.iter().find(|s| s.id == id)
+    }
+
+    /// The latest snapshot named `name`.
+    pub fn find_by_name(&self, name: &str) -> Option<&SnapshotInfo> {
+        self.manifest
+            .snapshots
+            .iter()
+            .rev()
+            .find(|s| s.name == name)
+    }
+
+    /// The latest snapshot.
+    pub fn latest(&self) -> Option<&SnapshotInfo> {
+        self.manifest.snapshots.last()
+    }
+
+    /// The latest snapshot of `series`.
+    pub fn latest_in(&self, series: &str) -> Option<&SnapshotInfo> {
+        self.manifest
+            .snapshots
+            .iter()
+            .rev()
+            .find(|s| s.series == series)
+    }
+
+    /// The latest snapshot of `series` named `name`.
+    pub fn find(&self, series: &str, name: &str) -> Option<&SnapshotInfo> {
+        self.manifest
+            .snapshots
+            .iter()
+            .rev()
+            .find(|s| s.series == series && s.name == name)
+    }
+
+    /// The cached decoded state of snapshot `id`, if it is the latest save of its series
+    /// made by this `Store`.
+    fn cached(&self, id: u64) -> Option<&Cached> {
+        self.last.values().find(|c| c.id == id)
+    }
+
+    pub(crate) fn info(&self, id: u64) -> Result<&SnapshotInfo, Error> {
+        self.get(id).ok_or_else(|| Error::UnknownSnapshot {
+            store: self.dir.clone(),
+            snapshot: id.to_string(),
+        })
+    }
+
+    /// Reads and checks the header of snapshot `id` (no payload is decoded). For a
+    /// sharded snapshot: every shard's entries, in rank order (their offsets are within
+    /// each shard's file), with rank 0's metadata and no base.
+    pub fn header(&self, id: u64) -> Result<Header, Error> {
+        if self.info(id)?.shards.is_empty() {
+            Ok(self.open_file(id)?.header)
+        } else {
+            self.sharded_header(id)
+        }
+    }
+
+    /// Opens the file of snapshot `id` and checks that it holds that snapshot (header and
+    /// trailer checked; payloads are checked as they are read).
+    pub fn open_file(&self, id: u64) -> Result<SnapshotFile, Error> {
+        let info = self.info(id)?;
+        if !info.shards.is_empty() {
+            return Err(Error::WrongKind {
+                store: self.dir.clone(),
+                snapshot: id,
+                reason: "is sharded: read it with Store::load or Store::load_shard".into(),
+            });
+        }
+        self.open_object(&info.file, id)
+    }
+
+    /// Reads and checks snapshot file `name`, which must hold snapshot `id`.
+    pub(crate) fn open_object(&self, name: &str, id: u64) -> Result<SnapshotFile, Error> {
+        let path = self.backend.path_of(name);
+        let bytes = self
+            .backend
+            .read(name, MAX_SNAPSHOT_BYTES)?
+            .ok_or_else(|| {
+                Error::io(
+                    &path,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "snapshot file is missing"),
+                )
+            })?;
+        let file = SnapshotFile::from_bytes(bytes, &path)?;
+        if file.header.id != id {
+            return Err(Error::Malformed {
+                file: path,
+                tensor: None,
+                what: "header",
+                offset: 0,
+                reason: format!(
+                    "holds snapshot {} where the manifest expects {id}",
+                    file.header.id
+                ),
+            });
+        }
+        Ok(file)
+    }
+
+    /// Becomes a writer. Local stores: takes the writer lock (once); the manifest on
+    /// disk is then the truth and files it does not list were left by a crash. Remote
+    /// stores have no lock: the manifest is re-read before every change and committed
+    /// conditionally.
+    pub(crate) fn take_lock(&mut self) -> Result<(), Error> {
+        if self.lock.is_some() {
+            return Ok(());
+        }
+        self.lock = self.backend.lock()?;
+        self.refresh()?;
+        if self.backend.exclusive() {
+            for orphan in self.orphan_names()? {
+                tracing::info!(file = %self.backend.path_of(&orphan).display(),
+                    "removing a file left by an interrupted save");
+                self.backend.remove(&orphan)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-reads the committed manifest.
+    pub(crate) fn refresh(&mut self) -> Result<(), Error> {
+        if let Some((m, v)) = manifest::read_manifest(self.backend.as_ref())? {
+            self.manifest = m;
+            self.version = Some(v);
+        }
+        Ok(())
+    }
+
+    /// Files in the directory that look like snapshots or temporaries but are not listed.
+    fn orphans(&self) -> Result<Vec<PathBuf>, Error> {
+        Ok(self
+            .orphan_names()?
+            .iter()
+            .map(|n| self.backend.path_of(n))
+            .collect())
+    }
+
+    /// Names of the objects that look like snapshots or temporaries but are not listed.
+    /// Shard files of snapshot ids not committed yet are not orphans: their writer may
+    /// still be at work ([`crate::shard`]).
+    fn orphan_names(&self) -> Result<Vec<String>, Error> {
+        let listed: std::collections::HashSet<&str> = self
+            .manifest
+            .snapshots
+            .iter()
+            .flat_map(|s| {
+                std::iter::once(s.file.as_str()).chain(s.shards.iter().map(|h| h.file.as_str()))
+            })
+            .collect();
+        let mut out = Vec::new();
+        for name in self.backend.list()? {
+            let ours = name.starts_with("snap-")
+                && (name.ends_with(".bsnap") || name.ends_with(".tmp"))
+                || name.starts_with("MANIFEST.") && name.ends_with(".tmp");
+            let pending = shard::pending_shard(&name, self.manifest.next_id);
+            if ours && !pending && !listed.contains(name.as_str()) {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}

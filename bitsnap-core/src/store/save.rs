@@ -1,0 +1,501 @@
+//! Saving: the one save routine behind full, delta and shard saves: choose the base,
+//! encode against it (or full), write the file, keep what it decodes to.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::manifest::MANIFEST_FILE;
+use super::{Cached, SaveReport, SnapshotInfo, Store};
+use crate::codec::Encoded;
+use crate::format::{BaseRef, Decision, Entry, Header, SnapshotWriter};
+use crate::policy::DeltaVerdict;
+use crate::{Error, Policy, Tensor};
+
+/// Attempts at committing a snapshot while other writers keep changing a remote manifest.
+const COMMIT_ATTEMPTS: u32 = 8;
+
+/// Why a snapshot was stored full rather than as a delta. `Display` gives the text the
+/// CLI prints (`full (first snapshot)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FullReason {
+    /// The series had no snapshot yet.
+    First,
+    /// The latest snapshot of the series is sharded (unsharded saves).
+    LatestSharded,
+    /// The latest snapshot is not sharded the same way (shard saves).
+    ShardLayoutChanged,
+    /// The chain reached [`Policy::full_every`](crate::Policy).
+    Interval,
+    /// The latest snapshot could not be decoded.
+    LatestUnreadable,
+    /// No tensor gained from a delta.
+    NoGain,
+    /// The delta would not pay ([`Policy::min_delta_gain`](crate::Policy)).
+    WouldNotPay,
+}
+
+impl FullReason {
+    /// The reason as text (what `Display` prints).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FullReason::First => "first snapshot",
+            FullReason::LatestSharded => "latest snapshot is sharded",
+            FullReason::ShardLayoutChanged => "latest snapshot is not sharded the same way",
+            FullReason::Interval => "full snapshot interval reached",
+            FullReason::LatestUnreadable => "latest snapshot unreadable",
+            FullReason::NoGain => "no tensor gained from a delta",
+            FullReason::WouldNotPay => "delta would not pay",
+        }
+    }
+
+    fn from_verdict(v: DeltaVerdict) -> Option<FullReason> {
+        match v {
+            DeltaVerdict::Keep => None,
+            DeltaVerdict::NoGain => Some(FullReason::NoGain),
+            DeltaVerdict::WouldNotPay => Some(FullReason::WouldNotPay),
+        }
+    }
+}
+
+impl std::fmt::Display for FullReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The snapshot a save is encoded against: its id, what it decodes to, and its state
+/// hash ([`Header::state_hash`]).
+#[derive(Debug, Clone)]
+pub struct BaseState {
+    /// The base snapshot's id.
+    pub id: u64,
+    /// Its decoded tensors.
+    pub state: Arc<Vec<Tensor>>,
+    /// Its state hash.
+    pub hash: u64,
+}
+
+impl BaseState {
+    /// The reference a delta on it records.
+    pub fn base_ref(&self) -> BaseRef {
+        BaseRef {
+            id: self.id,
+            state_hash: self.hash,
+        }
+    }
+
+    fn by_name(&self) -> HashMap<&str, &Tensor> {
+        self.state.iter().map(|t| (t.name.as_str(), t)).collect()
+    }
+}
+
+/// An encoded tensor and how its codec was chosen.
+pub(crate) type EncodedTensor = (Encoded, Decision);
+
+/// What to write: one snapshot file of a save.
+pub(crate) struct Plan<'a> {
+    /// Object name of the file.
+    pub(crate) file: String,
+    /// Snapshot id and name.
+    pub(crate) id: u64,
+    pub(crate) name: &'a str,
+    /// Commit attempt nonce (shards; 0 otherwise).
+    pub(crate) attempt: u64,
+    /// The base, or why there is none.
+    pub(crate) base: Result<BaseState, FullReason>,
+}
+
+/// What [`Store::write_save`] wrote.
+pub(crate) struct Written {
+    pub(crate) header: Header,
+    pub(crate) stored_bytes: u64,
+    pub(crate) base: Option<BaseRef>,
+    pub(crate) full_reason: Option<FullReason>,
+    /// What the snapshot decodes to (lossy tensors dequantized).
+    pub(crate) cached: Cached,
+}
+
+impl Store {
+    /// Saves `tensors` as the next snapshot, named `name`.
+    pub fn save(&mut self, name: &str, tensors: Vec<Tensor>) -> Result<SaveReport, Error> {
+        self.save_with_metadata(name, tensors, Vec::new())
+    }
+
+    /// Saves `tensors` with string metadata as the next snapshot of the default series.
+    pub fn save_with_metadata(
+        &mut self,
+        name: &str,
+        tensors: Vec<Tensor>,
+        metadata: Vec<(String, String)>,
+    ) -> Result<SaveReport, Error> {
+        self.save_in("", name, tensors, metadata)
+    }
+
+    /// Saves `tensors` with string metadata as the next snapshot of `series`. It is a
+    /// delta on the latest snapshot of that series unless the policy calls for a full one.
+    pub fn save_in(
+        &mut self,
+        series: &str,
+        name: &str,
+        tensors: Vec<Tensor>,
+        metadata: Vec<(String, String)>,
+    ) -> Result<SaveReport, Error> {
+        self.take_lock()?;
+        validate(&tensors, name)?;
+        validate_metadata(&metadata)?;
+        let base = match self.latest_in(series).map(|s| (s.id, s.shards.is_empty())) {
+            None => Err(FullReason::First),
+            Some((_, false)) => Err(FullReason::LatestSharded),
+            Some((latest, true))
+                if self.depth(latest).saturating_add(1) >= self.policy.full_every =>
+            {
+                Err(FullReason::Interval)
+            }
+            Some((latest, true)) => self.base_state(latest).map_err(|e| {
+                tracing::warn!(error = %e, "latest snapshot unreadable; saving a full snapshot");
+                FullReason::LatestUnreadable
+            }),
+        };
+        let id = self.manifest.next_id;
+        let plan = Plan {
+            file: self.snapshot_file_name(id),
+            id,
+            name,
+            attempt: 0,
+            base,
+        };
+        let file = plan.file.clone();
+        let w = self.write_save(plan, tensors, metadata)?;
+        let info = SnapshotInfo {
+            id,
+            name: name.to_string(),
+            series: series.to_string(),
+            file: file.clone(),
+            base: w.base.map(|b| b.id),
+            state_hash: w.header.state_hash(),
+            tensors: w.header.entries.len() as u64,
+            raw_bytes: w.header.raw_bytes(),
+            stored_bytes: w.stored_bytes,
+            shards: Vec::new(),
+        };
+        self.commit_new(info.clone(), &[file])?;
+        // Keep what this snapshot decodes to: the base of the next delta, and the answer
+        // to a restore in this process.
+        self.last.insert(series.to_string(), w.cached);
+        Ok(SaveReport {
+            info,
+            header: w.header,
+            full_reason: w.full_reason,
+        })
+    }
+
+    /// The one save routine: encodes `tensors` against `plan.base` if there is one and
+    /// the delta pays (else full), writes the file, and returns what it wrote and what
+    /// the snapshot decodes to. Commits nothing.
+    pub(crate) fn write_save(
+        &self,
+        plan: Plan<'_>,
+        tensors: Vec<Tensor>,
+        metadata: Vec<(String, String)>,
+    ) -> Result<Written, Error> {
+        let (encoded, base, full_reason) = encode_against(&self.policy, &tensors, plan.base)?;
+        let (header, stored_bytes) = self.write_snapshot(
+            &plan.file,
+            plan.id,
+            plan.name,
+            base,
+            plan.attempt,
+            metadata.clone(),
+            tensors
+                .iter()
+                .zip(encoded.iter())
+                .map(|(t, (e, d))| (t, e, d)),
+        )?;
+        let mut state = tensors;
+        for (t, (e, _)) in state.iter_mut().zip(encoded) {
+            if let Some((decoded, _)) = e.lossy {
+                t.data = decoded;
+            }
+        }
+        Ok(Written {
+            header,
+            stored_bytes,
+            base,
+            full_reason,
+            cached: Cached {
+                id: plan.id,
+                state: Arc::new(state),
+                metadata,
+            },
+        })
+    }
+
+    /// The file name of a new snapshot `id`: `snap-<id>.bsnap` under the writer lock;
+    /// with a random suffix on remote stores, where writers are not excluded and must
+    /// not overwrite each other's objects.
+    fn snapshot_file_name(&self, id: u64) -> String {
+        if self.backend.exclusive() {
+            format!("snap-{id:020}.bsnap")
+        } else {
+            format!("snap-{id:020}-{:016x}.bsnap", unique_token())
+        }
+    }
+
+    /// Commits `info` as a new snapshot: appends it to the manifest and replaces the
+    /// manifest. When another writer changed a remote manifest first, re-reads it and
+    /// tries again, as long as `info`'s id is still free and its bases still listed;
+    /// otherwise removes `files` (what this save wrote) and fails with
+    /// [`Error::Conflict`].
+    pub(crate) fn commit_new(&mut self, info: SnapshotInfo, files: &[String]) -> Result<(), Error> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let bases: Vec<u64> = info
+                .base
+                .into_iter()
+                .chain(info.shards.iter().filter_map(|s| s.base))
+                .collect();
+            let stale = if info.id < self.manifest.next_id {
+                Some(format!(
+                    "snapshot id {} was taken (the store's next id is {})",
+                    info.id, self.manifest.next_id
+                ))
+            } else {
+                bases
+                    .iter()
+                    .find(|b| self.get(**b).is_none())
+                    .map(|b| format!("base snapshot {b} was deleted"))
+            };
+            let result = match stale {
+                Some(reason) => Err(Error::Conflict {
+                    file: self.backend.path_of(MANIFEST_FILE),
+                    reason,
+                }),
+                None => {
+                    let mut next = self.manifest.clone();
+                    next.next_id = info.id + 1;
+                    next.snapshots.push(info.clone());
+                    self.write_manifest(next)
+                }
+            };
+            match result {
+                Err(Error::Conflict { .. })
+                    if !self.backend.exclusive() && attempt < COMMIT_ATTEMPTS =>
+                {
+                    tracing::info!(
+                        id = info.id,
+                        attempt,
+                        "manifest changed underneath; retrying the commit"
+                    );
+                    self.refresh()?;
+                    if info.id < self.manifest.next_id
+                        || bases.iter().any(|b| self.get(*b).is_none())
+                    {
+                        attempt = COMMIT_ATTEMPTS - 1;
+                    }
+                }
+                Err(e) => {
+                    if matches!(e, Error::Conflict { .. }) {
+                        for f in files {
+                            let _ = self.backend.remove(f);
+                        }
+                    }
+                    return Err(e);
+                }
+                Ok(()) => return Ok(()),
+            }
+        }
+    }
+
+    /// The decoded state of snapshot `id` and its state hash, from memory if possible.
+    pub(crate) fn base_state(&self, id: u64) -> Result<BaseState, Error> {
+        let hash = self.info(id)?.state_hash;
+        if let Some(c) = self.cached(id) {
+            return Ok(BaseState {
+                id,
+                state: c.state.clone(),
+                hash,
+            });
+        }
+        let chain = self.restore_chain(id, None)?;
+        let state = chain.decode()?;
+        Ok(BaseState {
+            id,
+            state: Arc::new(state),
+            hash: chain.target().header.state_hash(),
+        })
+    }
+
+    pub(crate) fn depth(&self, id: u64) -> u32 {
+        self.chain(id).map_or(u32::MAX, |c| c.len() as u32 - 1)
+    }
+
+    /// Writes snapshot file `file` through the backend; returns its header and size.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn write_snapshot<'a>(
+        &self,
+        file: &str,
+        id: u64,
+        name: &str,
+        base: Option<BaseRef>,
+        attempt: u64,
+        metadata: Vec<(String, String)>,
+        items: impl Iterator<Item = (&'a Tensor, &'a Encoded, &'a Decision)>,
+    ) -> Result<(Header, u64), Error> {
+        let path = self.backend.path_of(file);
+        let out = self.backend.create(file)?;
+        let mut w = SnapshotWriter::new(out, &path, id, name, base)?;
+        w.set_attempt(attempt);
+        w.set_metadata(metadata);
+        for (t, e, d) in items {
+            let raw_hash = xxh3_64(e.lossy.as_ref().map_or(&t.data, |l| &l.0));
+            let entry = Entry {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                role: t.role,
+                codec: e.codec,
+                shape: t.shape.clone(),
+                offset: 0,
+                len: 0,
+                payload_hash: 0,
+                raw_hash,
+                decision: d.clone(),
+                references: Vec::new(),
+            };
+            w.push(entry, &e.payload)?;
+        }
+        let (header, out) = w.finish()?;
+        let size = out.finish()?;
+        Ok((header, size))
+    }
+}
+
+/// Encodes `tensors` against `base` if there is one and the delta pays, else full.
+/// Returns the encoded tensors, the base they were encoded against, and why the
+/// snapshot is full if it is.
+pub(crate) fn encode_against(
+    policy: &Policy,
+    tensors: &[Tensor],
+    base: Result<BaseState, FullReason>,
+) -> Result<(Vec<EncodedTensor>, Option<BaseRef>, Option<FullReason>), Error> {
+    let base = match base {
+        Err(reason) => {
+            return Ok((
+                encode_all(policy, tensors, &HashMap::new())?,
+                None,
+                Some(reason),
+            ));
+        }
+        Ok(b) => b,
+    };
+    let encoded = encode_all(policy, tensors, &base.by_name())?;
+    let verdict = policy.judge_delta(&encoded);
+    match FullReason::from_verdict(verdict) {
+        None => Ok((encoded, Some(base.base_ref()), None)),
+        Some(reason) if verdict == DeltaVerdict::WouldNotPay => Ok((
+            encode_all(policy, tensors, &HashMap::new())?,
+            None,
+            Some(reason),
+        )),
+        Some(reason) => Ok((encoded, None, Some(reason))),
+    }
+}
+
+pub(crate) fn encode_all(
+    policy: &Policy,
+    tensors: &[Tensor],
+    base: &HashMap<&str, &Tensor>,
+) -> Result<Vec<EncodedTensor>, Error> {
+    tensors
+        .par_iter()
+        .map(|t| policy.encode_tensor(t, base.get(t.name.as_str()).copied()))
+        .collect()
+}
+
+pub(crate) fn validate_metadata(metadata: &[(String, String)]) -> Result<(), Error> {
+    let over = |what: String, value: usize, limit: usize| -> Result<(), Error> {
+        if value > limit {
+            return Err(Error::InputLimit {
+                what,
+                value: value as u64,
+                limit: limit as u64,
+            });
+        }
+        Ok(())
+    };
+    over(
+        "metadata entry count".into(),
+        metadata.len(),
+        crate::format::MAX_METADATA as usize,
+    )?;
+    for (k, v) in metadata {
+        let key: String = k.chars().take(64).collect();
+        over(
+            format!("metadata key `{key}` length"),
+            k.len(),
+            crate::MAX_NAME_BYTES,
+        )?;
+        over(
+            format!("metadata `{key}` value length"),
+            v.len(),
+            crate::format::MAX_METADATA_VALUE_BYTES,
+        )?;
+    }
+    Ok(())
+}
+
+pub(crate) fn validate(tensors: &[Tensor], snapshot: &str) -> Result<(), Error> {
+    if snapshot.len() > crate::MAX_NAME_BYTES {
+        return Err(Error::InputLimit {
+            what: "snapshot name length".into(),
+            value: snapshot.len() as u64,
+            limit: crate::MAX_NAME_BYTES as u64,
+        });
+    }
+    if tensors.len() as u64 > crate::format::MAX_TENSORS {
+        return Err(Error::InputLimit {
+            what: "tensor count".into(),
+            value: tensors.len() as u64,
+            limit: crate::format::MAX_TENSORS,
+        });
+    }
+    let mut names = std::collections::HashSet::new();
+    for t in tensors {
+        let expected = crate::tensor::byte_len(&t.name, t.dtype, &t.shape)?;
+        if t.data.len() as u64 != expected {
+            return Err(Error::InvalidTensor {
+                tensor: t.name.clone(),
+                reason: format!(
+                    "{} bytes of data, {expected} expected for shape {:?} of {}",
+                    t.data.len(),
+                    t.shape,
+                    t.dtype
+                ),
+            });
+        }
+        if !names.insert(t.name.as_str()) {
+            return Err(Error::InvalidTensor {
+                tensor: t.name.clone(),
+                reason: "appears twice in one snapshot".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// 64 random bits, for object names no other writer picks.
+pub(crate) fn unique_token() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}

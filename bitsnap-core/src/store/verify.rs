@@ -1,0 +1,88 @@
+//! Verifying a store: every snapshot decoded, every checksum and chain link checked.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::load::{LinkBase, check_link, decode_file};
+use super::save::BaseState;
+use super::{Store, VerifyReport};
+use crate::Error;
+
+impl Store {
+    /// Decodes every snapshot and checks every checksum, header, payload and decoded
+    /// tensor, and the chain links between snapshots.
+    pub fn verify(&self) -> Result<VerifyReport, Error> {
+        let mut report = VerifyReport {
+            orphans: self.orphans()?,
+            ..VerifyReport::default()
+        };
+        // Decode in id order, keeping states only while a later snapshot needs them.
+        let mut needed: HashMap<u64, usize> = HashMap::new();
+        for s in &self.manifest.snapshots {
+            if let Some(b) = s.base {
+                *needed.entry(b).or_default() += 1;
+            }
+        }
+        let mut states: HashMap<u64, BaseState> = HashMap::new();
+        for s in &self.manifest.snapshots {
+            if !s.shards.is_empty() {
+                match self.verify_sharded(s) {
+                    Ok(()) => report.ok.push(s.id),
+                    Err(e) => report.failed.push((s.id, e)),
+                }
+                continue;
+            }
+            let result = (|| {
+                let file = self.open_file(s.id)?;
+                let prev = match s.base {
+                    Some(b) => Some(
+                        states
+                            .get(&b)
+                            .cloned()
+                            .map_or_else(|| self.base_state(b), Ok)?,
+                    ),
+                    None => None,
+                };
+                let view = prev
+                    .as_ref()
+                    .map(|p| LinkBase::of_state(p.id, p.hash, &p.state));
+                check_link(&file, view.as_ref(), self.decode_budget)?;
+                let decoded = decode_file(&file, prev.as_ref().map(|p| p.state.as_slice()))?;
+                let hash = file.header.state_hash();
+                if hash != s.state_hash {
+                    return Err(Error::Checksum {
+                        file: file.path.clone(),
+                        tensor: None,
+                        what: "manifest state hash",
+                        offset: 0,
+                        expected: s.state_hash,
+                        actual: hash,
+                    });
+                }
+                Ok::<_, Error>(BaseState {
+                    id: s.id,
+                    state: Arc::new(decoded),
+                    hash,
+                })
+            })();
+            match result {
+                Ok(state) => {
+                    report.ok.push(s.id);
+                    if needed.contains_key(&s.id) {
+                        states.insert(s.id, state);
+                    }
+                }
+                Err(e) => report.failed.push((s.id, e)),
+            }
+            if let Some(b) = s.base
+                && let Some(n) = needed.get_mut(&b)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    states.remove(&b);
+                }
+            }
+        }
+        Ok(report)
+    }
+}
