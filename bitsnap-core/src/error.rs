@@ -188,7 +188,8 @@ pub enum Error {
         /// Most ranks allowed.
         max: u32,
     },
-    /// JSON that could not be read or written (the manifest).
+    /// JSON that could not be parsed or written (the manifest); the serde_json error
+    /// gives line and column.
     #[error("{}: {what}: {source}", file.display())]
     Json {
         /// The file.

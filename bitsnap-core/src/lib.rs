@@ -80,6 +80,6 @@ pub use shard::{ShardInfo, ShardReport};
 pub use store::{
     BaseState, ChainLink, FALLBACK_DECODE_BUDGET, FullReason, LOCK_FILE, MANIFEST_FILE,
     MAX_MANIFEST_BYTES, RestoreChain, SaveReport, Snapshot, SnapshotInfo, Store, VerifyReport,
-    default_decode_budget,
+    check_decode_budget, default_decode_budget,
 };
 pub use tensor::{MAX_NAME_BYTES, MAX_RANK, MAX_TENSOR_BYTES, Tensor};

@@ -306,14 +306,13 @@ fn a_huge_tensor_declared_by_a_tiny_payload_is_refused_before_allocating() {
         h.entries[0].codec = bitsnap_core::codec::CodecId::Raw;
     });
     let file = SnapshotFile::open(&f0).unwrap();
-    let start = std::time::Instant::now();
+    // Refused by the payload's structure (a raw payload must hold every byte), before
+    // the 16 GiB output is asked for; limits.rs bounds the allocations themselves.
     let err = file.decode(&file.header.entries[0], None).unwrap_err();
     assert!(
-        start.elapsed() < std::time::Duration::from_secs(1),
-        "took {:?}",
-        start.elapsed()
+        matches!(&err, Error::Malformed { tensor: Some(t), what: "payload", .. } if t == "layer.weight"),
+        "{err:?}"
     );
-    assert!(err.to_string().contains("layer.weight"), "{err}");
 }
 
 /// Regression (review): manifests of the default series carry no `series` field, and
@@ -334,5 +333,226 @@ fn creating_a_store_over_snapshot_files_without_manifest_refuses() {
     std::fs::remove_file(dir.path().join(bitsnap_core::MANIFEST_FILE)).unwrap();
     let err = Store::open_or_create(dir.path(), Policy::default()).unwrap_err();
     assert!(err.to_string().contains("no MANIFEST"), "{err}");
+    assert!(
+        matches!(&err, Error::NotAStore { store, file } if store == dir.path() && file == &f0),
+        "{err:?}"
+    );
     assert!(f0.exists());
+}
+
+/// The manifest's text with `edit` applied and its checksum recomputed (xxh3 of the
+/// compact JSON of everything but the checksum, FORMAT.md 4).
+fn rewrite_manifest(dir: &Path, edit: impl FnOnce(String) -> String) {
+    let path = dir.join(bitsnap_core::MANIFEST_FILE);
+    let text = edit(std::fs::read_to_string(&path).unwrap());
+    let mut compact = String::new();
+    let mut in_string = false;
+    let mut escaped = false;
+    for c in text.chars() {
+        if in_string {
+            compact.push(c);
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+        } else if c == '"' {
+            in_string = true;
+            compact.push(c);
+        } else if !c.is_whitespace() {
+            compact.push(c);
+        }
+    }
+    let at = compact.find(",\"checksum\":").unwrap();
+    let body = format!("{}}}", &compact[..at]);
+    let sum = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(body.as_bytes()));
+    let old = &compact[at + 13..at + 13 + 16];
+    std::fs::write(&path, text.replace(old, &sum)).unwrap();
+}
+
+/// Regression (#14.5): a crafted manifest listing `MANIFEST`, the lock file, a
+/// directory, `../x` or another snapshot's name as a snapshot file opened, and `delete`
+/// then removed the manifest it had just written.
+#[test]
+fn manifests_listing_files_the_store_does_not_generate_are_refused() {
+    let (dir, _, f1) = two_snapshots();
+    let name = f1.file_name().unwrap().to_str().unwrap().to_string();
+    // The helper itself keeps a valid manifest valid.
+    rewrite_manifest(dir.path(), |t| t);
+    Store::open(dir.path()).unwrap();
+    let good = std::fs::read(dir.path().join(bitsnap_core::MANIFEST_FILE)).unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    for bad in [
+        bitsnap_core::MANIFEST_FILE,
+        bitsnap_core::LOCK_FILE,
+        "sub",
+        "../x",
+        ".",
+        "snap-00000000000000000001.bsnap", // snapshot 1's file, listed for snapshot 2
+        "snap-00000000000000000002-s00000.bsnap",
+    ] {
+        std::fs::write(dir.path().join(bitsnap_core::MANIFEST_FILE), &good).unwrap();
+        rewrite_manifest(dir.path(), |t| {
+            t.replace(&format!("\"{name}\""), &format!("\"{bad}\""))
+        });
+        let err = Store::open(dir.path()).unwrap_err();
+        match &err {
+            Error::Malformed {
+                what: "manifest",
+                reason,
+                ..
+            } => assert!(reason.contains(bad), "{err}"),
+            other => panic!("`{bad}` accepted: {other:?}"),
+        }
+    }
+    std::fs::write(dir.path().join(bitsnap_core::MANIFEST_FILE), &good).unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    store.delete(2).unwrap();
+    assert!(dir.path().join(bitsnap_core::MANIFEST_FILE).exists());
+}
+
+#[test]
+fn unknown_snapshots_are_named() {
+    let (dir, _, _) = two_snapshots();
+    let store = Store::open(dir.path()).unwrap();
+    let err = store.load(99).unwrap_err();
+    assert!(
+        matches!(&err, Error::UnknownSnapshot { store: s, snapshot } if s == dir.path() && snapshot == "99"),
+        "{err:?}"
+    );
+    assert!(store.restore_chains(99).is_err());
+}
+
+#[test]
+fn impossible_allocations_fail_instead_of_aborting() {
+    use bitsnap_core::backend::{Backend, LocalDir};
+    let (dir, f0, _) = two_snapshots();
+    let local = LocalDir::new(dir.path());
+    let name = f0.file_name().unwrap().to_str().unwrap();
+    let err = local.read_range(name, 0..u64::MAX).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Alloc {
+                bytes: u64::MAX,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn invalid_tensors_are_the_invalid_tensor_variant() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open_or_create(dir.path(), Policy::default()).unwrap();
+    let t = random_tensor("dup", DType::F32, &[10], Role::Weight, 1);
+    let err = store.save("bad", vec![t.clone(), t]).unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidTensor { tensor, .. } if tensor == "dup"),
+        "{err:?}"
+    );
+}
+
+/// The variants that replaced `Error::Config`, one negative test each.
+#[test]
+fn option_errors_are_specific() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open_or_create(dir.path(), Policy::default()).unwrap();
+    let t = random_tensor("w", DType::F32, &[10], Role::Weight, 1);
+    // InputLimit: a snapshot name and metadata over the format's limits.
+    let err = store.save(&"n".repeat(5000), vec![t.clone()]).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::InputLimit {
+                value: 5000,
+                limit: 4096,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = store
+        .save_with_metadata(
+            "m",
+            vec![t.clone()],
+            vec![("k".repeat(5000), String::new())],
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InputLimit { what, .. } if what.contains("metadata key")),
+        "{err:?}"
+    );
+    // InvalidRank.
+    let err = store
+        .save_shard("s", 5, "x", 2, 2, vec![t.clone()], Vec::new())
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidRank {
+                rank: 2,
+                world: 2,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // WrongKind: a sharded snapshot's single file; a shard of an unsharded snapshot.
+    let plain = store.save("plain", vec![t.clone()]).unwrap().info.id;
+    let id = store.snapshots().len() as u64 + 5;
+    let mut shard_writer = Store::open(dir.path()).unwrap();
+    shard_writer
+        .save_shard("s", id, "sharded", 0, 1, vec![t.clone()], Vec::new())
+        .unwrap();
+    store
+        .commit_sharded("s", id, "sharded", 1, std::time::Duration::from_secs(5))
+        .unwrap();
+    let err = store.open_file(id).unwrap_err();
+    assert!(
+        matches!(err, Error::WrongKind { snapshot, .. } if snapshot == id),
+        "{err:?}"
+    );
+    let err = store.load_shard(plain, 0).unwrap_err();
+    assert!(
+        matches!(err, Error::WrongKind { snapshot, .. } if snapshot == plain),
+        "{err:?}"
+    );
+    // InUse: the base of shard deltas cannot be deleted.
+    let big = random_tensor("big", DType::F32, &[10_000], Role::Weight, 3);
+    let mut next = Store::open(dir.path()).unwrap();
+    for (k, t) in [big.clone(), mutate(&big, 5, 4)].into_iter().enumerate() {
+        let sid = id + 1 + k as u64;
+        next.save_shard("big", sid, "b", 0, 1, vec![t], Vec::new())
+            .unwrap();
+        store
+            .commit_sharded("big", sid, "b", 1, std::time::Duration::from_secs(5))
+            .unwrap();
+    }
+    assert_eq!(store.get(id + 2).unwrap().shards[0].base, Some(id + 1));
+    let err = store.delete(id + 1).unwrap_err();
+    assert!(
+        matches!(err, Error::InUse { snapshot, user, .. } if snapshot == id + 1 && user == id + 2),
+        "{err:?}"
+    );
+    // Json: a manifest that is not JSON keeps serde_json's error as its source.
+    let path = dir.path().join(bitsnap_core::MANIFEST_FILE);
+    std::fs::write(&path, b"{\"version\": 1,").unwrap();
+    let err = Store::open(dir.path()).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::Json {
+                what: "manifest",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(std::error::Error::source(&err).is_some());
+    // InvalidLocation: a path with no file name to write safetensors to.
+    let err = bitsnap_core::safetensors::write_file(Path::new("/"), &[], &[]).unwrap_err();
+    assert!(matches!(err, Error::InvalidLocation { .. }), "{err:?}");
 }

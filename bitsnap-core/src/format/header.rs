@@ -586,3 +586,135 @@ pub fn decode_header_region(region: &[u8], file: &Path, offset: u64) -> Result<V
         None => Err(malformed("empty header region".into())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::CodecId;
+
+    fn entry(name: &str, refs: &[(RefScope, &str)]) -> Entry {
+        Entry {
+            name: name.into(),
+            dtype: DType::F32,
+            role: Role::Weight,
+            codec: CodecId::Planes,
+            shape: vec![4],
+            offset: 0,
+            len: 0,
+            payload_hash: 0,
+            raw_hash: 0,
+            decision: Decision::default(),
+            references: refs
+                .iter()
+                .map(|&(scope, n)| Reference {
+                    scope,
+                    name: n.into(),
+                })
+                .collect(),
+        }
+    }
+
+    fn parse(h: &Header) -> Result<Header, Error> {
+        Header::parse(&h.encode(), Path::new("h.bsnap"), 0)
+    }
+
+    fn reason(r: Result<Header, Error>) -> (Option<String>, String) {
+        match r {
+            Err(Error::Malformed { tensor, reason, .. }) => (tensor, reason),
+            other => panic!("expected a malformed header, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn references_round_trip_and_order_decoding() {
+        let h = Header {
+            id: 3,
+            attempt: 42,
+            base: Some(BaseRef {
+                id: 2,
+                state_hash: 9,
+            }),
+            entries: vec![
+                entry("c", &[(RefScope::Snapshot, "b"), (RefScope::Base, "c")]),
+                entry("b", &[(RefScope::Snapshot, "a")]),
+                entry("a", &[]),
+            ],
+            ..Header::default()
+        };
+        let back = parse(&h).unwrap();
+        assert_eq!(back, h);
+        assert_eq!(back.decode_order(), vec![2, 1, 0]);
+    }
+
+    #[test]
+    fn bad_references_are_refused_naming_the_tensor() {
+        let one = |entries: Vec<Entry>| Header {
+            entries,
+            ..Header::default()
+        };
+        let cycle = one(vec![
+            entry("a", &[(RefScope::Snapshot, "b")]),
+            entry("b", &[(RefScope::Snapshot, "a")]),
+        ]);
+        assert_eq!(
+            reason(parse(&cycle)),
+            (Some("a".into()), "references form a cycle".into())
+        );
+        let own = one(vec![entry("a", &[(RefScope::Snapshot, "a")])]);
+        assert_eq!(reason(parse(&own)).1, "references itself");
+        let missing = one(vec![entry("a", &[(RefScope::Snapshot, "zz")])]);
+        assert!(reason(parse(&missing)).1.contains("`zz`"));
+        let no_base = one(vec![entry("a", &[(RefScope::Base, "a")])]);
+        assert!(reason(parse(&no_base)).1.contains("no base"));
+        let mut other_shape = entry("b", &[]);
+        other_shape.shape = vec![5];
+        let shape = one(vec![entry("a", &[(RefScope::Snapshot, "b")]), other_shape]);
+        assert_eq!(reason(parse(&shape)).0.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn unknown_extensions_required_are_refused_optional_skipped() {
+        let h = Header {
+            entries: vec![entry("t", &[])],
+            ..Header::default()
+        };
+        let body = h.encode();
+        // The entry's extension area is the last 4 bytes (empty).
+        let with = |flags: u8| {
+            let mut b = body[..body.len() - 4].to_vec();
+            let mut area = Vec::new();
+            put_extension(&mut area, 99, flags, b"xyz");
+            b.extend_from_slice(&(area.len() as u32).to_le_bytes());
+            b.extend_from_slice(&area);
+            Header::parse(&b, Path::new("h.bsnap"), 0)
+        };
+        assert_eq!(with(0).unwrap(), h);
+        let (tensor, why) = reason(with(EXTENSION_REQUIRED));
+        assert_eq!(tensor.as_deref(), Some("t"));
+        assert!(why.contains("requires extension 99"), "{why}");
+        assert!(reason(with(0x80)).1.contains("unknown flags"));
+    }
+
+    #[test]
+    fn version_1_bodies_have_no_attempt_or_extensions() {
+        let h = Header {
+            id: 1,
+            name: "n".into(),
+            entries: vec![entry("t", &[])],
+            ..Header::default()
+        };
+        let v2 = h.encode();
+        // v1: drop the attempt and header area (after id, name and base), and the
+        // entry's area (the last 4 bytes).
+        let at = 8 + 2 + 1 + 17;
+        let mut v1 = v2[..at].to_vec();
+        v1.extend_from_slice(&v2[at + 12..v2.len() - 4]);
+        let p = Path::new("h.bsnap");
+        assert_eq!(Header::parse_version(&v1, 1, p, 0).unwrap(), h);
+        assert!(Header::parse_version(&v1, 2, p, 0).is_err());
+        assert!(matches!(
+            Header::parse_version(&v2, 3, p, 0),
+            Err(Error::UnsupportedVersion { version: 3, .. })
+        ));
+    }
+}

@@ -263,3 +263,34 @@ pub(crate) fn parse_region(
     let body = decode_header_region(region, path, h_at)?;
     Header::parse_version(&body, version, path, h_at)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::SnapshotWriter;
+
+    #[test]
+    fn borrowed_check_agrees_with_the_owned_reader() {
+        let p = Path::new("r.bsnap");
+        let w = SnapshotWriter::new(Vec::new(), p, 4, "r", None).unwrap();
+        let (h, bytes) = w.finish().unwrap();
+        assert_eq!(
+            SnapshotFile::check(&bytes, p).unwrap(),
+            (VERSION, h.clone())
+        );
+        assert_eq!(
+            SnapshotFile::from_bytes(bytes.clone(), p).unwrap().header,
+            h
+        );
+        assert!(matches!(
+            SnapshotFile::check(&bytes[..bytes.len() - 1], p),
+            Err(Error::Truncated { .. })
+        ));
+        let mut foreign = bytes;
+        foreign[0] = b'X';
+        assert!(matches!(
+            check_preamble(&foreign, p),
+            Err(Error::BadMagic { .. })
+        ));
+    }
+}

@@ -142,3 +142,24 @@ impl<W: Write> SnapshotWriter<W> {
         Ok((self.header, self.out))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_reader_refuses_is_not_written() {
+        let p = Path::new("w.bsnap");
+        let long = "n".repeat(crate::MAX_NAME_BYTES + 1);
+        let w = SnapshotWriter::new(Vec::new(), p, 1, &long, None).unwrap();
+        assert!(matches!(
+            w.finish(),
+            Err(Error::InputLimit { value, .. }) if value == long.len() as u64
+        ));
+        let mut w = SnapshotWriter::new(Vec::new(), p, 1, "ok", None).unwrap();
+        w.set_attempt(5);
+        let (h, bytes) = w.finish().unwrap();
+        let back = crate::format::SnapshotFile::from_bytes(bytes, p).unwrap();
+        assert_eq!((back.version(), &back.header), (VERSION, &h));
+    }
+}

@@ -34,7 +34,20 @@ fn mem_total(meminfo: &str) -> Option<u64> {
 
 /// Fails with [`Error::Budget`] unless decoding `header` (of `file`) while `held` bytes
 /// stay decoded (its base's state) fits `budget`; names the tensor that crosses it.
-pub(crate) fn check(header: &Header, held: u64, budget: u64, file: &Path) -> Result<(), Error> {
+/// The stores run it on every file of a chain before decoding it; callers decoding a
+/// [`SnapshotFile`](crate::format::SnapshotFile) themselves run it first.
+///
+/// ```
+/// use bitsnap_core::format::Header;
+/// let header = Header::default(); // no tensors: decodes to nothing
+/// bitsnap_core::check_decode_budget(&header, 0, 1 << 20, "x.bsnap".as_ref()).unwrap();
+/// ```
+pub fn check_decode_budget(
+    header: &Header,
+    held: u64,
+    budget: u64,
+    file: &Path,
+) -> Result<(), Error> {
     let mut needed = held;
     let mut crossing = None;
     for e in &header.entries {
@@ -91,8 +104,8 @@ mod tests {
             ..Header::default()
         };
         let p = Path::new("x.bsnap");
-        assert!(check(&h, 0, 1200, p).is_ok());
-        match check(&h, 100, 1200, p) {
+        assert!(check_decode_budget(&h, 0, 1200, p).is_ok());
+        match check_decode_budget(&h, 100, 1200, p) {
             Err(Error::Budget {
                 tensor,
                 needed,

@@ -119,3 +119,28 @@ impl Store {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{Policy, Role, Store, Tensor};
+
+    #[test]
+    fn deleting_a_base_rebases_its_dependant() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open_or_create(dir.path(), Policy::default()).unwrap();
+        let mut w: Vec<f32> = (0..2000).map(|i| i as f32).collect();
+        let mut saved = Vec::new();
+        for step in 0..3 {
+            w[step * 7] = 0.5;
+            let t = Tensor::from_f32("w", &[2000], Role::Weight, &w).unwrap();
+            saved.push(t.clone());
+            store.save(&format!("s{step}"), vec![t]).unwrap();
+        }
+        store.delete(2).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.get(3).unwrap().base, Some(1));
+        assert!(store.get(3).unwrap().file.contains("-r"));
+        assert_eq!(store.load(3).unwrap().tensors, vec![saved[2].clone()]);
+        assert!(store.verify().unwrap().failed.is_empty());
+    }
+}

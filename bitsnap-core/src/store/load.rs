@@ -247,7 +247,7 @@ pub(crate) fn check_link(
     } else {
         0
     };
-    budget::check(header, held, budget, &file.path)
+    budget::check_decode_budget(header, held, budget, &file.path)
 }
 
 /// Decodes every tensor of `file` against `base`, the decoded state of the file before
@@ -440,5 +440,95 @@ impl Store {
             tensors,
             from_memory: false,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::CodecId;
+    use crate::format::{BaseRef, Decision, SnapshotWriter};
+    use crate::{Policy, Role};
+
+    /// A one-tensor file (`codec`, shape `[n]` of f32) with `base`.
+    fn file(id: u64, base: Option<BaseRef>, codec: CodecId, n: u64) -> SnapshotFile {
+        let p = Path::new("l.bsnap");
+        let mut w = SnapshotWriter::new(Vec::new(), p, id, "l", base).unwrap();
+        let e = Entry {
+            name: "t".into(),
+            dtype: DType::F32,
+            role: Role::Weight,
+            codec,
+            shape: vec![n],
+            offset: 0,
+            len: 0,
+            payload_hash: 0,
+            raw_hash: 0,
+            decision: Decision::default(),
+            references: Vec::new(),
+        };
+        w.push(e, &[]).unwrap();
+        SnapshotFile::from_bytes(w.finish().unwrap().1, p).unwrap()
+    }
+
+    #[test]
+    fn links_are_checked_before_decoding() {
+        let root = file(1, None, CodecId::Unchanged, 4);
+        let base = LinkBase::of_header(&root.header);
+        let good = BaseRef {
+            id: 1,
+            state_hash: root.header.state_hash(),
+        };
+        check_link(&root, None, u64::MAX).unwrap();
+        check_link(
+            &file(2, Some(good), CodecId::XorDelta, 4),
+            Some(&base),
+            u64::MAX,
+        )
+        .unwrap();
+        let missing = |r: Result<(), Error>| match r {
+            Err(Error::MissingBase { reason, .. }) => reason,
+            other => panic!("{other:?}"),
+        };
+        let stale = BaseRef {
+            state_hash: 5,
+            ..good
+        };
+        let delta = file(2, Some(stale), CodecId::XorDelta, 4);
+        assert!(missing(check_link(&delta, Some(&base), u64::MAX)).contains("does not match"));
+        let resized = file(2, Some(good), CodecId::XorDelta, 8);
+        assert!(missing(check_link(&resized, Some(&base), u64::MAX)).contains("shape [8]"));
+        assert!(missing(check_link(&resized, None, u64::MAX)).contains("not provided"));
+        // Budget: 16 bytes held + 16 decoded.
+        let small = file(2, Some(good), CodecId::XorDelta, 4);
+        assert!(check_link(&small, Some(&base), 32).is_ok());
+        assert!(matches!(
+            check_link(&small, Some(&base), 31),
+            Err(Error::Budget { needed: 32, .. })
+        ));
+    }
+
+    #[test]
+    fn a_store_chain_is_root_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open_or_create(dir.path(), Policy::default()).unwrap();
+        let mut w: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+        for step in 0..3 {
+            w[step] = -1.0;
+            let t = Tensor::from_f32("w", &[1000], Role::Weight, &w).unwrap();
+            store.save(&format!("s{step}"), vec![t]).unwrap();
+        }
+        let chain = store.restore_chain(3, None).unwrap();
+        let ids: Vec<u64> = chain.files().iter().map(|f| f.header.id).collect();
+        assert_eq!(ids, store.chain(3).unwrap());
+        assert_eq!(ids, vec![1, 2, 3]);
+        let links: Vec<_> = chain.links().collect();
+        assert!(links[0].base.is_none());
+        assert_eq!(links[2].base.map(|b| b.header.id), Some(2));
+        assert_eq!(chain.decode().unwrap()[0].to_f32().unwrap(), w);
+        assert!(matches!(
+            store.restore_chain(3, Some(0)),
+            Err(Error::WrongKind { .. })
+        ));
     }
 }

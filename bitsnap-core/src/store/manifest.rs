@@ -6,7 +6,6 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::shard::{self, ShardInfo};
 use super::{SnapshotInfo, Store};
 use crate::Error;
 use crate::backend::{Backend, ObjectVersion};
@@ -19,6 +18,35 @@ pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 pub const MANIFEST_VERSION: u32 = 1;
 /// Manifest format version written when a snapshot is sharded (FORMAT.md 4.1).
 pub const MANIFEST_VERSION_SHARDED: u32 = 2;
+
+/// Most shards (ranks) in one snapshot.
+pub const MAX_SHARDS: u32 = 1 << 16;
+/// One rank's part of a sharded snapshot, as the manifest lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    /// The writer's rank, from 0.
+    pub rank: u32,
+    /// Its file, relative to the store.
+    pub file: String,
+    /// The snapshot whose shard of the same rank this one is a delta of, if any.
+    pub base: Option<u64>,
+    /// [`Header::state_hash`] of the shard.
+    pub state_hash: u64,
+    /// Number of tensors.
+    pub tensors: u64,
+    /// Decoded size of its tensors.
+    pub raw_bytes: u64,
+    /// Size of its file.
+    pub stored_bytes: u64,
+    /// The commit attempt its header carries (format v2; 0 for shards written before
+    /// attempts existed). Omitted from the manifest when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempt: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct ManifestBody {
@@ -123,6 +151,55 @@ fn check_names(s: &SnapshotInfo) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether `name` is a shard file (or its temporary) of a snapshot id not committed yet
+/// (`>= next_id`): its writer may still be at work, so it is not debris.
+pub(crate) fn pending_shard(name: &str, next_id: u64) -> bool {
+    let Some(rest) = name.strip_prefix("snap-") else {
+        return false;
+    };
+    let (Some(id), Some(tail)) = (rest.get(..20), rest.get(20..)) else {
+        return false;
+    };
+    tail.starts_with("-s") && id.parse::<u64>().is_ok_and(|id| id >= next_id)
+}
+
+/// Checks the shard fields of a manifest entry (FORMAT.md 4.1).
+pub(crate) fn check_listing(s: &SnapshotInfo, version: u32) -> Result<(), String> {
+    if s.shards.is_empty() {
+        return Ok(());
+    }
+    if version != MANIFEST_VERSION_SHARDED {
+        return Err(format!("lists shards in a version {version} manifest"));
+    }
+    if !s.file.is_empty() || s.base.is_some() {
+        return Err("a sharded snapshot has a file or base of its own".into());
+    }
+    if s.shards.len() as u64 > MAX_SHARDS as u64 {
+        return Err(format!("{} shards, more than {MAX_SHARDS}", s.shards.len()));
+    }
+    for (i, h) in s.shards.iter().enumerate() {
+        if h.rank as usize != i {
+            return Err(format!("shard {i} has rank {}", h.rank));
+        }
+        if h.base.is_some_and(|b| b >= s.id) {
+            return Err(format!("shard {i}'s base is not older than it"));
+        }
+    }
+    if combined_hash(&s.shards) != s.state_hash {
+        return Err("state hash is not that of its shards".into());
+    }
+    Ok(())
+}
+
+/// A sharded snapshot's state hash: xxh3 of its shards' state hashes, in rank order.
+pub(crate) fn combined_hash(shards: &[ShardInfo]) -> u64 {
+    let bytes: Vec<u8> = shards
+        .iter()
+        .flat_map(|h| h.state_hash.to_le_bytes())
+        .collect();
+    xxh3_64(&bytes)
+}
+
 /// Reads and checks the manifest: JSON, checksum, version, ids, file names and shard
 /// listings. `None` if there is none.
 pub(crate) fn read_manifest(
@@ -149,8 +226,11 @@ pub(crate) fn read_manifest(
         offset,
         reason,
     };
-    let file: ManifestFile = serde_json::from_slice(&text)
-        .map_err(|e| malformed(0, format!("line {} column {}: {e}", e.line(), e.column())))?;
+    let file: ManifestFile = serde_json::from_slice(&text).map_err(|source| Error::Json {
+        file: path.clone(),
+        what: "manifest",
+        source,
+    })?;
     let body_json = serde_json::to_vec(&file.body).map_err(|source| Error::Json {
         file: path.clone(),
         what: "manifest serialisation",
@@ -189,13 +269,13 @@ pub(crate) fn read_manifest(
                 ),
             ));
         }
-        if let Err(reason) = shard::check_listing(s, file.body.version) {
+        if let Err(reason) = check_listing(s, file.body.version) {
             return Err(malformed(0, format!("snapshot {}: {reason}", s.id)));
         }
         check_names(s).map_err(|reason| malformed(0, reason))?;
         let listed = std::iter::once(s.file.as_str())
             .filter(|f| !f.is_empty())
-            .chain(s.shards.iter().map(|h: &ShardInfo| h.file.as_str()));
+            .chain(s.shards.iter().map(|h| h.file.as_str()));
         for f in listed {
             if !files.insert(f.to_string()) {
                 return Err(malformed(0, format!("file `{f}` is listed twice")));
@@ -264,7 +344,7 @@ mod tests {
             Some(SnapshotName::Rebased { id: 7 })
         );
         assert_eq!(
-            id(&shard::shard_file_name(7, 3)),
+            id("snap-00000000000000000007-s00003.bsnap"),
             Some(SnapshotName::Shard { id: 7, rank: 3 })
         );
     }
@@ -307,7 +387,7 @@ mod tests {
         };
         assert!(check_names(&info("snap-00000000000000000003.bsnap")).is_ok());
         assert!(check_names(&info("snap-00000000000000000004.bsnap")).is_err());
-        assert!(check_names(&info(&shard::shard_file_name(3, 0))).is_err());
+        assert!(check_names(&info("snap-00000000000000000003-s00000.bsnap")).is_err());
         assert!(check_names(&info(MANIFEST_FILE)).is_err());
     }
 }

@@ -44,12 +44,12 @@ pub mod shard;
 mod verify;
 
 pub use crate::backend::LOCK_FILE;
-pub use budget::{FALLBACK_DECODE_BUDGET, default_decode_budget};
+pub use budget::{FALLBACK_DECODE_BUDGET, check_decode_budget, default_decode_budget};
 pub use load::{ChainLink, RestoreChain};
 pub(crate) use manifest::ManifestBody;
+use manifest::ShardInfo;
 pub use manifest::{MANIFEST_FILE, MANIFEST_VERSION, MAX_MANIFEST_BYTES};
 pub use save::{BaseState, FullReason};
-use shard::ShardInfo;
 
 /// Largest snapshot file read back, in bytes (1 TiB): a sanity bound, not a budget.
 pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 40;
@@ -495,12 +495,44 @@ impl Store {
             let ours = name.starts_with("snap-")
                 && (name.ends_with(".bsnap") || name.ends_with(".tmp"))
                 || name.starts_with("MANIFEST.") && name.ends_with(".tmp");
-            let pending = shard::pending_shard(&name, self.manifest.next_id);
+            let pending = manifest::pending_shard(&name, self.manifest.next_id);
             if ours && !pending && !listed.contains(name.as_str()) {
                 out.push(name);
             }
         }
         out.sort();
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Role, Tensor};
+
+    #[test]
+    fn queries_follow_the_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open_or_create(dir.path(), Policy::default()).unwrap();
+        assert!(store.latest().is_none());
+        let t = Tensor::from_f32("w", &[2], Role::Weight, &[1.0, 2.0]).unwrap();
+        store
+            .save_in("a", "x", vec![t.clone()], Vec::new())
+            .unwrap();
+        store
+            .save_in("b", "x", vec![t.clone()], Vec::new())
+            .unwrap();
+        assert_eq!(store.latest().map(|s| s.id), Some(2));
+        assert_eq!(store.latest_in("a").map(|s| s.id), Some(1));
+        assert_eq!(store.find("a", "x").map(|s| s.id), Some(1));
+        assert_eq!(store.find_by_name("x").map(|s| s.id), Some(2));
+        assert!(matches!(
+            store.header(9),
+            Err(Error::UnknownSnapshot { .. })
+        ));
+        assert!(store.load(2).unwrap().from_memory);
+        let reopened = Store::open(dir.path()).unwrap();
+        assert!(!reopened.load(2).unwrap().from_memory);
+        assert_eq!(reopened.snapshots().len(), 2);
     }
 }

@@ -202,7 +202,11 @@ impl Store {
         tensors: Vec<Tensor>,
         metadata: Vec<(String, String)>,
     ) -> Result<Written, Error> {
-        let (encoded, base, full_reason) = encode_against(&self.policy, &tensors, plan.base)?;
+        let Encoding {
+            tensors: encoded,
+            base,
+            full_reason,
+        } = encode_against(&self.policy, &tensors, plan.base)?;
         let (header, stored_bytes) = self.write_snapshot(
             &plan.file,
             plan.id,
@@ -374,34 +378,49 @@ impl Store {
     }
 }
 
+/// Tensors encoded for one snapshot file.
+pub(crate) struct Encoding {
+    /// Per tensor, in order.
+    pub(crate) tensors: Vec<EncodedTensor>,
+    /// The base they were encoded against (`None`: a full snapshot).
+    pub(crate) base: Option<BaseRef>,
+    /// Why the snapshot is full, if it is.
+    pub(crate) full_reason: Option<FullReason>,
+}
+
 /// Encodes `tensors` against `base` if there is one and the delta pays, else full.
-/// Returns the encoded tensors, the base they were encoded against, and why the
-/// snapshot is full if it is.
 pub(crate) fn encode_against(
     policy: &Policy,
     tensors: &[Tensor],
     base: Result<BaseState, FullReason>,
-) -> Result<(Vec<EncodedTensor>, Option<BaseRef>, Option<FullReason>), Error> {
+) -> Result<Encoding, Error> {
+    let full = |reason| -> Result<Encoding, Error> {
+        Ok(Encoding {
+            tensors: encode_all(policy, tensors, &HashMap::new())?,
+            base: None,
+            full_reason: Some(reason),
+        })
+    };
     let base = match base {
-        Err(reason) => {
-            return Ok((
-                encode_all(policy, tensors, &HashMap::new())?,
-                None,
-                Some(reason),
-            ));
-        }
+        Err(reason) => return full(reason),
         Ok(b) => b,
     };
     let encoded = encode_all(policy, tensors, &base.by_name())?;
     let verdict = policy.judge_delta(&encoded);
     match FullReason::from_verdict(verdict) {
-        None => Ok((encoded, Some(base.base_ref()), None)),
-        Some(reason) if verdict == DeltaVerdict::WouldNotPay => Ok((
-            encode_all(policy, tensors, &HashMap::new())?,
-            None,
-            Some(reason),
-        )),
-        Some(reason) => Ok((encoded, None, Some(reason))),
+        None => Ok(Encoding {
+            tensors: encoded,
+            base: Some(base.base_ref()),
+            full_reason: None,
+        }),
+        // Re-encoded without a base, ending the chain.
+        Some(reason) if verdict == DeltaVerdict::WouldNotPay => full(reason),
+        // No tensor used a delta codec: already full.
+        Some(reason) => Ok(Encoding {
+            tensors: encoded,
+            base: None,
+            full_reason: Some(reason),
+        }),
     }
 }
 
@@ -498,4 +517,77 @@ pub(crate) fn unique_token() -> u64 {
             .map_or(0, |d| d.as_nanos()),
     );
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Role;
+
+    /// The CLI prints these (`full (first snapshot)`): they must not change.
+    #[test]
+    fn full_reasons_read_as_before() {
+        let all = [
+            (FullReason::First, "first snapshot"),
+            (FullReason::LatestSharded, "latest snapshot is sharded"),
+            (
+                FullReason::ShardLayoutChanged,
+                "latest snapshot is not sharded the same way",
+            ),
+            (FullReason::Interval, "full snapshot interval reached"),
+            (FullReason::LatestUnreadable, "latest snapshot unreadable"),
+            (FullReason::NoGain, "no tensor gained from a delta"),
+            (FullReason::WouldNotPay, "delta would not pay"),
+        ];
+        for (r, text) in all {
+            assert_eq!(r.to_string(), text);
+        }
+        for v in [
+            DeltaVerdict::Keep,
+            DeltaVerdict::NoGain,
+            DeltaVerdict::WouldNotPay,
+        ] {
+            assert_eq!(
+                FullReason::from_verdict(v).map(FullReason::as_str),
+                v.full_reason()
+            );
+        }
+    }
+
+    #[test]
+    fn one_routine_for_full_and_delta() {
+        let w: Vec<f32> = (0..4096).map(|i| i as f32).collect();
+        let t = Tensor::from_f32("w", &[4096], Role::Weight, &w).unwrap();
+        let policy = Policy::default();
+        let e = encode_against(&policy, std::slice::from_ref(&t), Err(FullReason::First)).unwrap();
+        assert_eq!((e.base, e.full_reason), (None, Some(FullReason::First)));
+        let mut w2 = w.clone();
+        w2[5] = 0.5;
+        let t2 = Tensor::from_f32("w", &[4096], Role::Weight, &w2).unwrap();
+        let b = BaseState {
+            id: 7,
+            state: Arc::new(vec![t]),
+            hash: 99,
+        };
+        let e = encode_against(&policy, &[t2], Ok(b.clone())).unwrap();
+        assert_eq!((e.base, e.full_reason), (Some(b.base_ref()), None));
+        assert!(e.tensors[0].0.codec.needs_base());
+    }
+
+    #[test]
+    fn limits_are_input_limits() {
+        let t = Tensor::from_f32("w", &[1], Role::Weight, &[1.0]).unwrap();
+        assert!(matches!(
+            validate(&[t], &"n".repeat(crate::MAX_NAME_BYTES + 1)),
+            Err(Error::InputLimit { .. })
+        ));
+        let md = vec![(
+            "k".into(),
+            "v".repeat(crate::format::MAX_METADATA_VALUE_BYTES + 1),
+        )];
+        assert!(matches!(
+            validate_metadata(&md),
+            Err(Error::InputLimit { what, .. }) if what.contains("metadata `k`")
+        ));
+    }
 }

@@ -34,47 +34,18 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::manifest::MANIFEST_VERSION_SHARDED;
+use super::manifest::combined_hash;
+pub use super::manifest::{MAX_SHARDS, ShardInfo};
 use super::save::{BaseState, FullReason, Plan, unique_token, validate, validate_metadata};
 use super::{Cached, Snapshot, SnapshotInfo};
 use crate::backend::Backend;
 use crate::format::{Header, TRAILER_BYTES, Trailer};
 use crate::{Error, Store, Tensor};
 
-/// Most shards (ranks) in one snapshot.
-pub const MAX_SHARDS: u32 = 1 << 16;
 /// How often [`Store::commit_sharded`] looks for missing shards while it waits.
 const POLL: Duration = Duration::from_millis(20);
-
-/// One rank's part of a sharded snapshot, as the manifest lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShardInfo {
-    /// The writer's rank, from 0.
-    pub rank: u32,
-    /// Its file, relative to the store.
-    pub file: String,
-    /// The snapshot whose shard of the same rank this one is a delta of, if any.
-    pub base: Option<u64>,
-    /// [`Header::state_hash`] of the shard.
-    pub state_hash: u64,
-    /// Number of tensors.
-    pub tensors: u64,
-    /// Decoded size of its tensors.
-    pub raw_bytes: u64,
-    /// Size of its file.
-    pub stored_bytes: u64,
-    /// The commit attempt its header carries (format v2; 0 for shards written before
-    /// attempts existed). Omitted from the manifest when 0.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub attempt: u64,
-}
-
-fn is_zero(v: &u64) -> bool {
-    *v == 0
-}
 
 /// What [`Store::save_shard`] did.
 #[derive(Debug, Clone)]
@@ -113,55 +84,6 @@ pub fn new_attempt() -> u64 {
 /// File name of rank `rank`'s shard of snapshot `id`.
 pub fn shard_file_name(id: u64, rank: u32) -> String {
     format!("snap-{id:020}-s{rank:05}.bsnap")
-}
-
-/// Whether `name` is a shard file (or its temporary) of a snapshot id not committed yet
-/// (`>= next_id`): its writer may still be at work, so it is not debris.
-pub(crate) fn pending_shard(name: &str, next_id: u64) -> bool {
-    let Some(rest) = name.strip_prefix("snap-") else {
-        return false;
-    };
-    let (Some(id), Some(tail)) = (rest.get(..20), rest.get(20..)) else {
-        return false;
-    };
-    tail.starts_with("-s") && id.parse::<u64>().is_ok_and(|id| id >= next_id)
-}
-
-/// Checks the shard fields of a manifest entry (FORMAT.md 4.1).
-pub(crate) fn check_listing(s: &SnapshotInfo, version: u32) -> Result<(), String> {
-    if s.shards.is_empty() {
-        return Ok(());
-    }
-    if version != MANIFEST_VERSION_SHARDED {
-        return Err(format!("lists shards in a version {version} manifest"));
-    }
-    if !s.file.is_empty() || s.base.is_some() {
-        return Err("a sharded snapshot has a file or base of its own".into());
-    }
-    if s.shards.len() as u64 > MAX_SHARDS as u64 {
-        return Err(format!("{} shards, more than {MAX_SHARDS}", s.shards.len()));
-    }
-    for (i, h) in s.shards.iter().enumerate() {
-        if h.rank as usize != i {
-            return Err(format!("shard {i} has rank {}", h.rank));
-        }
-        if h.base.is_some_and(|b| b >= s.id) {
-            return Err(format!("shard {i}'s base is not older than it"));
-        }
-    }
-    if combined_hash(&s.shards) != s.state_hash {
-        return Err("state hash is not that of its shards".into());
-    }
-    Ok(())
-}
-
-/// A sharded snapshot's state hash: xxh3 of its shards' state hashes, in rank order.
-fn combined_hash(shards: &[ShardInfo]) -> u64 {
-    let bytes: Vec<u8> = shards
-        .iter()
-        .flat_map(|h| h.state_hash.to_le_bytes())
-        .collect();
-    xxh3_64(&bytes)
 }
 
 /// Reads and checks just the header of snapshot file `name` (preamble, trailer, then
@@ -560,6 +482,8 @@ fn check_rank(rank: u32, world: u32) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::store::manifest::pending_shard;
 
     #[test]
     fn pending_names() {

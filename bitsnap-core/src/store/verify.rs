@@ -86,3 +86,30 @@ impl Store {
         Ok(report)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{Error, Policy, Role, Store, Tensor};
+
+    #[test]
+    fn verify_reports_the_broken_snapshot_and_its_dependants() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open_or_create(dir.path(), Policy::default()).unwrap();
+        let mut w: Vec<f32> = (0..2000).map(|i| i as f32).collect();
+        let mut files = Vec::new();
+        for step in 0..2 {
+            w[step] = 0.25;
+            let t = Tensor::from_f32("w", &[2000], Role::Weight, &w).unwrap();
+            files.push(store.save(&format!("s{step}"), vec![t]).unwrap().info.file);
+        }
+        assert_eq!(store.verify().unwrap().ok, vec![1, 2]);
+        let path = dir.path().join(&files[0]);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[20] ^= 1; // in the first payload
+        std::fs::write(&path, bytes).unwrap();
+        let report = Store::open(dir.path()).unwrap().verify().unwrap();
+        let failed: Vec<u64> = report.failed.iter().map(|(id, _)| *id).collect();
+        assert_eq!(failed, vec![1, 2]);
+        assert!(matches!(report.failed[0].1, Error::Checksum { .. }));
+    }
+}
