@@ -30,7 +30,7 @@ pub struct ShardInfo {
     pub file: String,
     /// The snapshot whose shard of the same rank this one is a delta of, if any.
     pub base: Option<u64>,
-    /// [`Header::state_hash`] of the shard.
+    /// [`Header::state_hash`](crate::format::Header::state_hash) of the shard.
     pub state_hash: u64,
     /// Number of tensors.
     pub tensors: u64,
