@@ -696,6 +696,23 @@ mod tests {
     }
 
     #[test]
+    fn unknown_codec_tags_are_refused_naming_the_tensor() {
+        let h = Header {
+            entries: vec![entry("t", &[])],
+            ..Header::default()
+        };
+        let mut body = h.encode();
+        // id, name, base, attempt, header area, metadata and tensor counts, entry name
+        // "t", dtype, role: then the codec tag.
+        let at = 8 + 2 + 17 + 8 + 4 + 4 + 4 + 3 + 2;
+        assert_eq!(body[at], CodecId::Planes.tag());
+        body[at] = 0xee;
+        let (tensor, why) = reason(Header::parse(&body, Path::new("h.bsnap"), 0));
+        assert_eq!(tensor.as_deref(), Some("t"));
+        assert!(why.contains("unknown codec tag 238"), "{why}");
+    }
+
+    #[test]
     fn version_1_bodies_have_no_attempt_or_extensions() {
         let h = Header {
             id: 1,
