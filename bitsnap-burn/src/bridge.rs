@@ -131,9 +131,10 @@ pub fn to_pack_tensors(
     kind: RecordKind,
     prefix: &str,
 ) -> Result<Vec<burn_pack::Tensor>, Error> {
-    let bad = |reason: String| Error::Record {
+    let bad = |key: &str, reason: String| Error::RecordMetadata {
         what: kind.name(),
-        message: reason,
+        key: key.to_string(),
+        reason,
     };
     let lookup = |key: String| {
         metadata
@@ -148,18 +149,18 @@ pub fn to_pack_tensors(
         };
         let note = lookup(format!("{prefix}{DTYPE}{name}"));
         let dtype = dtype_to_burn(t.dtype, note).ok_or_else(|| {
-            bad(format!(
-                "tensor `{name}`: dtype {} with note {note:?}",
-                t.dtype
-            ))
+            bad(
+                &t.name,
+                format!("dtype {} with Burn dtype note {note:?}", t.dtype),
+            )
         })?;
-        let pid =
-            match lookup(format!("{prefix}{PID}{name}")) {
-                Some(v) => Some(v.parse::<u64>().map_err(|_| {
-                    bad(format!("tensor `{name}`: parameter id `{v}` is not a u64"))
-                })?),
-                None => None,
-            };
+        let pid = match lookup(format!("{prefix}{PID}{name}")) {
+            Some(v) => Some(
+                v.parse::<u64>()
+                    .map_err(|_| bad(&t.name, format!("parameter id `{v}` is not a u64")))?,
+            ),
+            None => None,
+        };
         let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
         pack.push(burn_pack::Tensor::new(
             name.to_string(),
@@ -181,10 +182,6 @@ pub fn to_burnpack(
     kind: RecordKind,
     prefix: &str,
 ) -> Result<Bytes, Error> {
-    let bad = |reason: String| Error::Record {
-        what: kind.name(),
-        message: reason,
-    };
     let pack = to_pack_tensors(tensors, metadata, kind, prefix)?;
     let mut writer = Writer::new(pack);
     for (k, v) in metadata {
@@ -194,12 +191,15 @@ pub fn to_burnpack(
         if let Some(key) = k.strip_prefix(META) {
             writer = writer.with_metadata(key, v);
         } else if let Some(key) = k.strip_prefix(SCALAR) {
-            let s = scalar_from_str(v)
-                .ok_or_else(|| bad(format!("scalar `{key}`: `{v}` is not a scalar")))?;
+            let s = scalar_from_str(v).ok_or_else(|| Error::RecordMetadata {
+                what: kind.name(),
+                key: format!("{prefix}{SCALAR}{key}"),
+                reason: format!("`{v}` is not a scalar"),
+            })?;
             writer = writer.with_scalar(key, s);
         }
     }
-    writer.into_bytes().map_err(|e| bad(e.to_string()))
+    writer.into_bytes().map_err(record_error(kind))
 }
 
 /// The metadata key of a per-tensor entry (`burn.pid.`, `burn.dtype.`) for tensor `name`,
@@ -232,11 +232,11 @@ pub(crate) fn param_id_of(name: &str, metadata: &[(String, String)]) -> Option<u
     lookup(metadata, &tensor_key(PID, name)).and_then(|v| v.parse().ok())
 }
 
-/// Maps a burnpack error to [`Error::Record`] for `kind`.
+/// Maps a burnpack error to [`Error::Burnpack`] for `kind`.
 fn record_error(kind: RecordKind) -> impl Fn(burn_pack::Error) -> Error + Copy {
-    move |e| Error::Record {
+    move |source| Error::Burnpack {
         what: kind.name(),
-        message: e.to_string(),
+        source,
     }
 }
 

@@ -76,10 +76,12 @@ impl BitSnapCheckpointer {
     /// Saves `record` as `epoch` of its series.
     pub fn save_record<R: BurnRecord>(&self, epoch: usize, record: R) -> Result<(), Error> {
         let kind = R::KIND;
-        let bytes = record.checkpoint_into_bytes().map_err(|e| Error::Record {
-            what: kind.name(),
-            message: e.to_string(),
-        })?;
+        let bytes = record
+            .checkpoint_into_bytes()
+            .map_err(|source| Error::Record {
+                what: kind.name(),
+                source,
+            })?;
         let (tensors, metadata) = bridge::from_burnpack(bytes, kind, "")?;
         let mut store = self.store();
         let previous = store.find(kind.name(), &Self::name(epoch)).map(|s| s.id);
@@ -119,9 +121,9 @@ impl BitSnapCheckpointer {
             );
         }
         let bytes = bridge::to_burnpack(&snap.tensors, &snap.metadata, kind, "")?;
-        R::checkpoint_from_bytes(bytes).map_err(|e| Error::Record {
+        R::checkpoint_from_bytes(bytes).map_err(|source| Error::Record {
             what: kind.name(),
-            message: e.to_string(),
+            source,
         })
     }
 

@@ -181,9 +181,10 @@ impl StepSaver {
         let (tx, rx) = bounded::<Job>(config.queue_depth);
         let worker_shared = shared.clone();
         let keep_last = config.keep_last;
+        let worker_dir = dir.clone();
         let worker = std::thread::Builder::new()
             .name("bitsnap-saver".into())
-            .spawn(move || run(rx, worker_shared, keep_last))
+            .spawn(move || run(rx, worker_shared, keep_last, worker_dir))
             .map_err(|e| bitsnap_core::Error::Io {
                 path: dir.clone(),
                 source: e,
@@ -212,8 +213,12 @@ impl StepSaver {
         let job: Job = (
             step,
             Box::new(move || {
-                let record = |kind: RecordKind, bytes: Result<burn::tensor::Bytes, burn::store::RecordError>| {
-                    bytes.map_err(|e| Error::Record { what: kind.name(), message: e.to_string() })
+                let record = |kind: RecordKind,
+                              bytes: Result<burn::tensor::Bytes, burn::store::RecordError>| {
+                    bytes.map_err(|source| Error::Record {
+                        what: kind.name(),
+                        source,
+                    })
                 };
                 let model_bytes = record(
                     RecordKind::Module,
@@ -237,11 +242,13 @@ impl StepSaver {
         if !matches!(sent, Some(Ok(()))) {
             let mut p = self.shared.progress();
             p.submitted -= 1;
-            return Err(Error::SaverStopped(
-                p.stopped
+            return Err(Error::SaverStopped {
+                store: self.dir.clone(),
+                reason: p
+                    .stopped
                     .clone()
                     .unwrap_or_else(|| "the saver is closed".into()),
-            ));
+            });
         }
         Ok(())
     }
@@ -252,7 +259,10 @@ impl StepSaver {
             return Err(e);
         }
         if let Some(why) = &p.stopped {
-            return Err(Error::SaverStopped(why.clone()));
+            return Err(Error::SaverStopped {
+                store: self.dir.clone(),
+                reason: why.clone(),
+            });
         }
         Ok(())
     }
@@ -326,15 +336,15 @@ impl StepSaver {
             bridge::to_burnpack(&snap.tensors, &snap.metadata, kind, prefix)
         };
         let model = ModuleRecord::checkpoint_from_bytes(rebuild(RecordKind::Module, MODEL_PREFIX)?)
-            .map_err(|e| Error::Record {
-                what: "model",
-                message: e.to_string(),
+            .map_err(|source| Error::Record {
+                what: RecordKind::Module.name(),
+                source,
             })?;
         let optimizer =
             OptimizerRecord::checkpoint_from_bytes(rebuild(RecordKind::Optimizer, OPTIM_PREFIX)?)
-                .map_err(|e| Error::Record {
-                what: "optim",
-                message: e.to_string(),
+                .map_err(|source| Error::Record {
+                what: RecordKind::Optimizer.name(),
+                source,
             })?;
         Ok(Restored {
             step,
@@ -396,7 +406,7 @@ fn parse_step(name: &str) -> Option<u64> {
 }
 
 /// The background thread: read back, encode and write each queued snapshot.
-fn run(rx: Receiver<Job>, shared: Arc<Shared>, keep_last: Option<usize>) {
+fn run(rx: Receiver<Job>, shared: Arc<Shared>, keep_last: Option<usize>, store_dir: PathBuf) {
     for (step, job) in rx {
         let t0 = Instant::now();
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -453,11 +463,45 @@ fn run(rx: Receiver<Job>, shared: Arc<Shared>, keep_last: Option<usize>) {
                 tracing::error!(step, panic = %msg, "background save panicked");
                 p.errors.push_back(Error::Background {
                     step,
-                    source: Box::new(Error::SaverStopped(msg)),
+                    source: Box::new(Error::Panicked {
+                        store: store_dir.clone(),
+                        message: msg,
+                    }),
                 });
             }
         }
         p.done += 1;
         shared.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::{Linear, LinearConfig};
+
+    #[derive(Module, Debug)]
+    struct Net {
+        a: Linear,
+    }
+
+    /// A closed saver (only reachable from inside: `close` consumes it) refuses further
+    /// snapshots with an error that names its store.
+    #[test]
+    fn a_closed_saver_refuses_snapshots_naming_its_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut saver = StepSaver::open(dir.path(), StepSaverConfig::default()).unwrap();
+        saver.shutdown();
+        let device = burn::tensor::Device::flex();
+        let net = Net {
+            a: LinearConfig::new(2, 2).init(&device),
+        };
+        let optim: ModuleOptimizer = burn::optim::AdamWConfig::new().init();
+        let err = saver.snapshot(1, &net, &optim).unwrap_err();
+        assert!(
+            matches!(&err, Error::SaverStopped { store, .. } if store == dir.path()),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(&dir.path().display().to_string()));
     }
 }

@@ -24,16 +24,49 @@ fn a_failed_background_save_is_returned_by_the_next_call() {
     let optim: ModuleOptimizer = AdamWConfig::new().init();
     saver.snapshot(1, &model, &optim).unwrap();
     saver.flush().unwrap();
-    // The disk goes away under the saver: the next save fails in the background.
-    std::fs::remove_dir_all(&store_dir).unwrap();
+    // The disk goes away under the saver (unmounted: its directory is no longer there):
+    // the next save fails in the background.
+    let away = dir.path().join("unmounted");
+    std::fs::rename(&store_dir, &away).unwrap();
     saver.snapshot(2, &model, &optim).unwrap();
     let err = saver.flush().unwrap_err();
     assert!(matches!(err, Error::Background { step: 2, .. }), "{err:?}");
     assert!(err.to_string().contains("store"), "{err}");
-    // Reported once; the saver keeps working when the disk is back.
-    std::fs::create_dir_all(&store_dir).unwrap();
+    // Reported once.
     saver.flush().unwrap();
     assert_eq!(saver.stats().len(), 1);
+    // The disk is back: the saver saves again, and the new snapshot loads, in this
+    // process and from disk, to the state it was given.
+    std::fs::rename(&away, &store_dir).unwrap();
+    let trained = Net {
+        a: LinearConfig::new(4, 4).init(&device),
+    };
+    saver.snapshot(3, &trained, &optim).unwrap();
+    saver.flush().unwrap();
+    assert_eq!(saver.steps(), vec![1, 3]);
+    assert_eq!(saver.stats().len(), 2);
+    let want = record_bytes(trained.clone().into_record());
+    let restored = saver.restore(3).unwrap();
+    assert_eq!(record_bytes(restored.model), want);
+    saver.close().unwrap();
+    let reopened = StepSaver::open(&store_dir, StepSaverConfig::default()).unwrap();
+    let from_disk = reopened.restore(3).unwrap();
+    assert!(!from_disk.from_memory);
+    assert_eq!(record_bytes(from_disk.model), want);
+}
+
+/// The parameter values a model record holds, loaded into a `Net`.
+fn record_bytes(record: ModuleRecord) -> Vec<u8> {
+    let device = Device::flex();
+    let net = Net {
+        a: LinearConfig::new(4, 4).init(&device),
+    }
+    .load_record(record);
+    let mut out = net.a.weight.val().into_data().as_bytes().to_vec();
+    if let Some(b) = &net.a.bias {
+        out.extend_from_slice(b.val().into_data().as_bytes());
+    }
+    out
 }
 
 #[test]
@@ -128,7 +161,10 @@ fn a_panic_in_the_background_is_returned_by_the_next_snapshot_and_later_saves_go
     let err = saver.snapshot(4, &good, &optim).unwrap_err();
     match &err {
         Error::Background { step: 2, source } => {
-            assert!(source.to_string().contains("injected fault"), "{err}")
+            assert!(
+                matches!(&**source, Error::Panicked { message, .. } if message.contains("injected fault")),
+                "{err:?}"
+            )
         }
         other => panic!("expected the background panic of step 2, got {other:?}"),
     }
