@@ -300,3 +300,87 @@ fn a_trained_model_restores_onto_wgpu_without_a_host_copy() {
     );
     saver.close().unwrap();
 }
+
+/// Rewrites delta snapshot `id` of the store in `dir` so that its tensor `x` claims
+/// `dtype` and `shape` (same byte size, same payload, same base reference): a base whose
+/// tensor has the same word count but not the dtype or shape the delta was encoded
+/// against. Returns the snapshot's file.
+fn retype_delta(dir: &std::path::Path, id: u64, dtype: DType, shape: &[u64]) -> std::path::PathBuf {
+    use bitsnap_core::format::{SnapshotFile, SnapshotWriter};
+    let store = Store::open(dir).unwrap();
+    let path = dir.join(&store.get(id).unwrap().file);
+    let file = SnapshotFile::open(&path).unwrap();
+    let h = &file.header;
+    assert!(h.base.is_some() && h.entries.iter().all(|e| e.codec.needs_base()));
+    let mut w = SnapshotWriter::new(Vec::new(), &path, h.id, &h.name, h.base).unwrap();
+    w.set_metadata(h.metadata.clone());
+    for e in &h.entries {
+        let mut entry = e.clone();
+        if entry.name == "x" {
+            entry.dtype = dtype;
+            entry.shape = shape.to_vec();
+        }
+        w.push(entry, file.payload(e).unwrap()).unwrap();
+    }
+    let (_, bytes) = w.finish().unwrap();
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// Issue #14.4: the GPU path matched a delta's base by word count only. A chain whose base
+/// holds `x` as f32 [64] under a delta that claims i32 [64] or f32 [8, 8] (the same 64
+/// words) is refused on every path, with an error naming the delta's file and `x`.
+#[test]
+fn a_base_of_another_dtype_or_shape_is_refused_naming_file_and_tensor() {
+    let wgpu = wgpu();
+    for (dtype, shape) in [(DType::I32, vec![64]), (DType::F32, vec![8, 8])] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store =
+            Store::open_or_create(dir.path(), Policy::default().with_min_delta_gain(0.0)).unwrap();
+        let base = floats(DType::F32, 64, 1);
+        store
+            .save(
+                "a",
+                vec![tensor("x", DType::F32, Role::Weight, base.clone())],
+            )
+            .unwrap();
+        let id = store
+            .save(
+                "b",
+                vec![tensor("x", DType::F32, Role::Weight, touch(&base, 4, 7, 1))],
+            )
+            .unwrap()
+            .info
+            .id;
+        drop(store);
+        let path = retype_delta(dir.path(), id, dtype, &shape);
+        let store = Store::open(dir.path()).unwrap();
+        let named = |what: &str, e: &bitsnap_burn::Error| {
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&path.display().to_string()) && msg.contains("`x`"),
+                "{what} {dtype} {shape:?}: {msg}"
+            );
+        };
+        let cpu = store.load(id).unwrap_err();
+        named("CPU decoder", &cpu.into());
+        let mut devices = vec![("flex", Device::flex())];
+        devices.extend(wgpu.clone().map(|d| ("wgpu", d)));
+        for (name, device) in devices {
+            for verify in [false, true] {
+                let err = DeviceLoader::new(&device)
+                    .with_verify(verify)
+                    .load(&store, id)
+                    .unwrap_err();
+                assert!(
+                    matches!(
+                        err,
+                        bitsnap_burn::Error::Store(bitsnap_core::Error::MissingBase { .. })
+                    ),
+                    "{name}: {err:?}"
+                );
+                named(name, &err);
+            }
+        }
+    }
+}
