@@ -3,7 +3,7 @@
 
 use bitsnap_burn::{StepSaver, StepSaverConfig};
 use bitsnap_core::{Lossiness, Policy, codec::QuantBits};
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData, activation::relu};
@@ -14,11 +14,41 @@ struct Mlp {
     b: Linear,
 }
 
+/// Uniform values in `[-scale, scale)` from a xorshift generator seeded with `seed`.
+fn uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = 0x2545_F491_4F6C_DD1Du64 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// A linear layer with deterministic weights: every run starts from the same model,
+/// whatever other tests draw from Burn's generator meanwhile, so the loss gaps measured
+/// below are reproducible.
+fn linear(d_in: usize, d_out: usize, seed: u64, device: &Device) -> Linear {
+    let scale = 1.0 / (d_in as f32).sqrt();
+    let mut layer = LinearConfig::new(d_in, d_out).init(device);
+    layer.weight = Param::from_tensor(Tensor::from_data(
+        TensorData::new(uniform(d_in * d_out, seed, scale), [d_in, d_out]),
+        device,
+    ));
+    layer.bias = Some(Param::from_tensor(Tensor::from_data(
+        TensorData::new(uniform(d_out, seed + 1, scale), [d_out]),
+        device,
+    )));
+    layer
+}
+
 impl Mlp {
     fn new(device: &Device) -> Mlp {
         Mlp {
-            a: LinearConfig::new(16, 64).init(device),
-            b: LinearConfig::new(64, 1).init(device),
+            a: linear(16, 64, 1, device),
+            b: linear(64, 1, 3, device),
         }
     }
 
@@ -151,12 +181,14 @@ fn lossless_resume_is_bit_exact_from_disk_and_from_memory() {
 #[test]
 fn lossy_optimizer_resume_stays_close() {
     let device = Device::flex().autodiff();
-    for bits in [QuantBits::B8, QuantBits::B4] {
+    // Final-loss gap bounds: 3x the gaps measured (deterministic init, so every run
+    // gives the same gaps): B8 0.068%, B4 0.132%.
+    for (bits, bound) in [(QuantBits::B8, 0.0020), (QuantBits::B4, 0.0040)] {
         let dir = tempfile::tempdir().unwrap();
         let policy = Policy::default().with_lossiness(Lossiness::LossyOptimizer { bits });
         let saver =
             StepSaver::open(dir.path(), StepSaverConfig::default().with_policy(policy)).unwrap();
-        // The run's own uninterrupted losses are the reference (each run has its own init).
+        // The run's own uninterrupted losses are the reference.
         let (losses, _) = uninterrupted(&saver, &device);
         let quantized = saver
             .with_store(|s| s.header(s.snapshots()[1].id))
@@ -180,7 +212,6 @@ fn lossy_optimizer_resume_stays_close() {
             errors.iter().cloned().fold(0.0, f64::max),
             gap * 100.0
         );
-        // A regression guard, not a claim: the measured gaps are in the closing notes.
-        assert!(gap < 0.10, "final loss gap {gap} with {bits:?}");
+        assert!(gap < bound, "final loss gap {gap} with {bits:?}, bound {bound}");
     }
 }
