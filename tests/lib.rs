@@ -1,0 +1,37 @@
+//! End-to-end scenarios of bitsnap that cross crates, each a `[[test]]` target of this
+//! package (`cargo test -p bitsnap-e2e`):
+//!
+//! - `train_save_restore`: a small model trained in Burn (flex), saved by a
+//!   [`bitsnap_burn::StepSaver`] as a delta chain, verified and decoded by a
+//!   [`bitsnap_core::Store`] bit for bit, restored onto wgpu by
+//!   [`bitsnap_burn::gpu::DeviceLoader`] equal to the CPU decode, and resumed bit for bit.
+//!
+//! This library holds what the scenarios share.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+use std::sync::OnceLock;
+
+use burn::tensor::Device;
+
+/// The wgpu device (Mesa's lavapipe in CI), initialised once per test binary: wgpu can
+/// be initialised only once per process.
+///
+/// `None`, with a note on stderr, on a machine without a wgpu adapter; where every test
+/// must run ([`bitsnap_core::ci::required`]) a missing adapter panics instead.
+pub fn wgpu() -> Option<Device> {
+    static DEVICE: OnceLock<Option<Device>> = OnceLock::new();
+    DEVICE
+        .get_or_init(|| match Device::wgpu_options().init() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                assert!(
+                    !bitsnap_core::ci::required(),
+                    "CI is set but no wgpu adapter was found (is mesa-vulkan-drivers installed?): {e}"
+                );
+                eprintln!("no wgpu adapter ({e}): the GPU restore step is not run");
+                None
+            }
+        })
+        .clone()
+}
