@@ -26,7 +26,7 @@ pub(super) enum Value {
 
 /// A restored tensor as Burn takes it.
 enum Parts {
-    Cube(CubeTensor),
+    Cube(Box<CubeTensor>),
     Host(TensorData),
 }
 
@@ -92,13 +92,13 @@ impl DeviceTensor {
     /// The CubeCL tensor over the restored buffer (no copy), or the host bytes.
     fn parts(&self) -> Parts {
         match &self.value {
-            Value::Cube(w, target) => Parts::Cube(CubeTensor::new_contiguous(
+            Value::Cube(w, target) => Parts::Cube(Box::new(CubeTensor::new_contiguous(
                 target.client.clone(),
                 target.device.clone(),
                 Shape::from(self.shape.clone()),
                 w.handle.clone(),
                 self.burn_dtype,
-            )),
+            ))),
             Value::Host(bytes) => Parts::Host(TensorData::from_bytes_vec(
                 bytes.clone(),
                 self.shape.clone(),
@@ -112,7 +112,7 @@ impl DeviceTensor {
     pub fn float<const D: usize>(&self) -> Result<Tensor<D>, Error> {
         self.check_rank::<D>()?;
         Ok(match self.parts() {
-            Parts::Cube(p) => Tensor::<D>::from_primitive::<Cube>(p).to_device(&self.device),
+            Parts::Cube(p) => Tensor::<D>::from_primitive::<Cube>(*p).to_device(&self.device),
             Parts::Host(data) => Tensor::from_data(data, (&self.device, self.burn_dtype)),
         })
     }
@@ -121,7 +121,7 @@ impl DeviceTensor {
     pub fn int<const D: usize>(&self) -> Result<Tensor<D, Int>, Error> {
         self.check_rank::<D>()?;
         Ok(match self.parts() {
-            Parts::Cube(p) => Tensor::<D, Int>::from_primitive::<Cube>(p).to_device(&self.device),
+            Parts::Cube(p) => Tensor::<D, Int>::from_primitive::<Cube>(*p).to_device(&self.device),
             Parts::Host(data) => Tensor::from_data(data, (&self.device, self.burn_dtype)),
         })
     }
@@ -130,7 +130,7 @@ impl DeviceTensor {
     pub fn bool<const D: usize>(&self) -> Result<Tensor<D, Bool>, Error> {
         self.check_rank::<D>()?;
         Ok(match self.parts() {
-            Parts::Cube(p) => Tensor::<D, Bool>::from_primitive::<Cube>(p).to_device(&self.device),
+            Parts::Cube(p) => Tensor::<D, Bool>::from_primitive::<Cube>(*p).to_device(&self.device),
             Parts::Host(data) => Tensor::from_data(data, (&self.device, self.burn_dtype)),
         })
     }
