@@ -70,19 +70,9 @@ fn step(model: Mlp, optim: &mut ModuleOptimizer, n: u64, device: &Device) -> (Ml
     (optim.step(1e-3, model, grads), value)
 }
 
-/// `ModuleOptimizer::load_record` creates the optimizer state on Burn's default device,
-/// which is wgpu whenever that feature is compiled in. Point it at the CPU, where this
-/// example trains, unless the user chose.
-#[allow(unsafe_code)]
-fn default_device_cpu() {
-    if std::env::var_os("BURN_DEVICE").is_none() {
-        // SAFETY: called first thing in `main`, before any other thread exists.
-        unsafe { std::env::set_var("BURN_DEVICE", "flex") };
-    }
-}
-
 fn main() -> ExitCode {
-    default_device_cpu();
+    // SAFETY: first thing in `main`: no other thread exists yet.
+    unsafe { bitsnap_examples::device::default_device_cpu() };
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

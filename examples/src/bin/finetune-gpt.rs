@@ -60,20 +60,9 @@ struct Args {
     seed: u64,
 }
 
-/// `ModuleOptimizer::load_record` creates the optimizer state on Burn's default device,
-/// which is wgpu whenever that feature is compiled in, adapter or not. Point it at the
-/// CPU (the state moves to the training device at the next step) unless the user chose.
-#[allow(unsafe_code)]
-fn default_device_cpu() {
-    if std::env::var_os("BURN_DEVICE").is_none() {
-        // SAFETY: called first thing in `main`, before any other thread exists, so no
-        // thread can be reading the environment concurrently.
-        unsafe { std::env::set_var("BURN_DEVICE", "flex") };
-    }
-}
-
 fn main() -> ExitCode {
-    default_device_cpu();
+    // SAFETY: first thing in `main`: no other thread exists yet.
+    unsafe { bitsnap_examples::device::default_device_cpu() };
     let args = Args::parse();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,

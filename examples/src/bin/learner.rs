@@ -140,29 +140,20 @@ fn train(
     training.launch(learner).model
 }
 
-fn weights(model: &Regressor) -> Vec<u8> {
+/// The model's serialised record: what "bit-identical" compares. A serialisation that
+/// fails is an error, never an empty record that would equal another failure.
+fn weights(model: &Regressor) -> Result<Vec<u8>, burn::store::RecordError> {
     use burn::train::checkpoint::Checkpoint;
     model
         .clone()
         .into_record()
         .checkpoint_into_bytes()
         .map(|b| b.to_vec())
-        .unwrap_or_default()
-}
-
-/// `ModuleOptimizer::load_record` (called by the learner's resume) creates the optimizer
-/// state on Burn's default device, which is wgpu whenever that feature is compiled in.
-/// Point it at the CPU, where this example trains, unless the user chose.
-#[allow(unsafe_code)]
-fn default_device_cpu() {
-    if std::env::var_os("BURN_DEVICE").is_none() {
-        // SAFETY: called first thing in `main`, before any other thread exists.
-        unsafe { std::env::set_var("BURN_DEVICE", "flex") };
-    }
 }
 
 fn main() -> ExitCode {
-    default_device_cpu();
+    // SAFETY: first thing in `main`: no other thread exists yet.
+    unsafe { bitsnap_examples::device::default_device_cpu() };
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -195,7 +186,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Some(resume_at),
     );
     drop(ckpt);
-    let same = weights(&first) == weights(&resumed);
+    let same = weights(&first)? == weights(&resumed)?;
     println!(
         "resumed from epoch {resume_at}: final weights {} the uninterrupted run's",
         if same {
