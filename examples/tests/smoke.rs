@@ -252,7 +252,10 @@ fn finetune_gpt_lossy_optimizer_quantizes_moments_and_resumes_close() {
     );
     assert!(s.store.weights.ratio() < s.store.optimizer.ratio());
     let crash = s.crash.clone().expect("a crash");
-    eprintln!("replayed losses: max relative difference {:e}", crash.max_rel_diff);
+    eprintln!(
+        "replayed losses: max relative difference {:e}",
+        crash.max_rel_diff
+    );
     // Measured 1.65e-6 (8-bit moments, this smoke run); the bound is 6x that, where 0.05
     // let a 30000x regression pass.
     assert!(crash.replayed > 0 && crash.max_rel_diff < 1e-5, "{crash:?}");
