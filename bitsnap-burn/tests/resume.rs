@@ -212,6 +212,9 @@ fn lossy_optimizer_resume_stays_close() {
             errors.iter().cloned().fold(0.0, f64::max),
             gap * 100.0
         );
-        assert!(gap < bound, "final loss gap {gap} with {bits:?}, bound {bound}");
+        assert!(
+            gap < bound,
+            "final loss gap {gap} with {bits:?}, bound {bound}"
+        );
     }
 }
