@@ -384,3 +384,39 @@ fn a_base_of_another_dtype_or_shape_is_refused_naming_file_and_tensor() {
         }
     }
 }
+
+/// A sharded snapshot (two ranks) restores through the same call, on wgpu too, equal to
+/// the CPU decoder (the loader's chain walk reads single files only, so it falls back to
+/// the CPU decoder instead of refusing the snapshot).
+#[test]
+fn a_sharded_snapshot_restores_onto_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open_or_create(dir.path(), Policy::default()).unwrap();
+    let id = store.snapshots().len() as u64 + 1;
+    for rank in 0..2u32 {
+        let t = tensor(
+            &format!("w{rank}"),
+            DType::F32,
+            Role::Weight,
+            floats(DType::F32, 1000, u64::from(rank)),
+        );
+        Store::open(dir.path())
+            .unwrap()
+            .save_shard("s", id, "sharded", rank, 2, vec![t], Vec::new())
+            .unwrap();
+    }
+    store
+        .commit_sharded("s", id, "sharded", 2, std::time::Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(store.load(id).unwrap().tensors.len(), 2);
+    let mut devices = vec![Device::flex()];
+    devices.extend(wgpu());
+    for device in devices {
+        let snap = DeviceLoader::new(&device)
+            .with_verify(true)
+            .load(&store, id)
+            .unwrap();
+        assert_eq!(snap.tensors().len(), 2);
+        assert_same_as_cpu(&store, id, &snap);
+    }
+}

@@ -26,11 +26,11 @@ impl Chain {
     /// this reader only knows single-file snapshots, and the loader then restores through
     /// the CPU decoder ([`Store::load`]), which reads shards.
     pub(super) fn open(store: &Store, id: u64) -> Result<Option<Chain>, Error> {
+        if is_sharded(store, id) {
+            return Ok(None);
+        }
         let ids = store.chain(id)?;
-        let sharded = ids
-            .iter()
-            .any(|&sid| store.get(sid).is_some_and(|s| !s.shards.is_empty()));
-        if sharded {
+        if ids.iter().any(|&sid| is_sharded(store, sid)) {
             return Ok(None);
         }
         let files = ids
@@ -78,6 +78,11 @@ impl Chain {
         }
         start
     }
+}
+
+/// Whether snapshot `id` of `store` is sharded (its chains are per rank).
+pub(super) fn is_sharded(store: &Store, id: u64) -> bool {
+    store.get(id).is_some_and(|s| !s.shards.is_empty())
 }
 
 /// The delta snapshot `next` must have been encoded against `prev` (same id and state

@@ -161,7 +161,12 @@ impl DeviceLoader {
         let decode = t0.elapsed();
         let cube = CubeTarget::probe(&self.device);
         let mut stats = LoadStats {
-            snapshots: store.chain(id)?.len(),
+            // A sharded snapshot has one chain per rank: counted as one snapshot.
+            snapshots: if chain::is_sharded(store, id) {
+                1
+            } else {
+                store.chain(id)?.len()
+            },
             cpu_decode: decode,
             ..LoadStats::default()
         };
