@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
-use crate::codec::{CodecError, CodecId, Cursor, DeviceForm, QuantError};
+use crate::codec::{CodecError, CodecId, Cursor, DeviceForm, Distortion};
 use crate::tensor::byte_len;
 use crate::{DType, Error, Role};
 
@@ -56,7 +56,7 @@ pub struct Decision {
     /// Elements that differ from the base tensor, if it was compared with one.
     pub changed: Option<u64>,
     /// Quantization error, for lossy codecs.
-    pub error: Option<QuantError>,
+    pub error: Option<Distortion>,
     /// The codecs tried and their (estimated, for large tensors) payload sizes in bytes.
     pub candidates: Vec<(CodecId, u64)>,
 }
@@ -336,7 +336,7 @@ fn parse_entry(cur: &mut Cursor<'_>, name: String) -> Result<Entry, CodecError> 
         raw_hash,
         decision: Decision {
             changed: (changed != CHANGED_UNKNOWN).then_some(changed),
-            error: (!rel.is_nan()).then_some(QuantError {
+            error: (!rel.is_nan()).then_some(Distortion {
                 rel_l2: rel,
                 max_abs: max,
             }),
@@ -761,6 +761,12 @@ impl SnapshotFile {
     }
 
     fn malformed(&self, entry: &Entry, e: CodecError) -> Error {
+        if let Some(bytes) = e.alloc {
+            return Error::Alloc {
+                what: format!("tensor `{}` of {}", entry.name, self.path.display()),
+                bytes,
+            };
+        }
         Error::Malformed {
             file: self.path.clone(),
             tensor: Some(entry.name.clone()),

@@ -22,10 +22,19 @@
 //! Codes are packed little-endian: at 4 bits, element `2i` is the low nibble of byte `i`.
 //! Decoding is a pure table lookup, so the GPU loader and the CPU decoder agree bit for bit.
 
+mod kmeans;
+mod payload;
+mod values;
+
 use rayon::prelude::*;
 
-use super::{Codec, CodecError, CodecId, Cursor, EncodeInput, Encoded, chunks, planes};
-use crate::{DType, Role};
+use super::{Codec, CodecError, CodecId, EncodeInput, Encoded, chunks, planes};
+use crate::Role;
+use kmeans::{kmeans_1d, sample_sorted};
+use payload::{code_width, pack_codes};
+pub(crate) use payload::{decode_codes, decode_into, precheck};
+pub(crate) use values::floats_to_f64;
+use values::{push_value, round_to, value_at, with_values};
 
 /// Transform tag: values clustered as they are.
 pub const TRANSFORM_LINEAR: u8 = 0;
@@ -65,14 +74,19 @@ impl QuantBits {
     }
 }
 
-/// Quantization error of one tensor, against the values it was given.
+/// How far a quantized tensor is from the values it was given: a distortion measure
+/// (reported with every lossy encoding), not a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct QuantError {
+pub struct Distortion {
     /// `‖x − x̂‖₂ / ‖x‖₂` (0 when `x` is all zeros).
     pub rel_l2: f64,
     /// `max |x − x̂|`.
     pub max_abs: f64,
 }
+
+/// The former name of [`Distortion`].
+#[deprecated(note = "renamed to `Distortion`: it measures quantization error, it is not an error")]
+pub type QuantError = Distortion;
 
 /// The cluster quantizer.
 ///
@@ -113,87 +127,6 @@ impl Default for ClusterQuantizer {
     fn default() -> Self {
         ClusterQuantizer::new(QuantBits::default())
     }
-}
-
-/// Reads element `i` of float `bytes` as f64.
-fn value_at(dtype: DType, bytes: &[u8], i: usize) -> f64 {
-    let w = dtype.size();
-    let b = &bytes[i * w..(i + 1) * w];
-    match dtype {
-        DType::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f64(),
-        DType::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f64(),
-        DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
-        DType::F64 => f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
-        _ => f64::NAN,
-    }
-}
-
-/// Converts `v` to `dtype` (round to nearest), as little-endian bytes appended to `out`.
-fn push_value(dtype: DType, v: f64, out: &mut Vec<u8>) {
-    match dtype {
-        DType::F16 => out.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
-        DType::BF16 => out.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
-        DType::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
-        _ => out.extend_from_slice(&v.to_le_bytes()),
-    }
-}
-
-/// `v` rounded to `dtype` and back.
-fn round_to(dtype: DType, v: f64) -> f64 {
-    let mut b = Vec::with_capacity(8);
-    push_value(dtype, v, &mut b);
-    value_at(dtype, &b, 0)
-}
-
-thread_local! {
-    static VALUES: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` on the values of a chunk of float bytes, converted to f64 in a reused buffer.
-fn with_values<R>(dtype: DType, bytes: &[u8], f: impl FnOnce(&[f64]) -> R) -> R {
-    VALUES.with(|cell| {
-        let mut vals = cell.borrow_mut();
-        vals.clear();
-        match dtype {
-            DType::F16 => vals.extend(
-                bytes
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64()),
-            ),
-            DType::BF16 => vals.extend(
-                bytes
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64()),
-            ),
-            DType::F32 => vals.extend(
-                bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64),
-            ),
-            DType::F64 => vals.extend(
-                bytes
-                    .chunks_exact(8)
-                    .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])),
-            ),
-            _ => vals.extend(std::iter::repeat_n(
-                f64::NAN,
-                bytes.len() / dtype.size().max(1),
-            )),
-        }
-        f(&vals)
-    })
-}
-
-/// All values of a float tensor as f64, or `None` for non-float dtypes.
-pub(crate) fn floats_to_f64(dtype: DType, bytes: &[u8]) -> Option<Vec<f64>> {
-    if !dtype.is_quantizable_float() {
-        return None;
-    }
-    Some(
-        (0..bytes.len() / dtype.size())
-            .map(|i| value_at(dtype, bytes, i))
-            .collect(),
-    )
 }
 
 impl Codec for ClusterQuantizer {
@@ -296,7 +229,7 @@ impl Codec for ClusterQuantizer {
                 || (0.0, 0.0, 0.0),
                 |a, b| (a.0 + b.0, a.1 + b.1, a.2.max(b.2)),
             );
-        let error = QuantError {
+        let error = Distortion {
             rel_l2: if sq_norm > 0.0 {
                 (sq_err / sq_norm).sqrt()
             } else {
@@ -322,286 +255,10 @@ impl Codec for ClusterQuantizer {
     }
 }
 
-fn code_width(bits: QuantBits) -> usize {
-    if bits == QuantBits::B16 { 2 } else { 1 }
-}
-
-fn packed_len(n: usize, bits: QuantBits) -> usize {
-    match bits {
-        QuantBits::B4 => n.div_ceil(2),
-        QuantBits::B8 => n,
-        QuantBits::B16 => n * 2,
-    }
-}
-
-fn pack_codes(codes: &[u16], bits: QuantBits) -> Vec<u8> {
-    match bits {
-        QuantBits::B4 => codes
-            .chunks(2)
-            .map(|p| (p[0] as u8 & 0x0f) | ((p.get(1).copied().unwrap_or(0) as u8 & 0x0f) << 4))
-            .collect(),
-        QuantBits::B8 => codes.iter().map(|&c| c as u8).collect(),
-        QuantBits::B16 => codes.iter().flat_map(|c| c.to_le_bytes()).collect(),
-    }
-}
-
-/// A sorted, evenly strided sample of the values `f(i)` that are `Some`, large enough for
-/// `k` clusters (64 values per cluster, at least 2^16, at most 2^21 values).
-fn sample_sorted(n: usize, k: usize, f: impl Fn(usize) -> Option<f64> + Sync) -> Vec<f64> {
-    let target = (k * 64).clamp(1 << 16, 1 << 21);
-    let stride = (n / target).max(1);
-    let mut s: Vec<f64> = (0..n.div_ceil(stride))
-        .into_par_iter()
-        .filter_map(|j| f(j * stride))
-        .collect();
-    s.par_sort_unstable_by(f64::total_cmp);
-    s
-}
-
-/// 1-D k-means on a sorted sample: at most `k` sorted centroids.
-fn kmeans_1d(sorted: &[f64], k: usize, iterations: usize) -> Vec<f64> {
-    if sorted.is_empty() || k == 0 {
-        return Vec::new();
-    }
-    let mut distinct = sorted.to_vec();
-    distinct.dedup();
-    if distinct.len() <= k {
-        return distinct;
-    }
-    let mut c = if k <= 256 {
-        kmeans_pp(sorted, k)
-    } else {
-        (0..k)
-            .map(|j| sorted[(j * (sorted.len() - 1)) / (k - 1).max(1)])
-            .collect()
-    };
-    c.sort_by(f64::total_cmp);
-    c.dedup();
-    let mut prefix = Vec::with_capacity(sorted.len() + 1);
-    prefix.push(0.0f64);
-    let mut acc = 0.0;
-    for &v in sorted {
-        acc += v;
-        prefix.push(acc);
-    }
-    for _ in 0..iterations {
-        let mut next = Vec::with_capacity(c.len());
-        let mut lo = 0usize;
-        for j in 0..c.len() {
-            let hi = if j + 1 < c.len() {
-                let mid = 0.5 * (c[j] + c[j + 1]);
-                sorted.partition_point(|&v| v <= mid)
-            } else {
-                sorted.len()
-            };
-            if hi > lo {
-                next.push((prefix[hi] - prefix[lo]) / (hi - lo) as f64);
-            } else {
-                next.push(c[j]);
-            }
-            lo = hi.max(lo);
-        }
-        next.sort_by(f64::total_cmp);
-        next.dedup();
-        if next == c {
-            break;
-        }
-        c = next;
-    }
-    c
-}
-
-/// k-means++ seeding (D² sampling) with a fixed seed, so snapshots are reproducible.
-fn kmeans_pp(sorted: &[f64], k: usize) -> Vec<f64> {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ sorted.len() as u64;
-    let mut uniform = move || {
-        // SplitMix64: deterministic and enough for seeding.
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
-    let mut centers = vec![sorted[sorted.len() / 2]];
-    let mut d2: Vec<f64> = sorted.iter().map(|&v| (v - centers[0]).powi(2)).collect();
-    while centers.len() < k {
-        let total: f64 = d2.iter().sum();
-        if total <= 0.0 {
-            break;
-        }
-        let mut target = uniform() * total;
-        let mut pick = sorted.len() - 1;
-        for (i, &d) in d2.iter().enumerate() {
-            target -= d;
-            if target <= 0.0 {
-                pick = i;
-                break;
-            }
-        }
-        let c = sorted[pick];
-        centers.push(c);
-        d2.iter_mut()
-            .zip(sorted)
-            .for_each(|(d, &v)| *d = d.min((v - c).powi(2)));
-    }
-    centers
-}
-
-/// Checks a cluster payload for `n` elements before anything is allocated for them: the
-/// codebook, and a chunk table of codes that can fill `n` elements (every chunk body
-/// holding at least a plane record per code byte).
-pub(crate) fn precheck(payload: &[u8], dtype: DType, n: usize) -> Result<(), CodecError> {
-    let mut cur = Cursor::new(payload);
-    let bits = parse_codebook(&mut cur, dtype)?.bits;
-    let width = code_width(bits);
-    let chunks = chunks::parse(&mut cur, packed_len(n, bits) / width)?;
-    match chunks
-        .iter()
-        .find(|c| c.body.len() < planes::PLANE_OVERHEAD * width)
-    {
-        Some(c) => Err(CodecError::new(
-            c.offset,
-            format!("code chunk body of {} bytes is too short", c.body.len()),
-        )),
-        None => Ok(()),
-    }
-}
-
-/// A cluster payload entropy-decoded but not looked up: what a device needs to
-/// dequantize. Every code is checked to index the codebook.
-pub(crate) struct Codes {
-    pub bits: QuantBits,
-    /// `k` entries of the tensor's dtype, back to back.
-    pub codebook: Vec<u8>,
-    /// The codes, packed little-endian (4-bit: element `2i` in the low nibble of byte `i`;
-    /// 16-bit: two bytes per code).
-    pub packed: Vec<u8>,
-}
-
-impl Codes {
-    fn code(&self, i: usize) -> usize {
-        match self.bits {
-            QuantBits::B4 => ((self.packed[i / 2] >> ((i % 2) * 4)) & 0x0f) as usize,
-            QuantBits::B8 => self.packed[i] as usize,
-            QuantBits::B16 => {
-                u16::from_le_bytes([self.packed[2 * i], self.packed[2 * i + 1]]) as usize
-            }
-        }
-    }
-}
-
-/// Decodes the codebook and the codes of a [`ClusterQuantizer`] payload for `n` elements.
-pub(crate) fn decode_codes(payload: &[u8], dtype: DType, n: usize) -> Result<Codes, CodecError> {
-    let w = dtype.size();
-    let mut cur = Cursor::new(payload);
-    let book = parse_codebook(&mut cur, dtype)?;
-    let bits = book.bits;
-    let plen = packed_len(n, bits);
-    let mut packed = Vec::new();
-    packed
-        .try_reserve_exact(plen)
-        .map_err(|_| CodecError::new(cur.offset(), "cannot allocate the codes"))?;
-    packed.resize(plen, 0);
-    let codes_at = cur.offset();
-    let rest = cur.bytes(cur.remaining(), "codes")?;
-    planes::decode_into(rest, code_width(bits), &mut packed).map_err(|e| e.shifted(codes_at))?;
-    if bits == QuantBits::B4 && n % 2 == 1 && packed.last().is_some_and(|b| b >> 4 != 0) {
-        return Err(CodecError::new(
-            codes_at,
-            "unused high nibble of the last 4-bit code is not 0",
-        ));
-    }
-    let codes = Codes {
-        bits,
-        codebook: book.entries.to_vec(),
-        packed,
-    };
-    let k = codes.codebook.len() / w;
-    if k < 1 << bits.bits() {
-        let step = chunks::chunk_elems(w);
-        let bad = (0..n.div_ceil(step))
-            .into_par_iter()
-            .find_map_any(|c| (c * step..((c + 1) * step).min(n)).find(|&i| codes.code(i) >= k));
-        if let Some(i) = bad {
-            return Err(CodecError::new(
-                codes_at,
-                format!(
-                    "code {} at element {i} is past the codebook of {k}",
-                    codes.code(i)
-                ),
-            ));
-        }
-    }
-    Ok(codes)
-}
-
-/// Decodes a [`ClusterQuantizer`] payload into `out`.
-pub(crate) fn decode_into(payload: &[u8], dtype: DType, out: &mut [u8]) -> Result<(), CodecError> {
-    let w = dtype.size();
-    let n = out.len() / w;
-    let codes = decode_codes(payload, dtype, n)?;
-    let step = chunks::chunk_elems(w);
-    out.par_chunks_mut(step * w)
-        .enumerate()
-        .for_each(|(c, part)| {
-            for (j, o) in part.chunks_exact_mut(w).enumerate() {
-                let code = codes.code(c * step + j);
-                o.copy_from_slice(&codes.codebook[code * w..(code + 1) * w]);
-            }
-        });
-    Ok(())
-}
-
-/// The parsed head of a cluster payload.
-#[allow(dead_code)] // `transform` is read by inspection tools.
-pub(crate) struct Codebook<'a> {
-    pub bits: QuantBits,
-    /// [`TRANSFORM_LINEAR`] or [`TRANSFORM_LOG`].
-    pub transform: u8,
-    /// `k` entries of the tensor's dtype, back to back.
-    pub entries: &'a [u8],
-}
-
-/// Parses the bits, transform and codebook of a cluster payload.
-pub(crate) fn parse_codebook<'a>(
-    cur: &mut Cursor<'a>,
-    dtype: DType,
-) -> Result<Codebook<'a>, CodecError> {
-    if !dtype.is_quantizable_float() {
-        return Err(CodecError::new(
-            0,
-            format!("cluster payload for non-float dtype {dtype}"),
-        ));
-    }
-    let bits = cur.u8("bits")?;
-    let bits = QuantBits::from_bits(bits as u32)
-        .ok_or_else(|| CodecError::new(0, format!("{bits} bits per code (4, 8 or 16)")))?;
-    let transform = cur.u8("transform")?;
-    if transform > TRANSFORM_LOG {
-        return Err(CodecError::new(1, format!("unknown transform {transform}")));
-    }
-    let reserved = cur.u16("reserved")?;
-    if reserved != 0 {
-        return Err(CodecError::new(2, "reserved bytes are not zero"));
-    }
-    let k = cur.u32("codebook size")? as usize;
-    if k == 0 || k > 1 << bits.bits() {
-        return Err(CodecError::new(
-            4,
-            format!("codebook of {k} entries for {} bits", bits.bits()),
-        ));
-    }
-    let entries = cur.bytes(k * dtype.size(), "codebook")?;
-    Ok(Codebook {
-        bits,
-        transform,
-        entries,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::DType;
     use crate::codec::decode;
     use proptest::prelude::*;
 
