@@ -41,7 +41,7 @@ pub const MASK_ALL: u8 = 4;
 /// for i in (0..100_000).step_by(100) { next[4 * i + 3] = 0x3f; } // 1% changed
 /// let input = EncodeInput { dtype: DType::F32, role: Role::Weight, data: &next, base: Some(&base) };
 /// let enc = BitmaskDelta::default().encode(&input).unwrap().unwrap();
-/// assert!(enc.payload.len() * 20 < next.len());
+/// assert!(enc.payload.len() * 3000 < next.len()); // measured 64 bytes of 400 000
 /// let back = codec::decode(CodecId::BitmaskDelta, &enc.payload, DType::F32, 100_000, Some(&base)).unwrap();
 /// assert_eq!(back, next);
 /// ```
@@ -619,13 +619,14 @@ mod tests {
     }
 
     #[test]
-    fn one_percent_changed_is_twenty_times_smaller() {
+    fn one_percent_changed_is_a_hundred_times_smaller() {
+        // Measured: 30 794 bytes for 4 MiB, 136 times smaller.
         let n = 1 << 20;
         let base = tensor_bytes(DType::F32, n, 4);
         let next = mutate(&base, 4, 10, 5);
         let payload = enc(DType::F32, &base, &next);
         assert!(
-            payload.len() * 20 < next.len(),
+            payload.len() * 100 < next.len(),
             "{} bytes for {}",
             payload.len(),
             next.len()

@@ -25,7 +25,7 @@ use super::{Codec, CodecError, CodecId, Cursor, EncodeInput, Encoded, alloc, chu
 /// let data: Vec<u8> = (0..1000u16).flat_map(|i| half::bf16::from_f32(i as f32 * 0.01).to_le_bytes()).collect();
 /// let input = EncodeInput { dtype: DType::BF16, role: Role::Weight, data: &data, base: None };
 /// let enc = Planes::default().encode(&input).unwrap().unwrap();
-/// assert!(enc.payload.len() < data.len());
+/// assert!(enc.payload.len() * 2 < data.len()); // measured 960 bytes of 2000
 /// assert_eq!(codec::decode(CodecId::Planes, &enc.payload, DType::BF16, 1000, None).unwrap(), data);
 /// ```
 #[derive(Debug, Clone, Copy)]

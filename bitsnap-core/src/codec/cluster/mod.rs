@@ -98,8 +98,8 @@ pub type QuantError = Distortion;
 /// let input = EncodeInput { dtype: DType::F32, role: Role::OptimizerMoment(2), data: &data, base: None };
 /// let enc = ClusterQuantizer::new(QuantBits::B8).encode(&input).unwrap().unwrap();
 /// let (decoded, err) = enc.lossy.unwrap();
-/// assert!(err.rel_l2 < 0.05, "{err:?}");
-/// assert!(enc.payload.len() * 3 < data.len());
+/// assert!(err.rel_l2 < 0.015, "{err:?}"); // measured 0.0060
+/// assert!(enc.payload.len() * 20 < data.len()); // measured 1646 bytes of 40000
 /// assert_eq!(codec::decode(CodecId::Cluster, &enc.payload, DType::F32, 10_000, None).unwrap(), decoded);
 /// ```
 #[derive(Debug, Clone, Copy)]
@@ -307,10 +307,22 @@ mod tests {
                 se += (x - y).powi(2); sn += x * x; mx = mx.max((x - y).abs());
             }
             let rel = if sn > 0.0 { (se / sn).sqrt() } else { se.sqrt() };
-            prop_assert!((rel - err.rel_l2).abs() <= 1e-9 + 1e-6 * rel);
+            // Below 2^17 elements the encoder sums in one chunk, in this order: measured
+            // equal to the last bit over 257 cases (the bound was 1e-6 relative).
+            prop_assert_eq!(rel, err.rel_l2);
             prop_assert_eq!(mx, err.max_abs);
             if n > 100 {
-                let bound = match (bits, second) { (QuantBits::B4, true) => 0.5, (QuantBits::B4, false) => 0.3, (QuantBits::B8, _) => 0.1, (QuantBits::B16, _) => 0.02 };
+                // Worst rel-L2 measured over 1500 seeds x 4 dtypes, n in 101..5000 (f16
+                // second moments underflow to 0: exact): 4 bits 0.424 (second moments,
+                // heavy-tailed at small n) and 0.101 (first); 8 bits 0.0235 and 0.0056;
+                // 16 bits 1.2e-15 (every value fits the codebook; f64 log/exp rounding).
+                let bound = match (bits, second) {
+                    (QuantBits::B4, true) => 0.5,
+                    (QuantBits::B4, false) => 0.2,
+                    (QuantBits::B8, true) => 0.05,
+                    (QuantBits::B8, false) => 0.012,
+                    (QuantBits::B16, _) => 5e-15,
+                };
                 prop_assert!(err.rel_l2 < bound, "{:?}", err);
             }
         }
