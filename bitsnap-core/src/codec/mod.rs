@@ -490,6 +490,29 @@ pub(crate) mod testing {
         out
     }
 
+    /// [`tensor_bytes`] of a float `dtype` with every NaN and infinity replaced by a zero
+    /// of the same sign: what the quantizer accepts, ±0 and subnormals included.
+    pub fn finite_bytes(dtype: DType, n: usize, seed: u64) -> Vec<u8> {
+        let mut out = tensor_bytes(dtype, n, seed);
+        let w = dtype.size();
+        let (exp, sign): (u64, u64) = match dtype {
+            DType::F16 => (0x7c00, 1 << 15),
+            DType::BF16 => (0x7f80, 1 << 15),
+            DType::F32 => (0x7f80_0000, 1 << 31),
+            DType::F64 => (0x7ff0_0000_0000_0000, 1 << 63),
+            _ => return out,
+        };
+        for e in out.chunks_exact_mut(w) {
+            let mut b = [0u8; 8];
+            b[..w].copy_from_slice(e);
+            let v = u64::from_le_bytes(b);
+            if v & exp == exp {
+                e.copy_from_slice(&(v & sign).to_le_bytes()[..w]);
+            }
+        }
+        out
+    }
+
     /// A copy of `base` with about `permille`/1000 of its elements changed.
     pub fn mutate(base: &[u8], width: usize, permille: u32, seed: u64) -> Vec<u8> {
         let mut out = base.to_vec();

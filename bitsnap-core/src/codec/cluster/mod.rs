@@ -142,20 +142,27 @@ impl Codec for ClusterQuantizer {
         let data = input.data;
         let n = data.len() / dtype.size();
         let step = chunks::chunk_elems(dtype.size());
-        // One parallel scan: finite?, minimum.
-        let (finite, min) = data
+        // One parallel scan: finite?, minimum, largest magnitude.
+        let (finite, min, peak) = data
             .par_chunks(step * dtype.size())
             .map(|chunk| {
                 with_values(dtype, chunk, |vals| {
-                    vals.iter().fold((true, f64::INFINITY), |(f, m), &v| {
-                        (f && v.is_finite(), m.min(v))
-                    })
+                    vals.iter()
+                        .fold((true, f64::INFINITY, 0.0f64), |(f, m, p), &v| {
+                            (f && v.is_finite(), m.min(v), p.max(v.abs()))
+                        })
                 })
             })
-            .reduce(|| (true, f64::INFINITY), |a, b| (a.0 && b.0, a.1.min(b.1)));
+            .reduce(
+                || (true, f64::INFINITY, 0.0),
+                |a, b| (a.0 && b.0, a.1.min(b.1), a.2.max(b.2)),
+            );
         if !finite {
             return Ok(None);
         }
+        // The error sums add squares of values scaled by a power of two near 1/peak
+        // (exact), so f64 values near the extremes neither overflow nor underflow them.
+        let scale = error_scale(peak);
         let log = input.role == Role::OptimizerMoment(2) && min >= 0.0;
 
         let k_max = 1usize << self.bits.bits();
@@ -220,7 +227,8 @@ impl Codec for ClusterQuantizer {
                         *code = q as u16;
                         out.copy_from_slice(&book_bytes[q]);
                         let e = v - book[q];
-                        acc = (acc.0 + e * e, acc.1 + v * v, acc.2.max(e.abs()));
+                        let (es, vs) = (e * scale, v * scale);
+                        acc = (acc.0 + es * es, acc.1 + vs * vs, acc.2.max(e.abs()));
                     }
                     acc
                 })
@@ -233,7 +241,7 @@ impl Codec for ClusterQuantizer {
             rel_l2: if sq_norm > 0.0 {
                 (sq_err / sq_norm).sqrt()
             } else {
-                sq_err.sqrt()
+                sq_err.sqrt() / scale
             },
             max_abs,
         };
@@ -255,11 +263,24 @@ impl Codec for ClusterQuantizer {
     }
 }
 
+/// A power of two near `1 / peak`, or 1 when `peak` is within 2^±480 of 1 (where squares
+/// neither overflow nor underflow in a sum of up to 2^40 terms): scaling by it is exact.
+fn error_scale(peak: f64) -> f64 {
+    // The exponent of `peak`, read from its bits (subnormals count as 2^-1022).
+    let biased = ((peak.to_bits() >> 52) & 0x7ff) as i32;
+    let exp = biased.max(1) - 1023;
+    if peak == 0.0 || (-480..=480).contains(&exp) {
+        return 1.0;
+    }
+    2f64.powi(-exp)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::DType;
     use crate::codec::decode;
+    use crate::codec::testing::{finite_bytes, specials};
     use proptest::prelude::*;
 
     fn moments(n: usize, second: bool, seed: u64) -> Vec<f32> {
@@ -328,6 +349,32 @@ mod tests {
         }
 
         #[test]
+        fn finite_specials_are_quantized_and_non_finite_ones_refused(
+            dtype in prop::sample::select(vec![DType::F32, DType::BF16, DType::F16, DType::F64]),
+            bits in prop::sample::select(vec![QuantBits::B4, QuantBits::B8, QuantBits::B16]),
+            n in 1usize..3000, seed in any::<u64>()) {
+            // ±0, subnormals, the smallest normal and the largest finite value, among
+            // random bits.
+            let data = finite_bytes(dtype, n, seed);
+            for role in [Role::OptimizerMoment(1), Role::OptimizerMoment(2)] {
+                let input = EncodeInput { dtype, role, data: &data, base: None };
+                let enc = ClusterQuantizer::new(bits).encode(&input).unwrap().expect("finite values are quantized");
+                let (decoded, err) = enc.lossy.clone().unwrap();
+                prop_assert_eq!(decode(CodecId::Cluster, &enc.payload, dtype, n, None).unwrap(), decoded);
+                prop_assert!(!err.rel_l2.is_nan() && !err.max_abs.is_nan(), "{:?}", err);
+            }
+            let w = dtype.size();
+            let at = (seed as usize % n) * w;
+            for v in specials(dtype).into_iter().skip(2).take(8) {
+                // ±Inf and the NaNs, put anywhere: the quantizer does not apply.
+                let mut bad = data.clone();
+                bad[at..at + w].copy_from_slice(&v.to_le_bytes()[..w]);
+                let input = EncodeInput { dtype, role: Role::OptimizerMoment(1), data: &bad, base: None };
+                prop_assert!(ClusterQuantizer::new(bits).encode(&input).unwrap().is_none());
+            }
+        }
+
+        #[test]
         fn corrupt_payload_never_panics(pos in any::<usize>(), byte in any::<u8>()) {
             let data = bytes(DType::F32, &moments(3000, true, 5));
             let input = EncodeInput { dtype: DType::F32, role: Role::OptimizerMoment(2), data: &data, base: None };
@@ -337,6 +384,35 @@ mod tests {
             let _ = decode(CodecId::Cluster, &payload, DType::F32, 3000, None);
             let _ = decode(CodecId::Cluster, &payload[..p], DType::F32, 3000, None);
         }
+    }
+
+    /// Found by the specials property test: f64 values near ±f64::MAX made the squared
+    /// sums infinite and the reported rel-L2 NaN.
+    #[test]
+    fn extreme_f64_values_have_a_defined_distortion() {
+        let v = [f64::MAX, -f64::MAX, 1.0, 0.0, f64::MIN_POSITIVE, 5e-324];
+        let data: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let input = EncodeInput {
+            dtype: DType::F64,
+            role: Role::OptimizerMoment(1),
+            data: &data,
+            base: None,
+        };
+        let (_, err) = ClusterQuantizer::new(QuantBits::B4)
+            .encode(&input)
+            .unwrap()
+            .unwrap()
+            .lossy
+            .unwrap();
+        // Six distinct values fit 16 entries: exact.
+        assert_eq!(err.rel_l2, 0.0, "{err:?}");
+        for peak in [f64::MAX, 1e300, 1e-300, f64::MIN_POSITIVE] {
+            let scaled = peak * error_scale(peak);
+            assert!((1.0..2.0).contains(&scaled), "{peak:e}: {scaled:e}");
+        }
+        assert!(error_scale(5e-324) * 5e-324 > 0.0);
+        assert_eq!(error_scale(1e100), 1.0);
+        assert_eq!(error_scale(0.0), 1.0);
     }
 
     #[test]
