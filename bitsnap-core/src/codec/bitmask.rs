@@ -448,32 +448,45 @@ pub(crate) fn decode_sparse(
 ) -> Result<Sparse, CodecError> {
     let mut cur = Cursor::new(payload);
     let chunks = chunks::parse(&mut cur, numel)?;
-    let parts: Vec<(ChunkMask, Vec<u8>)> = chunks
-        .par_iter()
+    // The changed counts first: the values are allocated once, before any decoding.
+    let counts = chunks
+        .iter()
         .map(|chunk| {
-            let n = chunk.elems.len();
+            read_changed(&mut Cursor::new(chunk.body), chunk.elems.len())
+                .map_err(|e| e.shifted(chunk.offset))
+        })
+        .collect::<Result<Vec<usize>, _>>()?;
+    let changed: usize = counts.iter().sum();
+    let mut values = alloc::zeroed(changed * width, "changed values")?;
+    let mut mask = alloc::zeroed(numel.div_ceil(8), "the mask")?;
+    let mut parts = Vec::with_capacity(chunks.len());
+    let mut rest = values.as_mut_slice();
+    for (chunk, &count) in chunks.iter().zip(&counts) {
+        let (head, tail) = rest.split_at_mut(count * width);
+        parts.push((chunk, count, head));
+        rest = tail;
+    }
+    let masks: Vec<ChunkMask> = parts
+        .into_par_iter()
+        .map(|(chunk, count, part)| {
             let mut cur = Cursor::new(chunk.body);
             super::with_decompressor(|d| {
-                let changed = read_changed(&mut cur, n)?;
-                let mask = read_mask(&mut cur, n, changed, d)?;
-                let mut values = alloc::zeroed(changed * width, "changed values")?;
-                planes::decode(&mut cur, width, d, &mut values)?;
+                cur.u32("changed count")?;
+                let mask = read_mask(&mut cur, chunk.elems.len(), count, d)?;
+                planes::decode(&mut cur, width, d, part)?;
                 cur.finish("bitmask chunk")?;
-                Ok((mask, values))
+                Ok(mask)
             })
             .map_err(|e| e.shifted(chunk.offset))
         })
         .collect::<Result<_, _>>()?;
-    let mut mask = alloc::zeroed(numel.div_ceil(8), "the mask")?;
-    let mut values = alloc::with_capacity(parts.iter().map(|p| p.1.len()).sum(), "changed values")?;
-    for (chunk, (m, v)) in chunks.iter().zip(parts) {
+    for (chunk, m) in chunks.iter().zip(masks) {
         m.write_bits(chunk.elems.start, chunk.elems.len(), &mut mask);
-        values.extend_from_slice(&v);
     }
     Ok(Sparse {
         mask,
-        changed: values.len() / width.max(1),
         values,
+        changed,
     })
 }
 
