@@ -169,3 +169,43 @@ pub(crate) fn parse_codebook<'a>(
         entries,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::DType;
+    use crate::codec::{CodecId, check, chunks, decode};
+
+    /// A cluster payload for `n` f32 elements with 8-bit codes, one codebook entry and
+    /// every code plane the record `record`, in chunks of the largest size.
+    fn payload(n: usize, record: &[u8]) -> Vec<u8> {
+        let mut out = vec![8, 0, 0, 0];
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&0.5f32.to_le_bytes());
+        chunks::encode(
+            n,
+            chunks::MAX_CHUNK_BYTES,
+            &mut out,
+            |_| Ok(record.to_vec()),
+        )
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn huge_declared_tensors_are_checked_before_allocating() {
+        // 2^34 f32 elements (64 GiB), every code 0: valid, 2.5 KiB.
+        let n = 1usize << 34;
+        let constant = payload(n, &[2, 1, 0, 0, 0, 0]);
+        assert!(constant.len() < 3 << 10, "{} bytes", constant.len());
+        check(CodecId::Cluster, &constant, DType::F32, n).unwrap();
+        // A raw code plane of one byte cannot hold a chunk: refused by the check, and by
+        // the decoder (same error) before it allocates the output or the codes.
+        let raw = payload(n, &[0, 1, 0, 0, 0, 0]);
+        let err = check(CodecId::Cluster, &raw, DType::F32, n).unwrap_err();
+        assert!(err.reason.contains("raw plane of 1 bytes"), "{err}");
+        assert_eq!(
+            decode(CodecId::Cluster, &raw, DType::F32, n, None).unwrap_err(),
+            err
+        );
+    }
+}
