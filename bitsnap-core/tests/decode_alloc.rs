@@ -157,6 +157,7 @@ fn a_snapshot_tensor_larger_than_memory_is_an_alloc_error_naming_it() {
             payload_hash: xxh3_64(&payload),
             raw_hash: 0,
             decision: Decision::default(),
+            references: Vec::new(),
         }],
         ..Header::default()
     };
