@@ -20,7 +20,8 @@ pub const SECRET_KEY: &str = "bitsnap-test-secret";
 /// An `s3s-fs` server on a free 127.0.0.1 port over a temporary directory; killed on drop.
 pub struct S3Server {
     child: Child,
-    root: tempfile::TempDir,
+    /// The directory the server serves (bucket directories and upload records).
+    pub root: tempfile::TempDir,
     endpoint: String,
 }
 
