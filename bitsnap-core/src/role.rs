@@ -63,7 +63,8 @@ impl Role {
 /// (`state.0.exp_avg`, `exp_avg_sq`, `momentum_buffer`, `square_avg`), Megatron
 /// (`optimizer.state.exp_avg.<param>`), Burn (`moment_1`, `moment_2`,
 /// `momentum.velocity`), and a short moment word (`mu`, `nu`, `m`, `v`, `momentum`) right
-/// under an optimizer-state path (Optax `opt_state.0.mu.<param>`) or ending one. The
+/// under an optimizer-state path (Optax `opt_state.0.mu.<param>`, `opt.nu.<param>`) or
+/// ending one. The
 /// same words elsewhere do not make a moment: T5's `SelfAttention.v.weight` and MoCo's
 /// `momentum_encoder.*` are weights, marked [`ambiguous`](RoleGuess::ambiguous).
 ///
@@ -131,6 +132,7 @@ const OPTIMIZER: &[&str] = &[
     "optimizer",
     "optimizers",
     "optim",
+    "opt",
     "opt_state",
     "opt_states",
     "optim_state",
@@ -364,6 +366,11 @@ mod tests {
         );
         assert_eq!(guess("opt_state.1.inner_state.0.nu.params.embed"), M2);
         assert_eq!(guess("opt_state.0.count"), (Role::Other, false));
+        // tools/train_series (JAX/optax, flattened as `opt.mu.<param>`).
+        assert_eq!(guess("opt.mu.blocks.0.attn.qkv.weight"), M1);
+        assert_eq!(guess("opt.nu.blocks.0.attn.v.weight"), M2);
+        assert_eq!(guess("opt.count"), (Role::Other, false));
+        assert_eq!(guess("params.blocks.0.attn.qkv.weight"), W);
         // `mu` outside optimizer state: a VAE's mean head, a weight.
         assert_eq!(guess("encoder.mu.weight"), AMBIGUOUS_W);
     }
