@@ -10,7 +10,7 @@ use clap::Args;
 
 use crate::args::PolicyArgs;
 use crate::error::CliError;
-use crate::store::{file_stem, index_of, store_url};
+use crate::store::{file_stem, index_of, read_indexes, store_url};
 use crate::{progress, roles};
 
 /// The long help of the command.
@@ -58,11 +58,7 @@ pub fn run(args: PackArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let policy = args.policy.policy()?;
     // Check every header first: a bad file in the list stops the command before any
     // snapshot is written.
-    let indexes = args
-        .files
-        .iter()
-        .map(|f| safetensors::read_index(f))
-        .collect::<Result<Vec<_>, _>>()?;
+    let indexes = read_indexes(&args.files)?;
     let total: u64 = indexes.iter().map(|i| i.data_bytes()).sum();
     // Roles are settled for the whole series before anything is encoded: a lossy pack
     // refuses ambiguous guesses and lists what it will quantize.

@@ -1,7 +1,9 @@
-//! Store and snapshot arguments: opening a directory or `s3://` URL, resolving `SNAPSHOT`.
+//! Store, snapshot and file arguments: opening a directory or `s3://` URL, resolving
+//! `SNAPSHOT`, checking input files.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use bitsnap_core::safetensors::{self, Index};
 use bitsnap_core::{SnapshotInfo, Store};
 
 use crate::error::CliError;
@@ -72,4 +74,13 @@ pub fn file_stem(path: &Path) -> String {
     path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| path.display().to_string())
+}
+
+/// The checked headers of `files`, in order: a bad file stops the command before
+/// anything is read or written.
+pub fn read_indexes(files: &[PathBuf]) -> Result<Vec<Index>, CliError> {
+    Ok(files
+        .iter()
+        .map(|f| safetensors::read_index(f))
+        .collect::<Result<_, _>>()?)
 }

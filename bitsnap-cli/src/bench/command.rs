@@ -9,7 +9,7 @@ use clap::Args;
 
 use crate::args::PolicyArgs;
 use crate::error::CliError;
-use crate::store::file_stem;
+use crate::store::{file_stem, read_indexes};
 use crate::{progress, roles};
 
 /// The `--json` output of `bitsnap bench`, documented in the command's long help.
@@ -115,11 +115,7 @@ pub fn run(args: BenchArgs, out: &mut dyn Write) -> Result<(), CliError> {
         }
         bar.finish_and_clear();
     } else {
-        let indexes = args
-            .files
-            .iter()
-            .map(|f| safetensors::read_index(f))
-            .collect::<Result<Vec<_>, _>>()?;
+        let indexes = read_indexes(&args.files)?;
         let roles = roles::resolve(&args.policy.roles, &indexes);
         let bar = progress::items(args.files.len() as u64, "bench");
         for f in &args.files {
