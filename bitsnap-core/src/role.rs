@@ -190,6 +190,10 @@ impl RoleGuess {
     pub fn from_name(name: &str) -> RoleGuess {
         let lower = name.to_ascii_lowercase();
         let seg: Vec<&str> = lower.split(['.', '/', ':']).collect();
+        if seg.contains(&"param_groups") {
+            // PyTorch's hyperparameters (`lr`, `betas`, SGD's scalar `momentum`).
+            return RoleGuess::sure(Role::Other, "optimizer hyperparameter (`param_groups`)");
+        }
         for &(word, k, reason) in CONVENTIONS {
             let suffix = format!("_{word}");
             if seg.iter().any(|s| *s == word || s.ends_with(&suffix)) {
@@ -341,6 +345,10 @@ mod tests {
         assert_eq!(guess("state.0.step"), (Role::Other, false));
         assert_eq!(guess("optimizer_state_dict.state.7.exp_avg"), M1);
         assert_eq!(guess("optimizer.param_groups.0.lr"), (Role::Other, false));
+        assert_eq!(
+            guess("optimizer.param_groups.0.momentum"),
+            (Role::Other, false)
+        );
     }
 
     #[test]
