@@ -62,11 +62,12 @@ impl Role {
 /// Moments are guessed only from optimizer-state naming conventions: PyTorch and DeepSpeed
 /// (`state.0.exp_avg`, `exp_avg_sq`, `momentum_buffer`, `square_avg`), Megatron
 /// (`optimizer.state.exp_avg.<param>`), Burn (`moment_1`, `moment_2`,
-/// `momentum.velocity`), and a short moment word (`mu`, `nu`, `m`, `v`, `momentum`) right
-/// under an optimizer-state path (Optax `opt_state.0.mu.<param>`, `opt.nu.<param>`) or
-/// ending one. The
-/// same words elsewhere do not make a moment: T5's `SelfAttention.v.weight` and MoCo's
-/// `momentum_encoder.*` are weights, marked [`ambiguous`](RoleGuess::ambiguous).
+/// `momentum.velocity`, `momentum.buf`), and a short moment word (`mu`, `nu`, `m`, `v`,
+/// `momentum`) right under an optimizer-state path (Optax `opt_state.0.mu.<param>`,
+/// `opt.nu.<param>`) or ending one. The same words elsewhere do not make a moment: T5's
+/// `SelfAttention.v.weight` and MoCo's `momentum_encoder.*` are weights, marked
+/// [`ambiguous`](RoleGuess::ambiguous). PyTorch's `param_groups` entries are
+/// [`Role::Other`].
 ///
 /// ```
 /// use bitsnap_core::{Role, RoleGuess};
@@ -200,8 +201,14 @@ impl RoleGuess {
                 return RoleGuess::sure(Role::OptimizerMoment(k), reason);
             }
         }
-        if seg.windows(2).any(|w| w == ["momentum", "velocity"]) {
-            return RoleGuess::sure(Role::OptimizerMoment(1), "`momentum.velocity` (Burn SGD)");
+        if seg
+            .windows(2)
+            .any(|w| w == ["momentum", "velocity"] || w == ["momentum", "buf"])
+        {
+            return RoleGuess::sure(
+                Role::OptimizerMoment(1),
+                "`momentum.velocity` / `momentum.buf` (Burn SGD, RMSprop)",
+            );
         }
         // An optimizer-state path: `optimizer...` anywhere, or PyTorch's `state.<n>` first.
         let root = seg.iter().position(|s| OPTIMIZER.contains(s)).or_else(|| {
@@ -389,6 +396,8 @@ mod tests {
         assert_eq!(guess("7.momentum.moment_2"), M2);
         assert_eq!(guess("optim/3.state.momentum.max_moment_2"), M2);
         assert_eq!(guess("7.momentum.velocity"), M1);
+        assert_eq!(guess("7.momentum.buf"), M1);
+        assert_eq!(guess("7.square_avg.square_avg"), M2);
         assert_eq!(guess("7.momentum.time"), (Role::Other, false));
     }
 
