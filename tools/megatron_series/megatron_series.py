@@ -186,9 +186,13 @@ def self_check(summary):
         fails.append("pair: no AdamW replay measured")
     else:
         for k, r in rp.items():
-            # measured with --self-check (CPU, foreach): see README; >= 0.9 within 4 ulp.
-            if r["le4"] < 0.8 * r["n"]:
+            # measured with --self-check: within 4 ulp 1.0000 of exp_avg_sq and of master
+            # on CPU (foreach), 0.9993 and 0.9975 on an H200 (fused); allow 1 % off.
+            if r["le4"] < 0.99 * r["n"]:
                 fails.append(f"pair replay {k}: only {r['le4']}/{r['n']} within 4 ulp")
+    rerun = summary["pair"].get("rerun")
+    if rerun is None or rerun["differing"] != 0:
+        fails.append(f"pair/series: the same seed did not reproduce bit for bit: {rerun}")
     return fails
 
 
@@ -218,6 +222,9 @@ def main():
     ap.add_argument("--eps", type=float, default=1e-8)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-deterministic", dest="deterministic", action="store_false",
+                    help="let CUDA pick its fastest attention kernels (runs then differ in the "
+                         "last bits); default: math attention, reproducible bit for bit")
     ap.add_argument("--self-check", action="store_true",
                     help="small run in a temp folder + assertions (CPU, about a minute)")
     ap.add_argument("--summary-json", help="also write the summary as JSON here")
@@ -237,7 +244,8 @@ def main():
     device = torch.device(args.device)
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     log(f"torch {torch.__version__}, preset {args.preset} {preset}, out {args.out}")
 
     t0 = time.time()

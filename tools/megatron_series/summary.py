@@ -173,9 +173,31 @@ def summarize_series(folder, device):
     return res
 
 
+def rerun_differences(out_dir, device):
+    """pair/ and series/ both train from the same seed: where they hold the same step,
+    count the elements that differ (0 = the run reproduces bit for bit). None if no
+    common file."""
+    pair, series = os.path.join(out_dir, "pair"), os.path.join(out_dir, "series")
+    if not (os.path.isdir(pair) and os.path.isdir(series)):
+        return None
+    common = sorted(set(os.listdir(pair)) & set(os.listdir(series)))
+    common = [f for f in common if f.endswith(".safetensors")]
+    if not common:
+        return None
+    _, a = load(os.path.join(pair, common[0]), device)
+    _, b = load(os.path.join(series, common[0]), device)
+    c = changed(a, b, param_names(a))
+    return {"file": common[0], "differing": sum(x for x, _ in c.values()),
+            "elements": sum(n for _, n in c.values())}
+
+
 def summarize(out_dir, device="cpu"):
-    return {s: summarize_series(os.path.join(out_dir, s), device)
-            for s in SERIES if os.path.isdir(os.path.join(out_dir, s))}
+    s = {name: summarize_series(os.path.join(out_dir, name), device)
+         for name in SERIES if os.path.isdir(os.path.join(out_dir, name))}
+    rerun = rerun_differences(out_dir, device)
+    if rerun is not None:
+        s["pair"]["rerun"] = rerun
+    return s
 
 
 def frac(cn):
@@ -212,6 +234,10 @@ def print_summary(summary, file=sys.stdout):
                 for k, r in pr["replay"].items():
                     p(f"| {pr['from']}→{pr['to']} | {k} | {r['exact'] / r['n']:.4f} | "
                       f"{r['le1'] / r['n']:.4f} | {r['le4'] / r['n']:.4f} | {r['max']} |")
+        if "rerun" in res:
+            r = res["rerun"]
+            p(f"\nRe-run check: pair/{r['file']} vs series/{r['file']} (same seed, trained "
+              f"twice): {r['differing']:,} of {r['elements']:,} elements differ")
         for e in res["errors"]:
             p(f"ERROR {e}")
 

@@ -23,6 +23,7 @@ Checkpoint file (`safetensors`), for each parameter name `<p>`:
 
 `__metadata__` (all values strings, JSON where structured) is described in README.md.
 """
+import contextlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import time
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import GPT, frozen_for_finetune, no_weight_decay
 
@@ -54,6 +56,9 @@ class MixedPrecisionTrainer:
         self.device = torch.device(device)
         self.fused = self.device.type == "cuda"
         self.optimizer_name = "torch.adamw.fused" if self.fused else "torch.adamw.foreach"
+        # cuDNN/flash attention backward kernels may reduce in a varying order; the math
+        # backend makes a CUDA run reproducible bit for bit (see README).
+        self.attention = "math" if args.deterministic and self.fused else "auto"
         model = GPT(preset)
         model.init_weights(torch.Generator().manual_seed(seed))
         self.names = [n for n, _ in model.named_parameters()]
@@ -87,12 +92,17 @@ class MixedPrecisionTrainer:
         for n in self.frozen:
             self.params[n].requires_grad_(False)
 
+    def _forward_context(self):
+        if self.attention == "math":
+            return sdpa_kernel([SDPBackend.MATH])
+        return contextlib.nullcontext()
+
     def train_step(self, x, y, lr):
         for p in self.model.parameters():
             p.grad = None
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+        with self._forward_context(), torch.autocast(self.device.type, dtype=torch.bfloat16):
             loss = self.model(x, y)
-        loss.backward()
+        loss.backward()  # the backward kernels follow the forward's choice
         for n in self.names:
             g = self.params[n].grad
             self.masters[n].grad = None if g is None else g.float()
@@ -112,7 +122,7 @@ class MixedPrecisionTrainer:
 
     @torch.no_grad()
     def eval_loss(self, x, y):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+        with self._forward_context(), torch.autocast(self.device.type, dtype=torch.bfloat16):
             return float(self.model(x, y))
 
     def adam_step(self):
@@ -153,6 +163,7 @@ class MixedPrecisionTrainer:
             "grad_clip": a.clip,
             "grad_norm": self.grad_norm,
             "optimizer": self.optimizer_name,
+            "attention": self.attention,
             "frozen": self.frozen,
             "loss": loss,
             "preset": a.preset,
