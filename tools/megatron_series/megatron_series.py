@@ -139,7 +139,8 @@ def run_modes(args, preset, device):
 
 
 def last_file(folder):
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) \
+        if os.path.isdir(folder) else []
     if not files:
         raise SystemExit(f"no checkpoint in {folder}; run --mode series first or pass --resume")
     return os.path.join(folder, files[-1])
@@ -187,7 +188,7 @@ def self_check(summary):
     else:
         for k, r in rp.items():
             # measured with --self-check: within 4 ulp 1.0000 of exp_avg_sq and of master
-            # on CPU (foreach), 0.9993 and 0.9975 on an H200 (fused); allow 1 % off.
+            # on CPU (foreach), 0.9993-0.9994 and 0.9975 on an H200 (fused); allow 1 % off.
             if r["le4"] < 0.99 * r["n"]:
                 fails.append(f"pair replay {k}: only {r['le4']}/{r['n']} within 4 ulp")
     rerun = summary["pair"].get("rerun")
