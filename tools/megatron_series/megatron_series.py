@@ -12,11 +12,14 @@ updates applied so far):
   finetune  resume from series/'s last file, freeze the embeddings and the lower half
             of the layers, fine-tune on another text; save the resumed state and every
             --ft-every updates                                               (e.g. 4 files)
-  all       the three in that order, then the summary (summary.py)
+  all       the three in that order
+
+Every run ends with summary.py's checks and tables for the series folders under --out.
 
 --self-check runs `all` with --preset small and few steps in a temp folder, then asserts
 the layout, the dtypes, bf16 == RNE(master) everywhere, that frozen tensors stay
-bit-for-bit unchanged and that trained ones change. Exit status 0 = passed.
+bit-for-bit unchanged and that trained ones change, that AdamW's rule replays one update,
+and that the same seed reproduces bit for bit. Exit status 0 = passed.
 """
 import argparse
 import json
