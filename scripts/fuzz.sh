@@ -5,8 +5,9 @@
 #
 # Needs cargo-fuzz (`cargo install cargo-fuzz --locked`); libFuzzer needs nightly flags,
 # which RUSTC_BOOTSTRAP=1 enables on the stable toolchain. One core per target, one
-# target at a time. Memory: -rss_limit_mb=2048 and -malloc_limit_mb=256 (the targets
-# declare at most 8 MiB per tensor: a larger allocation is a finding). A crash leaves
+# target at a time. Memory: -rss_limit_mb=2048 and -malloc_limit_mb=256 (the decoder
+# targets declare up to 2^34 elements but decode at most 8 MiB per tensor, their
+# stand-in for the snapshot budget: a larger allocation is a finding). A crash leaves
 # its input in fuzz/artifacts/<target>/; copy it to fuzz/regressions/<target>/ with a
 # name, and add a named test to bitsnap-core/tests/fuzz_smoke.rs.
 set -euo pipefail

@@ -3,7 +3,7 @@
 //! directory: same data, same run.
 //!
 //! ```sh
-//! cargo run --release -p bitsnap-core --example store_bench -- [MIB] [REPEATS]
+//! cargo run --release -p bitsnap-core --features remote --example store_bench -- [MIB] [REPEATS]
 //! ```
 //!
 //! MIB (default 256) is the raw size of one checkpoint: f32 weights with random

@@ -53,11 +53,12 @@
 #![deny(missing_docs)]
 
 pub mod backend;
-pub mod bench;
 pub mod ci;
 pub mod codec;
 mod dtype;
 mod error;
+#[cfg(feature = "fmt")]
+pub mod fmt;
 pub mod format;
 mod policy;
 mod role;
@@ -75,7 +76,7 @@ pub use format::{Decision, Header};
 pub use policy::{
     DeltaVerdict, EXACT_TRIAL_BYTES, Lossiness, Policy, SAMPLE_WINDOW_BYTES, SAMPLE_WINDOWS,
 };
-pub use role::Role;
+pub use role::{Role, RoleGuess};
 pub use shard::{ShardInfo, ShardReport};
 pub use store::{
     BaseState, ChainLink, FALLBACK_DECODE_BUDGET, FullReason, LOCK_FILE, MANIFEST_FILE,

@@ -192,18 +192,14 @@ impl Policy {
         }
         let enc = match best {
             Some((_, _, Some(enc))) => enc,
-            Some((_, i, None)) => candidates[i].encode(&input).map_err(wrap)?.ok_or_else(|| {
-                wrap(codec::CodecError {
-                    offset: 0,
-                    reason: "codec refused its own input".into(),
-                })
-            })?,
-            None => Raw.encode(&input).map_err(wrap)?.ok_or_else(|| {
-                wrap(codec::CodecError {
-                    offset: 0,
-                    reason: "raw codec failed".into(),
-                })
-            })?,
+            Some((_, i, None)) => candidates[i]
+                .encode(&input)
+                .map_err(wrap)?
+                .ok_or_else(|| wrap(codec::CodecError::new(0, "codec refused its own input")))?,
+            None => Raw
+                .encode(&input)
+                .map_err(wrap)?
+                .ok_or_else(|| wrap(codec::CodecError::new(0, "raw codec failed")))?,
         };
         if enc.payload.len() as u64 >= raw_len && enc.codec != CodecId::Raw {
             return Ok((

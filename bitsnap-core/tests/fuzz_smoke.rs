@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use targets::{Scratch, TARGETS};
 
 /// The allocation bound of the fuzz bodies, checked here as libFuzzer's
-/// `-malloc_limit_mb` checks it: they declare at most 8 MiB per tensor, so no single
-/// allocation in this test binary may reach 64 MiB.
+/// `-malloc_limit_mb` checks it: they decode at most 8 MiB per tensor (larger declared
+/// tensors, up to 2^34 elements, are only checked), so no single allocation in this test
+/// binary may reach 64 MiB.
 const MAX_ALLOC: usize = 64 << 20;
 
 #[path = "common/largest_alloc.rs"]
@@ -116,6 +117,22 @@ fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
     out
 }
 
+/// For the decoder targets (input `[head][count u32][payload]`, see
+/// `targets::decode`): declares a larger tensor, scaling the count by a shift of 1 to 15
+/// in the head's high nibble or setting a large count, so that mutations reach declared
+/// sizes of up to 2^34 elements, far past what may be allocated.
+fn declare_large(rng: &mut Rng, input: &mut [u8]) {
+    if input.len() < 5 {
+        return;
+    }
+    if rng.below(2) == 0 {
+        input[0] = (input[0] & 0x0f) | ((1 + rng.below(15) as u8) << 4);
+    } else {
+        let count: u32 = [1 << 26, 1 << 30, (1 << 26) + 1, u32::MAX, 3 << 28][rng.below(5)];
+        input[1..5].copy_from_slice(&count.to_le_bytes());
+    }
+}
+
 fn smoke(target: &str) {
     let iters: usize = std::env::var("BITSNAP_FUZZ_SMOKE_ITERS")
         .ok()
@@ -157,7 +174,10 @@ fn smoke(target: &str) {
     for _ in 0..iters {
         let a = &pool[rng.below(pool.len())];
         let b = &pool[rng.below(pool.len())];
-        let input = mutate(&mut rng, a, b);
+        let mut input = mutate(&mut rng, a, b);
+        if target.starts_with("decode_") && rng.below(4) == 0 {
+            declare_large(&mut rng, &mut input);
+        }
         targets::run(target, &scratch, &input);
     }
     assert_allocations_bounded(target);
@@ -176,6 +196,42 @@ fn regression(target: &str, name: &str) {
 #[test]
 fn regression_compressed_header_declaring_256_mib_is_not_preallocated() {
     regression("snapshot_header", "compressed-header-declares-256mib");
+}
+
+/// Decode amplification (#14.3): a few KiB of constant-plane chunks validly declare
+/// 2^34 elements (16 to 128 GiB). Before the bodies declared more than 2^20 elements this
+/// class was out of the fuzzers' reach; now each decoder target gets such inputs, which
+/// must pass the structure check, be refused by the byte budget, and allocate nothing
+/// near their size, and broken variants of them must be refused before allocating.
+#[test]
+fn regression_tiny_payloads_declaring_huge_tensors_are_not_allocated() {
+    use bitsnap_core::DType;
+    use bitsnap_core::codec::{self, CodecId};
+    let scratch = Scratch::new();
+    for (target, id) in [
+        ("decode_planes", CodecId::Planes),
+        ("decode_xor", CodecId::XorDelta),
+        ("decode_bitmask", CodecId::BitmaskDelta),
+        ("decode_cluster", CodecId::Cluster),
+    ] {
+        for dtype in [DType::F32, DType::F64, DType::BF16] {
+            let input = targets::amplified(id, dtype, 1 << 30, 4);
+            assert!(input.len() < 16 << 10, "{target}: {} bytes", input.len());
+            let numel = 1usize << 34;
+            codec::check(id, &input[5..], dtype, numel).unwrap();
+            targets::run(target, &scratch, &input);
+            // Another constant byte: still valid. One byte short: the chunk lengths no
+            // longer tile the payload, refused before allocating.
+            let mut broken = input.clone();
+            let last = broken.len() - 1;
+            broken[last] ^= 0xff;
+            targets::run(target, &scratch, &broken);
+            broken.truncate(last);
+            assert!(codec::check(id, &broken[5..], dtype, numel).is_err());
+            targets::run(target, &scratch, &broken);
+        }
+    }
+    assert_allocations_bounded("amplified payloads");
 }
 
 #[test]

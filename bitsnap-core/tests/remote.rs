@@ -1,138 +1,22 @@
 //! Stores on a real S3-compatible server (`s3s-fs`, started on 127.0.0.1 for each test):
-//! the CLI over `s3://` URLs, conditional manifest commits, a writer killed mid-upload,
-//! and four rank processes writing one sharded snapshot.
+//! a series through the library, conditional manifest commits, a writer killed
+//! mid-upload, and four rank processes writing one sharded snapshot. (The command line
+//! over `s3://` URLs is tested in `bitsnap-cli/tests/remote.rs`.)
 //!
 //! `s3s-fs` is found on `PATH` (or at `$BITSNAP_S3S_FS`); `.ci/run` installs it. Without
 //! it these tests fail when `CI` is set and are skipped (with a note) otherwise.
 
 mod common;
+#[path = "common/s3.rs"]
+mod s3;
 
 use std::io::{BufRead, BufReader};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bitsnap_core::backend::{Backend, ObjectBackend};
 use bitsnap_core::{DType, Error, Policy, Role, Store, Tensor};
 use common::{mutate, random_tensor};
-
-const BUCKET: &str = "bitsnap";
-const ACCESS_KEY: &str = "bitsnap-test";
-const SECRET_KEY: &str = "bitsnap-test-secret";
-const BIN: &str = env!("CARGO_BIN_EXE_bitsnap");
-
-/// An `s3s-fs` server on a free 127.0.0.1 port over a temporary directory; killed on drop.
-struct S3Server {
-    child: Child,
-    root: tempfile::TempDir,
-    endpoint: String,
-}
-
-impl S3Server {
-    /// Starts the server, or returns `None` (skip) when it is not installed outside CI.
-    fn start() -> Option<S3Server> {
-        let Some(bin) = find_s3s_fs() else {
-            assert!(
-                !bitsnap_core::ci::required(),
-                "s3s-fs is not installed (CI must install it: `cargo install s3s-fs --locked`)"
-            );
-            eprintln!("note: s3s-fs not found on PATH; skipping this S3 test");
-            return None;
-        };
-        let root = tempfile::tempdir().expect("server root");
-        std::fs::create_dir(root.path().join(BUCKET)).expect("bucket dir");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let child = Command::new(bin)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg(root.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start s3s-fs");
-        let server = S3Server {
-            child,
-            root,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "s3s-fs did not start listening");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(server)
-    }
-
-    fn url(&self, prefix: &str) -> String {
-        format!("s3://{BUCKET}/{prefix}")
-    }
-
-    fn options(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("aws_endpoint", self.endpoint.clone()),
-            ("aws_access_key_id", ACCESS_KEY.into()),
-            ("aws_secret_access_key", SECRET_KEY.into()),
-            ("aws_region", "us-east-1".into()),
-            ("aws_allow_http", "true".into()),
-        ]
-    }
-
-    /// The `AWS_*` environment of a process using this server.
-    fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ENDPOINT", self.endpoint.clone()),
-            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
-            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
-            ("AWS_REGION", "us-east-1".into()),
-            ("AWS_ALLOW_HTTP", "true".into()),
-        ]
-    }
-
-    fn backend(&self, prefix: &str) -> Arc<dyn Backend> {
-        let opts = self.options();
-        let opts: Vec<(&str, &str)> = opts.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        Arc::new(ObjectBackend::from_url(&self.url(prefix), &opts).expect("backend"))
-    }
-
-    /// Where the server keeps object `name` of `prefix`.
-    fn object_path(&self, prefix: &str, name: &str) -> PathBuf {
-        self.root.path().join(BUCKET).join(prefix).join(name)
-    }
-
-    /// Whether a multipart upload is under way: s3s-fs keeps its record (`.upload-…`) and
-    /// parts (`.upload_id-…`) in the root until the upload is completed or aborted.
-    fn upload_in_progress(&self) -> bool {
-        std::fs::read_dir(self.root.path()).is_ok_and(|d| {
-            d.flatten().any(|e| {
-                e.file_name()
-                    .to_str()
-                    .is_some_and(|n| n.starts_with(".upload"))
-            })
-        })
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn find_s3s_fs() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("BITSNAP_S3S_FS") {
-        return Some(PathBuf::from(p));
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join("s3s-fs"))
-        .find(|p| p.is_file())
-}
+use s3::S3Server;
 
 /// Rank `rank`'s tensors at `step` (1-based): random at step 1, then 1% of elements
 /// changed per step. 5 tensors of 4 MiB: each shard file takes a multipart upload.
@@ -257,80 +141,6 @@ fn child_process() {
         }
         other => panic!("unknown role {other}"),
     }
-}
-
-#[test]
-fn cli_packs_unpacks_and_verifies_a_series_on_s3() {
-    let Some(server) = S3Server::start() else {
-        return;
-    };
-    let files = tempfile::tempdir().unwrap();
-    let mut series = Vec::new();
-    let mut t = random_tensor("layer.weight", DType::F32, &[512, 512], Role::Weight, 11);
-    let bias = random_tensor("layer.bias", DType::BF16, &[512], Role::Weight, 12);
-    for step in 0..3 {
-        let path = files.path().join(format!("step-{step}.safetensors"));
-        bitsnap_core::safetensors::write_file(&path, &[t.clone(), bias.clone()], &[]).unwrap();
-        series.push((path, vec![t.clone(), bias.clone()]));
-        t = mutate(&t, 5, 100 + step);
-    }
-    let url = server.url("cli/run");
-    let run = |args: &[&str]| {
-        let out = Command::new(BIN)
-            .args(args)
-            .envs(server.env())
-            .env_remove("RUST_LOG")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "bitsnap {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let mut pack = vec!["pack", url.as_str()];
-    pack.extend(series.iter().map(|(p, _)| p.to_str().unwrap()));
-    run(&pack);
-    let ls: serde_json::Value = serde_json::from_str(&run(&["ls", &url, "--json"])).unwrap();
-    let snaps = ls["snapshots"].as_array().unwrap();
-    assert_eq!(snaps.len(), 3);
-    assert!(snaps[0]["base_id"].is_null());
-    assert_eq!(snaps[1]["base_id"], snaps[0]["id"], "a delta on S3 too");
-    for (i, (_, tensors)) in series.iter().enumerate() {
-        let out = files.path().join(format!("out-{i}.safetensors"));
-        run(&["unpack", &url, &i.to_string(), "-o", out.to_str().unwrap()]);
-        let (mut back, _) =
-            bitsnap_core::safetensors::read_file(&out, |_| Some(Role::Weight)).unwrap();
-        let mut want = tensors.clone();
-        back.sort_by(|a, b| a.name.cmp(&b.name));
-        want.sort_by(|a, b| a.name.cmp(&b.name));
-        assert_eq!(back, want, "snapshot {i} restores bit-exact");
-    }
-    let verify = run(&["verify", &url]);
-    assert!(
-        verify.contains("3 snapshots: 3 ok, 0 failed, 0 orphan files"),
-        "{verify}"
-    );
-
-    // Reads check checksums: flip one payload byte on the server's disk.
-    let file = snaps[2]["file"].as_str().unwrap();
-    let on_disk = server.object_path("cli/run", file);
-    let mut bytes = std::fs::read(&on_disk).unwrap();
-    bytes[20] ^= 0x40;
-    std::fs::write(&on_disk, bytes).unwrap();
-    let out = Command::new(BIN)
-        .args(["verify", &url])
-        .envs(server.env())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("checksum mismatch"), "{err}");
-    assert!(
-        err.contains(&format!("s3://{BUCKET}/cli/run/{file}")),
-        "{err}"
-    );
 }
 
 #[test]

@@ -125,16 +125,7 @@ impl StoreReport {
     }
 }
 
-/// Bytes in the most readable unit.
+/// Bytes in decimal units (`100.62 MB`), as the `bitsnap` command line writes them.
 pub fn human(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.2} MB", b / 1e6)
-    } else if b >= 1e3 {
-        format!("{:.1} kB", b / 1e3)
-    } else {
-        format!("{bytes} B")
-    }
+    bitsnap_core::fmt::bytes(bytes)
 }

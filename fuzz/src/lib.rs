@@ -9,11 +9,17 @@
 //! decode into a fresh one gives). Checksums would stop most mutations at the door, so
 //! the bodies recompute them where the structure behind them is the target.
 //!
-//! Allocation bound: a decoder allocates the tensor size its caller declares (at most
-//! [`bitsnap_core::MAX_TENSOR_BYTES`]) once the payload's structure can fill it, plus
-//! scratch proportional to the payload. The bodies declare at most [`MAX_FUZZ_ELEMS`]
-//! elements, so under `scripts/fuzz.sh` (`-malloc_limit_mb=256`) any larger allocation
-//! is reported as a crash.
+//! Allocation bound: a decoder checks a payload's structure (`codec::check`) before it
+//! allocates the tensor size its caller declares, and allocates fallibly. The decoder
+//! bodies declare up to [`MAX_FUZZ_ELEMS`] (2^34) elements, far more than memory holds,
+//! so that a decoder which allocates before checking is caught: under `scripts/fuzz.sh`
+//! (`-malloc_limit_mb=256`) any larger allocation is reported as a crash, and
+//! `bitsnap-core/tests/fuzz_smoke.rs` fails any allocation of 64 MiB. A payload whose
+//! structure can validly fill a huge tensor (a few KiB of constant-plane chunks declare
+//! tens of GiB) is then refused by a byte budget, [`MAX_FUZZ_BYTES`] per tensor, which
+//! stands in for the snapshot reader's decoded-size budget: over it the body only checks
+//! the structure, and decodes only to confirm that what the check refuses is refused
+//! before anything is allocated.
 
 use std::path::{Path, PathBuf};
 
@@ -22,9 +28,11 @@ use bitsnap_core::format::{self, Header, SnapshotFile};
 use bitsnap_core::{DType, Error, Lossiness, MANIFEST_FILE, Policy, Role, Store, Tensor};
 use xxhash_rust::xxh3::xxh3_64;
 
-/// Most elements a fuzz input may declare for one tensor (2^20: 8 MiB of f64).
-pub const MAX_FUZZ_ELEMS: usize = 1 << 20;
-/// Most decoded bytes of a tensor the snapshot body decodes (8 MiB).
+/// Most elements a decoder input may declare for one tensor (2^34: 128 GiB of f64, what
+/// about 13 KiB of constant-plane chunks can validly declare).
+pub const MAX_FUZZ_ELEMS: u64 = 1 << 34;
+/// Most decoded bytes of a tensor a body decodes (8 MiB): the per-target stand-in for
+/// the snapshot reader's decoded-size budget. Larger tensors are only checked.
 pub const MAX_FUZZ_BYTES: u64 = 8 << 20;
 
 /// The fuzz targets, by name (the names of `fuzz_targets/*.rs` and `corpus/*`).
@@ -50,23 +58,63 @@ pub fn base_bytes(len: usize) -> &'static [u8] {
     &base[..len.min(base.len())]
 }
 
-/// Decoder input: `[dtype tag][element count, u32 LE][payload]`. The count is reduced
-/// modulo [`MAX_FUZZ_ELEMS`] + 1.
+/// Decoder input: `[head][element count, u32 LE][payload]`. The low nibble of `head` is
+/// the dtype tag, the high nibble a shift: the tensor declares `count << shift` elements,
+/// reduced modulo [`MAX_FUZZ_ELEMS`] + 1 (a head below 16 declares `count` elements).
+///
+/// What must hold: [`codec::check`] refuses whatever [`codec::decode`] refuses before
+/// allocating the output (the same error), and never allocates for the declared size;
+/// within [`MAX_FUZZ_BYTES`], decoding succeeds only where the check passed, a decode
+/// into a dirty buffer gives what a fresh decode gives, and the device form finished on
+/// the CPU equals the CPU decode.
 pub fn decode(codec: CodecId, data: &[u8]) -> Option<Vec<u8>> {
-    let (&tag, rest) = data.split_first()?;
-    let (numel, payload) = rest.split_first_chunk::<4>()?;
-    let dtype = DType::from_tag(tag)?;
-    let numel = u32::from_le_bytes(*numel) as usize % (MAX_FUZZ_ELEMS + 1);
-    let base = codec.needs_base().then(|| base_bytes(numel * dtype.size()));
+    let (&head, rest) = data.split_first()?;
+    let (count, payload) = rest.split_first_chunk::<4>()?;
+    let dtype = DType::from_tag(head & 0x0f)?;
+    let declared = u64::from(u32::from_le_bytes(*count)) << (head >> 4);
+    let numel = usize::try_from(declared % (MAX_FUZZ_ELEMS + 1)).ok()?;
+    let bytes = numel as u64 * dtype.size() as u64;
+    let checked = codec::check(codec, payload, dtype, numel);
+    if let Err(e) = &checked {
+        assert!(e.alloc.is_none(), "the check allocated: {e}");
+        assert!(
+            e.offset <= payload.len(),
+            "error offset {} past the payload",
+            e.offset
+        );
+        // Refused before anything is allocated for the tensor, at any declared size (no
+        // base: a delta decoder checks the payload before the base).
+        match codec::decode(codec, payload, dtype, numel, None) {
+            Err(again) => assert!(
+                again == *e,
+                "decode refused with {again}, the check with {e}"
+            ),
+            Ok(_) => panic!("decode accepted what the check refused: {e}"),
+        }
+    }
+    if bytes > MAX_FUZZ_BYTES {
+        // Over the budget: a snapshot reader refuses this tensor before decoding it.
+        return None;
+    }
+    let len = numel * dtype.size();
+    let base = codec.needs_base().then(|| base_bytes(len));
     let fresh = codec::decode(codec, payload, dtype, numel, base);
     // No output leak: decoding into a dirty buffer gives the same answer.
-    let mut dirty = vec![0xa5u8; numel * dtype.size()];
+    let mut dirty = vec![0xa5u8; len];
     let into = codec::decode_into(codec, payload, dtype, base, &mut dirty);
     match &fresh {
         Ok(out) => {
-            assert_eq!(out.len(), numel * dtype.size(), "decoded length");
+            assert!(checked.is_ok(), "decode accepted what the check refused");
+            assert_eq!(out.len(), len, "decoded length");
             assert!(into.is_ok(), "decode_into refused what decode accepted");
             assert!(dirty == *out, "decode_into differs from decode");
+            match codec::decode_for_device(codec, payload, dtype, numel) {
+                Ok(form) => match codec::apply_device_form(&form, dtype, numel, base) {
+                    Ok(done) => assert!(done == *out, "device form differs from decode"),
+                    Err(e) => panic!("a device form of a valid payload is refused: {e}"),
+                },
+                Err(e) => panic!("decode_for_device refused what decode accepted: {e}"),
+            }
         }
         Err(e) => assert!(
             e.offset <= payload.len(),
@@ -75,6 +123,54 @@ pub fn decode(codec: CodecId, data: &[u8]) -> Option<Vec<u8>> {
         ),
     }
     fresh.ok()
+}
+
+/// A payload of codec `codec` that is structurally valid for `numel` elements of
+/// `dtype` (a `count` of `numel >> shift` with the given `shift`) and tiny: chunks of
+/// [`codec::MAX_CHUNK_BYTES`] elements whose planes are all constant, so that it
+/// declares far more than the budget. Returns the decoder input (head, count, payload).
+pub fn amplified(codec: CodecId, dtype: DType, count: u32, shift: u8) -> Vec<u8> {
+    let numel = (u64::from(count) << shift) as usize;
+    let w = dtype.size();
+    let mut payload = Vec::new();
+    let (elems, width) = match codec {
+        CodecId::Cluster => {
+            payload.extend_from_slice(&[8, 0, 0, 0]);
+            payload.extend_from_slice(&1u32.to_le_bytes());
+            payload.extend(std::iter::repeat_n(0u8, w));
+            (numel, 1)
+        }
+        _ => (numel, w),
+    };
+    let per = codec::MAX_CHUNK_BYTES;
+    let chunks = elems.div_ceil(per);
+    let body = |n: usize| {
+        let mut b = Vec::new();
+        if codec == CodecId::BitmaskDelta {
+            b.extend_from_slice(&(n as u32).to_le_bytes());
+            b.push(4); // every element changed: no mask bytes
+            b.extend_from_slice(&0u32.to_le_bytes());
+        }
+        for _ in 0..width {
+            b.push(2); // a constant plane
+            b.extend_from_slice(&1u32.to_le_bytes());
+            b.push(0x3c);
+        }
+        b
+    };
+    payload.extend_from_slice(&(per as u32).to_le_bytes());
+    payload.extend_from_slice(&(chunks as u32).to_le_bytes());
+    let bodies: Vec<Vec<u8>> = (0..chunks)
+        .map(|c| body(per.min(elems - c * per)))
+        .collect();
+    for b in &bodies {
+        payload.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    }
+    bodies.iter().for_each(|b| payload.extend_from_slice(b));
+    let mut input = vec![dtype.tag() | (shift << 4)];
+    input.extend_from_slice(&count.to_le_bytes());
+    input.extend_from_slice(&payload);
+    input
 }
 
 const FUZZ_FILE: &str = "fuzz.bsnap";
@@ -405,6 +501,18 @@ fn codec_seeds(id: CodecId) -> Vec<Vec<u8>> {
             if seed.len() <= 64 << 10 {
                 out.push(seed);
             }
+        }
+    }
+    // Tiny payloads that validly declare huge tensors: 2^34 bytes (2^30 << 4), 2^36
+    // bytes of f32 and 2^37 of f64, and one just within the budget.
+    for (dtype, count, shift) in [
+        (DType::U8, 1 << 30, 4),
+        (DType::F32, 1 << 30, 4),
+        (DType::F64, 1 << 31, 3),
+        (DType::BF16, 3 << 20, 0),
+    ] {
+        if id != CodecId::Cluster || dtype.is_quantizable_float() {
+            out.push(amplified(id, dtype, count, shift));
         }
     }
     out

@@ -23,13 +23,14 @@
 //! next[400] ^= 1; // one changed element
 //! let input = EncodeInput { dtype: DType::F32, role: Role::Weight, data: &next, base: Some(&base) };
 //! let enc = XorDelta::default().encode(&input).unwrap().unwrap();
-//! assert!(enc.payload.len() < next.len() / 20);
+//! assert!(enc.payload.len() < next.len() / 100); // measured 59 bytes of 16 KiB
 //! let back = codec::decode(CodecId::XorDelta, &enc.payload, DType::F32, 4096, Some(&base)).unwrap();
 //! assert_eq!(back, next);
 //! let full = Planes::default().encode(&input).unwrap().unwrap();
 //! assert_eq!(codec::decode(CodecId::Planes, &full.payload, DType::F32, 4096, None).unwrap(), next);
 //! ```
 
+mod alloc;
 pub mod bitmask;
 mod chunks;
 pub mod cluster;
@@ -42,8 +43,10 @@ use std::cell::RefCell;
 use std::fmt;
 
 pub use bitmask::BitmaskDelta;
-pub use chunks::CHUNK_BYTES;
-pub use cluster::{ClusterQuantizer, QuantBits, QuantError};
+pub use chunks::{CHUNK_BYTES, MAX_CHUNK_BYTES};
+#[allow(deprecated)]
+pub use cluster::QuantError;
+pub use cluster::{ClusterQuantizer, Distortion, QuantBits};
 pub(crate) use cursor::Cursor;
 pub use device::{
     DeviceForm, QuantCodes, RANK_BLOCK, SparseDelta, apply_device_form, decode_for_device,
@@ -128,13 +131,18 @@ impl fmt::Display for CodecId {
 }
 
 /// A decoding failure inside a payload: where (offset from the payload's start) and why.
-/// The container turns it into [`crate::Error::Malformed`] naming the file and tensor.
+/// The container turns it into [`crate::Error::Malformed`] naming the file and tensor,
+/// or, when [`CodecError::alloc`] is set, into [`crate::Error::Alloc`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CodecError {
     /// Byte offset from the start of the payload.
     pub offset: usize,
     /// What is wrong.
     pub reason: String,
+    /// Set when decoding failed because a buffer of this many bytes could not be
+    /// allocated: the payload passed every structural check, the tensor it declares does
+    /// not fit in this machine's memory.
+    pub alloc: Option<u64>,
 }
 
 impl CodecError {
@@ -142,6 +150,16 @@ impl CodecError {
         CodecError {
             offset,
             reason: reason.into(),
+            alloc: None,
+        }
+    }
+
+    /// A buffer of `bytes` for `what` could not be allocated.
+    pub(crate) fn alloc(bytes: u64, what: &str) -> CodecError {
+        CodecError {
+            offset: 0,
+            reason: format!("cannot allocate {bytes} bytes for {what}"),
+            alloc: Some(bytes),
         }
     }
 }
@@ -184,7 +202,7 @@ pub struct Encoded {
     pub payload: Vec<u8>,
     /// For lossy codecs: the bytes decoding will produce (the next delta's base), and the
     /// error against the input.
-    pub lossy: Option<(Vec<u8>, QuantError)>,
+    pub lossy: Option<(Vec<u8>, Distortion)>,
 }
 
 /// An encoder: one per codec. Decoding needs no settings, see [`decode`].
@@ -224,18 +242,59 @@ pub fn decode(
     let len = numel
         .checked_mul(dtype.size())
         .ok_or_else(|| CodecError::new(0, "tensor size overflows"))?;
-    precheck(codec, payload, dtype, numel, len)?;
-    // Zeroed lazily by the allocator: pages are committed as decoding writes them, so a
-    // payload that fails half-way has not made the whole tensor resident.
-    let mut out = vec![0u8; len];
+    check(codec, payload, dtype, numel)?;
+    check_base(codec, base, len)?;
+    let mut out = alloc::zeroed(len, "the decoded tensor")?;
     decode_into(codec, payload, dtype, base, &mut out)?;
     Ok(out)
 }
 
+/// Checks a payload of codec `codec` for `numel` elements of `dtype` as far as it can be
+/// checked without decoding it, and without allocating anything sized by `numel`: what
+/// [`decode`] and [`decode_for_device`] check before they allocate the output.
+///
+/// Passing does not mean the payload decodes (zstd frames are not decompressed, codes are
+/// not checked against the codebook); failing means it cannot. The output a payload may
+/// declare is bounded by its structure (a chunk of at most
+/// [`MAX_CHUNK_BYTES`] elements needs a table entry and a plane record per byte of
+/// an element), but only loosely: a few KiB of constant planes can validly declare tens of
+/// GiB, so callers that decode untrusted snapshots need a budget of their own.
+///
+/// ```
+/// use bitsnap_core::codec::{self, CodecId};
+/// use bitsnap_core::DType;
+/// // An empty planes payload cannot hold 2^40 elements: refused before anything is allocated.
+/// let err = codec::check(CodecId::Planes, &[], DType::U8, 1 << 40).unwrap_err();
+/// assert!(err.reason.contains("chunk"), "{err}");
+/// assert!(codec::check(CodecId::Unchanged, &[], DType::U8, 1 << 40).is_ok());
+/// ```
+pub fn check(codec: CodecId, payload: &[u8], dtype: DType, numel: usize) -> Result<(), CodecError> {
+    let len = numel
+        .checked_mul(dtype.size())
+        .ok_or_else(|| CodecError::new(0, "tensor size overflows"))?;
+    precheck(codec, payload, dtype, numel, len)
+}
+
+/// Checks that a delta codec has a base of the tensor's `len` bytes.
+fn check_base(codec: CodecId, base: Option<&[u8]>, len: usize) -> Result<(), CodecError> {
+    if !codec.needs_base() {
+        return Ok(());
+    }
+    match base {
+        None => Err(CodecError::new(0, "delta payload without a base")),
+        Some(b) if b.len() != len => Err(CodecError::new(
+            0,
+            format!("base has {} bytes, tensor {len}", b.len()),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
 /// Checks what can be checked of a payload's structure before the output is allocated:
-/// raw and unchanged lengths, a cluster codebook, and every chunk table (chunks are at most
-/// [`chunks::MAX_CHUNK_BYTES`] and every chunk needs bytes of its own, so a small payload
-/// cannot demand a huge output).
+/// raw and unchanged lengths, a cluster codebook, every chunk table (chunks are at most
+/// [`MAX_CHUNK_BYTES`] and every chunk needs bytes of its own, so a small payload
+/// cannot demand an unbounded output), and inside every chunk the plane records and mask
+/// headers (lengths, modes, the sizes zstd frames declare).
 fn precheck(
     codec: CodecId,
     payload: &[u8],
@@ -251,21 +310,19 @@ fn precheck(
         CodecId::Unchanged if !payload.is_empty() => {
             Err(CodecError::new(0, "unchanged tensor with a payload"))
         }
-        CodecId::Planes | CodecId::XorDelta | CodecId::BitmaskDelta => {
-            let chunks = chunks::parse(&mut Cursor::new(payload), numel)?;
-            // Every chunk body holds at least one record per byte plane.
-            let min = if codec == CodecId::BitmaskDelta {
-                9
-            } else {
-                planes::PLANE_OVERHEAD * dtype.size()
-            };
-            match chunks.iter().find(|c| c.body.len() < min) {
-                Some(c) => Err(CodecError::new(
-                    c.offset,
-                    format!("chunk body of {} bytes is too short", c.body.len()),
-                )),
-                None => Ok(()),
-            }
+        CodecId::Planes | CodecId::XorDelta => {
+            let w = dtype.size();
+            chunks::parse(&mut Cursor::new(payload), numel)?
+                .iter()
+                .try_for_each(|c| planes::check_body(c.body, c.elems.len(), w, c.offset))
+        }
+        CodecId::BitmaskDelta => {
+            let w = dtype.size();
+            chunks::parse(&mut Cursor::new(payload), numel)?
+                .iter()
+                .try_for_each(|c| {
+                    bitmask::check_chunk(c.body, c.elems.len(), w).map_err(|e| e.shifted(c.offset))
+                })
         }
         CodecId::Cluster => cluster::precheck(payload, dtype, numel),
         _ => Ok(()),
@@ -280,18 +337,17 @@ pub fn decode_into(
     base: Option<&[u8]>,
     out: &mut [u8],
 ) -> Result<(), CodecError> {
-    let base = if codec.needs_base() {
-        let base = base.ok_or_else(|| CodecError::new(0, "delta payload without a base"))?;
-        if base.len() != out.len() {
-            return Err(CodecError::new(
-                0,
-                format!("base has {} bytes, tensor {}", base.len(), out.len()),
-            ));
-        }
-        Some(base)
-    } else {
-        None
-    };
+    if !out.len().is_multiple_of(dtype.size()) {
+        return Err(CodecError::new(
+            0,
+            format!(
+                "output of {} bytes is not a whole number of {dtype} elements",
+                out.len()
+            ),
+        ));
+    }
+    check_base(codec, base, out.len())?;
+    let base = base.filter(|_| codec.needs_base());
     match (codec, base) {
         (CodecId::Raw, _) => {
             if payload.len() != out.len() {
@@ -374,10 +430,46 @@ pub(crate) mod testing {
 
     use crate::DType;
 
-    /// Bytes of `n` elements of `dtype`, from a mix of patterns: random, NaN/Inf/-0.0,
-    /// small values, repeats.
+    /// Bit patterns of the special values of a float `dtype`: ±0, ±Inf, quiet and
+    /// signalling NaNs (with payloads, either sign), the smallest and largest subnormals
+    /// (either sign), the smallest normal and the largest finite value. Empty for
+    /// non-float dtypes.
+    pub fn specials(dtype: DType) -> Vec<u64> {
+        // (sign bit, exponent mask, quiet bit, mantissa mask)
+        let (sign, exp, quiet, mant): (u64, u64, u64, u64) = match dtype {
+            DType::F16 => (1 << 15, 0x7c00, 0x0200, 0x03ff),
+            DType::BF16 => (1 << 15, 0x7f80, 0x0040, 0x007f),
+            DType::F32 => (1 << 31, 0x7f80_0000, 0x0040_0000, 0x007f_ffff),
+            DType::F64 => (
+                1 << 63,
+                0x7ff0_0000_0000_0000,
+                0x0008_0000_0000_0000,
+                0x000f_ffff_ffff_ffff,
+            ),
+            _ => return Vec::new(),
+        };
+        let min_normal = mant + 1;
+        let max_finite = exp - min_normal + mant;
+        let positive = [
+            0,               // +0
+            exp,             // +Inf
+            exp | quiet,     // quiet NaN
+            exp | quiet | 5, // quiet NaN with a payload
+            exp | 1,         // signalling NaN
+            1,               // smallest subnormal
+            mant,            // largest subnormal
+            min_normal,      // smallest normal
+            max_finite,      // largest finite
+        ];
+        positive.iter().flat_map(|&v| [v, v | sign]).collect()
+    }
+
+    /// Bytes of `n` elements of `dtype`, from a mix of patterns: random, every special
+    /// value of the dtype ([`specials`]: ±0, ±Inf, NaNs, subnormals), small values,
+    /// repeats.
     pub fn tensor_bytes(dtype: DType, n: usize, seed: u64) -> Vec<u8> {
         let w = dtype.size();
+        let special = specials(dtype);
         let mut state = seed | 1;
         let mut next = || {
             state ^= state << 13;
@@ -389,17 +481,34 @@ pub(crate) mod testing {
         for i in 0..n {
             let r = next();
             let v: u64 = match (r >> 60, dtype) {
-                (0, DType::F32) => f32::NAN.to_bits() as u64,
-                (1, DType::F32) => f32::INFINITY.to_bits() as u64,
-                (2, DType::F32) => (-0.0f32).to_bits() as u64,
-                (0, DType::F64) => f64::NEG_INFINITY.to_bits(),
-                (1, DType::F64) => f64::NAN.to_bits(),
-                (0, DType::BF16) | (0, DType::F16) => 0x7fc0,
-                (1, DType::BF16) | (1, DType::F16) => 0x8000,
+                (0..=2, _) if !special.is_empty() => special[(r as usize >> 8) % special.len()],
                 (3..=8, DType::F32) => ((i as f32) * 1e-3).to_bits() as u64,
                 _ => r,
             };
             out.extend_from_slice(&v.to_le_bytes()[..w]);
+        }
+        out
+    }
+
+    /// [`tensor_bytes`] of a float `dtype` with every NaN and infinity replaced by a zero
+    /// of the same sign: what the quantizer accepts, ±0 and subnormals included.
+    pub fn finite_bytes(dtype: DType, n: usize, seed: u64) -> Vec<u8> {
+        let mut out = tensor_bytes(dtype, n, seed);
+        let w = dtype.size();
+        let (exp, sign): (u64, u64) = match dtype {
+            DType::F16 => (0x7c00, 1 << 15),
+            DType::BF16 => (0x7f80, 1 << 15),
+            DType::F32 => (0x7f80_0000, 1 << 31),
+            DType::F64 => (0x7ff0_0000_0000_0000, 1 << 63),
+            _ => return out,
+        };
+        for e in out.chunks_exact_mut(w) {
+            let mut b = [0u8; 8];
+            b[..w].copy_from_slice(e);
+            let v = u64::from_le_bytes(b);
+            if v & exp == exp {
+                e.copy_from_slice(&(v & sign).to_le_bytes()[..w]);
+            }
         }
         out
     }
@@ -428,5 +537,100 @@ pub(crate) mod testing {
     /// Changed fractions in permille: 0%, 0.1%, 1%, 10%, 50%, 100%.
     pub fn any_permille() -> impl Strategy<Value = u32> {
         prop::sample::select(vec![0u32, 1, 10, 100, 500, 1000])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn raw_and_unchanged_round_trip(dtype in any_dtype(), n in 0usize..3000, seed in any::<u64>()) {
+            let data = tensor_bytes(dtype, n, seed);
+            let input = EncodeInput { dtype, role: Role::Weight, data: &data, base: Some(&data) };
+            let enc = Raw.encode(&input).unwrap().unwrap();
+            prop_assert_eq!(&decode(CodecId::Raw, &enc.payload, dtype, n, None).unwrap(), &data);
+            prop_assert_eq!(&decode(CodecId::Unchanged, &[], dtype, n, Some(&data)).unwrap(), &data);
+        }
+    }
+
+    #[test]
+    fn test_tensors_hold_every_special_value() {
+        for dtype in [DType::F16, DType::BF16, DType::F32, DType::F64] {
+            let w = dtype.size();
+            let data = tensor_bytes(dtype, 4000, 1);
+            let mut seen: Vec<u64> = data
+                .chunks_exact(w)
+                .map(|e| {
+                    let mut b = [0u8; 8];
+                    b[..w].copy_from_slice(e);
+                    u64::from_le_bytes(b)
+                })
+                .collect();
+            seen.sort_unstable();
+            let special = specials(dtype);
+            assert_eq!(special.len(), 18);
+            for v in special {
+                assert!(seen.binary_search(&v).is_ok(), "{dtype}: {v:#x} missing");
+            }
+        }
+        assert!(specials(DType::I32).is_empty());
+    }
+
+    #[test]
+    fn every_decoder_refuses_a_tiny_payload_declaring_a_huge_tensor_before_allocating() {
+        // 2^40 elements: no chunk table of a few bytes can cover them, so the structure
+        // check refuses before the 1 TiB output would be allocated.
+        let n = 1usize << 40;
+        for dtype in [DType::U8, DType::F32] {
+            // Finite values, so that the quantizer applies to the f32 tensor.
+            let data: Vec<u8> = (0..1000u16)
+                .flat_map(|i| match dtype {
+                    DType::F32 => (f32::from(i) * 0.5).to_le_bytes().to_vec(),
+                    _ => vec![i as u8],
+                })
+                .collect();
+            let input = EncodeInput {
+                dtype,
+                role: Role::OptimizerMoment(1),
+                data: &data,
+                base: Some(&data),
+            };
+            let encoders: [&dyn Codec; 5] = [
+                &Raw,
+                &Planes::default(),
+                &XorDelta::default(),
+                &BitmaskDelta::default(),
+                &ClusterQuantizer::default(),
+            ];
+            for e in encoders {
+                let Some(enc) = e.encode(&input).unwrap() else {
+                    assert!(dtype == DType::U8 && e.id() == CodecId::Cluster);
+                    continue;
+                };
+                let err = check(enc.codec, &enc.payload, dtype, n).unwrap_err();
+                assert!(err.alloc.is_none(), "{}: {err}", enc.codec);
+                let again = decode(enc.codec, &enc.payload, dtype, n, Some(&data)).unwrap_err();
+                assert_eq!(again, err, "{}", enc.codec);
+                let device = decode_for_device(enc.codec, &enc.payload, dtype, n).unwrap_err();
+                assert!(device.alloc.is_none(), "{}: {device}", enc.codec);
+            }
+        }
+        // Delta payloads need a base of the tensor's size before anything is allocated.
+        let err = decode(CodecId::Unchanged, &[], DType::F64, n, Some(&[])).unwrap_err();
+        assert!(err.reason.contains("base has 0 bytes"), "{err}");
+        let err = decode(CodecId::Unchanged, &[], DType::F64, n, None).unwrap_err();
+        assert!(err.reason.contains("without a base"), "{err}");
+    }
+
+    #[test]
+    fn decode_into_refuses_an_output_of_partial_elements() {
+        let data = tensor_bytes(DType::F32, 10, 1);
+        let mut out = vec![0u8; 39];
+        let err = decode_into(CodecId::Raw, &data, DType::F32, None, &mut out).unwrap_err();
+        assert!(err.reason.contains("whole number"), "{err}");
     }
 }

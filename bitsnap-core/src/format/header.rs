@@ -492,7 +492,7 @@ fn parse_entry(cur: &mut Cursor<'_>, name: String) -> Result<Entry, CodecError> 
         raw_hash,
         decision: Decision {
             changed: (changed != CHANGED_UNKNOWN).then_some(changed),
-            error: (!rel.is_nan()).then_some(QuantError {
+            error: (!rel.is_nan()).then_some(Distortion {
                 rel_l2: rel,
                 max_abs: max,
             }),

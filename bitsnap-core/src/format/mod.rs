@@ -14,7 +14,7 @@
 
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::codec::{CodecId, QuantError};
+use crate::codec::{CodecId, Distortion};
 use crate::{DType, Role};
 
 mod header;
@@ -120,7 +120,7 @@ pub struct Decision {
     /// Elements that differ from the base tensor, if it was compared with one.
     pub changed: Option<u64>,
     /// Quantization error, for lossy codecs.
-    pub error: Option<QuantError>,
+    pub error: Option<Distortion>,
     /// The codecs tried and their (estimated, for large tensors) payload sizes in bytes.
     pub candidates: Vec<(CodecId, u64)>,
 }

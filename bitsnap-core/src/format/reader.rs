@@ -189,6 +189,12 @@ impl SnapshotFile {
     }
 
     fn malformed(&self, entry: &Entry, e: CodecError) -> Error {
+        if let Some(bytes) = e.alloc {
+            return Error::Alloc {
+                what: format!("tensor `{}` of {}", entry.name, self.path.display()),
+                bytes,
+            };
+        }
         Error::Malformed {
             file: self.path.clone(),
             tensor: Some(entry.name.clone()),

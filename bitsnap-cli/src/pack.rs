@@ -4,11 +4,14 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use bitsnap_core::codec::CodecId;
-use bitsnap_core::{Store, safetensors};
+use bitsnap_core::fmt::{Ratio, bytes};
+use bitsnap_core::{Lossiness, Store, safetensors};
 use clap::Args;
 
+use crate::args::PolicyArgs;
 use crate::error::CliError;
-use crate::{PolicyArgs, file_stem, progress, roles, table};
+use crate::store::{file_stem, index_of, read_indexes, store_url};
+use crate::{progress, roles};
 
 /// The long help of the command.
 pub fn long_about() -> String {
@@ -22,6 +25,15 @@ not pay.
 Every file's header is checked before anything is written: a file that is not \
 safetensors, or holds a dtype bitsnap does not store, stops the command with nothing \
 packed. Each snapshot is committed atomically.
+
+Tensor roles come from --role rules, else are guessed from names: optimizer moments only \
+from optimizer-state conventions (PyTorch/DeepSpeed `state.N.exp_avg`, `exp_avg_sq`, \
+Megatron `optimizer.state.exp_avg.*`, Optax `opt_state.N.mu`/`nu`, Burn `moment_1`/ \
+`moment_2`); `v`, `m` or `momentum` elsewhere (T5's `SelfAttention.v.weight`, MoCo's \
+`momentum_encoder.*`) are weights. With --policy lossy-optimizer, the tensors guessed \
+moments are listed on stderr before encoding, and a moment guessed only from a sibling \
+weight of the same shape (`X.m` beside `X`) stops the command (exit 2) until a --role \
+rule says what it is.
 
 Prints one line per snapshot: its index, name, base, sizes and ratio, and under \
 --policy lossy-optimizer the largest quantization error of its moments."
@@ -46,20 +58,23 @@ pub fn run(args: PackArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let policy = args.policy.policy()?;
     // Check every header first: a bad file in the list stops the command before any
     // snapshot is written.
-    let mut total = 0u64;
-    for f in &args.files {
-        total += safetensors::read_index(f)?.data_bytes();
+    let indexes = read_indexes(&args.files)?;
+    let total: u64 = indexes.iter().map(|i| i.data_bytes()).sum();
+    // Roles are settled for the whole series before anything is encoded: a lossy pack
+    // refuses ambiguous guesses and lists what it will quantize.
+    let roles = roles::resolve(&args.policy.roles, &indexes);
+    if matches!(policy.lossiness, Lossiness::LossyOptimizer { .. }) {
+        roles.check_lossy()?;
     }
-    let mut store = match crate::store_url(&args.store) {
+    let mut store = match store_url(&args.store) {
         Some(url) => Store::open_or_create_url(url, policy)?,
         None => Store::open_or_create(&args.store, policy)?,
     };
     let bar = progress::bytes(total, "packing");
-    let rules = &args.policy.roles;
     for f in &args.files {
         let name = file_stem(f);
         bar.set_message(format!("packing {name}"));
-        let (tensors, metadata) = safetensors::read_file(f, |n| roles::role_for(rules, n))?;
+        let (tensors, metadata) = safetensors::read_file(f, |n| roles.role(n))?;
         let raw: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
         let report = store.save_with_metadata(&name, tensors, metadata)?;
         bar.inc(raw);
@@ -67,7 +82,7 @@ pub fn run(args: PackArgs, out: &mut dyn Write) -> Result<(), CliError> {
         let base = match (report.info.base, report.full_reason) {
             (Some(b), _) => format!(
                 "delta on {}",
-                crate::index_of(&store, b).map_or(format!("id {b}"), |i| i.to_string())
+                index_of(&store, b).map_or(format!("id {b}"), |i| i.to_string())
             ),
             (None, Some(why)) => format!("full ({why})"),
             (None, None) => "full".into(),
@@ -76,9 +91,9 @@ pub fn run(args: PackArgs, out: &mut dyn Write) -> Result<(), CliError> {
             "snapshot {index} `{}`: {base}, {} tensors, {} -> {} ({})",
             report.info.name,
             report.info.tensors,
-            table::bytes(report.info.raw_bytes),
-            table::bytes(report.info.stored_bytes),
-            table::fmt_ratio(report.info.ratio())
+            bytes(report.info.raw_bytes),
+            bytes(report.info.stored_bytes),
+            Ratio(report.info.ratio())
         );
         let lossy: Vec<_> = report
             .header

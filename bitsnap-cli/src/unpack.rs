@@ -4,11 +4,13 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use bitsnap_core::codec::CodecId;
+use bitsnap_core::fmt::bytes;
 use bitsnap_core::safetensors;
 use clap::Args;
 
 use crate::error::CliError;
-use crate::{choose_snapshot, open_store, progress, table};
+use crate::progress;
+use crate::store::{choose_snapshot, open_store};
 
 /// The long help of the command.
 pub fn long_about() -> String {
@@ -72,7 +74,7 @@ pub fn run(args: UnpackArgs, out: &mut dyn Write) -> Result<(), CliError> {
         chosen.index,
         snap.info.name,
         snap.tensors.len(),
-        table::bytes(raw)
+        bytes(raw)
     )?;
     Ok(())
 }

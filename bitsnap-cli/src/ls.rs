@@ -3,12 +3,13 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use bitsnap_core::fmt::{Ratio, bytes, ratio};
 use clap::Args;
 use serde::Serialize;
 
 use crate::error::CliError;
-use crate::table::{self, Align, Table};
-use crate::{index_of, open_store};
+use crate::store::{index_of, open_store};
+use crate::table::{Align, Table};
 
 /// The `--json` output of `bitsnap ls`, documented in the command's long help.
 pub const JSON_DOC: &str = "\
@@ -90,7 +91,7 @@ pub fn run(args: LsArgs, out: &mut dyn Write) -> Result<(), CliError> {
             tensors: s.tensors,
             raw_bytes: s.raw_bytes,
             stored_bytes: s.stored_bytes,
-            ratio: table::ratio(s.raw_bytes, s.stored_bytes),
+            ratio: ratio(s.raw_bytes, s.stored_bytes),
         })
         .collect();
     let raw: u64 = snapshots.iter().map(|s| s.raw_bytes).sum();
@@ -101,7 +102,7 @@ pub fn run(args: LsArgs, out: &mut dyn Write) -> Result<(), CliError> {
             snapshots,
             raw_bytes: raw,
             stored_bytes: stored,
-            ratio: table::ratio(raw, stored),
+            ratio: ratio(raw, stored),
         };
         serde_json::to_writer_pretty(&mut *out, &doc)?;
         writeln!(out)?;
@@ -126,9 +127,9 @@ pub fn run(args: LsArgs, out: &mut dyn Write) -> Result<(), CliError> {
                 (None, None) => "-".into(),
             },
             s.tensors.to_string(),
-            table::bytes(s.raw_bytes),
-            table::bytes(s.stored_bytes),
-            table::fmt_ratio(s.ratio),
+            bytes(s.raw_bytes),
+            bytes(s.stored_bytes),
+            Ratio(s.ratio).to_string(),
         ]);
     }
     t.write(out)?;
@@ -136,9 +137,9 @@ pub fn run(args: LsArgs, out: &mut dyn Write) -> Result<(), CliError> {
         out,
         "{} snapshots, {} raw, {} stored ({})",
         snapshots.len(),
-        table::bytes(raw),
-        table::bytes(stored),
-        table::fmt_ratio(table::ratio(raw, stored))
+        bytes(raw),
+        bytes(stored),
+        Ratio(ratio(raw, stored))
     )?;
     Ok(())
 }

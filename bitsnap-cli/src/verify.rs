@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::error::CliError;
-use crate::{open_store, progress};
+use crate::progress;
+use crate::store::open_store;
 
 /// The long help of the command.
 pub fn long_about() -> String {

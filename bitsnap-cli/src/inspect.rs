@@ -3,12 +3,13 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use bitsnap_core::fmt::{Ratio, bytes, ratio};
 use clap::Args;
 use serde::Serialize;
 
 use crate::error::CliError;
-use crate::table::{self, Align, Table};
-use crate::{choose_snapshot, index_of, open_store};
+use crate::store::{choose_snapshot, index_of, open_store};
+use crate::table::{Align, Table};
 
 /// The `--json` output of `bitsnap inspect`, documented in the command's long help.
 pub const JSON_DOC: &str = "\
@@ -134,7 +135,7 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
                 codec: e.codec.name(),
                 raw_bytes: e.raw_len(),
                 stored_bytes: e.len,
-                ratio: table::ratio(e.raw_len(), e.len),
+                ratio: ratio(e.raw_len(), e.len),
                 changed: e.decision.changed,
                 changed_fraction: e
                     .decision
@@ -167,7 +168,7 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
         raw_bytes: header.raw_bytes(),
         stored_bytes: info.stored_bytes,
         payload_bytes: header.payload_bytes(),
-        ratio: table::ratio(header.raw_bytes(), info.stored_bytes),
+        ratio: ratio(header.raw_bytes(), info.stored_bytes),
         metadata: header
             .metadata
             .iter()
@@ -193,9 +194,9 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
         doc.id,
         doc.file,
         doc.tensors.len(),
-        table::bytes(doc.raw_bytes),
-        table::bytes(doc.stored_bytes),
-        table::fmt_ratio(doc.ratio)
+        bytes(doc.raw_bytes),
+        bytes(doc.stored_bytes),
+        Ratio(doc.ratio)
     )?;
     if !header.metadata.is_empty() {
         let kv: Vec<String> = header
@@ -227,9 +228,9 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
             e.codec.to_string(),
             e.changed_fraction
                 .map_or("-".into(), |f| format!("{:.3}%", f * 100.0)),
-            table::bytes(e.raw_bytes),
-            table::bytes(e.stored_bytes),
-            table::fmt_ratio(e.ratio),
+            bytes(e.raw_bytes),
+            bytes(e.stored_bytes),
+            Ratio(e.ratio).to_string(),
             e.error.as_ref().map_or("-".into(), |q| {
                 format!("{:.2e} / {:.2e}", q.rel_l2, q.max_abs)
             }),

@@ -1,125 +1,13 @@
 //! The `bitsnap` command line, driven as a user would: real processes over safetensors
 //! series written with the `safetensors` crate.
 
-use std::collections::HashMap;
+mod common;
+
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
-use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_bitsnap");
-
-fn bitsnap<I, S>(args: I) -> Output
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    Command::new(BIN)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run bitsnap")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Asserts success and returns stdout.
-fn ok(o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        stdout(&o),
-        stderr(&o)
-    );
-    stdout(&o)
-}
-
-/// Asserts exit code `code` and a one-line `bitsnap: ...` message on stderr; returns it.
-fn fails(o: Output, code: i32) -> String {
-    let err = stderr(&o);
-    assert_eq!(
-        o.status.code(),
-        Some(code),
-        "stdout:\n{}\nstderr:\n{err}",
-        stdout(&o)
-    );
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "not one line: {err:?}");
-    assert!(lines[0].starts_with("bitsnap: "), "{err:?}");
-    assert!(!err.contains("panicked"), "{err}");
-    lines[0].to_string()
-}
-
-fn json(o: Output) -> Value {
-    let s = ok(o);
-    serde_json::from_str(&s).unwrap_or_else(|e| panic!("bad JSON ({e}):\n{s}"))
-}
-
-/// A tensor to write: name, dtype, shape, bytes.
-#[derive(Debug, Clone, PartialEq)]
-struct T {
-    name: String,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-fn t(name: &str, dtype: Dtype, shape: &[usize], data: Vec<u8>) -> T {
-    T {
-        name: name.into(),
-        dtype,
-        shape: shape.to_vec(),
-        data,
-    }
-}
-
-fn f32s(v: impl IntoIterator<Item = f32>) -> Vec<u8> {
-    v.into_iter().flat_map(f32::to_le_bytes).collect()
-}
-
-fn write_st(path: &Path, tensors: &[T], meta: Option<&[(&str, &str)]>) {
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|x| {
-            (
-                x.name.clone(),
-                TensorView::new(x.dtype, x.shape.clone(), &x.data).unwrap(),
-            )
-        })
-        .collect();
-    let meta: Option<HashMap<String, String>> = meta.map(|m| {
-        m.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    });
-    safetensors::serialize_to_file(views, meta, path).unwrap();
-}
-
-/// Reads a safetensors file back: tensors by name, and metadata.
-fn read_st(path: &Path) -> (HashMap<String, T>, Option<HashMap<String, String>>) {
-    let bytes = std::fs::read(path).unwrap();
-    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let tensors = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| {
-            let x = t(&n, v.dtype(), v.shape(), v.data().to_vec());
-            (n, x)
-        })
-        .collect();
-    (tensors, meta.metadata().clone())
-}
+use common::{T, bitsnap, f32s, fails, json, ok, pack, read_st, stderr, stdout, t, write_st};
+use safetensors::Dtype;
 
 /// A pseudo-random stream for test data.
 struct Lcg(u64);
@@ -236,13 +124,6 @@ fn write_series(dir: &Path) -> Vec<PathBuf> {
             p
         })
         .collect()
-}
-
-fn pack(store: &Path, files: &[PathBuf], extra: &[&str]) -> String {
-    let mut args: Vec<&OsStr> = vec![OsStr::new("pack"), store.as_os_str()];
-    args.extend(files.iter().map(|f| f.as_os_str()));
-    args.extend(extra.iter().map(OsStr::new));
-    ok(bitsnap(args))
 }
 
 fn files_in(dir: &Path) -> Vec<String> {
@@ -710,8 +591,10 @@ fn bench_synthetic_and_files() {
     }
     let files = r["files"].as_array().unwrap();
     assert!(files[0]["changed_fraction"].is_null());
+    // The 1% step: Adam moments (half the elements) change everywhere, weights in ~1%
+    // and their bf16 copies in a part of those: 0.5 + (0.01 + 0.0037) / 4. Measured 0.5035.
     let frac = files[3]["changed_fraction"].as_f64().unwrap();
-    assert!((0.004..0.012).contains(&frac), "1% step: {frac}");
+    assert!((0.502..0.506).contains(&frac), "1% step: {frac}");
     assert!(r["bitmask_bound"]["ratio"].as_f64().unwrap() > 1.0);
     let roles: Vec<&str> = r["roles"]
         .as_array()

@@ -1,4 +1,5 @@
-//! Plain-text tables and number formatting for human-readable output.
+//! Plain-text tables for human-readable output (numbers are formatted by
+//! `bitsnap_core::fmt`).
 
 use std::io::Write;
 
@@ -79,30 +80,5 @@ impl Table {
             writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
         }
         Ok(())
-    }
-}
-
-/// Bytes in decimal units: `512 B`, `1.5 kB`, `12.34 MB`, `1.20 GB`.
-pub fn bytes(b: u64) -> String {
-    bitsnap_core::bench::human_bytes(b)
-}
-
-/// A compression ratio: `3.21x`.
-pub fn ratio(raw: u64, stored: u64) -> f64 {
-    if stored == 0 {
-        if raw == 0 { 1.0 } else { f64::INFINITY }
-    } else {
-        raw as f64 / stored as f64
-    }
-}
-
-/// A ratio for display: `3.21x`, `150x`, `inf`.
-pub fn fmt_ratio(r: f64) -> String {
-    if r.is_infinite() {
-        "inf".into()
-    } else if r >= 100.0 {
-        format!("{r:.0}x")
-    } else {
-        format!("{r:.2}x")
     }
 }

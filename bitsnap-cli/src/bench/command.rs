@@ -3,12 +3,14 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use bitsnap_core::bench::{Bench, Synthetic};
+use crate::bench::{Bench, Synthetic};
 use bitsnap_core::safetensors;
 use clap::Args;
 
+use crate::args::PolicyArgs;
 use crate::error::CliError;
-use crate::{PolicyArgs, file_stem, progress, roles};
+use crate::store::{file_stem, read_indexes};
+use crate::{progress, roles};
 
 /// The `--json` output of `bitsnap bench`, documented in the command's long help.
 pub const JSON_DOC: &str = "\
@@ -54,8 +56,10 @@ GB/s is raw bytes over wall-clock seconds. Every decode is checked against its i
 --synthetic generates the series in memory instead of reading files: 8 layers of 1M to 4M \
 elements (times --scale), each an f32 weight, its bf16 copy and Adam first and second \
 moments (f32), plus an i64 step counter; 280 MB per step at scale 1. Step 0 is random \
-(weights N(0, 0.02), moments log-normal over decades); steps 1 to 4 apply one small Adam \
-update (lr 1e-4) to a random 100%, 10%, 1% and 0.1% of the elements.
+(weights N(0, 0.02), moments log-normal over decades); steps 1 to 4 take one Adam step \
+(lr 1e-4) with a gradient on a random 100%, 10%, 1% and 0.1% of the elements: the \
+weights change there only, the moments everywhere (Adam decays them where the gradient \
+is 0).
 
 Prints markdown tables: totals per method, ratio per file, GB/s per file, per dtype, and \
 bitsnap per role.\n\n{JSON_DOC}"
@@ -111,15 +115,13 @@ pub fn run(args: BenchArgs, out: &mut dyn Write) -> Result<(), CliError> {
         }
         bar.finish_and_clear();
     } else {
-        for f in &args.files {
-            safetensors::read_index(f)?;
-        }
+        let indexes = read_indexes(&args.files)?;
+        let roles = roles::resolve(&args.policy.roles, &indexes);
         let bar = progress::items(args.files.len() as u64, "bench");
-        let rules = &args.policy.roles;
         for f in &args.files {
             let name = file_stem(f);
             bar.set_message(format!("bench {name}"));
-            let (tensors, _) = safetensors::read_file(f, |n| roles::role_for(rules, n))?;
+            let (tensors, _) = safetensors::read_file(f, |n| roles.role(n))?;
             bench.push(&name, tensors)?;
             bar.inc(1);
         }
@@ -127,7 +129,7 @@ pub fn run(args: BenchArgs, out: &mut dyn Write) -> Result<(), CliError> {
     }
     let mut report = bench.finish();
     if !args.synthetic {
-        report.whole_file_zstd = Some(bitsnap_core::bench::whole_file_zstd(
+        report.whole_file_zstd = Some(crate::bench::whole_file_zstd(
             &args.files,
             report.zstd_level,
         )?);

@@ -1,0 +1,108 @@
+//! The command line's arguments: commands and the encoding options they share.
+
+use bitsnap_core::codec::QuantBits;
+use bitsnap_core::{Lossiness, Policy};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::error::CliError;
+use crate::roles::{self, RoleRule};
+use crate::{bench, inspect, ls, pack, unpack, verify};
+
+/// Small, fast checkpoints for LLM training.
+#[derive(Debug, Parser)]
+#[command(name = "bitsnap", version)]
+#[command(after_long_help = "\
+Errors are reported on stderr as one line, `bitsnap: <message>`, naming the file (and the \
+tensor and byte offset where known). Exit codes: 0 success, 1 failure (including a failed \
+`verify`), 2 usage error.
+
+STORE_DIR may be an `s3://bucket/prefix` URL: S3 settings come from the environment \
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION; AWS_ENDPOINT and AWS_ALLOW_HTTP=true \
+for S3-compatible servers).
+
+Progress bars are drawn on stderr only when it is a terminal. Logs go to stderr; set \
+RUST_LOG (for example RUST_LOG=info) to see more of them.")]
+pub struct Cli {
+    /// Rayon worker threads for encoding and decoding (default: one per core).
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Append safetensors files, in order, to a store as its next snapshots.
+    #[command(long_about = pack::long_about())]
+    Pack(pack::PackArgs),
+    /// Restore one snapshot as a safetensors file.
+    #[command(long_about = unpack::long_about())]
+    Unpack(unpack::UnpackArgs),
+    /// List the snapshots of a store.
+    #[command(long_about = ls::long_about())]
+    Ls(ls::LsArgs),
+    /// Show per tensor how a snapshot is stored.
+    #[command(long_about = inspect::long_about())]
+    Inspect(inspect::InspectArgs),
+    /// Decode every snapshot and check every checksum.
+    #[command(long_about = verify::long_about())]
+    Verify(verify::VerifyArgs),
+    /// Compare every codec and baseline on a series of safetensors files.
+    #[command(long_about = bench::command::long_about())]
+    Bench(bench::command::BenchArgs),
+}
+
+/// `--policy` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PolicyKind {
+    /// Every tensor restores bit for bit.
+    Lossless,
+    /// Optimizer moments may be cluster-quantized (see --bits); everything else lossless.
+    LossyOptimizer,
+}
+
+/// Encoding options shared by `pack` and `bench`.
+#[derive(Debug, Clone, Args)]
+pub struct PolicyArgs {
+    /// What may be lost.
+    #[arg(long, value_enum, default_value_t = PolicyKind::Lossless)]
+    pub policy: PolicyKind,
+    /// Bits per quantized optimizer-moment element (with --policy lossy-optimizer) [default: 8].
+    #[arg(long, value_name = "4|8|16", value_parser = parse_bits)]
+    pub bits: Option<QuantBits>,
+    /// A full snapshot at least every N snapshots, bounding restore chains to N files.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub full_every: u32,
+    /// Override guessed tensor roles: tensors whose name matches REGEX (anywhere; anchor
+    /// with ^…$) get ROLE (weight, other, moment1, moment2). Repeatable; the first
+    /// matching rule wins; unmatched tensors get a role guessed from their name.
+    #[arg(long = "role", value_name = "REGEX=ROLE", value_parser = roles::parse_rule)]
+    pub roles: Vec<RoleRule>,
+}
+
+fn parse_bits(s: &str) -> Result<QuantBits, String> {
+    s.parse::<u32>()
+        .ok()
+        .and_then(QuantBits::from_bits)
+        .ok_or_else(|| format!("`{s}` is not 4, 8 or 16"))
+}
+
+impl PolicyArgs {
+    /// The policy these options ask for.
+    pub fn policy(&self) -> Result<Policy, CliError> {
+        let lossiness = match (self.policy, self.bits) {
+            (PolicyKind::Lossless, Some(_)) => {
+                return Err(CliError::Usage(
+                    "--bits applies only with --policy lossy-optimizer".into(),
+                ));
+            }
+            (PolicyKind::Lossless, None) => Lossiness::Lossless,
+            (PolicyKind::LossyOptimizer, bits) => Lossiness::LossyOptimizer {
+                bits: bits.unwrap_or_default(),
+            },
+        };
+        Ok(Policy::default()
+            .with_lossiness(lossiness)
+            .with_full_every(self.full_every))
+    }
+}
