@@ -385,9 +385,8 @@ fn a_base_of_another_dtype_or_shape_is_refused_naming_file_and_tensor() {
     }
 }
 
-/// A sharded snapshot (two ranks) restores through the same call, on wgpu too, equal to
-/// the CPU decoder (the loader's chain walk reads single files only, so it falls back to
-/// the CPU decoder instead of refusing the snapshot).
+/// A sharded snapshot (two ranks) restores through the same call, equal to the CPU
+/// decoder: on flex through the host path, on wgpu on the device, one chain per rank.
 #[test]
 fn a_sharded_snapshot_restores_onto_the_device() {
     let dir = tempfile::tempdir().unwrap();
@@ -409,14 +408,17 @@ fn a_sharded_snapshot_restores_onto_the_device() {
         .commit_sharded("s", id, "sharded", 2, std::time::Duration::from_secs(5))
         .unwrap();
     assert_eq!(store.load(id).unwrap().tensors.len(), 2);
-    let mut devices = vec![Device::flex()];
-    devices.extend(wgpu());
-    for device in devices {
+    // The host path (flex) counts a sharded snapshot once; the device path applies each
+    // rank's chain (one file each here).
+    let mut devices = vec![("flex", Device::flex(), 1)];
+    devices.extend(wgpu().map(|d| ("wgpu", d, 2)));
+    for (name, device, files) in devices {
         let snap = DeviceLoader::new(&device)
             .with_verify(true)
             .load(&store, id)
             .unwrap();
         assert_eq!(snap.tensors().len(), 2);
         assert_same_as_cpu(&store, id, &snap);
+        assert_eq!(snap.stats.snapshots, files, "{name}");
     }
 }

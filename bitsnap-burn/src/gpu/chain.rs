@@ -1,75 +1,53 @@
-//! The snapshot chain a device restore applies: the one place where the GPU loader reads
-//! snapshot files and checks that they fit together.
+//! The snapshot chains a device restore applies, as bitsnap-core's checked chain reader
+//! ([`Store::restore_chains`]) gives them.
 //!
-//! [`Chain::open`] opens every snapshot from the full one at the root to the target and
-//! checks each link (a delta names its predecessor by id and state hash); while the
-//! payloads are applied, [`fits`] checks that each delta's base tensor has
-//! the dtype and shape the delta was encoded against, as the CPU decoder does. Errors
-//! name the real snapshot file. Everything else of the loader only uploads and runs
-//! kernels, so switching to a chain reader of bitsnap-core is a change of this file.
+//! Core opens every snapshot from the full one at the root to the target and checks each
+//! link before anything is decoded: the base id and state hash of every delta, that every
+//! delta-coded tensor has a base tensor of the same name, dtype and shape, the attempt
+//! nonce of shards and the decode budget; its errors name the real snapshot file. A
+//! sharded snapshot is one chain per rank. While the payloads are applied, [`fits`] checks
+//! the tensors resident on the device once more against what each delta was encoded
+//! against. Everything else of the loader only uploads and runs kernels.
 
 use std::collections::HashMap;
 
 use bitsnap_core::format::{Entry, Header, SnapshotFile};
-use bitsnap_core::{DType, Store};
-use rayon::prelude::*;
+use bitsnap_core::{DType, RestoreChain, Store};
 
 use crate::Error;
 
-/// The snapshots of one chain, root first, opened and checked link by link.
+/// The snapshots of one chain (one rank's, for a sharded snapshot), root first, opened
+/// and checked by core.
 pub(super) struct Chain {
-    files: Vec<SnapshotFile>,
+    inner: RestoreChain,
 }
 
 impl Chain {
-    /// Opens the chain of snapshot `id`. `None` when a snapshot of the chain is sharded:
-    /// this reader only knows single-file snapshots, and the loader then restores through
-    /// the CPU decoder ([`Store::load`]), which reads shards.
-    pub(super) fn open(store: &Store, id: u64) -> Result<Option<Chain>, Error> {
-        if is_sharded(store, id) {
-            return Ok(None);
-        }
-        let ids = store.chain(id)?;
-        if ids.iter().any(|&sid| is_sharded(store, sid)) {
-            return Ok(None);
-        }
-        let files = ids
-            .par_iter()
-            .map(|&sid| store.open_file(sid))
-            .collect::<Result<Vec<_>, _>>()?;
-        if let Some(root) = files.first()
-            && let Some(b) = root.header.base
-        {
-            return Err(bitsnap_core::Error::MissingBase {
-                file: root.path.clone(),
-                base_id: b.id,
-                reason: "was not provided".into(),
-            }
-            .into());
-        }
-        for pair in files.windows(2) {
-            if let [prev, next] = pair {
-                check_link(prev, next)?;
-            }
-        }
-        Ok(Some(Chain { files }))
+    /// Opens the chains of snapshot `id`: one for an unsharded snapshot, one per rank
+    /// (in rank order) for a sharded one.
+    pub(super) fn open(store: &Store, id: u64) -> Result<Vec<Chain>, Error> {
+        Ok(store
+            .restore_chains(id)?
+            .into_iter()
+            .map(|inner| Chain { inner })
+            .collect())
     }
 
     /// The snapshots, root first.
     pub(super) fn files(&self) -> &[SnapshotFile] {
-        &self.files
+        self.inner.files()
     }
 
-    /// The snapshot restored (the chain's last), or `None` for an empty chain.
-    pub(super) fn target(&self) -> Option<&SnapshotFile> {
-        self.files.last()
+    /// The snapshot restored (the chain's last).
+    pub(super) fn target(&self) -> &SnapshotFile {
+        self.inner.target()
     }
 
     /// For each tensor, the index of the snapshot holding its last base-free payload
     /// (dense or codes): what comes before is overwritten, so it need not be read.
     pub(super) fn starts(&self) -> HashMap<&str, usize> {
         let mut start = HashMap::new();
-        for (k, f) in self.files.iter().enumerate() {
+        for (k, f) in self.files().iter().enumerate() {
             for e in &f.header.entries {
                 if !e.codec.needs_base() {
                     start.insert(e.name.as_str(), k);
@@ -77,32 +55,6 @@ impl Chain {
             }
         }
         start
-    }
-}
-
-/// Whether snapshot `id` of `store` is sharded (its chains are per rank).
-pub(super) fn is_sharded(store: &Store, id: u64) -> bool {
-    store.get(id).is_some_and(|s| !s.shards.is_empty())
-}
-
-/// The delta snapshot `next` must have been encoded against `prev` (same id and state
-/// hash). A snapshot without a base needs nothing from `prev`.
-fn check_link(prev: &SnapshotFile, next: &SnapshotFile) -> Result<(), Error> {
-    let (p, n) = (&prev.header, &next.header);
-    match n.base {
-        Some(b) if b.id == p.id && b.state_hash == p.state_hash() => Ok(()),
-        Some(b) => Err(bitsnap_core::Error::MissingBase {
-            file: next.path.clone(),
-            base_id: b.id,
-            reason: format!(
-                "does not match: found snapshot {} with state hash {:016x}, expected {:016x}",
-                p.id,
-                p.state_hash(),
-                b.state_hash
-            ),
-        }
-        .into()),
-        None => Ok(()),
     }
 }
 

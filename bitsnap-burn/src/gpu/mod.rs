@@ -25,13 +25,17 @@
 //!
 //! # What a load checks
 //!
-//! Always, on every path:
+//! Always, on every path (the chain is read and checked by bitsnap-core's
+//! [`Store::restore_chains`], the same reader the CPU decoder uses):
 //! - each snapshot file of the chain: magic, version, trailer, header checksum, header
 //!   fields, payloads tiling the data section, and that it holds the snapshot the
 //!   manifest names;
 //! - each link of the chain: a delta's recorded base (id and state hash, which covers
 //!   every tensor's name, dtype, shape and decoded-data checksum) is the snapshot before
-//!   it; the root has no base;
+//!   it; the root has no base; for a sharded snapshot, each rank's chain, and that its
+//!   shards belong to the committed attempt;
+//! - the decode budget ([`Store::with_decode_budget`]): the decoded size of each snapshot
+//!   and the state it is decoded against, before anything is allocated;
 //! - each payload that is read: its checksum, and that it entropy-decodes to the size of
 //!   its tensor;
 //! - each delta tensor: its base tensor exists with the same dtype and shape (refused
@@ -43,8 +47,8 @@
 //! On the device path ([`Expansion::OnDevice`] on a CubeCL device) the decoded-data
 //! checksum of each restored tensor, which covers what the kernels computed, is checked
 //! only with [`DeviceLoader::with_verify`]: it needs a device-to-host copy of the whole
-//! state. On the host path ([`Expansion::Host`], devices without CubeCL kernels, and
-//! chains holding a sharded snapshot) the CPU decoder checks it for every tensor of
+//! state. On the host path ([`Expansion::Host`] and devices without CubeCL kernels) the
+//! CPU decoder checks it for every tensor of
 //! every snapshot of the chain; `with_verify` then also reads the uploaded tensors back
 //! and compares them with what was uploaded.
 
@@ -73,8 +77,8 @@ use target::{CubeTarget, Resident, Staged};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Expansion {
     /// Upload the compact form and expand it with GPU kernels (falls back to
-    /// [`Expansion::Host`] on devices without CubeCL kernels, such as flex, and for
-    /// chains that hold a sharded snapshot). Default.
+    /// [`Expansion::Host`] on devices without CubeCL kernels, such as flex; a sharded
+    /// snapshot restores rank by rank). Default.
     #[default]
     OnDevice,
     /// Decode the whole chain on the CPU, then upload dense tensors.
@@ -139,13 +143,21 @@ impl DeviceLoader {
             Expansion::OnDevice => CubeTarget::probe(&self.device),
             Expansion::Host => None,
         };
-        let chain = match cube {
-            Some(_) => Chain::open(store, id)?,
-            None => None,
-        };
-        let mut snap = match (cube, chain) {
-            (Some(target), Some(chain)) => self.load_on_device(store, id, &chain, &target)?,
-            _ => self.load_on_host(store, id)?,
+        let mut snap = match cube {
+            Some(target) => {
+                // One chain per rank for a sharded snapshot; each restores its own tensors.
+                let mut parts = Chain::open(store, id)?
+                    .iter()
+                    .map(|chain| self.load_on_device(store, id, chain, &target))
+                    .collect::<Result<Vec<_>, Error>>()?
+                    .into_iter();
+                let mut snap = parts.next().ok_or_else(|| no_chain(store, id))?;
+                for part in parts {
+                    snap.absorb(part);
+                }
+                snap
+            }
+            None => self.load_on_host(store, id)?,
         };
         self.device.sync().map_err(|e| Error::Device {
             operation: "synchronising the device".into(),
@@ -162,7 +174,7 @@ impl DeviceLoader {
         let cube = CubeTarget::probe(&self.device);
         let mut stats = LoadStats {
             // A sharded snapshot has one chain per rank: counted as one snapshot.
-            snapshots: if chain::is_sharded(store, id) {
+            snapshots: if store.get(id).is_some_and(|s| !s.shards.is_empty()) {
                 1
             } else {
                 store.chain(id)?.len()
@@ -284,7 +296,7 @@ impl DeviceLoader {
             Ok(())
         })?;
         stats.cpu_decode = decode_time;
-        let last = chain.target().ok_or_else(|| no_chain(store, id))?;
+        let last = chain.target();
         let header = &last.header;
         // Only the last snapshot's dense bytes count as the restored state.
         stats.dense_bytes = header.raw_bytes();

@@ -194,6 +194,25 @@ pub struct DeviceSnapshot {
 }
 
 impl DeviceSnapshot {
+    /// Takes in the tensors and costs of another rank's part of the same sharded
+    /// snapshot (this part's metadata, rank 0's, stays).
+    pub(super) fn absorb(&mut self, part: DeviceSnapshot) {
+        self.tensors.extend(part.tensors);
+        let (s, p) = (&mut self.stats, part.stats);
+        s.snapshots += p.snapshots;
+        s.upload_bytes += p.upload_bytes;
+        s.dense_bytes += p.dense_bytes;
+        s.cpu_decode += p.cpu_decode;
+        let (f, g) = (&mut s.forms, p.forms);
+        f.dense += g.dense;
+        f.unchanged += g.unchanged;
+        f.xor += g.xor;
+        f.sparse += g.sparse;
+        f.codes += g.codes;
+        f.host += g.host;
+        f.skipped += g.skipped;
+    }
+
     /// The id of the snapshot restored.
     pub fn id(&self) -> u64 {
         self.id
