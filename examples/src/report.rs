@@ -31,7 +31,7 @@ pub struct SnapshotRow {
 impl SnapshotRow {
     /// `raw_bytes / file_bytes`.
     pub fn ratio(&self) -> f64 {
-        self.raw_bytes as f64 / self.file_bytes.max(1) as f64
+        bitsnap_core::fmt::ratio(self.raw_bytes, self.file_bytes)
     }
 }
 
@@ -47,9 +47,9 @@ pub struct Bytes {
 }
 
 impl Bytes {
-    /// `raw / stored` (∞ shows as a large number when nothing was stored).
+    /// `raw / stored` ([`bitsnap_core::fmt::ratio`]: infinite when nothing was stored).
     pub fn ratio(&self) -> f64 {
-        self.raw as f64 / self.stored.max(1) as f64
+        bitsnap_core::fmt::ratio(self.raw, self.stored)
     }
 
     fn add(&mut self, raw: u64, stored: u64) {
@@ -81,7 +81,7 @@ pub struct StoreReport {
 impl StoreReport {
     /// `raw_bytes / disk_bytes`.
     pub fn ratio(&self) -> f64 {
-        self.raw_bytes as f64 / self.disk_bytes.max(1) as f64
+        bitsnap_core::fmt::ratio(self.raw_bytes, self.disk_bytes)
     }
 
     /// Reads every snapshot header of the store in `dir` and stats its files. Takes the

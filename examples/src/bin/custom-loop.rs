@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use bitsnap_burn::{StepSaver, StepSaverConfig};
+use bitsnap_core::fmt::Ratio;
 use bitsnap_examples::report::{StoreReport, human};
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
@@ -161,11 +162,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     println!("largest training-thread stall of a snapshot: {stall:.3} ms");
     let report = StoreReport::read(&dir)?;
     println!(
-        "{} snapshots: {} raw -> {} on disk ({:.2}x)",
+        "{} snapshots: {} raw -> {} on disk ({})",
         report.snapshots.len(),
         human(report.raw_bytes),
         human(report.disk_bytes),
-        report.ratio()
+        Ratio(report.ratio())
     );
     if !same {
         return Err("the restored run's losses differ from the uninterrupted run's".into());

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use bitsnap_burn::BitSnapCheckpointer;
 use bitsnap_core::Policy;
+use bitsnap_core::fmt::Ratio;
 use bitsnap_examples::report::{StoreReport, human};
 use burn::data::dataloader::{DataLoader, DataLoaderBuilder, batcher::Batcher};
 use burn::data::dataset::InMemDataset;
@@ -198,19 +199,19 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let report = StoreReport::read(&store)?;
     for s in &report.snapshots {
         println!(
-            "  {:<17} {:>10} raw -> {:>10} file ({:.2}x){}",
+            "  {:<17} {:>10} raw -> {:>10} file ({}){}",
             format!("{}/{}", s.series, s.name),
             human(s.raw_bytes),
             human(s.file_bytes),
-            s.ratio(),
+            Ratio(s.ratio()),
             if s.full { ", full" } else { "" }
         );
     }
     println!(
-        "store: {} raw -> {} on disk ({:.2}x)",
+        "store: {} raw -> {} on disk ({})",
         human(report.raw_bytes),
         human(report.disk_bytes),
-        report.ratio()
+        Ratio(report.ratio())
     );
     if !same {
         return Err("the resumed run's weights differ from the uninterrupted run's".into());

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::{PolicyChoice, Preset};
 use crate::Error;
 use crate::report::{StoreReport, human};
+use bitsnap_core::fmt::Ratio;
 
 /// How the run came back from a crash.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -192,28 +193,28 @@ impl Summary {
         row(
             "raw → on disk (file sizes)",
             format!(
-                "{} → {} = **{:.2}x**",
+                "{} → {} = **{}**",
                 human(s.raw_bytes),
                 human(s.disk_bytes),
-                s.ratio()
+                Ratio(s.ratio())
             ),
         );
         row(
             "weights (payloads)",
             format!(
-                "{} → {} = {:.2}x",
+                "{} → {} = {}",
                 human(s.weights.raw),
                 human(s.weights.stored),
-                s.weights.ratio()
+                Ratio(s.weights.ratio())
             ),
         );
         row(
             "optimizer moments (payloads)",
             format!(
-                "{} → {} = {:.2}x",
+                "{} → {} = {}",
                 human(s.optimizer.raw),
                 human(s.optimizer.stored),
-                s.optimizer.ratio()
+                Ratio(s.optimizer.ratio())
             ),
         );
         let mix: Vec<String> = s
