@@ -120,10 +120,6 @@ pub enum Error {
         /// Requested size.
         bytes: u64,
     },
-    /// An invalid option or argument. bitsnap-core itself now reports the specific
-    /// variants below; this one is kept for callers that construct it.
-    #[error("{0}")]
-    Config(String),
     /// Something given to bitsnap (a snapshot name, metadata, the number of tensors) is
     /// over a limit of the format; nothing was written.
     #[error("{what} is {value}, above the format's limit of {limit}")]
