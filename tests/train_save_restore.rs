@@ -1,6 +1,10 @@
 //! Train in Burn (flex) → the StepSaver saves a delta chain → the Store verifies it and
-//! decodes it on the CPU bit for bit → the DeviceLoader restores it onto wgpu equal to the
+//! decodes it on the CPU bit for bit → the command line (`bitsnap verify`, `bitsnap
+//! unpack`) agrees → the DeviceLoader restores it onto wgpu equal to the
 //! CPU decode → training resumes from it bit for bit.
+
+use std::ffi::OsString;
+use std::process::ExitCode;
 
 use bitsnap_burn::bridge::{self, RecordKind};
 use bitsnap_burn::gpu::DeviceLoader;
@@ -165,6 +169,29 @@ fn trained_saved_verified_restored_on_cpu_and_gpu_and_resumed_bit_exactly() {
         sorted(cpu.tensors.clone()) == at_resume,
         "CPU decode differs"
     );
+
+    // 2b. The command line agrees: `bitsnap verify` passes, and `bitsnap unpack` writes the
+    //     resume point to a safetensors file holding exactly the decoded tensors.
+    let bitsnap = |args: &[OsString]| {
+        bitsnap_cli::run(std::iter::once(OsString::from("bitsnap")).chain(args.iter().cloned()))
+    };
+    let store_arg = dir.path().as_os_str().to_owned();
+    assert_eq!(
+        bitsnap(&["verify".into(), store_arg.clone()]),
+        ExitCode::SUCCESS
+    );
+    let unpacked = tempfile::tempdir().unwrap();
+    let out = unpacked.path().join("resume.safetensors");
+    let code = bitsnap(&[
+        "unpack".into(),
+        store_arg,
+        format!("step-{RESUME_AT}").into(),
+        "-o".into(),
+        out.clone().into_os_string(),
+    ]);
+    assert_eq!(code, ExitCode::SUCCESS);
+    let (from_file, _) = bitsnap_core::safetensors::read_file(&out, |_| None).unwrap();
+    assert!(sorted(from_file) == at_resume, "unpacked file differs");
 
     // 3. The same snapshot restored onto wgpu, kernels and all, equals the CPU decode.
     match bitsnap_e2e::wgpu() {
