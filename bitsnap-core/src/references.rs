@@ -22,6 +22,9 @@ use crate::codec::{CastOf, CodecId, Encoded};
 use crate::format::{Decision, RefScope, Reference};
 use crate::{DType, Tensor};
 
+/// Header bytes a reference adds to an entry besides the referenced name (extension
+/// record, count, scope, name length; FORMAT.md 2.7), rounded up.
+const REFERENCE_RECORD_BYTES: usize = 16;
 /// Elements sampled to pair a half tensor with an f32 tensor by shape alone.
 const SAMPLE_ELEMS: usize = 256;
 /// Fraction of the sample that must match for a pair found by shape alone.
@@ -157,7 +160,9 @@ pub fn apply(
         let size = trial.payload.len() as u64;
         decision.candidates.insert(0, (trial.codec, size));
         // Lossy encodings stay: a reference is lossless and only replaces lossless ones.
-        if enc.lossy.is_none() && size < enc.payload.len() as u64 {
+        // The reference record costs header bytes: tiny tensors keep their payload.
+        let record = (REFERENCE_RECORD_BYTES + tensors[j].name.len()) as u64;
+        if enc.lossy.is_none() && size + record < enc.payload.len() as u64 {
             *enc = trial;
             refs[i].push(Reference {
                 scope: RefScope::Snapshot,
@@ -270,6 +275,14 @@ mod tests {
         // An exact cast costs the 17-byte header.
         assert_eq!(enc[1].0.payload.len(), 17);
         assert_eq!(enc[1].1.candidates[0], (CodecId::Cast, 17));
+    }
+
+    #[test]
+    fn tiny_copies_keep_their_payload() {
+        // Two equal scalars: 4 bytes of payload are less than the reference record.
+        let (enc, refs) = run(&[f32_tensor("lr.a", &[1e-3]), f32_tensor("lr.b", &[1e-3])]);
+        assert!(refs.iter().all(Vec::is_empty));
+        assert_eq!(enc[1].1.candidates[0], (CodecId::Identical, 0));
     }
 
     #[test]
