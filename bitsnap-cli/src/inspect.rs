@@ -95,6 +95,9 @@ struct TensorJson {
     shape: Vec<u64>,
     role: String,
     codec: &'static str,
+    /// Tensors the payload references (reference codecs): `name` in this snapshot,
+    /// `base:name` in the base.
+    references: Vec<String>,
     raw_bytes: u64,
     stored_bytes: u64,
     ratio: f64,
@@ -133,6 +136,14 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
                 shape: e.shape.clone(),
                 role: e.role.to_string(),
                 codec: e.codec.name(),
+                references: e
+                    .references
+                    .iter()
+                    .map(|r| match r.scope {
+                        bitsnap_core::format::RefScope::Base => format!("base:{}", r.name),
+                        bitsnap_core::format::RefScope::Snapshot => r.name.clone(),
+                    })
+                    .collect(),
                 raw_bytes: e.raw_len(),
                 stored_bytes: e.len,
                 ratio: ratio(e.raw_len(), e.len),
@@ -225,7 +236,11 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
             e.dtype.to_string(),
             format!("[{}]", shape.join(", ")),
             e.role.clone(),
-            e.codec.to_string(),
+            if e.references.is_empty() {
+                e.codec.to_string()
+            } else {
+                format!("{} of {}", e.codec, e.references.join(", "))
+            },
             e.changed_fraction
                 .map_or("-".into(), |f| format!("{:.3}%", f * 100.0)),
             bytes(e.raw_bytes),

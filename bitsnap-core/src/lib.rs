@@ -61,6 +61,7 @@ mod error;
 pub mod fmt;
 pub mod format;
 mod policy;
+pub mod references;
 mod role;
 pub mod safetensors;
 mod store;

@@ -1,8 +1,8 @@
 //! The adaptive policy: per tensor and per save, which codec stores it smallest.
 
 use crate::codec::{
-    self, BitmaskDelta, ClusterQuantizer, Codec, CodecId, EncodeInput, Encoded, Planes, QuantBits,
-    Raw, XorDelta,
+    self, BitmaskDelta, ClusterQuantizer, Codec, CodecId, EncodeInput, Encoded, IntDelta, Planes,
+    QuantBits, Raw, XorDelta,
 };
 use crate::format::Decision;
 use crate::{Error, Tensor};
@@ -92,6 +92,7 @@ impl Policy {
         let mut v: Vec<Box<dyn Codec>> = vec![Box::new(Planes { level: l })];
         if with_base {
             v.push(Box::new(XorDelta { level: l }));
+            v.push(Box::new(IntDelta { level: l }));
             v.push(Box::new(BitmaskDelta { level: l }));
         }
         v
@@ -312,10 +313,11 @@ mod tests {
             .flat_map(|i| ((i as f32).sin() * 0.02 + 1e-6).to_le_bytes())
             .collect();
         let dense = tensor("w", DType::F32, dense_bytes, Role::Weight);
-        assert_eq!(
-            p.encode_tensor(&dense, Some(&base)).unwrap().0.codec,
-            CodecId::XorDelta
-        );
+        // Every element moved by a few ulps: the integer difference beats XOR.
+        let (enc, d) = p.encode_tensor(&dense, Some(&base)).unwrap();
+        assert_eq!(enc.codec, CodecId::IntDelta);
+        let size = |c| d.candidates.iter().find(|x| x.0 == c).map(|x| x.1).unwrap();
+        assert!(size(CodecId::IntDelta) < size(CodecId::XorDelta));
         assert_eq!(
             p.encode_tensor(&dense, None).unwrap().0.codec,
             CodecId::Planes

@@ -211,6 +211,7 @@ fn regression_tiny_payloads_declaring_huge_tensors_are_not_allocated() {
     for (target, id) in [
         ("decode_planes", CodecId::Planes),
         ("decode_xor", CodecId::XorDelta),
+        ("decode_intdelta", CodecId::IntDelta),
         ("decode_bitmask", CodecId::BitmaskDelta),
         ("decode_cluster", CodecId::Cluster),
     ] {
@@ -240,6 +241,8 @@ fn every_target_has_a_smoke_test() {
         "snapshot_header",
         "decode_planes",
         "decode_xor",
+        "decode_intdelta",
+        "decode_reference",
         "decode_bitmask",
         "decode_cluster",
         "manifest",
@@ -267,6 +270,16 @@ fn smoke_decode_planes() {
 #[test]
 fn smoke_decode_xor() {
     smoke("decode_xor");
+}
+
+#[test]
+fn smoke_decode_intdelta() {
+    smoke("decode_intdelta");
+}
+
+#[test]
+fn smoke_decode_reference() {
+    smoke("decode_reference");
 }
 
 #[test]

@@ -36,10 +36,12 @@ pub const MAX_FUZZ_ELEMS: u64 = 1 << 34;
 pub const MAX_FUZZ_BYTES: u64 = 8 << 20;
 
 /// The fuzz targets, by name (the names of `fuzz_targets/*.rs` and `corpus/*`).
-pub const TARGETS: [&str; 7] = [
+pub const TARGETS: [&str; 9] = [
     "snapshot_header",
     "decode_planes",
     "decode_xor",
+    "decode_intdelta",
+    "decode_reference",
     "decode_bitmask",
     "decode_cluster",
     "manifest",
@@ -109,6 +111,10 @@ pub fn decode(codec: CodecId, data: &[u8]) -> Option<Vec<u8>> {
             assert!(into.is_ok(), "decode_into refused what decode accepted");
             assert!(dirty == *out, "decode_into differs from decode");
             match codec::decode_for_device(codec, payload, dtype, numel) {
+                // Integer deltas have no device form: hosts decode them.
+                Err(e) if codec == CodecId::IntDelta => {
+                    assert!(e.reason.contains("no device form"), "{e}")
+                }
                 Ok(form) => match codec::apply_device_form(&form, dtype, numel, base) {
                     Ok(done) => assert!(done == *out, "device form differs from decode"),
                     Err(e) => panic!("a device form of a valid payload is refused: {e}"),
@@ -413,6 +419,8 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
         "snapshot_header" => snapshot_seeds(),
         "decode_planes" => codec_seeds(CodecId::Planes),
         "decode_xor" => codec_seeds(CodecId::XorDelta),
+        "decode_intdelta" => codec_seeds(CodecId::IntDelta),
+        "decode_reference" => reference_seeds(),
         "decode_bitmask" => codec_seeds(CodecId::BitmaskDelta),
         "decode_cluster" => codec_seeds(CodecId::Cluster),
         "manifest" => {
@@ -437,6 +445,12 @@ pub fn run(target: &str, scratch: &Scratch, data: &[u8]) {
         "decode_xor" => {
             let _ = decode(CodecId::XorDelta, data);
         }
+        "decode_intdelta" => {
+            let _ = decode(CodecId::IntDelta, data);
+        }
+        "decode_reference" => {
+            let _ = decode_reference(data);
+        }
         "decode_bitmask" => {
             let _ = decode(CodecId::BitmaskDelta, data);
         }
@@ -447,6 +461,110 @@ pub fn run(target: &str, scratch: &Scratch, data: &[u8]) {
         "safetensors" => scratch.safetensors(data),
         other => panic!("no fuzz target `{other}`"),
     }
+}
+
+/// The reference decoders (`cast`, `identical`) on `data`: a head byte (bit 0: bf16 or
+/// f16; bit 1: `identical` instead of `cast`; high nibble: a shift of the count), a u32
+/// element count, then the payload. The referenced tensor is f32 for a cast, the tensor's
+/// own dtype for `identical`, [`base_bytes`] either way. As in [`decode`], the structure
+/// check runs at any declared size and must refuse before allocating; only tensors
+/// within [`MAX_FUZZ_BYTES`] are decoded.
+pub fn decode_reference(data: &[u8]) -> Option<Vec<u8>> {
+    let (&head, rest) = data.split_first()?;
+    let (count, payload) = rest.split_first_chunk::<4>()?;
+    let dtype = if head & 1 == 0 {
+        DType::BF16
+    } else {
+        DType::F16
+    };
+    let (codec, ref_dtype) = if head & 2 == 0 {
+        (CodecId::Cast, DType::F32)
+    } else {
+        (CodecId::Identical, dtype)
+    };
+    let declared = u64::from(u32::from_le_bytes(*count)) << (head >> 4);
+    let numel = usize::try_from(declared % (MAX_FUZZ_ELEMS + 1)).ok()?;
+    let checked = codec::check(codec, payload, dtype, numel);
+    if let Err(e) = &checked {
+        assert!(e.alloc.is_none(), "the check allocated: {e}");
+        assert!(
+            e.offset <= payload.len(),
+            "error offset {} past the payload",
+            e.offset
+        );
+    }
+    let ref_bytes = numel as u64 * ref_dtype.size() as u64;
+    if ref_bytes > MAX_FUZZ_BYTES {
+        return None;
+    }
+    let reference = base_bytes(ref_bytes as usize);
+    let out = codec::decode_with_reference(codec, payload, dtype, numel, ref_dtype, reference);
+    match (&out, &checked) {
+        (Ok(o), Ok(())) => assert_eq!(o.len(), numel * dtype.size(), "decoded length"),
+        (Ok(_), Err(e)) => panic!("decode accepted what the check refused: {e}"),
+        (Err(e), Err(c)) => assert!(e == c, "decode refused with {e}, the check with {c}"),
+        (Err(e), Ok(())) => assert!(
+            e.offset <= payload.len(),
+            "error offset {} past the payload",
+            e.offset
+        ),
+    }
+    // The codecs do not mix: a reference payload is refused by the plain decoder.
+    assert!(codec::decode(codec, payload, dtype, numel, Some(reference)).is_err());
+    out.ok()
+}
+
+fn reference_seeds() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for (head, numel, every) in [
+        (0u8, 0usize, 1usize),
+        (0, 1, 1),
+        (0, 3000, 37),
+        (1, 5000, 3),
+        (0, 1 << 19, 1000),
+        (1, 700, 1),
+    ] {
+        let dtype = if head & 1 == 0 {
+            DType::BF16
+        } else {
+            DType::F16
+        };
+        let source = base_bytes(numel * 4);
+        // The exact cast: what a payload without exceptions decodes to.
+        let mut empty = vec![codec::cast::CAST_RULE_RNE];
+        empty.extend_from_slice(&[0u8; 16]);
+        let Ok(mut data) =
+            codec::decode_with_reference(CodecId::Cast, &empty, dtype, numel, DType::F32, source)
+        else {
+            continue;
+        };
+        for i in (0..data.len()).step_by(2 * every) {
+            data[i] ^= 0x01;
+        }
+        let Ok(Some(e)) = codec::CastOf::default().encode(dtype, &data, DType::F32, source) else {
+            continue;
+        };
+        let mut seed = vec![head];
+        seed.extend_from_slice(&(numel as u32).to_le_bytes());
+        seed.extend_from_slice(&e.payload);
+        if seed.len() <= 64 << 10 {
+            out.push(seed);
+        }
+    }
+    // `identical`: the empty payload, small and huge.
+    for (head, count, shift) in [(2u8, 1000u32, 0u8), (3, 1 << 30, 4)] {
+        let mut seed = vec![head | (shift << 4)];
+        seed.extend_from_slice(&count.to_le_bytes());
+        out.push(seed);
+    }
+    // A cast declaring a huge tensor with a huge exception count.
+    let mut seed = vec![4 << 4];
+    seed.extend_from_slice(&(1u32 << 30).to_le_bytes());
+    seed.push(codec::cast::CAST_RULE_RNE);
+    seed.extend_from_slice(&(1u64 << 34).to_le_bytes());
+    seed.extend_from_slice(&[0u8; 8]);
+    out.push(seed);
+    out
 }
 
 fn codec_seeds(id: CodecId) -> Vec<Vec<u8>> {
@@ -481,6 +599,7 @@ fn codec_seeds(id: CodecId) -> Vec<Vec<u8>> {
         let encoders: Vec<Box<dyn Codec>> = match id {
             CodecId::Planes => vec![Box::new(codec::Planes::default())],
             CodecId::XorDelta => vec![Box::new(codec::XorDelta::default())],
+            CodecId::IntDelta => vec![Box::new(codec::IntDelta::default())],
             CodecId::BitmaskDelta => vec![Box::new(codec::BitmaskDelta::default())],
             _ => [
                 codec::QuantBits::B4,

@@ -10,6 +10,7 @@ use bitsnap_core::codec::{
     self, BitmaskDelta, Codec, CodecId, EncodeInput, Encoded, Planes, XorDelta,
 };
 use bitsnap_core::fmt::ratio;
+use bitsnap_core::format::Reference;
 use bitsnap_core::{DType, DeltaVerdict, Error, Lossiness, Policy, Role, Tensor};
 
 /// One thing measured: a baseline, a single codec or bitsnap's adaptive policy.
@@ -397,13 +398,15 @@ impl Bench {
             .map(|(s, _)| s.iter().map(|t| (t.name.as_str(), t)).collect())
             .unwrap_or_default();
         let mut accs: BTreeMap<u8, Acc> = BTreeMap::new();
-        let mut encoded = encode_groups(&policy, tensors, groups, &base_map, &mut accs)?;
+        let (mut encoded, mut refs) =
+            encode_groups(&policy, tensors, groups, &base_map, &mut accs)?;
         let mut delta = prev.is_some();
         if delta {
             let verdict = policy.judge_delta(&encoded);
             delta = verdict.full_reason().is_none();
             if verdict == DeltaVerdict::WouldNotPay {
-                encoded = encode_groups(&policy, tensors, groups, &HashMap::new(), &mut accs)?;
+                (encoded, refs) =
+                    encode_groups(&policy, tensors, groups, &HashMap::new(), &mut accs)?;
             }
         }
         let depth = match (delta, prev) {
@@ -411,6 +414,11 @@ impl Bench {
             _ => 0,
         };
         // Decode, timed per group, and check against what the store would keep.
+        let by_name: HashMap<&str, usize> = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
         for (tag, g) in groups {
             let start = Instant::now();
             let decoded: Vec<Vec<u8>> = g
@@ -418,6 +426,26 @@ impl Bench {
                 .map(|&i| {
                     let t = &tensors[i];
                     let (e, _) = &encoded[i];
+                    if e.codec.needs_reference() {
+                        // The referenced tensor is lossless: its decoded bytes are its
+                        // input bytes (checked when it is decoded itself).
+                        let r = refs[i]
+                            .first()
+                            .and_then(|r| by_name.get(r.name.as_str()))
+                            .map(|&j| &tensors[j])
+                            .ok_or_else(|| {
+                                codec_error(Method::Bitsnap, t, "reference not found")
+                            })?;
+                        return codec::decode_with_reference(
+                            e.codec,
+                            &e.payload,
+                            t.dtype,
+                            t.data.len() / t.dtype.size(),
+                            r.dtype,
+                            &r.data,
+                        )
+                        .map_err(|err| codec_error(Method::Bitsnap, t, err));
+                    }
                     let base = base_map
                         .get(t.name.as_str())
                         .filter(|b| b.dtype == t.dtype && b.shape == t.shape)
@@ -596,7 +624,7 @@ fn encode_groups(
     groups: &BTreeMap<u8, Vec<usize>>,
     base_map: &HashMap<&str, &Tensor>,
     accs: &mut BTreeMap<u8, Acc>,
-) -> Result<Vec<EncodedTensor>, Error> {
+) -> Result<(Vec<EncodedTensor>, Vec<Vec<Reference>>), Error> {
     let mut out: Vec<Option<EncodedTensor>> = (0..tensors.len()).map(|_| None).collect();
     for (tag, g) in groups {
         let start = Instant::now();
@@ -611,7 +639,8 @@ fn encode_groups(
             out[i] = Some(e);
         }
     }
-    out.into_iter()
+    let mut encoded = out
+        .into_iter()
         .zip(tensors)
         .map(|(e, t)| {
             e.ok_or_else(|| Error::InvalidTensor {
@@ -619,7 +648,18 @@ fn encode_groups(
                 reason: "was not encoded".into(),
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, Error>>()?;
+    // References to other tensors of the snapshot, as the store finds them; their time
+    // is shared among the dtype groups by raw bytes.
+    let start = Instant::now();
+    let refs = bitsnap_core::references::apply(tensors, &mut encoded, policy.zstd_level, &[]);
+    let secs = start.elapsed().as_secs_f64();
+    let total: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
+    for (tag, g) in groups {
+        let raw: u64 = g.iter().map(|&i| tensors[i].data.len() as u64).sum();
+        accs.entry(*tag).or_default().enc += secs * raw as f64 / total.max(1) as f64;
+    }
+    Ok((encoded, refs))
 }
 
 fn codec_error(m: Method, t: &Tensor, e: impl std::fmt::Display) -> Error {

@@ -6,9 +6,15 @@
 //! | [`Raw`] | yes | no | incompressible data, tiny tensors |
 //! | [`Planes`] | yes | no | first snapshots, tensors without a usable base |
 //! | [`XorDelta`] | yes | yes | tensors where most elements changed |
+//! | [`IntDelta`] | yes | yes | tensors where most elements moved by a few ulps (integer difference) |
 //! | [`BitmaskDelta`] | yes | yes | tensors where few elements changed |
 //! | `Unchanged` | yes | yes | tensors identical to their base (empty payload) |
 //! | [`ClusterQuantizer`] | no | no | optimizer moments under a lossy policy |
+//! | [`CastOf`] (`cast`) | yes | a referenced f32 tensor | bf16/f16 copies of f32 master weights |
+//! | `Identical` | yes | a referenced tensor | tensors bit-identical to another one (empty payload) |
+//!
+//! The last two read another tensor (named by the entry's references, FORMAT.md 2.7):
+//! decode them with [`decode_with_reference`].
 //!
 //! Every codec codes its input in chunks of about [`CHUNK_BYTES`] on all cores, and every
 //! decoder checks each length it reads against the bytes it has and the size it must
@@ -32,10 +38,12 @@
 
 mod alloc;
 pub mod bitmask;
+pub mod cast;
 mod chunks;
 pub mod cluster;
 mod cursor;
 pub mod device;
+mod intdelta;
 pub mod planes;
 mod xor;
 
@@ -43,6 +51,7 @@ use std::cell::RefCell;
 use std::fmt;
 
 pub use bitmask::BitmaskDelta;
+pub use cast::CastOf;
 pub use chunks::{CHUNK_BYTES, MAX_CHUNK_BYTES};
 #[allow(deprecated)]
 pub use cluster::QuantError;
@@ -51,6 +60,7 @@ pub(crate) use cursor::Cursor;
 pub use device::{
     DeviceForm, QuantCodes, RANK_BLOCK, SparseDelta, apply_device_form, decode_for_device,
 };
+pub use intdelta::IntDelta;
 pub use planes::Planes;
 pub use xor::XorDelta;
 
@@ -75,17 +85,26 @@ pub enum CodecId {
     Unchanged = 4,
     /// Cluster (k-means) quantization: codebook plus packed codes. Lossy.
     Cluster = 5,
+    /// Integer difference against the base (wrapping, zigzag), then byte planes.
+    IntDelta = 6,
+    /// Round-to-nearest-even of a referenced f32 tensor, plus exceptions.
+    Cast = 7,
+    /// Bit-identical to a referenced tensor of the same dtype and shape; no payload.
+    Identical = 8,
 }
 
 impl CodecId {
     /// Every codec id.
-    pub const ALL: [CodecId; 6] = [
+    pub const ALL: [CodecId; 9] = [
         CodecId::Raw,
         CodecId::Planes,
         CodecId::XorDelta,
         CodecId::BitmaskDelta,
         CodecId::Unchanged,
         CodecId::Cluster,
+        CodecId::IntDelta,
+        CodecId::Cast,
+        CodecId::Identical,
     ];
 
     /// The on-disk tag.
@@ -102,8 +121,14 @@ impl CodecId {
     pub const fn needs_base(self) -> bool {
         matches!(
             self,
-            CodecId::XorDelta | CodecId::BitmaskDelta | CodecId::Unchanged
+            CodecId::XorDelta | CodecId::BitmaskDelta | CodecId::Unchanged | CodecId::IntDelta
         )
+    }
+
+    /// Whether decoding reads a referenced tensor (the entry's single reference) instead
+    /// of, or besides, the base: decode with [`decode_with_reference`].
+    pub const fn needs_reference(self) -> bool {
+        matches!(self, CodecId::Cast | CodecId::Identical)
     }
 
     /// Whether decoding reproduces the input bit for bit.
@@ -111,7 +136,8 @@ impl CodecId {
         !matches!(self, CodecId::Cluster)
     }
 
-    /// Short name (`raw`, `planes`, `xor`, `bitmask`, `unchanged`, `cluster`).
+    /// Short name (`raw`, `planes`, `xor`, `bitmask`, `unchanged`, `cluster`, `intdelta`,
+    /// `cast`, `identical`).
     pub const fn name(self) -> &'static str {
         match self {
             CodecId::Raw => "raw",
@@ -120,6 +146,9 @@ impl CodecId {
             CodecId::BitmaskDelta => "bitmask",
             CodecId::Unchanged => "unchanged",
             CodecId::Cluster => "cluster",
+            CodecId::IntDelta => "intdelta",
+            CodecId::Cast => "cast",
+            CodecId::Identical => "identical",
         }
     }
 }
@@ -310,7 +339,15 @@ fn precheck(
         CodecId::Unchanged if !payload.is_empty() => {
             Err(CodecError::new(0, "unchanged tensor with a payload"))
         }
-        CodecId::Planes | CodecId::XorDelta => {
+        CodecId::Identical if !payload.is_empty() => {
+            Err(CodecError::new(0, "identical tensor with a payload"))
+        }
+        CodecId::Cast if !cast::applies(dtype, DType::F32) => Err(CodecError::new(
+            0,
+            format!("a {dtype} tensor cannot be a cast of an f32 tensor"),
+        )),
+        CodecId::Cast => cast::check(payload, numel),
+        CodecId::Planes | CodecId::XorDelta | CodecId::IntDelta => {
             let w = dtype.size();
             chunks::parse(&mut Cursor::new(payload), numel)?
                 .iter()
@@ -365,6 +402,7 @@ pub fn decode_into(
         }
         (CodecId::Planes, _) => planes::decode_into(payload, dtype.size(), out),
         (CodecId::XorDelta, Some(base)) => xor::decode_into(payload, dtype.size(), base, out),
+        (CodecId::IntDelta, Some(base)) => intdelta::decode_into(payload, dtype.size(), base, out),
         (CodecId::BitmaskDelta, Some(base)) => {
             bitmask::decode_into(payload, dtype.size(), base, out)
         }
@@ -376,7 +414,69 @@ pub fn decode_into(
             Ok(())
         }
         (CodecId::Cluster, _) => cluster::decode_into(payload, dtype, out),
+        (CodecId::Cast | CodecId::Identical, _) => Err(CodecError::new(
+            0,
+            format!("a {codec} payload needs its referenced tensor: decode_with_reference"),
+        )),
         (_, None) => Err(CodecError::new(0, "delta payload without a base")),
+    }
+}
+
+/// Decodes a payload of a reference codec ([`CodecId::needs_reference`]) for `numel`
+/// elements of `dtype`, given the referenced tensor's decoded bytes (`reference`, of
+/// `reference_dtype`, the same element count). A reference of the wrong dtype or size,
+/// or exceptions that do not fit, are errors.
+///
+/// ```
+/// use bitsnap_core::codec::{self, CodecId};
+/// use bitsnap_core::DType;
+/// let x = vec![7u8; 64];
+/// assert_eq!(codec::decode_with_reference(CodecId::Identical, &[], DType::F32, 16, DType::F32, &x).unwrap(), x);
+/// let err = codec::decode_with_reference(CodecId::Identical, &[], DType::F32, 16, DType::I32, &x).unwrap_err();
+/// assert!(err.reason.contains("is i32, an identical one must be f32"), "{err}");
+/// ```
+pub fn decode_with_reference(
+    codec: CodecId,
+    payload: &[u8],
+    dtype: DType,
+    numel: usize,
+    reference_dtype: DType,
+    reference: &[u8],
+) -> Result<Vec<u8>, CodecError> {
+    let len = numel
+        .checked_mul(dtype.size())
+        .ok_or_else(|| CodecError::new(0, "tensor size overflows"))?;
+    check(codec, payload, dtype, numel)?;
+    let ref_len = numel.checked_mul(reference_dtype.size());
+    match codec {
+        CodecId::Identical | CodecId::Cast if ref_len != Some(reference.len()) => {
+            Err(CodecError::new(
+                0,
+                format!(
+                    "referenced tensor has {} bytes, {} elements of {reference_dtype} expected",
+                    reference.len(),
+                    numel
+                ),
+            ))
+        }
+        CodecId::Identical if reference_dtype != dtype => Err(CodecError::new(
+            0,
+            format!("the referenced tensor is {reference_dtype}, an identical one must be {dtype}"),
+        )),
+        CodecId::Identical => {
+            let mut out = alloc::with_capacity(len, "the decoded tensor")?;
+            out.extend_from_slice(reference);
+            Ok(out)
+        }
+        CodecId::Cast => {
+            let mut out = alloc::zeroed(len, "the decoded tensor")?;
+            cast::decode_into(payload, dtype, reference_dtype, reference, &mut out)?;
+            Ok(out)
+        }
+        _ => Err(CodecError::new(
+            0,
+            format!("{codec} does not read a referenced tensor"),
+        )),
     }
 }
 
@@ -599,10 +699,11 @@ mod tests {
                 data: &data,
                 base: Some(&data),
             };
-            let encoders: [&dyn Codec; 5] = [
+            let encoders: [&dyn Codec; 6] = [
                 &Raw,
                 &Planes::default(),
                 &XorDelta::default(),
+                &IntDelta::default(),
                 &BitmaskDelta::default(),
                 &ClusterQuantizer::default(),
             ];

@@ -283,6 +283,22 @@ impl Header {
         let index: HashMap<&str, &Entry> =
             self.entries.iter().map(|e| (e.name.as_str(), e)).collect();
         for (i, e) in self.entries.iter().enumerate() {
+            // Reference codecs read exactly one tensor; a cast reads an f32 one.
+            if e.codec.needs_reference() && e.references.len() != 1 {
+                return Err((
+                    i,
+                    format!(
+                        "a {} payload needs exactly one reference, it has {}",
+                        e.codec,
+                        e.references.len()
+                    ),
+                ));
+            }
+            let want_dtype = if e.codec == CodecId::Cast {
+                DType::F32
+            } else {
+                e.dtype
+            };
             for r in &e.references {
                 if r.scope == RefScope::Base {
                     if self.base.is_none() {
@@ -308,12 +324,12 @@ impl Header {
                 if t.name == e.name {
                     return Err((i, "references itself".into()));
                 }
-                if t.dtype != e.dtype || t.shape != e.shape {
+                if t.dtype != want_dtype || t.shape != e.shape {
                     return Err((
                         i,
                         format!(
-                            "references tensor `{}` of dtype {} and shape {:?}; this one is {} {:?}",
-                            r.name, t.dtype, t.shape, e.dtype, e.shape
+                            "references tensor `{}` of dtype {} and shape {:?}; {} {:?} expected",
+                            r.name, t.dtype, t.shape, want_dtype, e.shape
                         ),
                     ));
                 }
@@ -670,6 +686,85 @@ mod tests {
         other_shape.shape = vec![5];
         let shape = one(vec![entry("a", &[(RefScope::Snapshot, "b")]), other_shape]);
         assert_eq!(reason(parse(&shape)).0.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn reference_codecs_need_one_reference_of_the_right_dtype() {
+        let one = |entries: Vec<Entry>| Header {
+            entries,
+            ..Header::default()
+        };
+        let with = |name: &str, dtype, codec, refs: &[(RefScope, &str)]| Entry {
+            dtype,
+            codec,
+            ..entry(name, refs)
+        };
+        let master = entry("master", &[]);
+        // A bf16 cast of an f32 tensor, and a bf16 copy of the cast: fine, cast first.
+        let good = one(vec![
+            with(
+                "copy",
+                DType::BF16,
+                CodecId::Identical,
+                &[(RefScope::Snapshot, "half")],
+            ),
+            with(
+                "half",
+                DType::BF16,
+                CodecId::Cast,
+                &[(RefScope::Snapshot, "master")],
+            ),
+            master.clone(),
+        ]);
+        assert_eq!(parse(&good).unwrap().decode_order(), vec![2, 1, 0]);
+        // A cast of a bf16 tensor, an identical f32 copy of a bf16 tensor: wrong dtype.
+        let half = with("half", DType::BF16, CodecId::Planes, &[]);
+        let bad_cast = one(vec![
+            with(
+                "x",
+                DType::BF16,
+                CodecId::Cast,
+                &[(RefScope::Snapshot, "half")],
+            ),
+            half.clone(),
+        ]);
+        let (tensor, why) = reason(parse(&bad_cast));
+        assert_eq!(tensor.as_deref(), Some("x"));
+        assert!(
+            why.contains("dtype bf16") && why.contains("f32 [4] expected"),
+            "{why}"
+        );
+        let bad_copy = one(vec![
+            with(
+                "x",
+                DType::F32,
+                CodecId::Identical,
+                &[(RefScope::Snapshot, "half")],
+            ),
+            half,
+        ]);
+        assert!(reason(parse(&bad_copy)).1.contains("f32 [4] expected"));
+        // No reference, two references.
+        let none = one(vec![
+            with("x", DType::BF16, CodecId::Cast, &[]),
+            master.clone(),
+        ]);
+        assert!(
+            reason(parse(&none))
+                .1
+                .contains("exactly one reference, it has 0")
+        );
+        let two = one(vec![
+            with(
+                "x",
+                DType::F32,
+                CodecId::Identical,
+                &[(RefScope::Snapshot, "master"), (RefScope::Snapshot, "m2")],
+            ),
+            master,
+            entry("m2", &[]),
+        ]);
+        assert!(reason(parse(&two)).1.contains("it has 2"));
     }
 
     #[test]

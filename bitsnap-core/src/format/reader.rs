@@ -162,6 +162,46 @@ impl SnapshotFile {
         Ok(out)
     }
 
+    /// Decodes `entry`, whose codec reads a referenced tensor
+    /// ([`CodecId::needs_reference`](crate::codec::CodecId::needs_reference)), given that
+    /// tensor's decoded dtype and bytes (`None`: it could not be found, an error naming
+    /// the tensor). The decoded data is checksum-verified.
+    pub fn decode_referenced(
+        &self,
+        entry: &Entry,
+        reference: Option<(crate::DType, &[u8])>,
+    ) -> Result<Vec<u8>, Error> {
+        let payload = self.payload(entry)?;
+        let numel = self.numel(entry)?;
+        let Some((ref_dtype, reference)) = reference else {
+            let name = entry
+                .references
+                .first()
+                .map_or("(none)", |r| r.name.as_str());
+            return Err(self.malformed(
+                entry,
+                CodecError::new(
+                    0,
+                    format!(
+                        "the tensor `{name}` its {} payload references is missing",
+                        entry.codec
+                    ),
+                ),
+            ));
+        };
+        let out = crate::codec::decode_with_reference(
+            entry.codec,
+            payload,
+            entry.dtype,
+            numel,
+            ref_dtype,
+            reference,
+        )
+        .map_err(|e| self.malformed(entry, e))?;
+        self.check_hash(entry, "decoded data", entry.raw_hash, &out)?;
+        Ok(out)
+    }
+
     /// Entropy-decodes `entry` into the form a device finishes next to its base (see
     /// [`crate::codec::device`]). The payload checksum is verified; the decoded-data
     /// checksum can only be checked on the finished tensor

@@ -6,6 +6,7 @@ use super::load::{LinkBase, check_link, decode_file};
 use super::save::EncodedTensor;
 use super::{SnapshotInfo, Store};
 use crate::codec::{CodecId, Encoded};
+use crate::format::Reference;
 use crate::{Error, Policy, Tensor};
 
 impl Store {
@@ -51,13 +52,13 @@ impl Store {
                 lossiness: crate::Lossiness::Lossless,
                 ..self.policy
             };
-            let mut items: Vec<(Tensor, EncodedTensor)> =
+            let mut items: Vec<(Tensor, EncodedTensor, Vec<Reference>)> =
                 Vec::with_capacity(file.header.entries.len());
             for (entry, t) in file.header.entries.iter().zip(dep_state.iter()) {
                 if entry.codec.needs_base() {
                     let encoded =
                         lossless.encode_tensor(t, base_map.get(t.name.as_str()).copied())?;
-                    items.push((t.clone(), encoded));
+                    items.push((t.clone(), encoded, Vec::new()));
                 } else {
                     let payload = file.payload(entry)?.to_vec();
                     let lossy = (entry.codec == CodecId::Cluster)
@@ -72,10 +73,12 @@ impl Store {
                             },
                             entry.decision.clone(),
                         ),
+                        // Reference payloads keep their references.
+                        entry.references.clone(),
                     ));
                 }
             }
-            let uses_base = items.iter().any(|(_, (e, _))| e.codec.needs_base());
+            let uses_base = items.iter().any(|(_, (e, _), _)| e.codec.needs_base());
             let base = new_base
                 .as_ref()
                 .filter(|_| uses_base)
@@ -88,7 +91,7 @@ impl Store {
                 base,
                 0,
                 file.header.metadata.clone(),
-                items.iter().map(|(t, (e, d))| (t, e, d)),
+                items.iter().map(|(t, (e, d), r)| (t, e, d, r.as_slice())),
             )?;
             if header.state_hash() != dep.state_hash {
                 return Err(Error::Checksum {

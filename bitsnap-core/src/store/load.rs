@@ -261,35 +261,80 @@ pub(crate) fn decode_file(
         (Some(_), Some(state)) => state.iter().map(|t| (t.name.as_str(), t)).collect(),
         _ => HashMap::new(),
     };
-    // No codec of this build reads the tensors its payload references; decoding follows
-    // the reference order all the same, so codecs that do will find them decoded.
-    let order = header.decode_order();
-    let decoded: Vec<(usize, Tensor)> = order
-        .par_iter()
-        .map(|&i| {
-            let e = &header.entries[i];
-            let base = base_map
-                .get(e.name.as_str())
-                .filter(|b| b.dtype == e.dtype && b.shape == e.shape)
-                .map(|b| b.data.as_slice());
-            let data = file.decode(e, base)?;
-            Ok((
-                i,
-                Tensor {
-                    name: e.name.clone(),
-                    dtype: e.dtype,
-                    shape: e.shape.clone(),
-                    role: e.role,
-                    data,
-                },
-            ))
-        })
-        .collect::<Result<_, Error>>()?;
+    let index: HashMap<&str, usize> = header
+        .entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.name.as_str(), i))
+        .collect();
     let mut out: Vec<Option<Tensor>> = (0..header.entries.len()).map(|_| None).collect();
-    for (i, t) in decoded {
-        if let Some(slot) = out.get_mut(i) {
-            *slot = Some(t);
+    // In waves, in decoding order (FORMAT.md 2.7): each wave decodes, in parallel, the
+    // entries whose same-snapshot references are decoded.
+    let mut pending = header.decode_order();
+    while !pending.is_empty() {
+        let ready_now = |i: &usize| {
+            header.entries[*i].references.iter().all(|r| {
+                r.scope == RefScope::Base
+                    || index
+                        .get(r.name.as_str())
+                        .is_some_and(|&j| out.get(j).is_some_and(Option::is_some))
+            })
+        };
+        let (ready, rest): (Vec<usize>, Vec<usize>) = pending.iter().partition(|i| ready_now(i));
+        if ready.is_empty() {
+            // Parsed headers have no cycles and no dangling references; decode what is
+            // left one by one, so that the error names the tensor.
+            let e = &header.entries[rest[0]];
+            file.decode_referenced(e, None)?;
+            return Err(Error::Malformed {
+                file: file.path.clone(),
+                tensor: Some(e.name.clone()),
+                what: "header",
+                offset: 0,
+                reason: "references that cannot be resolved".into(),
+            });
         }
+        let decoded: Vec<(usize, Tensor)> = ready
+            .par_iter()
+            .map(|&i| {
+                let e = &header.entries[i];
+                let data = if e.codec.needs_reference() {
+                    let reference = e.references.first().and_then(|r| match r.scope {
+                        RefScope::Base => base_map
+                            .get(r.name.as_str())
+                            .map(|t| (t.dtype, t.data.as_slice())),
+                        RefScope::Snapshot => index
+                            .get(r.name.as_str())
+                            .and_then(|&j| out.get(j))
+                            .and_then(Option::as_ref)
+                            .map(|t| (t.dtype, t.data.as_slice())),
+                    });
+                    file.decode_referenced(e, reference)?
+                } else {
+                    let base = base_map
+                        .get(e.name.as_str())
+                        .filter(|b| b.dtype == e.dtype && b.shape == e.shape)
+                        .map(|b| b.data.as_slice());
+                    file.decode(e, base)?
+                };
+                Ok((
+                    i,
+                    Tensor {
+                        name: e.name.clone(),
+                        dtype: e.dtype,
+                        shape: e.shape.clone(),
+                        role: e.role,
+                        data,
+                    },
+                ))
+            })
+            .collect::<Result<_, Error>>()?;
+        for (i, t) in decoded {
+            if let Some(slot) = out.get_mut(i) {
+                *slot = Some(t);
+            }
+        }
+        pending = rest;
     }
     Ok(out.into_iter().flatten().collect())
 }

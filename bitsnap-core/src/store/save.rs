@@ -10,7 +10,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::manifest::MANIFEST_FILE;
 use super::{Cached, SaveReport, SnapshotInfo, Store};
 use crate::codec::Encoded;
-use crate::format::{BaseRef, Decision, Entry, Header, SnapshotWriter};
+use crate::format::{BaseRef, Decision, Entry, Header, Reference, SnapshotWriter};
 use crate::policy::DeltaVerdict;
 use crate::{Error, Policy, Tensor};
 
@@ -204,6 +204,7 @@ impl Store {
     ) -> Result<Written, Error> {
         let Encoding {
             tensors: encoded,
+            references,
             base,
             full_reason,
         } = encode_against(&self.policy, &tensors, plan.base)?;
@@ -217,7 +218,8 @@ impl Store {
             tensors
                 .iter()
                 .zip(encoded.iter())
-                .map(|(t, (e, d))| (t, e, d)),
+                .zip(references.iter())
+                .map(|((t, (e, d)), r)| (t, e, d, r.as_slice())),
         )?;
         let mut state = tensors;
         for (t, (e, _)) in state.iter_mut().zip(encoded) {
@@ -348,14 +350,14 @@ impl Store {
         base: Option<BaseRef>,
         attempt: u64,
         metadata: Vec<(String, String)>,
-        items: impl Iterator<Item = (&'a Tensor, &'a Encoded, &'a Decision)>,
+        items: impl Iterator<Item = (&'a Tensor, &'a Encoded, &'a Decision, &'a [Reference])>,
     ) -> Result<(Header, u64), Error> {
         let path = self.backend.path_of(file);
         let out = self.backend.create(file)?;
         let mut w = SnapshotWriter::new(out, &path, id, name, base)?;
         w.set_attempt(attempt);
         w.set_metadata(metadata);
-        for (t, e, d) in items {
+        for (t, e, d, references) in items {
             let raw_hash = xxh3_64(e.lossy.as_ref().map_or(&t.data, |l| &l.0));
             let entry = Entry {
                 name: t.name.clone(),
@@ -368,7 +370,7 @@ impl Store {
                 payload_hash: 0,
                 raw_hash,
                 decision: d.clone(),
-                references: Vec::new(),
+                references: references.to_vec(),
             };
             w.push(entry, &e.payload)?;
         }
@@ -382,6 +384,8 @@ impl Store {
 pub(crate) struct Encoding {
     /// Per tensor, in order.
     pub(crate) tensors: Vec<EncodedTensor>,
+    /// Per tensor, the tensors its payload references (reference codecs).
+    pub(crate) references: Vec<Vec<Reference>>,
     /// The base they were encoded against (`None`: a full snapshot).
     pub(crate) base: Option<BaseRef>,
     /// Why the snapshot is full, if it is.
@@ -395,8 +399,10 @@ pub(crate) fn encode_against(
     base: Result<BaseState, FullReason>,
 ) -> Result<Encoding, Error> {
     let full = |reason| -> Result<Encoding, Error> {
+        let (encoded, references) = encode_all(policy, tensors, &HashMap::new())?;
         Ok(Encoding {
-            tensors: encode_all(policy, tensors, &HashMap::new())?,
+            tensors: encoded,
+            references,
             base: None,
             full_reason: Some(reason),
         })
@@ -405,11 +411,12 @@ pub(crate) fn encode_against(
         Err(reason) => return full(reason),
         Ok(b) => b,
     };
-    let encoded = encode_all(policy, tensors, &base.by_name())?;
+    let (encoded, references) = encode_all(policy, tensors, &base.by_name())?;
     let verdict = policy.judge_delta(&encoded);
     match FullReason::from_verdict(verdict) {
         None => Ok(Encoding {
             tensors: encoded,
+            references,
             base: Some(base.base_ref()),
             full_reason: None,
         }),
@@ -418,21 +425,27 @@ pub(crate) fn encode_against(
         // No tensor used a delta codec: already full.
         Some(reason) => Ok(Encoding {
             tensors: encoded,
+            references,
             base: None,
             full_reason: Some(reason),
         }),
     }
 }
 
+/// Encodes each tensor with the policy, then replaces encodings that a reference to
+/// another tensor of the snapshot beats ([`crate::references`]); returns the encodings
+/// and each tensor's references.
 pub(crate) fn encode_all(
     policy: &Policy,
     tensors: &[Tensor],
     base: &HashMap<&str, &Tensor>,
-) -> Result<Vec<EncodedTensor>, Error> {
-    tensors
+) -> Result<(Vec<EncodedTensor>, Vec<Vec<Reference>>), Error> {
+    let mut encoded = tensors
         .par_iter()
         .map(|t| policy.encode_tensor(t, base.get(t.name.as_str()).copied()))
-        .collect()
+        .collect::<Result<Vec<_>, Error>>()?;
+    let references = crate::references::apply(tensors, &mut encoded, policy.zstd_level, &[]);
+    Ok((encoded, references))
 }
 
 pub(crate) fn validate_metadata(metadata: &[(String, String)]) -> Result<(), Error> {
