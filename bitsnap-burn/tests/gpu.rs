@@ -89,7 +89,8 @@ fn tensor(name: &str, dtype: DType, role: Role, data: Vec<u8>) -> Tensor {
 fn chain(dir: &std::path::Path, bits: QuantBits) -> (Store, Vec<u64>) {
     let policy = Policy::default()
         .with_lossiness(Lossiness::LossyOptimizer { bits })
-        .with_min_delta_gain(0.0);
+        .with_min_delta_gain(0.0)
+        .with_device_forms_only(true);
     let mut store = Store::open_or_create(dir, policy).unwrap();
     let w = Role::Weight;
     let m = Role::OptimizerMoment(1);
@@ -191,8 +192,10 @@ fn every_path_matches_the_cpu_decoder_on_wgpu() {
 fn xor_path_matches_on_wgpu() {
     let Some(device) = wgpu() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let mut store =
-        Store::open_or_create(dir.path(), Policy::default().with_min_delta_gain(0.0)).unwrap();
+    let policy = Policy::default()
+        .with_min_delta_gain(0.0)
+        .with_device_forms_only(true);
+    let mut store = Store::open_or_create(dir.path(), policy).unwrap();
     // Every element changes in its lowest bits only: XOR planes win over the mask.
     let base = floats(DType::F32, 70_001, 1);
     let next: Vec<u8> = base
@@ -420,5 +423,61 @@ fn a_sharded_snapshot_restores_onto_the_device() {
         assert_eq!(snap.tensors().len(), 2);
         assert_same_as_cpu(&store, id, &snap);
         assert_eq!(snap.stats.snapshots, files, "{name}");
+    }
+}
+
+/// Payloads without a device form (an integer delta; a bf16 tensor stored as the cast of
+/// its f32 master; a copy of another tensor) restore through the CPU decoder on every
+/// device, equal to it, and `Policy::device_forms_only` keeps them out of a store.
+#[test]
+fn host_only_payloads_restore_through_the_cpu_decoder() {
+    let master = floats(DType::F32, 4096, 11);
+    let half: Vec<u8> = master
+        .chunks_exact(4)
+        .flat_map(|c| {
+            let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            half::bf16::from_f32(x).to_le_bytes()
+        })
+        .collect();
+    // Every element one ulp up: the integer difference is all ones.
+    let moved: Vec<u8> = master
+        .chunks_exact(4)
+        .flat_map(|c| (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) + 1).to_le_bytes())
+        .collect();
+    let state = |m: &[u8]| {
+        vec![
+            tensor("optimizer.master.w", DType::F32, Role::Weight, m.to_vec()),
+            tensor("model.w", DType::BF16, Role::Weight, half.clone()),
+            tensor("copy.w", DType::F32, Role::Other, master.clone()),
+        ]
+    };
+    let mut devices = vec![("flex", Device::flex())];
+    devices.extend(wgpu().map(|d| ("wgpu", d)));
+    for device_only in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = Policy::default()
+            .with_min_delta_gain(0.0)
+            .with_device_forms_only(device_only);
+        let mut store = Store::open_or_create(dir.path(), policy).unwrap();
+        store.save("a", state(&master)).unwrap();
+        let id = store.save("b", state(&moved)).unwrap().info.id;
+        let codecs: Vec<_> = [store.header(id - 1).unwrap(), store.header(id).unwrap()]
+            .iter()
+            .flat_map(|h| h.entries.iter().map(|e| e.codec).collect::<Vec<_>>())
+            .collect();
+        let host_only = codecs.iter().filter(|c| !c.has_device_form()).count();
+        if device_only {
+            assert_eq!(host_only, 0, "{codecs:?}");
+        } else {
+            // The cast and the copy in both snapshots, the integer delta in the second.
+            assert!(host_only >= 3, "{codecs:?}");
+        }
+        for (name, device) in &devices {
+            let snap = DeviceLoader::new(device)
+                .with_verify(true)
+                .load(&store, id)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_same_as_cpu(&store, id, &snap);
+        }
     }
 }

@@ -48,6 +48,11 @@ pub struct Policy {
     pub min_delta_gain: f64,
     /// zstd level for every codec (default 1).
     pub zstd_level: i32,
+    /// Only codecs that bitsnap-burn's GPU loader expands on the device: no integer
+    /// deltas and no references (casts, copies of other tensors), whose payloads decode on
+    /// the host, so a chain holding one restores through the CPU decoder. Default false:
+    /// they make real series 1.5–12% smaller.
+    pub device_forms_only: bool,
 }
 
 impl Default for Policy {
@@ -57,6 +62,7 @@ impl Default for Policy {
             full_every: 8,
             min_delta_gain: 0.05,
             zstd_level: codec::DEFAULT_ZSTD_LEVEL,
+            device_forms_only: false,
         }
     }
 }
@@ -86,13 +92,21 @@ impl Policy {
         self
     }
 
+    /// Sets [`Policy::device_forms_only`].
+    pub fn with_device_forms_only(mut self, only: bool) -> Self {
+        self.device_forms_only = only;
+        self
+    }
+
     /// The lossless codecs considered for a tensor, with or without a base.
     fn lossless(&self, with_base: bool) -> Vec<Box<dyn Codec>> {
         let l = self.zstd_level;
         let mut v: Vec<Box<dyn Codec>> = vec![Box::new(Planes { level: l })];
         if with_base {
             v.push(Box::new(XorDelta { level: l }));
-            v.push(Box::new(IntDelta { level: l }));
+            if !self.device_forms_only {
+                v.push(Box::new(IntDelta { level: l }));
+            }
             v.push(Box::new(BitmaskDelta { level: l }));
         }
         v
@@ -322,6 +336,11 @@ mod tests {
             p.encode_tensor(&dense, None).unwrap().0.codec,
             CodecId::Planes
         );
+        // For the GPU loader: the same tensor without the host-only integer difference.
+        let device = p.with_device_forms_only(true);
+        let (enc, d) = device.encode_tensor(&dense, Some(&base)).unwrap();
+        assert_eq!(enc.codec, CodecId::XorDelta);
+        assert!(d.candidates.iter().all(|c| c.0.has_device_form()));
     }
 
     #[test]

@@ -43,6 +43,14 @@ impl Chain {
         self.inner.target()
     }
 
+    /// Whether a payload of the chain has no device form (it then decodes on the host).
+    pub(super) fn has_host_only_payloads(&self) -> bool {
+        self.files()
+            .iter()
+            .flat_map(|f| &f.header.entries)
+            .any(|e| !e.codec.has_device_form())
+    }
+
     /// For each tensor, the index of the snapshot holding its last base-free payload
     /// (dense or codes): what comes before is overwritten, so it need not be read.
     pub(super) fn starts(&self) -> HashMap<&str, usize> {

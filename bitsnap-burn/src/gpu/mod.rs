@@ -47,7 +47,8 @@
 //! On the device path ([`Expansion::OnDevice`] on a CubeCL device) the decoded-data
 //! checksum of each restored tensor, which covers what the kernels computed, is checked
 //! only with [`DeviceLoader::with_verify`]: it needs a device-to-host copy of the whole
-//! state. On the host path ([`Expansion::Host`] and devices without CubeCL kernels) the
+//! state. On the host path ([`Expansion::Host`], devices without CubeCL kernels, and chains
+//! holding payloads without a device form) the
 //! CPU decoder checks it for every tensor of
 //! every snapshot of the chain; `with_verify` then also reads the uploaded tensors back
 //! and compares them with what was uploaded.
@@ -77,8 +78,10 @@ use target::{CubeTarget, Resident, Staged};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Expansion {
     /// Upload the compact form and expand it with GPU kernels (falls back to
-    /// [`Expansion::Host`] on devices without CubeCL kernels, such as flex; a sharded
-    /// snapshot restores rank by rank). Default.
+    /// [`Expansion::Host`] on devices without CubeCL kernels, such as flex, and for
+    /// chains holding payloads without a device form — integer deltas, casts, copies of
+    /// other tensors; [`bitsnap_core::Policy::device_forms_only`] keeps them out; a
+    /// sharded snapshot restores rank by rank). Default.
     #[default]
     OnDevice,
     /// Decode the whole chain on the CPU, then upload dense tensors.
@@ -143,10 +146,17 @@ impl DeviceLoader {
             Expansion::OnDevice => CubeTarget::probe(&self.device),
             Expansion::Host => None,
         };
+        let chains = match cube {
+            Some(_) => Chain::open(store, id)?,
+            None => Vec::new(),
+        };
+        // Payloads without a device form (integer deltas, casts and copies of other
+        // tensors) decode on the host: a chain holding one restores through the CPU decoder.
+        let host_only = chains.iter().any(Chain::has_host_only_payloads);
         let mut snap = match cube {
-            Some(target) => {
+            Some(target) if !host_only => {
                 // One chain per rank for a sharded snapshot; each restores its own tensors.
-                let mut parts = Chain::open(store, id)?
+                let mut parts = chains
                     .iter()
                     .map(|chain| self.load_on_device(store, id, chain, &target))
                     .collect::<Result<Vec<_>, Error>>()?
@@ -157,7 +167,7 @@ impl DeviceLoader {
                 }
                 snap
             }
-            None => self.load_on_host(store, id)?,
+            _ => self.load_on_host(store, id)?,
         };
         self.device.sync().map_err(|e| Error::Device {
             operation: "synchronising the device".into(),

@@ -131,6 +131,12 @@ impl CodecId {
         matches!(self, CodecId::Cast | CodecId::Identical)
     }
 
+    /// Whether [`decode_for_device`](device::decode_for_device) has a device form for
+    /// this codec's payloads; the others decode on the host.
+    pub const fn has_device_form(self) -> bool {
+        !matches!(self, CodecId::IntDelta | CodecId::Cast | CodecId::Identical)
+    }
+
     /// Whether decoding reproduces the input bit for bit.
     pub const fn is_lossless(self) -> bool {
         !matches!(self, CodecId::Cluster)

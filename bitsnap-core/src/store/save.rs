@@ -444,7 +444,11 @@ pub(crate) fn encode_all(
         .par_iter()
         .map(|t| policy.encode_tensor(t, base.get(t.name.as_str()).copied()))
         .collect::<Result<Vec<_>, Error>>()?;
-    let references = crate::references::apply(tensors, &mut encoded, policy.zstd_level, &[]);
+    let references = if policy.device_forms_only {
+        vec![Vec::new(); encoded.len()]
+    } else {
+        crate::references::apply(tensors, &mut encoded, policy.zstd_level, &[])
+    };
     Ok((encoded, references))
 }
 
