@@ -179,10 +179,8 @@ impl Stage {
                 let f = (peak / lr).min(MAX_LATE_FACTOR);
                 (f, format!("lr {lr:e} below peak {peak:e}: x{f:.3}"))
             }
-            (_, _, Some(lr), Some(_)) if lr == 0.0 => {
-                (MAX_LATE_FACTOR, format!("lr 0: x{MAX_LATE_FACTOR}"))
-            }
-            (_, _, Some(_), Some(_)) => (1.0, "lr at its peak: x1".to_string()),
+            (_, _, Some(0.0), Some(_)) => (MAX_LATE_FACTOR, format!("lr 0: x{MAX_LATE_FACTOR}")),
+            (_, _, Some(_), Some(_)) => (1.0, "lr at or above its peak: x1".to_string()),
             _ => (1.0, "no stage signal: x1".to_string()),
         };
         let budget = (b * factor).min(MAX_BUDGET);
