@@ -485,12 +485,14 @@ mod tests {
                 // heavy-tailed at small n) and 0.101 (first); 8 bits 0.0235 and 0.0056;
                 // 16 bits 1.2e-15 (every value fits the codebook; f64 log/exp rounding).
                 let bound = match (bits, second) {
-                    (QuantBits::B2, true) => 1.0,
-                    (QuantBits::B2, false) => 1.0,
-                    (QuantBits::B3, true) => 1.0,
-                    (QuantBits::B3, false) => 1.0,
-                    (QuantBits::B6, true) => 1.0,
-                    (QuantBits::B6, false) => 1.0,
+                    // 2, 3 and 6 bits, measured over 300 seeds x 4 dtypes, n in
+                    // 101..5000: 0.825 / 0.351, 0.627 / 0.198, 0.087 / 0.022.
+                    (QuantBits::B2, true) => 0.95,
+                    (QuantBits::B2, false) => 0.5,
+                    (QuantBits::B3, true) => 0.8,
+                    (QuantBits::B3, false) => 0.3,
+                    (QuantBits::B6, true) => 0.15,
+                    (QuantBits::B6, false) => 0.04,
                     (QuantBits::B4, true) => 0.5,
                     (QuantBits::B4, false) => 0.2,
                     (QuantBits::B8, true) => 0.05,
@@ -538,36 +540,6 @@ mod tests {
             payload[p] ^= byte | 1;
             let _ = decode(CodecId::Cluster, &payload, DType::F32, 3000, None);
             let _ = decode(CodecId::Cluster, &payload[..p], DType::F32, 3000, None);
-        }
-    }
-
-    #[test]
-    #[ignore]
-    fn measure_widths() {
-        for bits in QuantBits::ALL {
-            for second in [true, false] {
-                let mut worst: f64 = 0.0;
-                for seed in 0..300u64 {
-                    for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
-                        let n = 101 + (seed as usize * 7919) % 4900;
-                        let data = bytes(dtype, &moments(n, second, seed));
-                        let role = if second {
-                            Role::OptimizerMoment(2)
-                        } else {
-                            Role::OptimizerMoment(1)
-                        };
-                        let input = EncodeInput {
-                            dtype,
-                            role,
-                            data: &data,
-                            base: None,
-                        };
-                        let enc = ClusterQuantizer::new(bits).encode(&input).unwrap().unwrap();
-                        worst = worst.max(enc.lossy.unwrap().1.rel_l2);
-                    }
-                }
-                eprintln!("MEASURE {bits:?} second={second} worst={worst}");
-            }
         }
     }
 
