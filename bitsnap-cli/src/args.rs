@@ -1,7 +1,7 @@
 //! The command line's arguments: commands and the encoding options they share.
 
 use bitsnap_core::codec::QuantBits;
-use bitsnap_core::{Lossiness, Policy};
+use bitsnap_core::{ErrorBudget, Lossiness, Policy};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::error::CliError;
@@ -57,7 +57,8 @@ pub enum Command {
 pub enum PolicyKind {
     /// Every tensor restores bit for bit.
     Lossless,
-    /// Optimizer moments may be cluster-quantized (see --bits); everything else lossless.
+    /// Optimizer moments may be stored lossily within an error budget (see --max-error)
+    /// or at a fixed width (see --bits); everything else lossless.
     LossyOptimizer,
 }
 
@@ -67,9 +68,16 @@ pub struct PolicyArgs {
     /// What may be lost.
     #[arg(long, value_enum, default_value_t = PolicyKind::Lossless)]
     pub policy: PolicyKind,
-    /// Bits per quantized optimizer-moment element (with --policy lossy-optimizer) [default: 8].
-    #[arg(long, value_name = "4|8|16", value_parser = parse_bits)]
+    /// Fixed bits per quantized optimizer-moment element (with --policy lossy-optimizer;
+    /// instead of --max-error).
+    #[arg(long, value_name = "2|3|4|6|8|16", value_parser = parse_bits, conflicts_with = "max_error")]
     pub bits: Option<QuantBits>,
+    /// Relative L2 error allowed per optimizer-moment tensor (with --policy
+    /// lossy-optimizer): the cheapest width (2-16 bits), domain (linear or log) or reuse
+    /// of the base snapshot's tensor within it, scaled per save by the stage metadata
+    /// (bitsnap.step, bitsnap.lr, bitsnap.peak_lr, bitsnap.warmup_steps) [default: 0.03].
+    #[arg(long, value_name = "E", value_parser = parse_max_error)]
+    pub max_error: Option<ErrorBudget>,
     /// A full snapshot at least every N snapshots, bounding restore chains to N files.
     #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub full_every: u32,
@@ -84,22 +92,35 @@ fn parse_bits(s: &str) -> Result<QuantBits, String> {
     s.parse::<u32>()
         .ok()
         .and_then(QuantBits::from_bits)
-        .ok_or_else(|| format!("`{s}` is not 4, 8 or 16"))
+        .ok_or_else(|| format!("`{s}` is not 2, 3, 4, 6, 8 or 16"))
+}
+
+fn parse_max_error(s: &str) -> Result<ErrorBudget, String> {
+    s.parse::<f64>()
+        .ok()
+        .and_then(ErrorBudget::new)
+        .ok_or_else(|| format!("`{s}` is not a relative error in (0, 1]"))
 }
 
 impl PolicyArgs {
     /// The policy these options ask for.
     pub fn policy(&self) -> Result<Policy, CliError> {
-        let lossiness = match (self.policy, self.bits) {
-            (PolicyKind::Lossless, Some(_)) => {
+        let lossiness = match (self.policy, self.bits, self.max_error) {
+            (PolicyKind::Lossless, None, None) => Lossiness::Lossless,
+            (PolicyKind::Lossless, _, _) => {
                 return Err(CliError::Usage(
-                    "--bits applies only with --policy lossy-optimizer".into(),
+                    "--bits and --max-error apply only with --policy lossy-optimizer".into(),
                 ));
             }
-            (PolicyKind::Lossless, None) => Lossiness::Lossless,
-            (PolicyKind::LossyOptimizer, bits) => Lossiness::LossyOptimizer {
-                bits: bits.unwrap_or_default(),
+            (PolicyKind::LossyOptimizer, Some(bits), None) => Lossiness::LossyOptimizer { bits },
+            (PolicyKind::LossyOptimizer, None, max_error) => Lossiness::LossyOptimizerBudget {
+                max_error: max_error.unwrap_or_default(),
             },
+            (PolicyKind::LossyOptimizer, Some(_), Some(_)) => {
+                return Err(CliError::Usage(
+                    "--bits and --max-error exclude each other".into(),
+                ));
+            }
         };
         Ok(Policy::default()
             .with_lossiness(lossiness)

@@ -3,7 +3,9 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use bitsnap_core::codec::{ClusterLayout, CodecId};
 use bitsnap_core::fmt::{Ratio, bytes, ratio};
+use bitsnap_core::stage_keys;
 use clap::Args;
 use serde::Serialize;
 
@@ -41,6 +43,14 @@ With --json, prints one JSON object (fields in this order; sizes in bytes):
     changed_fraction  changed / number of elements, or null
     error        null when the tensor restores bit for bit; for a lossy codec an
                  object {rel_l2: ||x - x'||2 / ||x||2, max_abs: max |x - x'|}
+    lossy        null when the tensor restores bit for bit; else an object:
+                   bits    bits per code (2, 3, 4, 6, 8 or 16), or 0 when the base
+                           snapshot's tensor was reused (codec unchanged, within budget)
+                   domain  \"log\", \"linear\" or \"base\" (reused)
+                   budget  the relative L2 allowed (metadata bitsnap.max_error), or
+                           null under a fixed --bits
+                   why     one line: what was chosen and the stage rule behind the
+                           budget (metadata bitsnap.budget_rule)
     candidates   array of {codec, bytes}: the codecs the policy tried and their
                  payload sizes (estimated from samples for tensors over 2 MiB)";
 
@@ -50,7 +60,8 @@ pub fn long_about() -> String {
         "\
 Show, for each tensor of a snapshot: dtype, shape, role, the codec that stores it, the \
 fraction of its elements that changed since the base snapshot, its ratio and, for lossy \
-codecs, the quantization error. Reads the snapshot's header only (no decoding; \
+codecs, the quantization error, the code width and domain, the error budget and why. \
+Reads the snapshot's header (and the head of each quantized payload) only (no decoding; \
 `bitsnap verify` checks the data).
 
 SNAPSHOT is a decimal index into the store's snapshots (0 is the oldest), otherwise a \
@@ -104,7 +115,16 @@ struct TensorJson {
     changed: Option<u64>,
     changed_fraction: Option<f64>,
     error: Option<ErrorJson>,
+    lossy: Option<LossyJson>,
     candidates: Vec<CandidateJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct LossyJson {
+    bits: u32,
+    domain: &'static str,
+    budget: Option<f64>,
+    why: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -125,12 +145,65 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let chosen = choose_snapshot(&store, &args.snapshot)?;
     let info = chosen.info;
     let header = store.header(info.id)?;
+    let meta = |key: &str| {
+        header
+            .metadata
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    };
+    let budget = meta(stage_keys::MAX_ERROR).and_then(|v| v.parse::<f64>().ok());
+    let rule = meta(stage_keys::BUDGET_RULE);
+    // The width and domain of quantized tensors are in their payloads' own headers.
+    let file = match header.entries.iter().any(|e| e.codec == CodecId::Cluster) {
+        true => Some(store.open_file(info.id)?),
+        false => None,
+    };
     let tensors: Vec<TensorJson> = header
         .entries
         .iter()
         .map(|e| {
             let numel = e.numel();
-            TensorJson {
+            let lossy = match (e.codec, &e.decision.error, &file) {
+                (CodecId::Cluster, _, Some(f)) => {
+                    let layout = ClusterLayout::parse(f.payload(e)?, e.dtype).map_err(|c| {
+                        bitsnap_core::Error::Malformed {
+                            file: f.path.clone(),
+                            tensor: Some(e.name.clone()),
+                            what: "payload",
+                            offset: e.offset.saturating_add(c.offset as u64),
+                            reason: c.reason.clone(),
+                        }
+                    })?;
+                    let domain = if layout.log { "log" } else { "linear" };
+                    Some(LossyJson {
+                        bits: layout.bits.bits(),
+                        domain,
+                        budget,
+                        why: match budget {
+                            Some(b) => format!(
+                                "narrowest width within {b} ({domain}, {} entries); {}",
+                                layout.entries,
+                                rule.as_deref().unwrap_or("-")
+                            ),
+                            None => format!("fixed {}-bit codes", layout.bits.bits()),
+                        },
+                    })
+                }
+                (CodecId::Unchanged, Some(d), _) => Some(LossyJson {
+                    bits: 0,
+                    domain: "base",
+                    budget,
+                    why: format!(
+                        "moved {:.2e} since the base, within {}: base reused; {}",
+                        d.rel_l2,
+                        budget.map_or("-".into(), |b| b.to_string()),
+                        rule.as_deref().unwrap_or("-")
+                    ),
+                }),
+                _ => None,
+            };
+            Ok(TensorJson {
                 name: e.name.clone(),
                 dtype: e.dtype.name(),
                 shape: e.shape.clone(),
@@ -157,6 +230,7 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
                     rel_l2: q.rel_l2,
                     max_abs: q.max_abs,
                 }),
+                lossy,
                 candidates: e
                     .decision
                     .candidates
@@ -166,9 +240,9 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
                         bytes: *b,
                     })
                     .collect(),
-            }
+            })
         })
-        .collect();
+        .collect::<Result<_, bitsnap_core::Error>>()?;
     let doc = InspectJson {
         index: chosen.index,
         id: info.id,
@@ -228,6 +302,7 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
         ("stored", Align::Right),
         ("ratio", Align::Right),
         ("error (rel. L2 / max abs.)", Align::Left),
+        ("lossy (bits domain / budget)", Align::Left),
     ]);
     for e in &doc.tensors {
         let shape: Vec<String> = e.shape.iter().map(u64::to_string).collect();
@@ -249,8 +324,23 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
             e.error.as_ref().map_or("-".into(), |q| {
                 format!("{:.2e} / {:.2e}", q.rel_l2, q.max_abs)
             }),
+            e.lossy.as_ref().map_or("-".into(), |l| {
+                format!(
+                    "{} {} / {}",
+                    l.bits,
+                    l.domain,
+                    l.budget.map_or("fixed".into(), |b| b.to_string())
+                )
+            }),
         ]);
     }
     t.write(out)?;
+    if let Some(r) = &rule {
+        writeln!(
+            out,
+            "lossy budget {}: {r}; per tensor the narrowest width (or the base) within it",
+            budget.map_or("-".into(), |b| b.to_string())
+        )?;
+    }
     Ok(())
 }

@@ -63,7 +63,10 @@ pub fn run(args: PackArgs, out: &mut dyn Write) -> Result<(), CliError> {
     // Roles are settled for the whole series before anything is encoded: a lossy pack
     // refuses ambiguous guesses and lists what it will quantize.
     let roles = roles::resolve(&args.policy.roles, &indexes);
-    if matches!(policy.lossiness, Lossiness::LossyOptimizer { .. }) {
+    if matches!(
+        policy.lossiness,
+        Lossiness::LossyOptimizer { .. } | Lossiness::LossyOptimizerBudget { .. }
+    ) {
         roles.check_lossy()?;
     }
     let mut store = match store_url(&args.store) {

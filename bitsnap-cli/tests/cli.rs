@@ -417,6 +417,73 @@ fn lossy_optimizer_pack_reports_moment_errors() {
 }
 
 #[test]
+fn lossy_budget_pack_explains_each_choice() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = write_series(dir.path());
+    for (flags, budget) in [(vec![], 0.03), (vec!["--max-error", "0.1"], 0.1)] {
+        let store = dir.path().join(format!("store-{budget}"));
+        let mut args = vec!["--policy", "lossy-optimizer"];
+        args.extend(flags);
+        pack(&store, &files, &args);
+        let insp = json(bitsnap([
+            OsStr::new("inspect"),
+            store.as_os_str(),
+            OsStr::new("0"),
+            OsStr::new("--json"),
+        ]));
+        assert_eq!(insp["metadata"]["bitsnap.max_error"], budget.to_string());
+        let mut lossy = 0;
+        for x in insp["tensors"].as_array().unwrap() {
+            if x["lossy"].is_null() {
+                assert!(x["error"].is_null(), "{x}");
+                continue;
+            }
+            lossy += 1;
+            assert!(x["role"].as_str().unwrap().starts_with("moment"), "{x}");
+            assert!(x["error"]["rel_l2"].as_f64().unwrap() <= budget, "{x}");
+            assert_eq!(x["lossy"]["budget"].as_f64(), Some(budget), "{x}");
+            let bits = x["lossy"]["bits"].as_u64().unwrap();
+            assert!([2, 3, 4, 6, 8, 16].contains(&bits), "{x}");
+            assert!(
+                x["lossy"]["why"]
+                    .as_str()
+                    .unwrap()
+                    .contains("no stage signal"),
+                "{x}"
+            );
+        }
+        assert_eq!(lossy, 2, "{insp}");
+        let text = ok(bitsnap([
+            OsStr::new("inspect"),
+            store.as_os_str(),
+            OsStr::new("0"),
+        ]));
+        assert!(text.contains(&format!("lossy budget {budget}")), "{text}");
+    }
+    // --bits and --max-error exclude each other; a budget must be in (0, 1].
+    for bad in [
+        vec![
+            "--policy",
+            "lossy-optimizer",
+            "--bits",
+            "8",
+            "--max-error",
+            "0.1",
+        ],
+        vec!["--policy", "lossy-optimizer", "--max-error", "0"],
+        vec!["--policy", "lossy-optimizer", "--max-error", "nan"],
+        vec!["--max-error", "0.1"],
+    ] {
+        let store = dir.path().join("refused");
+        let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
+        let mut args = vec!["pack".to_string(), s(&store), s(&files[0])];
+        args.extend(bad.iter().map(|a| a.to_string()));
+        fails(bitsnap(args.iter().map(String::as_str)), 2);
+        assert!(!store.exists(), "{bad:?}");
+    }
+}
+
+#[test]
 fn role_overrides_apply_first_match() {
     let dir = tempfile::tempdir().unwrap();
     let files = write_series(dir.path());

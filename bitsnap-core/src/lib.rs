@@ -75,7 +75,8 @@ pub use dtype::DType;
 pub use error::Error;
 pub use format::{Decision, Header};
 pub use policy::{
-    DeltaVerdict, EXACT_TRIAL_BYTES, Lossiness, Policy, SAMPLE_WINDOW_BYTES, SAMPLE_WINDOWS,
+    DeltaVerdict, EXACT_TRIAL_BYTES, ErrorBudget, Lossiness, Policy, SAMPLE_WINDOW_BYTES,
+    SAMPLE_WINDOWS, Stage, StageRule, stage_keys,
 };
 pub use role::{Role, RoleGuess};
 pub use shard::{ShardInfo, ShardReport};

@@ -7,6 +7,9 @@ use crate::codec::{
 use crate::format::Decision;
 use crate::{Error, Tensor};
 
+mod budget;
+pub use budget::{ErrorBudget, Stage, StageRule, stage_keys};
+
 /// Tensors up to this size are trial-encoded whole with every candidate; larger ones on a
 /// sample of [`SAMPLE_WINDOWS`] windows of [`SAMPLE_WINDOW_BYTES`].
 pub const EXACT_TRIAL_BYTES: usize = 2 << 20;
@@ -26,6 +29,15 @@ pub enum Lossiness {
     LossyOptimizer {
         /// Bits per code.
         bits: QuantBits,
+    },
+    /// Optimizer moments may be stored lossily within a relative-L2 error budget per
+    /// tensor: the policy picks the smallest of 2, 3, 4, 6, 8 and 16-bit codebooks, log
+    /// domain or linear, and reuse of the base's (decoded) tensor when the moment moved
+    /// less than the budget since then; everything else is lossless. The budget is
+    /// scaled per save by the [`Stage`] rule.
+    LossyOptimizerBudget {
+        /// `‖x − x̂‖₂ / ‖x‖₂` allowed per moment tensor (before the stage rule).
+        max_error: ErrorBudget,
     },
 }
 
@@ -53,6 +65,9 @@ pub struct Policy {
     /// the host, so a chain holding one restores through the CPU decoder. Default false:
     /// they make real series 1.5–12% smaller.
     pub device_forms_only: bool,
+    /// The training stage of the save being encoded (default: unknown), which scales an
+    /// error budget; see [`Policy::staged`].
+    pub stage: Stage,
 }
 
 impl Default for Policy {
@@ -63,6 +78,7 @@ impl Default for Policy {
             min_delta_gain: 0.05,
             zstd_level: codec::DEFAULT_ZSTD_LEVEL,
             device_forms_only: false,
+            stage: Stage::default(),
         }
     }
 }
@@ -84,6 +100,41 @@ impl Policy {
     pub fn with_zstd_level(mut self, level: i32) -> Self {
         self.zstd_level = level;
         self
+    }
+
+    /// Sets [`Policy::stage`].
+    pub fn with_stage(mut self, stage: Stage) -> Self {
+        self.stage = stage;
+        self
+    }
+
+    /// This policy for one save: [`Policy::stage`] read from the save's metadata (the
+    /// [`stage_keys`]), and, under an error budget, the metadata with the applied budget
+    /// and its reason appended ([`stage_keys::MAX_ERROR`], [`stage_keys::BUDGET_RULE`]),
+    /// so that `bitsnap inspect` can explain every choice. Other policies return the
+    /// metadata as it is.
+    ///
+    /// ```
+    /// use bitsnap_core::{ErrorBudget, Lossiness, Policy};
+    /// let p = Policy::default().with_lossiness(Lossiness::LossyOptimizerBudget {
+    ///     max_error: ErrorBudget::DEFAULT,
+    /// });
+    /// let meta = vec![("bitsnap.step".to_string(), "10".to_string()),
+    ///                 ("bitsnap.warmup_steps".to_string(), "100".to_string())];
+    /// let (p, meta) = p.staged(meta);
+    /// assert_eq!(p.stage.step, Some(10));
+    /// assert!(meta.iter().any(|(k, v)| k == "bitsnap.budget_rule" && v.contains("warm-up")));
+    /// ```
+    pub fn staged(&self, mut metadata: Vec<(String, String)>) -> (Policy, Vec<(String, String)>) {
+        let stage = Stage::from_metadata(&metadata);
+        let policy = self.with_stage(stage);
+        if let Lossiness::LossyOptimizerBudget { max_error } = self.lossiness {
+            let rule = stage.rule(max_error);
+            metadata.retain(|(k, _)| k != stage_keys::MAX_ERROR && k != stage_keys::BUDGET_RULE);
+            metadata.push((stage_keys::MAX_ERROR.into(), format!("{}", rule.budget)));
+            metadata.push((stage_keys::BUDGET_RULE.into(), rule.reason));
+        }
+        (policy, metadata)
     }
 
     /// Sets [`Policy::min_delta_gain`].
@@ -181,18 +232,17 @@ impl Policy {
         }
         decision.candidates.push((CodecId::Raw, raw_len));
         // Lossy: cluster-quantize optimizer moments when it beats the best lossless estimate.
+        let lossy_moment = t.role.is_moment() && t.dtype.is_quantizable_float();
         if let Lossiness::LossyOptimizer { bits } = self.lossiness
-            && t.role.is_moment()
-            && t.dtype.is_quantizable_float()
+            && lossy_moment
         {
             let numel = (t.data.len() / w) as u64;
             let est = (numel * bits.bits() as u64).div_ceil(8)
                 + (1u64 << bits.bits()).min(numel) * w as u64;
             if best.as_ref().is_none_or(|b| est < b.0) {
                 let q = ClusterQuantizer {
-                    bits,
                     level: self.zstd_level,
-                    iterations: 12,
+                    ..ClusterQuantizer::new(bits)
                 };
                 if let Some(enc) = q.encode(&input).map_err(wrap)? {
                     decision
@@ -203,6 +253,24 @@ impl Policy {
                         return Ok((enc, decision));
                     }
                 }
+            }
+        }
+        if let Lossiness::LossyOptimizerBudget { max_error } = self.lossiness
+            && lossy_moment
+        {
+            let limit = self.stage.rule(max_error).budget;
+            let lossless = best.as_ref().map_or(raw_len, |b| b.0.min(raw_len));
+            if let Some(enc) = budget::encode_within(
+                &input,
+                base.map(|b| b.data.as_slice()),
+                limit,
+                lossless,
+                self.zstd_level,
+                &mut decision,
+            )
+            .map_err(wrap)?
+            {
+                return Ok((enc, decision));
             }
         }
         let enc = match best {

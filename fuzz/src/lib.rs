@@ -601,14 +601,10 @@ fn codec_seeds(id: CodecId) -> Vec<Vec<u8>> {
             CodecId::XorDelta => vec![Box::new(codec::XorDelta::default())],
             CodecId::IntDelta => vec![Box::new(codec::IntDelta::default())],
             CodecId::BitmaskDelta => vec![Box::new(codec::BitmaskDelta::default())],
-            _ => [
-                codec::QuantBits::B4,
-                codec::QuantBits::B8,
-                codec::QuantBits::B16,
-            ]
-            .into_iter()
-            .map(|b| Box::new(codec::ClusterQuantizer::new(b)) as Box<dyn Codec>)
-            .collect(),
+            _ => codec::QuantBits::ALL
+                .into_iter()
+                .map(|b| Box::new(codec::ClusterQuantizer::new(b)) as Box<dyn Codec>)
+                .collect(),
         };
         for encoder in encoders {
             let Ok(Some(e)) = encoder.encode(&input) else {

@@ -612,6 +612,9 @@ pub fn policy_label(p: &Policy) -> String {
         Lossiness::LossyOptimizer { bits } => {
             format!("lossy-optimizer, {}-bit moments", bits.bits())
         }
+        Lossiness::LossyOptimizerBudget { max_error } => {
+            format!("lossy-optimizer, moments within rel. L2 {max_error}")
+        }
     }
 }
 

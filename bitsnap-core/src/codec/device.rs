@@ -7,7 +7,7 @@
 //! device then expands them ([`DeviceForm`] says how), and the result is bit for bit what
 //! [`super::decode`] returns on the CPU.
 
-use super::{CodecError, CodecId, alloc, bitmask, cluster, xor};
+use super::{CodecError, CodecId, QuantBits, alloc, bitmask, cluster, xor};
 use crate::DType;
 
 /// Elements per rank block of a [`SparseDelta`]: its `block_ranks` hold one running count
@@ -62,8 +62,13 @@ pub struct SparseDelta {
 /// Cluster codes ready for a device: element `i` is codebook entry `codes[i]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantCodes {
-    /// Bits per code: 4, 8 or 16. Codes are packed little-endian (at 4 bits element `2i`
-    /// is the low nibble of byte `i`).
+    /// Bits per code: 2, 4, 8 or 16 from [`decode_for_device`], which widens 3- and
+    /// 6-bit payloads to 4 and 8 bits so that no code straddles a 32-bit word (code `i`
+    /// is then field `i % (32 / bits)` of word `i / (32 / bits)`). In general (and for
+    /// [`apply_device_form`], which takes 3 and 6 as well) codes are one little-endian
+    /// bit stream: code `i` is bits `i·bits .. (i+1)·bits`, stream bit `j` being bit
+    /// `j % 32` of little-endian word `j / 32` (bit `j % 8` of byte `j / 8`); a 3- or
+    /// 6-bit code with `j % 32 + bits > 32` continues in the low bits of the next word.
     pub bits: u32,
     /// The codebook: entries in the tensor's dtype, back to back.
     pub codebook: Vec<u8>,
@@ -130,13 +135,38 @@ pub fn decode_for_device(
         }
         CodecId::Cluster => {
             let c = cluster::decode_codes(payload, dtype, numel)?;
+            // Device kernels read codes that never straddle a 32-bit word: 3- and 6-bit
+            // codes are widened to 4 and 8 bits here (see `QuantCodes::bits`).
+            let (bits, codes) = match c.bits {
+                QuantBits::B3 => (
+                    QuantBits::B4,
+                    widen(&c.packed, c.bits, QuantBits::B4, numel)?,
+                ),
+                QuantBits::B6 => (
+                    QuantBits::B8,
+                    widen(&c.packed, c.bits, QuantBits::B8, numel)?,
+                ),
+                b => (b, c.packed),
+            };
             DeviceForm::Codes(QuantCodes {
-                bits: c.bits.bits(),
+                bits: bits.bits(),
                 codebook: c.codebook,
-                codes: c.packed,
+                codes,
             })
         }
     })
+}
+
+/// `numel` codes packed at `from` bits, repacked at `to` bits (`to` ≥ `from`).
+fn widen(
+    packed: &[u8],
+    from: QuantBits,
+    to: QuantBits,
+    numel: usize,
+) -> Result<Vec<u8>, CodecError> {
+    let mut codes = alloc::with_capacity(numel, "the widened codes")?;
+    codes.extend((0..numel).map(|i| cluster::code_at(packed, from, i) as u16));
+    Ok(cluster::pack_codes(&codes, to))
 }
 
 /// Packs a byte mask into words and counts the set bits before each rank block.
@@ -219,19 +249,17 @@ pub fn apply_device_form(
             let len = numel
                 .checked_mul(w)
                 .ok_or_else(|| CodecError::new(0, "tensor size overflows"))?;
+            let bits = QuantBits::from_bits(c.bits)
+                .ok_or_else(|| CodecError::new(0, format!("{} bits per code", c.bits)))?;
+            if c.codes.len() < cluster::packed_len(numel, bits) {
+                return Err(CodecError::new(
+                    0,
+                    format!("{} code bytes for {numel} elements", c.codes.len()),
+                ));
+            }
             let mut out = alloc::with_capacity(len, "the decoded tensor")?;
             for i in 0..numel {
-                let at = |j: usize| {
-                    c.codes
-                        .get(j)
-                        .copied()
-                        .ok_or_else(|| CodecError::new(0, format!("no code for element {i}")))
-                };
-                let code = match c.bits {
-                    4 => ((at(i / 2)? >> ((i % 2) * 4)) & 0x0f) as usize,
-                    16 => u16::from_le_bytes([at(2 * i)?, at(2 * i + 1)?]) as usize,
-                    _ => at(i)? as usize,
-                };
+                let code = cluster::code_at(&c.codes, bits, i);
                 let entry = c.codebook.get(code * w..(code + 1) * w).ok_or_else(|| {
                     CodecError::new(0, format!("code {code} is past the codebook"))
                 })?;
@@ -278,10 +306,13 @@ mod tests {
             DeviceForm::Unchanged => assert_eq!(form.upload_bytes(), 0),
             DeviceForm::Sparse(s) => assert_eq!(s.values.len() as u64, s.changed * w as u64),
             DeviceForm::Codes(c) => {
+                // No code straddles a 32-bit word: 3 and 6 bits are widened.
                 let packed = match c.bits {
+                    2 => n.div_ceil(4),
                     4 => n.div_ceil(2),
                     8 => n,
-                    _ => 2 * n,
+                    16 => 2 * n,
+                    b => panic!("{b}-bit codes for a device"),
                 };
                 assert_eq!(c.codes.len(), packed);
                 assert!(c.codebook.len() % w == 0 && c.codebook.len() <= (w << c.bits));
@@ -304,7 +335,7 @@ mod tests {
             }
             if dtype.is_quantizable_float() {
                 let finite = finite_bytes(dtype, n, seed);
-                for bits in [QuantBits::B4, QuantBits::B8, QuantBits::B16] {
+                for bits in QuantBits::ALL {
                     check(&ClusterQuantizer::new(bits), dtype, Role::OptimizerMoment(1), &base, &finite);
                 }
             }

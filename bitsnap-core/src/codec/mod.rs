@@ -55,7 +55,7 @@ pub use cast::CastOf;
 pub use chunks::{CHUNK_BYTES, MAX_CHUNK_BYTES};
 #[allow(deprecated)]
 pub use cluster::QuantError;
-pub use cluster::{ClusterQuantizer, Distortion, QuantBits};
+pub use cluster::{ClusterLayout, ClusterMode, ClusterQuantizer, Distortion, QuantBits};
 pub(crate) use cursor::Cursor;
 pub use device::{
     DeviceForm, QuantCodes, RANK_BLOCK, SparseDelta, apply_device_form, decode_for_device,

@@ -202,12 +202,14 @@ impl Store {
         tensors: Vec<Tensor>,
         metadata: Vec<(String, String)>,
     ) -> Result<Written, Error> {
+        // The stage signals in the metadata scale a lossy error budget (policy/budget.rs).
+        let (policy, metadata) = self.policy.staged(metadata);
         let Encoding {
             tensors: encoded,
             references,
             base,
             full_reason,
-        } = encode_against(&self.policy, &tensors, plan.base)?;
+        } = encode_against(&policy, &tensors, plan.base)?;
         let (header, stored_bytes) = self.write_snapshot(
             &plan.file,
             plan.id,

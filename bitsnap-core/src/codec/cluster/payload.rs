@@ -11,23 +11,48 @@ pub(super) fn code_width(bits: QuantBits) -> usize {
     if bits == QuantBits::B16 { 2 } else { 1 }
 }
 
-pub(super) fn packed_len(n: usize, bits: QuantBits) -> usize {
-    match bits {
-        QuantBits::B4 => n.div_ceil(2),
-        QuantBits::B8 => n,
-        QuantBits::B16 => n.saturating_mul(2),
-    }
+/// Bytes holding `n` codes of `bits` bits, packed as one little-endian bit stream.
+pub(crate) fn packed_len(n: usize, bits: QuantBits) -> usize {
+    n.saturating_mul(bits.bits() as usize).div_ceil(8)
 }
 
-pub(super) fn pack_codes(codes: &[u16], bits: QuantBits) -> Vec<u8> {
+/// Packs `codes` as one little-endian bit stream: code `i` fills bits `i·b .. (i+1)·b`,
+/// where stream bit `j` is bit `j % 8` of byte `j / 8`. Bits past the last code are 0.
+/// At 4, 8 and 16 bits this is the nibble, byte and u16 LE layout of earlier versions.
+pub(crate) fn pack_codes(codes: &[u16], bits: QuantBits) -> Vec<u8> {
+    let b = bits.bits();
     match bits {
-        QuantBits::B4 => codes
-            .chunks(2)
-            .map(|p| (p[0] as u8 & 0x0f) | ((p.get(1).copied().unwrap_or(0) as u8 & 0x0f) << 4))
-            .collect(),
-        QuantBits::B8 => codes.iter().map(|&c| c as u8).collect(),
-        QuantBits::B16 => codes.iter().flat_map(|c| c.to_le_bytes()).collect(),
+        QuantBits::B8 => return codes.iter().map(|&c| c as u8).collect(),
+        QuantBits::B16 => return codes.iter().flat_map(|c| c.to_le_bytes()).collect(),
+        _ => {}
     }
+    let mask = (1u32 << b) - 1;
+    let mut out = Vec::with_capacity(packed_len(codes.len(), bits));
+    let (mut acc, mut filled) = (0u32, 0u32);
+    for &c in codes {
+        acc |= (u32::from(c) & mask) << filled;
+        filled += b;
+        while filled >= 8 {
+            out.push(acc as u8);
+            acc >>= 8;
+            filled -= 8;
+        }
+    }
+    if filled > 0 {
+        out.push(acc as u8);
+    }
+    out
+}
+
+/// Code `i` of a packed stream of `bits`-bit codes (see [`pack_codes`]); bytes past the
+/// end of `packed` read as 0.
+pub(crate) fn code_at(packed: &[u8], bits: QuantBits, i: usize) -> usize {
+    let b = bits.bits() as usize;
+    let bit = i * b;
+    let at = bit / 8;
+    let byte = |j: usize| u32::from(packed.get(at + j).copied().unwrap_or(0));
+    let window = byte(0) | (byte(1) << 8) | (byte(2) << 16);
+    ((window >> (bit % 8)) & ((1u32 << b) - 1)) as usize
 }
 
 /// Checks a cluster payload for `n` elements before anything is allocated for them: the
@@ -48,20 +73,13 @@ pub(crate) struct Codes {
     pub bits: QuantBits,
     /// `k` entries of the tensor's dtype, back to back.
     pub codebook: Vec<u8>,
-    /// The codes, packed little-endian (4-bit: element `2i` in the low nibble of byte `i`;
-    /// 16-bit: two bytes per code).
+    /// The codes, packed as one little-endian bit stream (see [`pack_codes`]).
     pub packed: Vec<u8>,
 }
 
 impl Codes {
     fn code(&self, i: usize) -> usize {
-        match self.bits {
-            QuantBits::B4 => ((self.packed[i / 2] >> ((i % 2) * 4)) & 0x0f) as usize,
-            QuantBits::B8 => self.packed[i] as usize,
-            QuantBits::B16 => {
-                u16::from_le_bytes([self.packed[2 * i], self.packed[2 * i + 1]]) as usize
-            }
-        }
+        code_at(&self.packed, self.bits, i)
     }
 }
 
@@ -76,10 +94,14 @@ pub(crate) fn decode_codes(payload: &[u8], dtype: DType, n: usize) -> Result<Cod
     let codes_at = cur.offset();
     let rest = cur.bytes(cur.remaining(), "codes")?;
     planes::decode_into(rest, code_width(bits), &mut packed).map_err(|e| e.shifted(codes_at))?;
-    if bits == QuantBits::B4 && n % 2 == 1 && packed.last().is_some_and(|b| b >> 4 != 0) {
+    let used = (n * bits.bits() as usize) % 8;
+    if used != 0 && packed.last().is_some_and(|b| b >> used != 0) {
         return Err(CodecError::new(
             codes_at,
-            "unused high nibble of the last 4-bit code is not 0",
+            format!(
+                "unused high {} bits of the last code byte are not 0",
+                8 - used
+            ),
         ));
     }
     let codes = Codes {
@@ -146,7 +168,7 @@ pub(crate) fn parse_codebook<'a>(
     }
     let bits = cur.u8("bits")?;
     let bits = QuantBits::from_bits(bits as u32)
-        .ok_or_else(|| CodecError::new(0, format!("{bits} bits per code (4, 8 or 16)")))?;
+        .ok_or_else(|| CodecError::new(0, format!("{bits} bits per code (2, 3, 4, 6, 8 or 16)")))?;
     let transform = cur.u8("transform")?;
     if transform > TRANSFORM_LOG {
         return Err(CodecError::new(1, format!("unknown transform {transform}")));
@@ -172,8 +194,114 @@ pub(crate) fn parse_codebook<'a>(
 
 #[cfg(test)]
 mod tests {
+    use super::{QuantBits, code_at, pack_codes, packed_len};
     use crate::DType;
-    use crate::codec::{CodecId, check, chunks, decode};
+    use crate::Role;
+    use crate::codec::{
+        ClusterQuantizer, Codec, CodecId, EncodeInput, check, chunks, decode, planes,
+    };
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn packed_codes_round_trip_at_every_width(
+            bits in prop::sample::select(QuantBits::ALL.to_vec()),
+            raw in prop::collection::vec(any::<u16>(), 0..600)) {
+            let mask = ((1u32 << bits.bits()) - 1) as u16;
+            let codes: Vec<u16> = raw.iter().map(|c| c & mask).collect();
+            let packed = pack_codes(&codes, bits);
+            prop_assert_eq!(packed.len(), packed_len(codes.len(), bits));
+            for (i, &c) in codes.iter().enumerate() {
+                prop_assert_eq!(code_at(&packed, bits, i), c as usize);
+            }
+            // Bits past the last code are 0.
+            let used = codes.len() * bits.bits() as usize % 8;
+            if used != 0 {
+                prop_assert_eq!(packed.last().copied().unwrap_or(0) >> used, 0);
+            }
+        }
+    }
+
+    /// The layout is a bit stream: 3-bit codes 0..8 fill exactly three bytes, and code 10
+    /// of a 3-bit stream straddles bytes 3 and 4 (bits 30..33, and 32-bit words 0 and 1).
+    #[test]
+    fn three_bit_codes_straddle_bytes_and_words() {
+        let codes: Vec<u16> = (0..8).collect();
+        assert_eq!(pack_codes(&codes, QuantBits::B3), [0x88, 0xc6, 0xfa]);
+        let mut c = vec![0u16; 11];
+        c[10] = 0b101;
+        let p = pack_codes(&c, QuantBits::B3);
+        assert_eq!((p[3], p[4]), (0b0100_0000, 0b0000_0001));
+        assert_eq!(code_at(&p, QuantBits::B3, 10), 0b101);
+        // 6-bit code 5 is bits 30..36: words 0 and 1 as well.
+        let mut c = vec![0u16; 6];
+        c[5] = 0b11_1111;
+        assert_eq!(
+            code_at(&pack_codes(&c, QuantBits::B6), QuantBits::B6, 5),
+            63
+        );
+    }
+
+    #[test]
+    fn hostile_widths_and_padding_are_refused() {
+        let v: Vec<u8> = (0..1001u32)
+            .flat_map(|i| (1e-6 * (1.0 + (i % 37) as f32)).to_le_bytes())
+            .collect();
+        let input = EncodeInput {
+            dtype: DType::F32,
+            role: Role::OptimizerMoment(2),
+            data: &v,
+            base: None,
+        };
+        for bits in [QuantBits::B2, QuantBits::B3, QuantBits::B6] {
+            let enc = ClusterQuantizer::new(bits).encode(&input).unwrap().unwrap();
+            assert_eq!(enc.payload[0] as u32, bits.bits());
+            decode(CodecId::Cluster, &enc.payload, DType::F32, 1001, None).unwrap();
+            // Widths that do not exist are refused by the check and the decoder.
+            for bad in [0u8, 1, 5, 7, 9, 32] {
+                let mut p = enc.payload.clone();
+                p[0] = bad;
+                let e = check(CodecId::Cluster, &p, DType::F32, 1001).unwrap_err();
+                assert!(e.reason.contains("bits per code"), "{e}");
+                assert!(decode(CodecId::Cluster, &p, DType::F32, 1001, None).is_err());
+            }
+        }
+        // Hand-made 3-bit payloads of 3 elements (9 bits: 2 bytes).
+        let make = |packed: [u8; 2], k: u32| {
+            let mut out = vec![3, 0, 0, 0];
+            out.extend_from_slice(&k.to_le_bytes());
+            (0..k).for_each(|i| out.extend_from_slice(&(i as f32).to_le_bytes()));
+            planes::encode_chunked(&packed, None, 1, 1, &mut out).unwrap();
+            out
+        };
+        let ok = make([0b1000_1000, 0b0000_0001], 8);
+        let back = decode(CodecId::Cluster, &ok, DType::F32, 3, None).unwrap();
+        let vals: Vec<f32> = back
+            .chunks(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        assert_eq!(vals, [0.0, 1.0, 6.0]);
+        // Unused top bits of the last byte set.
+        let e = decode(
+            CodecId::Cluster,
+            &make([0x88, 0x03], 8),
+            DType::F32,
+            3,
+            None,
+        )
+        .unwrap_err();
+        assert!(e.reason.contains("unused high 7 bits"), "{e}");
+        // Code 6 past a codebook of 2.
+        let e = decode(
+            CodecId::Cluster,
+            &make([0x88, 0x01], 2),
+            DType::F32,
+            3,
+            None,
+        )
+        .unwrap_err();
+        assert!(e.reason.contains("code 6 at element 2"), "{e}");
+    }
 
     /// A cluster payload for `n` f32 elements with 8-bit codes, one codebook entry and
     /// every code plane the record `record`, in chunks of the largest size.
