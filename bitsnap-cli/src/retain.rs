@@ -145,8 +145,11 @@ pub fn rm(args: RmArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let mut store = open_store(&args.store)?;
     let id = choose_snapshot(&store, &args.snapshot)?.info.id;
     let before = store.clone_listing();
-    let retired_before: Vec<(u64, u64)> =
-        store.retired().iter().map(|s| (s.id, s.stored_bytes)).collect();
+    let retired_before: Vec<(u64, u64)> = store
+        .retired()
+        .iter()
+        .map(|s| (s.id, s.stored_bytes))
+        .collect();
     store.delete(id)?;
     let retired: Vec<u64> = store.retired().iter().map(|s| s.id).collect();
     let removed: Vec<(u64, u64)> = before
@@ -262,7 +265,11 @@ fn write_outcome(
         ]);
     }
     t.write(out)?;
-    let verb = if doc.dry_run { "would delete" } else { "deleted" };
+    let verb = if doc.dry_run {
+        "would delete"
+    } else {
+        "deleted"
+    };
     writeln!(
         out,
         "{verb} {} snapshots, keeping {}; {} files removed ({}), {} retired ({})",

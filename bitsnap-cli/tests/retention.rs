@@ -24,7 +24,11 @@ fn series(dir: &Path, n: usize) -> Vec<PathBuf> {
 
 /// Every snapshot `ls` lists unpacks to the file it was packed from.
 fn all_bit_exact(store: &Path, files: &[PathBuf], tmp: &Path) -> Vec<String> {
-    let ls = json(bitsnap(["ls".as_ref(), store.as_os_str(), "--json".as_ref()]));
+    let ls = json(bitsnap([
+        "ls".as_ref(),
+        store.as_os_str(),
+        "--json".as_ref(),
+    ]));
     let mut names = Vec::new();
     for s in ls["snapshots"].as_array().unwrap() {
         let name = s["name"].as_str().unwrap().to_string();
@@ -79,7 +83,10 @@ fn prune_rm_pin_and_compact_keep_every_kept_snapshot_bit_exact() {
 
     // Pin snapshot 0 (`step-0`, id 1): prune keeps it.
     let pinned = ok(bitsnap(["pin".as_ref(), s, "step-0".as_ref()]));
-    assert!(pinned.contains("pinned snapshot 0 `step-0` (id 1)"), "{pinned}");
+    assert!(
+        pinned.contains("pinned snapshot 0 `step-0` (id 1)"),
+        "{pinned}"
+    );
     let done = json(bitsnap([
         "prune".as_ref(),
         s,
@@ -116,12 +123,23 @@ fn prune_rm_pin_and_compact_keep_every_kept_snapshot_bit_exact() {
     );
     let bsnaps = std::fs::read_dir(&store)
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".bsnap"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".bsnap")
+        })
         .count();
     assert_eq!(bsnaps, 4);
 
     // rm of the latest: nothing reads it, its file goes at once.
-    let last = json(bitsnap(["rm".as_ref(), s, "step-7".as_ref(), "--json".as_ref()]));
+    let last = json(bitsnap([
+        "rm".as_ref(),
+        s,
+        "step-7".as_ref(),
+        "--json".as_ref(),
+    ]));
     assert_eq!(ids(&last["removed"]), vec![8]);
     assert_eq!(all_bit_exact(&store, &files, dir.path()).len(), 3);
 }

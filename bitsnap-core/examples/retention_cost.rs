@@ -43,8 +43,13 @@ fn tensors(ws: &[Vec<f32>]) -> Vec<Tensor> {
     ws.iter()
         .enumerate()
         .map(|(i, w)| {
-            Tensor::from_f32(format!("layer{i}.weight"), &[w.len() as u64], Role::Weight, w)
-                .expect("tensor")
+            Tensor::from_f32(
+                format!("layer{i}.weight"),
+                &[w.len() as u64],
+                Role::Weight,
+                w,
+            )
+            .expect("tensor")
         })
         .collect()
 }

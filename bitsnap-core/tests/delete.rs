@@ -55,7 +55,10 @@ fn keep_last_n_deletes_keep_every_kept_snapshot_readable() {
     // Nothing was rewritten: the oldest kept one is still a delta on a retired snapshot.
     assert_eq!(store.snapshots()[0].base, Some(saved[3].0));
     let retired: Vec<u64> = store.retired().iter().map(|s| s.id).collect();
-    assert_eq!(retired, saved[..4].iter().map(|(id, _)| *id).collect::<Vec<_>>());
+    assert_eq!(
+        retired,
+        saved[..4].iter().map(|(id, _)| *id).collect::<Vec<_>>()
+    );
     let files = |dir: &std::path::Path| {
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .unwrap()

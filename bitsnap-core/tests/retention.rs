@@ -57,7 +57,12 @@ impl Trainer {
 fn check_all(dir: &Path, saved: &BTreeMap<u64, Vec<Tensor>>) {
     let store = Store::open(dir).unwrap();
     for s in store.snapshots() {
-        assert_eq!(&store.load(s.id).unwrap().tensors, &saved[&s.id], "snapshot {}", s.id);
+        assert_eq!(
+            &store.load(s.id).unwrap().tensors,
+            &saved[&s.id],
+            "snapshot {}",
+            s.id
+        );
     }
     let report = store.verify().unwrap();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
@@ -77,9 +82,15 @@ fn deleting_a_chain_root_writes_nothing_and_keeps_its_dependants_readable() {
     assert_eq!(files(dir.path()), before);
     assert!(store.get(1).is_none());
     assert_eq!(store.snapshots().first().unwrap().id, 2);
-    assert_eq!(store.retired().iter().map(|s| s.id).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(
+        store.retired().iter().map(|s| s.id).collect::<Vec<_>>(),
+        vec![1]
+    );
     check_all(dir.path(), &saved);
-    assert_eq!(Store::open(dir.path()).unwrap().verify().unwrap().retired, vec![1]);
+    assert_eq!(
+        Store::open(dir.path()).unwrap().verify().unwrap().retired,
+        vec![1]
+    );
     // Deleting the next root retires it too; deleting the rest removes every file.
     store.delete(2).unwrap();
     assert_eq!(files(dir.path()), before);
@@ -133,7 +144,10 @@ fn prune_keeps_last_every_and_pinned_and_rm_refuses_a_pin() {
     let mut t = Trainer::new();
     let mut saved: BTreeMap<u64, Vec<Tensor>> = (0..10).map(|_| t.save(&mut store)).collect();
     store.pin(2).unwrap();
-    assert!(matches!(store.delete(2), Err(Error::WrongKind { snapshot: 2, .. })));
+    assert!(matches!(
+        store.delete(2),
+        Err(Error::WrongKind { snapshot: 2, .. })
+    ));
     let retention = Retention::default().with_keep_last(2).with_keep_every(4);
     let plan = store.plan_prune(None, &retention);
     assert_eq!(plan.kept, vec![2, 4, 8, 9, 10]);
@@ -197,7 +211,11 @@ fn manifest_version_is_bumped_only_while_retired_or_pinned_entries_exist() {
     };
     assert_eq!(version(), 1);
     store.delete(1).unwrap();
-    assert_eq!(version(), 3, "an older reader must refuse a manifest with retired entries");
+    assert_eq!(
+        version(),
+        3,
+        "an older reader must refuse a manifest with retired entries"
+    );
     store.delete(2).unwrap();
     store.delete(3).unwrap();
     assert_eq!(version(), 1);
@@ -228,7 +246,10 @@ fn todays_manifests_still_read_and_take_deletes() {
     store.delete(1).unwrap();
     let reopened = Store::open(dir.path()).unwrap();
     assert_eq!(reopened.load(3).unwrap().tensors, expect);
-    assert_eq!(reopened.load(2).unwrap().tensors[0].to_f32().unwrap(), fixture_weights(2));
+    assert_eq!(
+        reopened.load(2).unwrap().tensors[0].to_f32().unwrap(),
+        fixture_weights(2)
+    );
 }
 
 /// What snapshot `n` of the `store-v1` fixture holds in tensor `w`.

@@ -5,10 +5,10 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::load::{LinkBase, check_link, decode_file};
 use super::manifest::ManifestBody;
 use super::save::{BaseState, EncodedTensor};
 use super::{SnapshotInfo, Store};
-use super::load::{LinkBase, check_link, decode_file};
 use crate::codec::{CodecId, Encoded};
 use crate::{Error, Policy, Tensor};
 
@@ -39,7 +39,7 @@ impl Store {
     /// store.delete(2)?; // 3 still reads 2 and 1
     /// store.delete(3)?; // nothing listed needs 1 or 2 now: all three files go
     /// assert!(store.retired().is_empty());
-    /// # Ok::<(), bitsnap_core::Error>(())
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn delete(&mut self, id: u64) -> Result<(), Error> {
         self.take_lock()?;

@@ -146,7 +146,7 @@ impl Store {
     /// assert_eq!(report.kept, vec![3, 5, 6]);
     /// assert_eq!(report.deleted, vec![1, 2, 4]);
     /// assert_eq!(store.load(6)?.tensors[0].to_f32()?, w);
-    /// # Ok::<(), bitsnap_core::Error>(())
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn prune(
         &mut self,
