@@ -28,11 +28,12 @@ impl Store {
     /// use bitsnap_core::{Policy, Role, Store, Tensor};
     /// let dir = tempfile::tempdir()?;
     /// let mut store = Store::open_or_create(dir.path(), Policy::default())?;
-    /// let mut w = vec![0.5f32; 1000];
+    /// let mut w: Vec<f32> = (0..10_000).map(|i| i as f32 * 1e-3).collect();
     /// for step in 0..3 {
-    ///     w[step] = 1.0;
-    ///     store.save(&format!("step-{step}"), vec![Tensor::from_f32("w", &[1000], Role::Weight, &w)?])?;
+    ///     w[step] += 1.0;
+    ///     store.save(&format!("step-{step}"), vec![Tensor::from_f32("w", &[10_000], Role::Weight, &w)?])?;
     /// }
+    /// assert_eq!(store.get(2).unwrap().base, Some(1)); // a delta on 1
     /// store.delete(1)?; // the chain root: retired, since 2 is a delta on it
     /// assert_eq!(store.snapshots().iter().map(|s| s.id).collect::<Vec<_>>(), vec![2, 3]);
     /// assert_eq!(store.retired().iter().map(|s| s.id).collect::<Vec<_>>(), vec![1]);
