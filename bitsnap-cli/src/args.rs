@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::error::CliError;
 use crate::roles::{self, RoleRule};
-use crate::{bench, inspect, ls, pack, unpack, verify};
+use crate::{bench, inspect, ls, pack, retain, unpack, verify};
 
 /// Small, fast checkpoints for LLM training.
 #[derive(Debug, Parser)]
@@ -47,6 +47,18 @@ pub enum Command {
     /// Decode every snapshot and check every checksum.
     #[command(long_about = verify::long_about())]
     Verify(verify::VerifyArgs),
+    /// Delete the snapshots a retention policy does not keep (no re-encoding).
+    #[command(long_about = retain::prune_long_about())]
+    Prune(retain::PruneArgs),
+    /// Delete one snapshot (no re-encoding; a base a delta reads is retired).
+    #[command(long_about = retain::rm_long_about())]
+    Rm(retain::RmArgs),
+    /// Pin a snapshot: prune keeps it and rm refuses it.
+    Pin(retain::PinArgs),
+    /// Unpin a snapshot.
+    Unpin(retain::PinArgs),
+    /// Rewrite deltas on retired snapshots so their files can be removed now.
+    Compact(retain::CompactArgs),
     /// Compare every codec and baseline on a series of safetensors files.
     #[command(long_about = bench::command::long_about())]
     Bench(bench::command::BenchArgs),

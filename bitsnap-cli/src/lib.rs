@@ -36,6 +36,7 @@ mod inspect;
 mod ls;
 mod pack;
 mod progress;
+mod retain;
 mod roles;
 mod store;
 mod table;
@@ -126,6 +127,11 @@ fn dispatch(command: Command) -> Result<(), CliError> {
         Command::Ls(a) => ls::run(a, &mut out),
         Command::Inspect(a) => inspect::run(a, &mut out),
         Command::Verify(a) => verify::run(a, &mut out),
+        Command::Prune(a) => retain::prune(a, &mut out),
+        Command::Rm(a) => retain::rm(a, &mut out),
+        Command::Pin(a) => retain::pin(a, true, &mut out),
+        Command::Unpin(a) => retain::pin(a, false, &mut out),
+        Command::Compact(a) => retain::compact(a, &mut out),
         Command::Bench(a) => bench::command::run(a, &mut out),
     }?;
     out.flush()?;

@@ -81,8 +81,9 @@ pub use policy::{
 pub use role::{Role, RoleGuess};
 pub use shard::{ShardInfo, ShardReport};
 pub use store::{
-    BaseState, ChainLink, FALLBACK_DECODE_BUDGET, FullReason, LOCK_FILE, MANIFEST_FILE,
-    MAX_MANIFEST_BYTES, RestoreChain, SaveReport, Snapshot, SnapshotInfo, Store, VerifyReport,
-    check_decode_budget, default_decode_budget,
+    BaseState, ChainLink, CompactReport, FALLBACK_DECODE_BUDGET, FullReason, LOCK_FILE,
+    MANIFEST_FILE, MANIFEST_VERSION_RETAIN, MAX_MANIFEST_BYTES, PruneReport, RestoreChain,
+    Retention, SaveReport, Snapshot, SnapshotInfo, Store, VerifyReport, check_decode_budget,
+    default_decode_budget,
 };
 pub use tensor::{MAX_NAME_BYTES, MAX_RANK, MAX_TENSOR_BYTES, Tensor};

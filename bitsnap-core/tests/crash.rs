@@ -1,5 +1,5 @@
-//! Crash consistency: a child process saves, deletes (rebasing dependants) and reopens a
-//! store in a loop and is killed with SIGKILL at a random moment; after every kill, each
+//! Crash consistency: a child process saves, deletes (retiring what kept deltas read),
+//! prunes, pins, unpins, compacts (rebasing dependants) and reopens a store in a loop and is killed with SIGKILL at a random moment; after every kill, each
 //! snapshot the store lists must load bit-exact, `verify` must pass, and the store must
 //! accept a new save.
 //!
@@ -18,7 +18,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bitsnap_core::{DType, Error, Policy, Role, Store, Tensor};
+use bitsnap_core::{DType, Error, Policy, Retention, Role, Store, Tensor};
 
 const CHILD_ENV: &str = "BITSNAP_CRASH_CHILD";
 const SEED_ENV: &str = "BITSNAP_CRASH_SEED";
@@ -96,8 +96,8 @@ fn policy() -> Policy {
     Policy::default().with_full_every(4)
 }
 
-/// The child's loop: save into series `a` or `b`, now and then delete a random snapshot
-/// (rebasing its dependants) or drop and reopen the store (which removes debris), until
+/// The child's loop: save into series `a` or `b`, now and then pin/unpin, prune or
+/// compact, delete random snapshots (retiring what kept deltas read) or drop and reopen the store (which removes debris), until
 /// killed. Not a test of its own: ignored in a normal run (so it never counts as a pass),
 /// run by the kill harness below with `--ignored --exact` and `BITSNAP_CRASH_CHILD` naming
 /// the store directory.
@@ -118,13 +118,38 @@ fn child_process_entry() {
         store
             .save_in(series, &format!("k-{n}"), tensors(n), metadata(n))
             .unwrap();
-        // Delete down to a handful (rebasing dependants), sometimes one more.
+        // Now and then pin or unpin one, prune or compact.
+        let count = store.snapshots().len() as u64;
+        match rng.next() % 8 {
+            0 => {
+                let id = store.snapshots()[(rng.next() % count) as usize].id;
+                if store.is_pinned(id) {
+                    store.unpin(id).unwrap();
+                } else if store.pinned().len() < 2 {
+                    store.pin(id).unwrap();
+                }
+            }
+            1 => {
+                let r = Retention::default()
+                    .with_keep_last(2 + (rng.next() % 3) as usize)
+                    .with_keep_every(3);
+                store.prune(None, &r).unwrap();
+            }
+            2 => {
+                store.compact().unwrap();
+            }
+            _ => {}
+        }
+        // Delete down to a handful (retiring what a kept delta reads), sometimes one more.
         loop {
             let count = store.snapshots().len() as u64;
             if count <= 2 || (count <= 6 && !rng.next().is_multiple_of(3)) {
                 break;
             }
             let victim = store.snapshots()[(rng.next() % count) as usize].id;
+            if store.is_pinned(victim) {
+                store.unpin(victim).unwrap();
+            }
             store.delete(victim).unwrap();
         }
         if rng.next().is_multiple_of(5) {
@@ -136,7 +161,12 @@ fn child_process_entry() {
 
 /// What a kill left behind, read before anyone takes the lock and cleans up.
 fn debris(dir: &Path, store: &Store) -> Vec<&'static str> {
-    let listed: Vec<&str> = store.snapshots().iter().map(|s| s.file.as_str()).collect();
+    let listed: Vec<&str> = store
+        .snapshots()
+        .iter()
+        .chain(store.retired())
+        .map(|s| s.file.as_str())
+        .collect();
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let name = e.unwrap().file_name().to_string_lossy().into_owned();
@@ -145,7 +175,7 @@ fn debris(dir: &Path, store: &Store) -> Vec<&'static str> {
         } else if name.starts_with("snap-") && name.ends_with(".tmp") {
             "snapshot temp file (killed while writing a snapshot)"
         } else if name.starts_with("snap-") && name.contains("-r") && !listed.contains(&&*name) {
-            "unlisted rebased file (killed in a delete before its manifest commit)"
+            "unlisted rebased file (killed in a compact before its manifest commit)"
         } else if name.starts_with("snap-") && !listed.contains(&&*name) {
             "unlisted snapshot (killed between file rename and manifest commit, or in cleanup)"
         } else {
@@ -243,6 +273,11 @@ fn sigkill_at_random_points_never_damages_the_store() {
             // And deletes (rebasing), keeping the store small.
             while store.snapshots().len() > 5 {
                 let victim = store.snapshots()[(rng.next() % 4) as usize].id;
+                if store.is_pinned(victim) {
+                    store
+                        .unpin(victim)
+                        .map_err(|e| format!("unpin after the kill: {e}"))?;
+                }
                 store
                     .delete(victim)
                     .map_err(|e| format!("delete after the kill: {e}"))?;

@@ -1,4 +1,5 @@
-//! Deleting snapshots (as Burn's KeepLastN does) never makes a kept one unreadable.
+//! Deleting snapshots (as Burn's KeepLastN does) never makes a kept one unreadable, and
+//! compacting afterwards (the explicit rebase) neither.
 
 mod common;
 
@@ -51,26 +52,47 @@ fn keep_last_n_deletes_keep_every_kept_snapshot_readable() {
     }
     let left: Vec<u64> = store.snapshots().iter().map(|s| s.id).collect();
     assert_eq!(left, vec![saved[4].0, saved[5].0]);
-    // The oldest kept one was rebased into a full snapshot; the newest is still a delta on it.
+    // Nothing was rewritten: the oldest kept one is still a delta on a retired snapshot.
+    assert_eq!(store.snapshots()[0].base, Some(saved[3].0));
+    let retired: Vec<u64> = store.retired().iter().map(|s| s.id).collect();
+    assert_eq!(
+        retired,
+        saved[..4].iter().map(|(id, _)| *id).collect::<Vec<_>>()
+    );
+    let files = |dir: &std::path::Path| {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        files.sort();
+        files
+    };
+    // Manifest, lock, four retired and two kept snapshots.
+    assert_eq!(files(dir.path()).len(), 8, "{:?}", files(dir.path()));
+    // Compacting rewrites the oldest kept one as a full snapshot; the newest is still a
+    // delta on it; no stray files: manifest, lock and two snapshots.
+    store.compact().unwrap();
     assert_eq!(store.snapshots()[0].base, None);
     assert_eq!(store.snapshots()[1].base, Some(saved[4].0));
-    // No stray files: manifest, lock and two snapshots.
-    let mut files: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    files.sort();
-    assert_eq!(files.len(), 4, "{files:?}");
+    assert_eq!(files(dir.path()).len(), 4, "{:?}", files(dir.path()));
+    let reopened = Store::open(dir.path()).unwrap();
+    for (id, tensors) in &saved[4..] {
+        assert_eq!(&reopened.load(*id).unwrap().tensors, tensors);
+    }
 }
 
 #[test]
-fn deleting_from_the_middle_rebases_onto_the_deleted_ones_base() {
+fn deleting_from_the_middle_retires_it_and_compact_rebases_onto_its_base() {
     let dir = tempfile::tempdir().unwrap();
     let mut store =
         Store::open_or_create(dir.path(), Policy::default().with_full_every(100)).unwrap();
     let saved = series(&mut store, 4);
     store.delete(saved[1].0).unwrap();
+    assert_eq!(store.get(saved[2].0).unwrap().base, Some(saved[1].0));
+    assert_eq!(store.retired()[0].id, saved[1].0);
+    store.compact().unwrap();
     assert_eq!(store.get(saved[2].0).unwrap().base, Some(saved[0].0));
+    assert!(store.retired().is_empty());
     store.delete(saved[3].0).unwrap();
     let reopened = Store::open(dir.path()).unwrap();
     for (id, tensors) in [&saved[0], &saved[2]] {
@@ -111,6 +133,7 @@ fn lossy_snapshots_survive_rebase_unchanged() {
         .collect();
     assert_eq!(before, before_disk);
     store.delete(ids[0]).unwrap();
+    store.compact().unwrap();
     let reopened = Store::open(dir.path()).unwrap();
     assert_eq!(reopened.load(ids[1]).unwrap().tensors, before[1]);
     assert_eq!(reopened.load(ids[2]).unwrap().tensors, before[2]);

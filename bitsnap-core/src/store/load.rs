@@ -357,7 +357,11 @@ impl Store {
         id: u64,
         rank: Option<u32>,
     ) -> Result<Vec<(u64, String, u64)>, Error> {
-        let info = self.info(id)?;
+        // Retired snapshots too: a listed delta's chain may run through them.
+        let info = match self.chain_info(id) {
+            Some(info) => info,
+            None => self.info(id)?,
+        };
         if info.shards.is_empty() != rank.is_none() {
             return Err(Error::WrongKind {
                 store: self.dir.clone(),
@@ -378,7 +382,7 @@ impl Store {
                 reason,
             };
             let s = self
-                .get(sid)
+                .chain_info(sid)
                 .ok_or_else(|| missing("is not in the store".into()))?;
             match rank {
                 None if s.shards.is_empty() => Ok((s.base, s.file.clone(), 0)),
@@ -394,7 +398,7 @@ impl Store {
         let mut chain = vec![(id, file, attempt)];
         while let Some(b) = base {
             let from = chain.last().map(|c| c.1.clone()).unwrap_or_default();
-            if chain.len() > self.manifest.snapshots.len() {
+            if chain.len() > self.manifest.snapshots.len() + self.manifest.retired.len() {
                 return Err(Error::MissingBase {
                     file: self.backend.path_of(&from),
                     base_id: b,

@@ -18,6 +18,10 @@ pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 pub const MANIFEST_VERSION: u32 = 1;
 /// Manifest format version written when a snapshot is sharded (FORMAT.md 4.1).
 pub const MANIFEST_VERSION_SHARDED: u32 = 2;
+/// Manifest format version written when a snapshot is retired or pinned (FORMAT.md 4.2):
+/// readers of versions 1 and 2 refuse it, so none shows a retired snapshot as live or
+/// removes a retired file that a live delta still reads.
+pub const MANIFEST_VERSION_RETAIN: u32 = 3;
 
 /// Most shards (ranks) in one snapshot.
 pub const MAX_SHARDS: u32 = 1 << 16;
@@ -53,6 +57,25 @@ pub(crate) struct ManifestBody {
     pub(crate) version: u32,
     pub(crate) next_id: u64,
     pub(crate) snapshots: Vec<SnapshotInfo>,
+    /// Deleted snapshots whose files a listed delta still reads (FORMAT.md 4.2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) retired: Vec<SnapshotInfo>,
+    /// Pinned snapshot ids, ascending: never pruned or deleted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) pinned: Vec<u64>,
+}
+
+impl ManifestBody {
+    /// The version this body is written as: the lowest that can express it.
+    pub(crate) fn required_version(&self) -> u32 {
+        if !self.retired.is_empty() || !self.pinned.is_empty() {
+            MANIFEST_VERSION_RETAIN
+        } else if self.snapshots.iter().any(|s| !s.shards.is_empty()) {
+            MANIFEST_VERSION_SHARDED
+        } else {
+            MANIFEST_VERSION
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -168,7 +191,7 @@ pub(crate) fn check_listing(s: &SnapshotInfo, version: u32) -> Result<(), String
     if s.shards.is_empty() {
         return Ok(());
     }
-    if version != MANIFEST_VERSION_SHARDED {
+    if version < MANIFEST_VERSION_SHARDED {
         return Err(format!("lists shards in a version {version} manifest"));
     }
     if !s.file.is_empty() || s.base.is_some() {
@@ -249,17 +272,32 @@ pub(crate) fn read_manifest(
             actual,
         });
     }
-    if file.body.version != MANIFEST_VERSION && file.body.version != MANIFEST_VERSION_SHARDED {
+    if !(MANIFEST_VERSION..=MANIFEST_VERSION_RETAIN).contains(&file.body.version) {
         return Err(malformed(
             0,
             format!(
-                "manifest version {} (this build reads {MANIFEST_VERSION} and {MANIFEST_VERSION_SHARDED})",
+                "manifest version {} (this build reads {MANIFEST_VERSION} to {MANIFEST_VERSION_RETAIN})",
+                file.body.version
+            ),
+        ));
+    }
+    if file.body.version < MANIFEST_VERSION_RETAIN
+        && (!file.body.retired.is_empty() || !file.body.pinned.is_empty())
+    {
+        return Err(malformed(
+            0,
+            format!(
+                "lists retired or pinned snapshots in a version {} manifest",
                 file.body.version
             ),
         ));
     }
     let mut files = HashSet::new();
-    for s in &file.body.snapshots {
+    let mut ids = HashSet::new();
+    for s in file.body.snapshots.iter().chain(&file.body.retired) {
+        if !ids.insert(s.id) {
+            return Err(malformed(0, format!("snapshot {} is listed twice", s.id)));
+        }
         if s.id >= file.body.next_id {
             return Err(malformed(
                 0,
@@ -282,6 +320,14 @@ pub(crate) fn read_manifest(
             }
         }
     }
+    for p in &file.body.pinned {
+        if !file.body.snapshots.iter().any(|s| s.id == *p) {
+            return Err(malformed(
+                0,
+                format!("pins snapshot {p}, which is not listed"),
+            ));
+        }
+    }
     Ok(Some((file.body, version)))
 }
 
@@ -299,11 +345,7 @@ impl Store {
     /// (remote) succeeded the change is committed: `self.manifest` follows the store even
     /// if the directory fsync then fails.
     pub(crate) fn write_manifest(&mut self, mut body: ManifestBody) -> Result<(), Error> {
-        body.version = if body.snapshots.iter().any(|s| !s.shards.is_empty()) {
-            MANIFEST_VERSION_SHARDED
-        } else {
-            MANIFEST_VERSION
-        };
+        body.version = body.required_version();
         let json = |source| Error::Json {
             file: self.backend.path_of(MANIFEST_FILE),
             what: "manifest serialisation",

@@ -22,7 +22,12 @@
 //! `manifest` reads and writes the manifest and the file names it may list; `save` is
 //! the one save routine (full, delta and shard saves); `load` the one checked chain
 //! reader ([`RestoreChain`]) used by load, verify, delete and the GPU loader; `delete`
-//! and `verify` their operations; [`shard`] the sharded snapshots.
+//! and `verify` their operations; `retention` pins, [`Retention`] policies
+//! ([`Store::prune`]) and [`Store::compact`]; [`shard`] the sharded snapshots.
+//!
+//! Deleting never re-encodes: a deleted snapshot that a listed delta still reads is
+//! *retired* (gone from every query, its file kept) and removed, with any retired
+//! ancestors, by the deletion that leaves nothing listed depending on it.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -39,6 +44,7 @@ mod budget;
 mod delete;
 mod load;
 mod manifest;
+mod retention;
 mod save;
 pub mod shard;
 mod verify;
@@ -48,7 +54,8 @@ pub use budget::{FALLBACK_DECODE_BUDGET, check_decode_budget, default_decode_bud
 pub use load::{ChainLink, RestoreChain};
 pub(crate) use manifest::ManifestBody;
 use manifest::ShardInfo;
-pub use manifest::{MANIFEST_FILE, MANIFEST_VERSION, MAX_MANIFEST_BYTES};
+pub use manifest::{MANIFEST_FILE, MANIFEST_VERSION, MANIFEST_VERSION_RETAIN, MAX_MANIFEST_BYTES};
+pub use retention::{CompactReport, PruneReport, Retention};
 pub use save::{BaseState, FullReason};
 
 /// Largest snapshot file read back, in bytes (1 TiB): a sanity bound, not a budget.
@@ -124,6 +131,9 @@ pub struct VerifyReport {
     pub failed: Vec<(u64, Error)>,
     /// Files in the directory that the manifest does not list (left by a crash).
     pub orphans: Vec<PathBuf>,
+    /// Retired snapshots ([`Store::delete`]): deleted, but kept on disk because a listed
+    /// delta still reads them; they are checked as part of those deltas' chains.
+    pub retired: Vec<u64>,
 }
 
 pub(crate) type State = Arc<Vec<Tensor>>;
@@ -262,6 +272,8 @@ impl Store {
                         version: MANIFEST_VERSION,
                         next_id: 1,
                         snapshots: Vec::new(),
+                        retired: Vec::new(),
+                        pinned: Vec::new(),
                     },
                     version: None,
                     last: HashMap::new(),
@@ -380,6 +392,12 @@ impl Store {
         self.last.values().find(|c| c.id == id)
     }
 
+    /// A listed or retired snapshot: what chain walks may read.
+    pub(crate) fn chain_info(&self, id: u64) -> Option<&SnapshotInfo> {
+        self.get(id)
+            .or_else(|| self.manifest.retired.iter().find(|s| s.id == id))
+    }
+
     pub(crate) fn info(&self, id: u64) -> Result<&SnapshotInfo, Error> {
         self.get(id).ok_or_else(|| Error::UnknownSnapshot {
             store: self.dir.clone(),
@@ -486,6 +504,7 @@ impl Store {
             .manifest
             .snapshots
             .iter()
+            .chain(&self.manifest.retired)
             .flat_map(|s| {
                 std::iter::once(s.file.as_str()).chain(s.shards.iter().map(|h| h.file.as_str()))
             })

@@ -321,7 +321,13 @@ impl Store {
 
     /// The decoded state of snapshot `id` and its state hash, from memory if possible.
     pub(crate) fn base_state(&self, id: u64) -> Result<BaseState, Error> {
-        let hash = self.info(id)?.state_hash;
+        let hash = self
+            .chain_info(id)
+            .ok_or_else(|| Error::UnknownSnapshot {
+                store: self.dir.clone(),
+                snapshot: id.to_string(),
+            })?
+            .state_hash;
         if let Some(c) = self.cached(id) {
             return Ok(BaseState {
                 id,

@@ -14,6 +14,7 @@ impl Store {
     pub fn verify(&self) -> Result<VerifyReport, Error> {
         let mut report = VerifyReport {
             orphans: self.orphans()?,
+            retired: self.manifest.retired.iter().map(|s| s.id).collect(),
             ..VerifyReport::default()
         };
         // Decode in id order, keeping states only while a later snapshot needs them.
