@@ -38,6 +38,11 @@ impl Chain {
         self.inner.files()
     }
 
+    /// Decodes the chain on the CPU (payloads without a device form).
+    pub(super) fn decode(&self) -> Result<Vec<bitsnap_core::Tensor>, Error> {
+        Ok(self.inner.decode()?)
+    }
+
     /// The snapshot restored (the chain's last).
     pub(super) fn target(&self) -> &SnapshotFile {
         self.inner.target()

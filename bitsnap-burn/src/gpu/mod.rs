@@ -142,23 +142,26 @@ impl DeviceLoader {
     /// Restores snapshot `id` of `store` (its whole chain) onto the device.
     pub fn load(&self, store: &Store, id: u64) -> Result<DeviceSnapshot, Error> {
         let start = Instant::now();
-        let cube = match self.expansion {
-            Expansion::OnDevice => CubeTarget::probe(&self.device),
+        // Uploads go to CubeCL buffers wherever the device has them; kernels expand
+        // payloads there only with `Expansion::OnDevice`.
+        let cube = CubeTarget::probe(&self.device);
+        let expand = match self.expansion {
+            Expansion::OnDevice => cube.as_ref(),
             Expansion::Host => None,
         };
-        let chains = match cube {
+        let chains = match expand {
             Some(_) => Chain::open(store, id)?,
             None => Vec::new(),
         };
         // Payloads without a device form (integer deltas, casts and copies of other
         // tensors) decode on the host: a chain holding one restores through the CPU decoder.
         let host_only = chains.iter().any(Chain::has_host_only_payloads);
-        let mut snap = match cube {
-            Some(target) if !host_only => {
+        let mut snap = match (expand, host_only) {
+            (Some(target), false) => {
                 // One chain per rank for a sharded snapshot; each restores its own tensors.
                 let mut parts = chains
                     .iter()
-                    .map(|chain| self.load_on_device(store, id, chain, &target))
+                    .map(|chain| self.load_on_device(store, id, chain, target))
                     .collect::<Result<Vec<_>, Error>>()?
                     .into_iter();
                 let mut snap = parts.next().ok_or_else(|| no_chain(store, id))?;
@@ -167,7 +170,7 @@ impl DeviceLoader {
                 }
                 snap
             }
-            _ => self.load_on_host(store, id)?,
+            _ => self.load_on_host(store, id, cube.clone(), &chains)?,
         };
         self.device.sync().map_err(|e| Error::Device {
             operation: "synchronising the device".into(),
@@ -177,27 +180,51 @@ impl DeviceLoader {
         Ok(snap)
     }
 
-    fn load_on_host(&self, store: &Store, id: u64) -> Result<DeviceSnapshot, Error> {
+    /// Decodes on the CPU and uploads dense tensors. `chains` are the chains the device
+    /// path already read and checked (it falls back here for host-only payloads): they are
+    /// decoded as they are, not read again; without them the store loads the snapshot
+    /// (from memory when it made that save).
+    fn load_on_host(
+        &self,
+        store: &Store,
+        id: u64,
+        cube: Option<CubeTarget>,
+        chains: &[Chain],
+    ) -> Result<DeviceSnapshot, Error> {
         let t0 = Instant::now();
-        let snapshot = store.load(id)?;
+        let ((snapshot_tensors, metadata), files) = match chains.first() {
+            Some(first) => {
+                let mut tensors = Vec::new();
+                for chain in chains {
+                    tensors.extend(chain.decode()?);
+                }
+                let metadata = first.target().header.metadata.clone();
+                let files = chains.iter().map(|c| c.files().len()).sum();
+                ((tensors, metadata), files)
+            }
+            None => {
+                let s = store.load(id)?;
+                // A sharded snapshot has one chain per rank: counted as one snapshot.
+                let files = if store.get(id).is_some_and(|s| !s.shards.is_empty()) {
+                    1
+                } else {
+                    store.chain(id)?.len()
+                };
+                ((s.tensors, s.metadata), files)
+            }
+        };
         let decode = t0.elapsed();
-        let cube = CubeTarget::probe(&self.device);
         let mut stats = LoadStats {
-            // A sharded snapshot has one chain per rank: counted as one snapshot.
-            snapshots: if store.get(id).is_some_and(|s| !s.shards.is_empty()) {
-                1
-            } else {
-                store.chain(id)?.len()
-            },
+            snapshots: files,
             cpu_decode: decode,
             ..LoadStats::default()
         };
-        let mut tensors = Vec::with_capacity(snapshot.tensors.len());
-        for t in snapshot.tensors {
+        let mut tensors = Vec::with_capacity(snapshot_tensors.len());
+        for t in snapshot_tensors {
             stats.upload_bytes += t.data.len() as u64;
             stats.dense_bytes += t.data.len() as u64;
             stats.forms.dense += 1;
-            let burn_dtype = burn_dtype(&t.name, t.dtype, &snapshot.metadata)?;
+            let burn_dtype = burn_dtype(&t.name, t.dtype, &metadata)?;
             let value = match &cube {
                 Some(target) => {
                     let words = target.upload(&t.data);
@@ -225,7 +252,7 @@ impl DeviceLoader {
             store: store.dir().to_path_buf(),
             id,
             tensors,
-            metadata: snapshot.metadata,
+            metadata,
             stats,
         })
     }
