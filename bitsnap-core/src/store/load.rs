@@ -7,7 +7,7 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
-use super::{Snapshot, Store, budget};
+use super::{Snapshot, SnapshotInfo, Store, budget};
 use crate::format::{Entry, Header, RefScope, SnapshotFile};
 use crate::{DType, Error, Tensor};
 
@@ -140,6 +140,16 @@ impl RestoreChain {
             state = Some(decode_file(file, state.as_deref())?);
         }
         Ok(state.unwrap_or_default())
+    }
+
+    /// Decodes the chain into the snapshot `info` describes, with the target's metadata.
+    pub(crate) fn into_snapshot(self, info: SnapshotInfo) -> Result<Snapshot, Error> {
+        Ok(Snapshot {
+            tensors: self.decode()?,
+            metadata: self.target().header.metadata.clone(),
+            info,
+            from_memory: false,
+        })
     }
 
     /// The files, taken out.
@@ -481,14 +491,7 @@ impl Store {
                 from_memory: true,
             });
         }
-        let chain = self.restore_chain(id, None)?;
-        let tensors = chain.decode()?;
-        Ok(Snapshot {
-            info,
-            metadata: chain.target().header.metadata.clone(),
-            tensors,
-            from_memory: false,
-        })
+        self.restore_chain(id, None)?.into_snapshot(info)
     }
 }
 

@@ -350,14 +350,7 @@ impl Store {
                 from_memory: true,
             });
         }
-        let chain = self.restore_chain(id, Some(rank))?;
-        let tensors = chain.decode()?;
-        Ok(Snapshot {
-            info,
-            metadata: chain.target().header.metadata.clone(),
-            tensors,
-            from_memory: false,
-        })
+        self.restore_chain(id, Some(rank))?.into_snapshot(info)
     }
 
     /// Every shard of `id`, tensors in rank order, rank 0's metadata.
