@@ -20,8 +20,8 @@
 //!    `config.init_on(&device).load_record(r.optimizer)`
 //!    ([`OptimizerSpec::init_on`]: the state stays on the model's device; no
 //!    `BURN_DEVICE` needed).
-//! 2. **Learning rate**: hand the scheduler over (`.scheduler(&s)`) and
-//!    `s.load_record(r.scheduler.unwrap())` on resume; `.lr(lr)` records the rate of the
+//! 2. **Learning rate**: hand the scheduler over (`.scheduler(s.to_record())`) and
+//!    `s = s.load_record(r.scheduler.unwrap())` on resume; `.lr(lr)` records the rate of the
 //!    update for the policy.
 //! 3. **Dropout and other device randomness**: Burn's device RNG state cannot be read, so
 //!    seed it from the step: `device.seed(run_seed ^ step)` before each forward pass.
@@ -73,7 +73,7 @@ use burn::optim::ModuleOptimizer;
 use crossbeam::channel::{Sender, unbounded};
 
 pub use config::StepSaverConfig;
-pub use optim::OptimizerSpec;
+pub use optim::{OptimizerSpec, optimizer_on};
 pub use request::SnapshotRequest;
 pub use restored::{Restored, RestoredFrom};
 
