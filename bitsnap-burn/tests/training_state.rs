@@ -350,3 +350,71 @@ fn every_step_snapshots_are_held_in_memory_and_persisted_every_nth() {
     let r = reopened.restore(6).unwrap();
     assert_eq!(r.from, RestoredFrom::Disk);
 }
+
+/// With a keeper: a trainer that dies after handing snapshots over (nothing persisted
+/// yet) restarts from the keeper's memory, continues exactly, and once the keeper is gone
+/// the disk answers with what the keeper persisted on shutdown.
+#[test]
+fn a_restarted_trainer_restores_from_the_keeper_then_from_disk() {
+    use bitsnap_core::keeper::{Keeper, KeeperOptions};
+    let device = Device::flex().autodiff();
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("steps");
+    let socket = dir.path().join("keeper.sock");
+    let store = bitsnap_core::Store::open_or_create(&store_dir, Default::default()).unwrap();
+    // Persist only on flush and shutdown: a restore before that cannot come from disk.
+    let keeper = Keeper::spawn(
+        store,
+        &socket,
+        KeeperOptions::default().with_persist_every(0),
+    )
+    .unwrap();
+    let config = StepSaverConfig::default()
+        .with_keeper(&socket)
+        .with_optimizer(&adamw());
+
+    let saver = StepSaver::open(&store_dir, config.clone()).unwrap();
+    let mut run = Run::new(&device);
+    let mut losses = Vec::new();
+    for _ in 0..RESUME_AT {
+        let (loss, lr) = run.step(&device);
+        losses.push(loss);
+        run.snapshot(&saver, lr);
+    }
+    // Wait until every snapshot is with the keeper, then lose the trainer's memory
+    // without any flush (as a killed process would).
+    while saver.stats().len() < RESUME_AT as usize {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(saver.stats().iter().all(|s| !s.persisted));
+    std::mem::forget(saver);
+    assert!(
+        bitsnap_core::Store::open(&store_dir)
+            .unwrap()
+            .snapshots()
+            .is_empty(),
+        "nothing is on disk yet"
+    );
+    for _ in RESUME_AT..STEPS {
+        losses.push(run.step(&device).0);
+    }
+
+    let saver = StepSaver::open(&store_dir, config.clone()).unwrap();
+    let r = saver
+        .latest()
+        .unwrap()
+        .expect("the keeper holds the latest");
+    assert_eq!((r.step, r.from), (RESUME_AT, RestoredFrom::Keeper));
+    println!("restored step {} from the keeper in {:?}", r.step, r.took);
+    let mut resumed = Run::resumed(r, &device);
+    let tail: Vec<f32> = (RESUME_AT..STEPS)
+        .map(|_| resumed.step(&device).0)
+        .collect();
+    assert_eq!(tail, losses[RESUME_AT as usize..]);
+    drop(saver);
+
+    keeper.shutdown().unwrap();
+    let saver = StepSaver::open(&store_dir, config).unwrap();
+    let r = saver.latest().unwrap().expect("persisted on shutdown");
+    assert_eq!((r.step, r.from), (RESUME_AT, RestoredFrom::Disk));
+}
