@@ -182,7 +182,12 @@ impl KeeperClient {
         let file = r.str(crate::MAX_NAME_BYTES, "file name")?;
         let head = SnapshotHead::decode(&mut r, frame.data_len)?;
         r.finish()?;
-        let tensors = wire::read_tensors(&mut self.reader, &head.tensors, &self.socket)?;
+        let tensors = wire::read_tensors(
+            &mut self.reader,
+            &head.tensors,
+            &self.socket,
+            &mut Vec::new(),
+        )?;
         let raw_bytes = head.data_len();
         Ok(Some(Snapshot {
             info: SnapshotInfo {

@@ -353,7 +353,16 @@ fn serve_connection(sh: &Shared, stream: UnixStream) {
                 (Kind::Welcome, head)
             }),
             Kind::Put => match put(sh, &frame, &mut reader) {
-                Ok(head) => Ok((Kind::Held, head)),
+                Ok((head, evicted)) => {
+                    // Answer first, then free what the put displaced.
+                    let sent = wire::write_frame(&mut writer, Kind::Held, &head, &[]);
+                    let freed = locked(&sh.memory).recycle(evicted);
+                    drop(freed);
+                    if sent.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 // The keeper's own limits, not the peer's bytes: report and go on.
                 Err(e @ (Error::Alloc { .. } | Error::Keeper { .. })) => {
                     Ok((Kind::Failed, failed(&e)))
@@ -364,7 +373,7 @@ fn serve_connection(sh: &Shared, stream: UnixStream) {
                 let r = latest(sh, &frame, &mut writer);
                 match r {
                     Ok(()) => continue,
-                    Err(e) if matches!(e, Error::Io { .. }) => return,
+                    Err(Error::Io { .. }) => return,
                     Err(e) => Ok((Kind::Failed, failed(&e))),
                 }
             }
@@ -431,13 +440,20 @@ fn hello(sh: &Shared, frame: &Frame) -> Result<Vec<u8>, Error> {
     Ok(h.0)
 }
 
-fn put(sh: &Shared, frame: &Frame, reader: &mut impl std::io::Read) -> Result<Vec<u8>, Error> {
+/// Holds a put; returns the `held` answer and the snapshots it displaced.
+fn put(
+    sh: &Shared,
+    frame: &Frame,
+    reader: &mut impl std::io::Read,
+) -> Result<(Vec<u8>, Vec<Arc<Held>>), Error> {
     let mut r = HeadReader::new(&frame.head, &sh.socket);
     let head = SnapshotHead::decode(&mut r, frame.data_len)?;
     r.finish()?;
-    let tensors = wire::read_tensors(reader, &head.tensors, &sh.socket)?;
+    let mut spare = locked(&sh.memory).take_spare(&head.series);
+    let tensors = wire::read_tensors(reader, &head.tensors, &sh.socket, &mut spare)?;
+    drop(spare);
     let hashes: Vec<u64> = head.tensors.iter().map(|t| t.hash).collect();
-    let (held, count) = {
+    let (held, count, evicted) = {
         let mut m = locked(&sh.memory);
         let seq = m.take_seq();
         let held = Arc::new(Held::new(
@@ -448,8 +464,8 @@ fn put(sh: &Shared, frame: &Frame, reader: &mut impl std::io::Read) -> Result<Ve
             tensors,
             hashes,
         ));
-        let count = m.hold(held.clone());
-        (held, count)
+        let (count, evicted) = m.hold(held.clone());
+        (held, count, evicted)
     };
     sh.puts.fetch_add(1, Ordering::Relaxed);
     let every = sh.options.persist_every;
@@ -461,7 +477,7 @@ fn put(sh: &Shared, frame: &Frame, reader: &mut impl std::io::Read) -> Result<Ve
     h.u64(held.seq);
     h.u64(held.bytes());
     h.u8(u8::from(persist));
-    Ok(h.0)
+    Ok((h.0, evicted))
 }
 
 /// Where a `snapshot` answer comes from.
