@@ -108,6 +108,17 @@ impl KeeperClient {
         &self.info
     }
 
+    /// Bounds how long one read or write of a request may wait on the keeper (default:
+    /// no bound). A keeper that is alive but stuck (stopped, swapping) then gives
+    /// [`Error::Io`] (`WouldBlock` or `TimedOut`) instead of blocking the trainer; the
+    /// connection is then unusable (a frame may be half sent): connect again.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
+        self.stream
+            .set_read_timeout(timeout)
+            .and_then(|()| self.stream.set_write_timeout(timeout))
+            .map_err(|e| Error::io(&self.socket, e))
+    }
+
     /// The keeper's socket.
     pub fn socket(&self) -> &Path {
         &self.socket

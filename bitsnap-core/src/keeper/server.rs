@@ -369,14 +369,14 @@ fn serve_connection(sh: &Shared, stream: UnixStream) {
                 }
                 Err(e) => Err(e),
             },
-            Kind::Latest => {
-                let r = latest(sh, &frame, &mut writer);
-                match r {
-                    Ok(()) => continue,
-                    Err(Error::Io { .. }) => return,
-                    Err(e) => Ok((Kind::Failed, failed(&e))),
-                }
-            }
+            Kind::Latest => match latest(sh, &frame, &mut writer) {
+                Ok(Ok(())) => continue,
+                // The answer could not be written: the client is gone.
+                Ok(Err(_)) => return,
+                // The request or the store failed (a store error may be an I/O error
+                // too): the connection stays usable.
+                Err(e) => Ok((Kind::Failed, failed(&e))),
+            },
             Kind::Flush => Ok(flush(sh)),
             other => Err(wire::malformed(
                 &sh.socket,
@@ -484,13 +484,18 @@ fn put(
 pub(crate) const SOURCE_MEMORY: u8 = 0;
 pub(crate) const SOURCE_DISK: u8 = 1;
 
-fn latest(sh: &Shared, frame: &Frame, writer: &mut &UnixStream) -> Result<(), Error> {
+/// Answers `latest`. The outer error: the request or the store failed (nothing was
+/// written); the inner one: writing the answer failed.
+fn latest(
+    sh: &Shared,
+    frame: &Frame,
+    writer: &mut &UnixStream,
+) -> Result<std::io::Result<()>, Error> {
     let mut r = HeadReader::new(&frame.head, &sh.socket);
     let series = r.str(crate::MAX_NAME_BYTES, "series")?;
     r.finish()?;
     let held = locked(&sh.memory).latest(&series);
     let mut h = HeadWriter::default();
-    let io = |e| Error::io(&sh.socket, e);
     if let Some(held) = held {
         let info = held.info();
         h.u8(1);
@@ -499,13 +504,13 @@ fn latest(sh: &Shared, frame: &Frame, writer: &mut &UnixStream) -> Result<(), Er
         put_info(&mut h, &info);
         held.head().encode(&mut h);
         let data: Vec<&[u8]> = held.tensors.iter().map(|t| t.data.as_slice()).collect();
-        return wire::write_frame(writer, Kind::Snapshot, &h.0, &data).map_err(io);
+        return Ok(wire::write_frame(writer, Kind::Snapshot, &h.0, &data));
     }
     // Nothing held (a keeper restarted after a crash): the latest in the store.
     let store = Store::open_backend(sh.backend.clone())?;
     let Some(id) = store.latest_in(&series).map(|s| s.id) else {
         h.u8(0);
-        return wire::write_frame(writer, Kind::Snapshot, &h.0, &[]).map_err(io);
+        return Ok(wire::write_frame(writer, Kind::Snapshot, &h.0, &[]));
     };
     let snap = store.load(id)?;
     h.u8(1);
@@ -515,7 +520,7 @@ fn latest(sh: &Shared, frame: &Frame, writer: &mut &UnixStream) -> Result<(), Er
     let desc = SnapshotHead::describe(&series, &snap.info.name, &snap.metadata, &snap.tensors)?;
     desc.encode(&mut h);
     let data: Vec<&[u8]> = snap.tensors.iter().map(|t| t.data.as_slice()).collect();
-    wire::write_frame(writer, Kind::Snapshot, &h.0, &data).map_err(io)
+    Ok(wire::write_frame(writer, Kind::Snapshot, &h.0, &data))
 }
 
 /// The store's view of a snapshot in a `snapshot` answer (see FORMAT.md).
