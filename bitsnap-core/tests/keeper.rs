@@ -102,6 +102,7 @@ fn put_is_held_latest_comes_from_memory_and_flush_persists() {
     let again = c.latest("model").unwrap().unwrap();
     assert_eq!(again.info.state_hash, on_disk.state_hash);
     assert_eq!(again.info.id, on_disk.id);
+    assert_eq!(again.info.file, on_disk.file);
     let stats = k.shutdown().unwrap();
     assert_eq!(stats.puts, 3);
     assert_eq!(stats.persist.saved, 1);

@@ -166,8 +166,8 @@ impl KeeperClient {
     }
 
     /// The latest snapshot of `series` the keeper has: from its memory
-    /// ([`Snapshot::from_memory`] true; its `info.id` is the store's id once persisted,
-    /// 0 before) or, for a keeper restarted after a crash that holds nothing of the
+    /// ([`Snapshot::from_memory`] true; its `info.id` and `info.file` are the store's
+    /// once persisted, 0 and empty before) or, for a keeper restarted after a crash that holds nothing of the
     /// series yet, from its store (`from_memory` false, `info` as the store lists it).
     /// Nothing is read from disk by the client. `None`: neither has one.
     pub fn latest(&mut self, series: &str) -> Result<Option<Snapshot>, Error> {

@@ -1,8 +1,7 @@
 //! What the keeper holds: the latest snapshots of each series, decoded, in memory.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use xxhash_rust::xxh3::Xxh3;
 
@@ -23,8 +22,8 @@ pub(crate) struct Held {
     pub(crate) state_hash: u64,
     /// xxh3-64 of each tensor's bytes, in order (checked when the put arrived).
     pub(crate) hashes: Vec<u64>,
-    /// The store's id for it once persisted; 0 until then.
-    pub(crate) store_id: AtomicU64,
+    /// The store's id and file for it, once persisted.
+    pub(crate) stored: OnceLock<(u64, String)>,
 }
 
 impl Held {
@@ -54,7 +53,7 @@ impl Held {
             tensors,
             state_hash: h.digest(),
             hashes,
-            store_id: AtomicU64::new(0),
+            stored: OnceLock::new(),
         }
     }
 
@@ -89,10 +88,10 @@ impl Held {
     /// empty before), no base, and no stored size.
     pub(crate) fn info(&self) -> SnapshotInfo {
         SnapshotInfo {
-            id: self.store_id.load(Ordering::Acquire),
+            id: self.stored.get().map_or(0, |s| s.0),
             name: self.name.clone(),
             series: self.series.clone(),
-            file: String::new(),
+            file: self.stored.get().map(|s| s.1.clone()).unwrap_or_default(),
             base: None,
             state_hash: self.state_hash,
             tensors: self.tensors.len() as u64,
