@@ -205,7 +205,7 @@ fn dropout_shuffled_loader_and_schedule_resume_bit_exactly() {
         let (loss, lr) = run.step(&device);
         losses.push(loss);
         lrs.push(lr);
-        if run.step % SAVE_EVERY == 0 || run.step == RESUME_AT {
+        if run.step.is_multiple_of(SAVE_EVERY) || run.step == RESUME_AT {
             run.snapshot(&saver, lr);
         }
     }
@@ -417,4 +417,27 @@ fn a_restarted_trainer_restores_from_the_keeper_then_from_disk() {
     let saver = StepSaver::open(&store_dir, config).unwrap();
     let r = saver.latest().unwrap().expect("persisted on shutdown");
     assert_eq!((r.step, r.from), (RESUME_AT, RestoredFrom::Disk));
+}
+
+/// A memory budget smaller than one snapshot lets one snapshot be in flight at a time,
+/// whatever the queue depth: each `submit` returns only once the previous save is done.
+#[test]
+fn a_memory_budget_applies_back_pressure() {
+    let device = Device::flex().autodiff();
+    let dir = tempfile::tempdir().unwrap();
+    let saver = StepSaver::open(
+        dir.path(),
+        StepSaverConfig::default()
+            .with_queue_depth(8)
+            .with_memory_budget(1),
+    )
+    .unwrap();
+    let mut run = Run::new(&device);
+    for k in 1..=5 {
+        let (_, lr) = run.step(&device);
+        run.snapshot(&saver, lr);
+        assert_eq!(saver.stats().len(), k - 1, "snapshot {k} did not wait");
+    }
+    saver.flush().unwrap();
+    assert_eq!(saver.steps(), vec![1, 2, 3, 4, 5]);
 }
