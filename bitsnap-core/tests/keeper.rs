@@ -102,6 +102,7 @@ fn put_is_held_latest_comes_from_memory_and_flush_persists() {
     let again = c.latest("model").unwrap().unwrap();
     assert_eq!(again.info.state_hash, on_disk.state_hash);
     assert_eq!(again.info.id, on_disk.id);
+    assert_eq!(again.info.file, on_disk.file);
     let stats = k.shutdown().unwrap();
     assert_eq!(stats.puts, 3);
     assert_eq!(stats.persist.saved, 1);
@@ -325,4 +326,64 @@ fn a_second_keeper_on_the_same_store_or_socket_is_refused() {
     assert!(Keeper::spawn(again, dir.path().join("k2.sock"), KeeperOptions::default()).is_err());
     let other = Store::open_or_create(dir.path().join("store2"), Policy::default()).unwrap();
     assert!(Keeper::spawn(other, dir.path().join("k.sock"), KeeperOptions::default()).is_err());
+}
+
+#[test]
+fn a_store_error_on_latest_is_reported_and_the_connection_stays_usable() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = keeper(dir.path(), KeeperOptions::default());
+    let mut c = KeeperClient::connect(dir.path().join("k.sock")).unwrap();
+    c.put("m", "a", &[], &state(1)).unwrap();
+    k.shutdown().unwrap();
+    // The snapshot's file disappears behind the store's back.
+    let store = Store::open(dir.path().join("store")).unwrap();
+    let file = store.latest_in("m").unwrap().file.clone();
+    std::fs::remove_file(dir.path().join("store").join(file)).unwrap();
+
+    let k = keeper(dir.path(), KeeperOptions::default());
+    let mut c = KeeperClient::connect(dir.path().join("k.sock")).unwrap();
+    match c.latest("m") {
+        Err(Error::Keeper { reason, .. }) => assert!(reason.contains("missing"), "{reason}"),
+        other => panic!("expected the keeper's error, got {other:?}"),
+    }
+    assert!(c.latest("none").unwrap().is_none(), "still usable");
+    drop(k);
+}
+
+#[test]
+fn a_stuck_keeper_times_out_when_asked_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("stuck.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    // A "keeper" that welcomes the client and then never answers.
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut hello = [0u8; FRAME_HEADER_BYTES + 2];
+        s.read_exact(&mut hello).unwrap();
+        let mut head = Vec::new();
+        head.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        head.extend_from_slice(&1u64.to_le_bytes());
+        head.extend_from_slice(&1u64.to_le_bytes());
+        head.extend_from_slice(&(1u64 << 30).to_le_bytes());
+        head.extend_from_slice(&7u32.to_le_bytes());
+        s.write_all(&frame(2, &head, 0)).unwrap();
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    });
+    let mut c = KeeperClient::connect(&sock).unwrap();
+    assert_eq!(c.info().pid, 7);
+    c.set_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    match c.put("m", "a", &[], &state(1)) {
+        Err(Error::Io { path, source }) => {
+            assert_eq!(path, sock);
+            assert!(matches!(
+                source.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ));
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    drop(c);
+    fake.join().unwrap();
 }

@@ -108,6 +108,17 @@ impl KeeperClient {
         &self.info
     }
 
+    /// Bounds how long one read or write of a request may wait on the keeper (default:
+    /// no bound). A keeper that is alive but stuck (stopped, swapping) then gives
+    /// [`Error::Io`] (`WouldBlock` or `TimedOut`) instead of blocking the trainer; the
+    /// connection is then unusable (a frame may be half sent): connect again.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
+        self.stream
+            .set_read_timeout(timeout)
+            .and_then(|()| self.stream.set_write_timeout(timeout))
+            .map_err(|e| Error::io(&self.socket, e))
+    }
+
     /// The keeper's socket.
     pub fn socket(&self) -> &Path {
         &self.socket
@@ -155,8 +166,8 @@ impl KeeperClient {
     }
 
     /// The latest snapshot of `series` the keeper has: from its memory
-    /// ([`Snapshot::from_memory`] true; its `info.id` is the store's id once persisted,
-    /// 0 before) or, for a keeper restarted after a crash that holds nothing of the
+    /// ([`Snapshot::from_memory`] true; its `info.id` and `info.file` are the store's
+    /// once persisted, 0 and empty before) or, for a keeper restarted after a crash that holds nothing of the
     /// series yet, from its store (`from_memory` false, `info` as the store lists it).
     /// Nothing is read from disk by the client. `None`: neither has one.
     pub fn latest(&mut self, series: &str) -> Result<Option<Snapshot>, Error> {
@@ -182,7 +193,12 @@ impl KeeperClient {
         let file = r.str(crate::MAX_NAME_BYTES, "file name")?;
         let head = SnapshotHead::decode(&mut r, frame.data_len)?;
         r.finish()?;
-        let tensors = wire::read_tensors(&mut self.reader, &head.tensors, &self.socket)?;
+        let tensors = wire::read_tensors(
+            &mut self.reader,
+            &head.tensors,
+            &self.socket,
+            &mut Vec::new(),
+        )?;
         let raw_bytes = head.data_len();
         Ok(Some(Snapshot {
             info: SnapshotInfo {

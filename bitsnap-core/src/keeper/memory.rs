@@ -1,8 +1,7 @@
 //! What the keeper holds: the latest snapshots of each series, decoded, in memory.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use xxhash_rust::xxh3::Xxh3;
 
@@ -23,8 +22,8 @@ pub(crate) struct Held {
     pub(crate) state_hash: u64,
     /// xxh3-64 of each tensor's bytes, in order (checked when the put arrived).
     pub(crate) hashes: Vec<u64>,
-    /// The store's id for it once persisted; 0 until then.
-    pub(crate) store_id: AtomicU64,
+    /// The store's id and file for it, once persisted.
+    pub(crate) stored: OnceLock<(u64, String)>,
 }
 
 impl Held {
@@ -54,7 +53,7 @@ impl Held {
             tensors,
             state_hash: h.digest(),
             hashes,
-            store_id: AtomicU64::new(0),
+            stored: OnceLock::new(),
         }
     }
 
@@ -89,10 +88,10 @@ impl Held {
     /// empty before), no base, and no stored size.
     pub(crate) fn info(&self) -> SnapshotInfo {
         SnapshotInfo {
-            id: self.store_id.load(Ordering::Acquire),
+            id: self.stored.get().map_or(0, |s| s.0),
             name: self.name.clone(),
             series: self.series.clone(),
-            file: String::new(),
+            file: self.stored.get().map(|s| s.1.clone()).unwrap_or_default(),
             base: None,
             state_hash: self.state_hash,
             tensors: self.tensors.len() as u64,
@@ -110,6 +109,10 @@ pub(crate) struct Memory {
     series: HashMap<String, VecDeque<Arc<Held>>>,
     /// Puts per series (decides which are persisted: every N-th).
     puts: HashMap<String, u64>,
+    /// Per series, the tensor buffers of the last snapshot let go that nothing else
+    /// held: the next put of the series reads into them (same sizes, step after step),
+    /// so a put costs no page faults and no unmapping.
+    spare: HashMap<String, Vec<Vec<u8>>>,
     next_seq: u64,
 }
 
@@ -119,6 +122,7 @@ impl Memory {
             keep: keep.max(1),
             series: HashMap::new(),
             puts: HashMap::new(),
+            spare: HashMap::new(),
             next_seq: 1,
         }
     }
@@ -130,18 +134,38 @@ impl Memory {
         s
     }
 
-    /// Holds `held` as the latest of its series, dropping the oldest beyond `keep`;
-    /// returns how many puts its series has had (this one included).
-    pub(crate) fn hold(&mut self, held: Arc<Held>) -> u64 {
+    /// Holds `held` as the latest of its series; returns how many puts its series has
+    /// had (this one included) and the snapshots beyond `keep` it let go, for the caller
+    /// to free outside the lock and after answering (freeing a large state takes time).
+    pub(crate) fn hold(&mut self, held: Arc<Held>) -> (u64, Vec<Arc<Held>>) {
         let count = self.puts.entry(held.series.clone()).or_insert(0);
         *count += 1;
         let count = *count;
         let q = self.series.entry(held.series.clone()).or_default();
         q.push_back(held);
+        let mut evicted = Vec::new();
         while q.len() > self.keep {
-            q.pop_front();
+            evicted.extend(q.pop_front());
         }
-        count
+        (count, evicted)
+    }
+
+    /// Takes the spare buffers of `series` (empty if none).
+    pub(crate) fn take_spare(&mut self, series: &str) -> Vec<Vec<u8>> {
+        self.spare.remove(series).unwrap_or_default()
+    }
+
+    /// Keeps the buffers of `evicted` snapshots that nothing else holds as spares of
+    /// their series; returns what it replaced, for the caller to free outside the lock.
+    pub(crate) fn recycle(&mut self, evicted: Vec<Arc<Held>>) -> Vec<Vec<Vec<u8>>> {
+        let mut freed = Vec::new();
+        for h in evicted {
+            if let Ok(h) = Arc::try_unwrap(h) {
+                let buffers = h.tensors.into_iter().map(|t| t.data).collect();
+                freed.extend(self.spare.insert(h.series, buffers));
+            }
+        }
+        freed
     }
 
     /// The latest snapshot of `series`.

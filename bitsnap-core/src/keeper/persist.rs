@@ -7,7 +7,6 @@
 //! snapshot of every series is saved.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -168,7 +167,7 @@ fn run(mut store: Store, shared: Shared) {
         let mut q = lock(&shared);
         match result {
             Ok(report) => {
-                held.store_id.store(report.info.id, Ordering::Release);
+                let _ = held.stored.set((report.info.id, report.info.file.clone()));
                 let s = q.saved.entry(held.series.clone()).or_insert(0);
                 *s = (*s).max(held.seq);
                 q.counts.saved += 1;

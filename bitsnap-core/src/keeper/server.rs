@@ -353,21 +353,30 @@ fn serve_connection(sh: &Shared, stream: UnixStream) {
                 (Kind::Welcome, head)
             }),
             Kind::Put => match put(sh, &frame, &mut reader) {
-                Ok(head) => Ok((Kind::Held, head)),
+                Ok((head, evicted)) => {
+                    // Answer first, then free what the put displaced.
+                    let sent = wire::write_frame(&mut writer, Kind::Held, &head, &[]);
+                    let freed = locked(&sh.memory).recycle(evicted);
+                    drop(freed);
+                    if sent.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 // The keeper's own limits, not the peer's bytes: report and go on.
                 Err(e @ (Error::Alloc { .. } | Error::Keeper { .. })) => {
                     Ok((Kind::Failed, failed(&e)))
                 }
                 Err(e) => Err(e),
             },
-            Kind::Latest => {
-                let r = latest(sh, &frame, &mut writer);
-                match r {
-                    Ok(()) => continue,
-                    Err(Error::Io { .. }) => return,
-                    Err(e) => Ok((Kind::Failed, failed(&e))),
-                }
-            }
+            Kind::Latest => match latest(sh, &frame, &mut writer) {
+                Ok(Ok(())) => continue,
+                // The answer could not be written: the client is gone.
+                Ok(Err(_)) => return,
+                // The request or the store failed (a store error may be an I/O error
+                // too): the connection stays usable.
+                Err(e) => Ok((Kind::Failed, failed(&e))),
+            },
             Kind::Flush => Ok(flush(sh)),
             other => Err(wire::malformed(
                 &sh.socket,
@@ -431,13 +440,20 @@ fn hello(sh: &Shared, frame: &Frame) -> Result<Vec<u8>, Error> {
     Ok(h.0)
 }
 
-fn put(sh: &Shared, frame: &Frame, reader: &mut impl std::io::Read) -> Result<Vec<u8>, Error> {
+/// Holds a put; returns the `held` answer and the snapshots it displaced.
+fn put(
+    sh: &Shared,
+    frame: &Frame,
+    reader: &mut impl std::io::Read,
+) -> Result<(Vec<u8>, Vec<Arc<Held>>), Error> {
     let mut r = HeadReader::new(&frame.head, &sh.socket);
     let head = SnapshotHead::decode(&mut r, frame.data_len)?;
     r.finish()?;
-    let tensors = wire::read_tensors(reader, &head.tensors, &sh.socket)?;
+    let mut spare = locked(&sh.memory).take_spare(&head.series);
+    let tensors = wire::read_tensors(reader, &head.tensors, &sh.socket, &mut spare)?;
+    drop(spare);
     let hashes: Vec<u64> = head.tensors.iter().map(|t| t.hash).collect();
-    let (held, count) = {
+    let (held, count, evicted) = {
         let mut m = locked(&sh.memory);
         let seq = m.take_seq();
         let held = Arc::new(Held::new(
@@ -448,8 +464,8 @@ fn put(sh: &Shared, frame: &Frame, reader: &mut impl std::io::Read) -> Result<Ve
             tensors,
             hashes,
         ));
-        let count = m.hold(held.clone());
-        (held, count)
+        let (count, evicted) = m.hold(held.clone());
+        (held, count, evicted)
     };
     sh.puts.fetch_add(1, Ordering::Relaxed);
     let every = sh.options.persist_every;
@@ -461,20 +477,25 @@ fn put(sh: &Shared, frame: &Frame, reader: &mut impl std::io::Read) -> Result<Ve
     h.u64(held.seq);
     h.u64(held.bytes());
     h.u8(u8::from(persist));
-    Ok(h.0)
+    Ok((h.0, evicted))
 }
 
 /// Where a `snapshot` answer comes from.
 pub(crate) const SOURCE_MEMORY: u8 = 0;
 pub(crate) const SOURCE_DISK: u8 = 1;
 
-fn latest(sh: &Shared, frame: &Frame, writer: &mut &UnixStream) -> Result<(), Error> {
+/// Answers `latest`. The outer error: the request or the store failed (nothing was
+/// written); the inner one: writing the answer failed.
+fn latest(
+    sh: &Shared,
+    frame: &Frame,
+    writer: &mut &UnixStream,
+) -> Result<std::io::Result<()>, Error> {
     let mut r = HeadReader::new(&frame.head, &sh.socket);
     let series = r.str(crate::MAX_NAME_BYTES, "series")?;
     r.finish()?;
     let held = locked(&sh.memory).latest(&series);
     let mut h = HeadWriter::default();
-    let io = |e| Error::io(&sh.socket, e);
     if let Some(held) = held {
         let info = held.info();
         h.u8(1);
@@ -483,13 +504,13 @@ fn latest(sh: &Shared, frame: &Frame, writer: &mut &UnixStream) -> Result<(), Er
         put_info(&mut h, &info);
         held.head().encode(&mut h);
         let data: Vec<&[u8]> = held.tensors.iter().map(|t| t.data.as_slice()).collect();
-        return wire::write_frame(writer, Kind::Snapshot, &h.0, &data).map_err(io);
+        return Ok(wire::write_frame(writer, Kind::Snapshot, &h.0, &data));
     }
     // Nothing held (a keeper restarted after a crash): the latest in the store.
     let store = Store::open_backend(sh.backend.clone())?;
     let Some(id) = store.latest_in(&series).map(|s| s.id) else {
         h.u8(0);
-        return wire::write_frame(writer, Kind::Snapshot, &h.0, &[]).map_err(io);
+        return Ok(wire::write_frame(writer, Kind::Snapshot, &h.0, &[]));
     };
     let snap = store.load(id)?;
     h.u8(1);
@@ -499,7 +520,7 @@ fn latest(sh: &Shared, frame: &Frame, writer: &mut &UnixStream) -> Result<(), Er
     let desc = SnapshotHead::describe(&series, &snap.info.name, &snap.metadata, &snap.tensors)?;
     desc.encode(&mut h);
     let data: Vec<&[u8]> = snap.tensors.iter().map(|t| t.data.as_slice()).collect();
-    wire::write_frame(writer, Kind::Snapshot, &h.0, &data).map_err(io)
+    Ok(wire::write_frame(writer, Kind::Snapshot, &h.0, &data))
 }
 
 /// The store's view of a snapshot in a `snapshot` answer (see FORMAT.md).

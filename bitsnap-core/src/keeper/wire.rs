@@ -431,45 +431,46 @@ fn duplicate(name: &str) -> Error {
     }
 }
 
-/// Reads the tensors a checked head describes from the data that follows it: one exact
-/// allocation per tensor, made only once the previous tensor arrived, each checked
-/// against its hash.
-pub(crate) fn read_tensors(
-    r: &mut impl Read,
+/// Reads the tensors a checked head describes from the data that follows it, each
+/// checked against its hash. Tensor `i` is read into `spare[i]` when that buffer fits it
+/// (at least its size, at most twice), else into one exact allocation made only once the
+/// previous tensor arrived.
+pub(crate) fn read_tensors<R: Read>(
+    r: &mut R,
     descs: &[TensorDesc],
     peer: &Path,
+    spare: &mut [Vec<u8>],
 ) -> Result<Vec<Tensor>, Error> {
     let mut out = Vec::with_capacity(descs.len());
     let mut offset = 0u64;
-    for d in descs {
+    for (i, d) in descs.iter().enumerate() {
         let len = usize::try_from(d.len).map_err(|_| Error::Alloc {
             what: format!("tensor `{}` from the keeper connection", d.name),
             bytes: d.len,
         })?;
-        let mut data = Vec::new();
+        let mut data = match spare.get_mut(i) {
+            Some(b) if b.capacity() >= len && b.capacity() / 2 <= len => {
+                let mut b = std::mem::take(b);
+                b.clear();
+                b
+            }
+            _ => Vec::new(),
+        };
         data.try_reserve_exact(len).map_err(|_| Error::Alloc {
             what: format!("tensor `{}` from the keeper connection", d.name),
             bytes: d.len,
         })?;
-        data.resize(len, 0);
-        let got = read_full(r, &mut data, peer)?;
+        // Reads straight into the spare capacity: no zeroing pass, no copy.
+        let got = (&mut *r)
+            .take(d.len)
+            .read_to_end(&mut data)
+            .map_err(|e| Error::io(peer, e))?;
         if got < len {
             return Err(truncated(
                 peer,
                 offset + got as u64,
                 &format!("data of tensor `{}`", d.name),
             ));
-        }
-        let actual = xxh3_64(&data);
-        if actual != d.hash {
-            return Err(Error::Checksum {
-                file: peer.to_path_buf(),
-                tensor: Some(d.name.clone()),
-                what: "payload",
-                offset,
-                expected: d.hash,
-                actual,
-            });
         }
         offset += d.len;
         out.push(Tensor {
@@ -478,6 +479,30 @@ pub(crate) fn read_tensors(
             shape: d.shape.clone(),
             role: d.role,
             data,
+        });
+    }
+    // Checked once all arrived, on the rayon pool (a truncated frame fails above first).
+    let mut offsets = descs.iter().scan(0u64, |at, d| {
+        let o = *at;
+        *at += d.len;
+        Some(o)
+    });
+    let bad = out
+        .par_iter()
+        .zip(descs)
+        .map(|(t, d)| (xxh3_64(&t.data), d))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .enumerate()
+        .find(|(_, (actual, d))| *actual != d.hash);
+    if let Some((i, (actual, d))) = bad {
+        return Err(Error::Checksum {
+            file: peer.to_path_buf(),
+            tensor: Some(d.name.clone()),
+            what: "payload",
+            offset: offsets.nth(i).unwrap_or_default(),
+            expected: d.hash,
+            actual,
         });
     }
     Ok(out)
@@ -671,7 +696,7 @@ mod tests {
         let mut hr = HeadReader::new(&f.head, peer());
         let head = SnapshotHead::decode(&mut hr, f.data_len)?;
         hr.finish()?;
-        let ts = read_tensors(&mut r, &head.tensors, peer())?;
+        let ts = read_tensors(&mut r, &head.tensors, peer(), &mut [])?;
         Ok((head, ts))
     }
 
