@@ -11,6 +11,7 @@ use burn::store::ModuleRecord;
 use burn::train::checkpoint::{Checkpoint, Checkpointer, CheckpointerError};
 
 use crate::Error;
+use crate::OptimizerSpec;
 use crate::bridge::{self, RecordKind};
 
 /// A Burn record type bitsnap knows how to store.
@@ -50,6 +51,7 @@ impl BurnRecord for LrSchedulerRecord {
 pub struct BitSnapCheckpointer {
     store: Arc<Mutex<Store>>,
     dir: PathBuf,
+    optimizer_rule: Option<String>,
 }
 
 impl BitSnapCheckpointer {
@@ -59,7 +61,16 @@ impl BitSnapCheckpointer {
         Ok(BitSnapCheckpointer {
             store: Arc::new(Mutex::new(store)),
             dir: dir.as_ref().to_path_buf(),
+            optimizer_rule: None,
         })
+    }
+
+    /// Names the optimizer's update rule in every optimizer record's metadata
+    /// (`bitsnap.optimizer`), so that the replay codec needs no estimation (default:
+    /// none). A configuration the replay does not model writes nothing.
+    pub fn with_optimizer(mut self, config: &impl OptimizerSpec) -> Self {
+        self.optimizer_rule = config.replay_rule();
+        self
     }
 
     /// The underlying store (to list or inspect snapshots). Saves wait while it is held.
@@ -82,7 +93,10 @@ impl BitSnapCheckpointer {
                 what: kind.name(),
                 source,
             })?;
-        let (tensors, metadata) = bridge::from_burnpack(bytes, kind, "")?;
+        let (tensors, mut metadata) = bridge::from_burnpack(bytes, kind, "")?;
+        if let (RecordKind::Optimizer, Some(rule)) = (kind, &self.optimizer_rule) {
+            metadata.push(("bitsnap.optimizer".into(), rule.clone()));
+        }
         let mut store = self.store();
         let previous = store.find(kind.name(), &Self::name(epoch)).map(|s| s.id);
         let report = store.save_in(kind.name(), &Self::name(epoch), tensors, metadata)?;

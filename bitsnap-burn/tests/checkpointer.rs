@@ -171,3 +171,33 @@ fn saving_an_epoch_again_replaces_it() {
     assert!(bytes(back) == bytes(second.into_record()));
     assert_eq!(ckpt.store().snapshots().len(), 1);
 }
+
+/// `with_optimizer` names the update rule in the optimizer records' metadata only.
+#[test]
+fn optimizer_records_carry_the_update_rule() {
+    use bitsnap_burn::OptimizerSpec;
+    let dir = tempfile::tempdir().unwrap();
+    let adamw = AdamWConfig::new();
+    let ckpt = BitSnapCheckpointer::open(dir.path(), Policy::default())
+        .unwrap()
+        .with_optimizer(&adamw);
+    let device = Device::flex();
+    let model = LinearConfig::new(2, 2).init(&device);
+    ckpt.save_record(1, model.into_record()).unwrap();
+    let optim: ModuleOptimizer = adamw.init();
+    ckpt.save_record(1, optim.to_record()).unwrap();
+    let store = ckpt.store();
+    let rule = |series: &str| {
+        let id = store.find(series, "epoch-1").unwrap().id;
+        store
+            .load(id)
+            .unwrap()
+            .metadata
+            .into_iter()
+            .find(|(k, _)| k == "bitsnap.optimizer")
+            .map(|(_, v)| v)
+    };
+    assert_eq!(rule("optim"), adamw.replay_rule());
+    assert!(rule("optim").is_some());
+    assert_eq!(rule("model"), None);
+}
