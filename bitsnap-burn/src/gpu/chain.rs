@@ -9,9 +9,11 @@
 //! the tensors resident on the device once more against what each delta was encoded
 //! against. Everything else of the loader only uploads and runs kernels.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
-use bitsnap_core::format::{Entry, Header, SnapshotFile};
+use bitsnap_core::codec::DeviceForm;
+use bitsnap_core::format::{Entry, Header, RefScope, SnapshotFile};
 use bitsnap_core::{DType, RestoreChain, Store};
 
 use crate::Error;
@@ -56,19 +58,83 @@ impl Chain {
             .any(|e| !e.codec.has_device_form())
     }
 
-    /// For each tensor, the index of the snapshot holding its last base-free payload
-    /// (dense or codes): what comes before is overwritten, so it need not be read.
-    pub(super) fn starts(&self) -> HashMap<&str, usize> {
-        let mut start = HashMap::new();
-        for (k, f) in self.files().iter().enumerate() {
-            for e in &f.header.entries {
-                if !e.codec.needs_base() {
-                    start.insert(e.name.as_str(), k);
+    /// For each snapshot of the chain, the tensors whose payloads the restore needs:
+    /// every tensor of the last; in each earlier one, what the next one's needed
+    /// payloads decode against (the base of a delta, a base-scope reference), closed over
+    /// same-snapshot references. The rest (overwritten later by a base-free payload) is
+    /// not read.
+    pub(super) fn needed(&self) -> Vec<HashSet<&str>> {
+        let files = self.files();
+        let mut needed = vec![HashSet::new(); files.len()];
+        let mut want: Vec<&str> = self
+            .target()
+            .header
+            .entries
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect();
+        for (k, file) in files.iter().enumerate().rev() {
+            let by_name: HashMap<&str, &Entry> = file
+                .header
+                .entries
+                .iter()
+                .map(|e| (e.name.as_str(), e))
+                .collect();
+            let mut set: HashSet<&str> = HashSet::new();
+            let mut prev = Vec::new();
+            while let Some(name) = want.pop() {
+                let Some(e) = by_name.get(name) else { continue };
+                if !set.insert(e.name.as_str()) {
+                    continue;
+                }
+                if e.codec.needs_base() {
+                    prev.push(e.name.as_str());
+                }
+                for r in &e.references {
+                    match r.scope {
+                        RefScope::Snapshot => want.push(r.name.as_str()),
+                        RefScope::Base => prev.push(r.name.as_str()),
+                    }
                 }
             }
+            needed[k] = set;
+            want = prev;
         }
-        start
+        needed
     }
+}
+
+/// Verifies `entry`'s payload checksum and entropy-decodes it into its device form;
+/// returns the form and the time each of the two took.
+pub(super) fn decode_form(
+    file: &SnapshotFile,
+    entry: &Entry,
+) -> Result<(DeviceForm, Duration, Duration), Error> {
+    let t0 = Instant::now();
+    let payload = file.payload(entry)?;
+    let checksum = t0.elapsed();
+    let numel = usize::try_from(entry.numel()).map_err(|_| bitsnap_core::Error::Limit {
+        file: file.path.clone(),
+        what: "tensor elements",
+        value: entry.numel(),
+        limit: usize::MAX as u64,
+    })?;
+    let t1 = Instant::now();
+    let form = bitsnap_core::codec::decode_for_device(entry.codec, payload, entry.dtype, numel)
+        .map_err(|e| match e.alloc {
+            Some(bytes) => bitsnap_core::Error::Alloc {
+                what: format!("tensor `{}` of {}", entry.name, file.path.display()),
+                bytes,
+            },
+            None => bitsnap_core::Error::Malformed {
+                file: file.path.clone(),
+                tensor: Some(entry.name.clone()),
+                what: "payload",
+                offset: entry.offset + e.offset as u64,
+                reason: e.reason,
+            },
+        })?;
+    Ok((form, checksum, t1.elapsed()))
 }
 
 /// Whether a base tensor of `dtype` and `shape` is what `entry`'s delta payload was

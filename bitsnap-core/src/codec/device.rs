@@ -180,7 +180,11 @@ fn cast_patch(payload: &[u8], numel: usize) -> Result<CastPatch, CodecError> {
         let shift = 16 * (pos % 2) as u32;
         let value = u32::from(u16::from_le_bytes(v)) << shift;
         let lane = 0xffff_u32 << shift;
-        match (patch.words.last(), patch.values.last_mut(), patch.lanes.last_mut()) {
+        match (
+            patch.words.last(),
+            patch.values.last_mut(),
+            patch.lanes.last_mut(),
+        ) {
             (Some(&w), Some(values), Some(lanes)) if w == word => {
                 *values |= value;
                 *lanes |= lane;
@@ -311,7 +315,11 @@ pub fn apply_device_form(
             if z.len() != len || b.len() != len {
                 return Err(CodecError::new(
                     0,
-                    format!("{} difference bytes, {} base bytes for a tensor of {len}", z.len(), b.len()),
+                    format!(
+                        "{} difference bytes, {} base bytes for a tensor of {len}",
+                        z.len(),
+                        b.len()
+                    ),
                 ));
             }
             let mut out = alloc::with_capacity(len, "the decoded tensor")?;
@@ -327,7 +335,10 @@ pub fn apply_device_form(
         }
         DeviceForm::Cast(p) => {
             if !cast::applies(dtype, DType::F32) {
-                return Err(CodecError::new(0, format!("a {dtype} tensor cannot be a cast")));
+                return Err(CodecError::new(
+                    0,
+                    format!("a {dtype} tensor cannot be a cast"),
+                ));
             }
             let r = need_reference(DType::F32)?;
             let mut out = alloc::with_capacity(len, "the decoded tensor")?;
@@ -398,7 +409,10 @@ mod tests {
         let enc = codec.encode(&input).unwrap().expect("the codec applies");
         let form = decode_for_device(enc.codec, &enc.payload, dtype, n).unwrap();
         let cpu = decode(enc.codec, &enc.payload, dtype, n, Some(base)).unwrap();
-        assert_eq!(apply_device_form(&form, dtype, n, Some(base), None).unwrap(), cpu);
+        assert_eq!(
+            apply_device_form(&form, dtype, n, Some(base), None).unwrap(),
+            cpu
+        );
         if let DeviceForm::Sparse(s) = &form {
             assert_eq!(s.mask.len(), n.div_ceil(32));
             assert_eq!(s.block_ranks.len(), n.div_ceil(RANK_BLOCK));
@@ -491,8 +505,8 @@ mod tests {
             (DType::I32, &x[..], "of i32"),
             (DType::F32, &x[..396], "396 bytes"),
         ] {
-            let err = apply_device_form(&form, DType::F32, 100, None, Some((dtype, bytes)))
-                .unwrap_err();
+            let err =
+                apply_device_form(&form, DType::F32, 100, None, Some((dtype, bytes))).unwrap_err();
             assert!(err.reason.contains(what), "{err}");
         }
         let err = apply_device_form(&form, DType::F32, 100, None, None).unwrap_err();
