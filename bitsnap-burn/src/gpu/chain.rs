@@ -1,5 +1,5 @@
 //! The snapshot chains a device restore applies, as bitsnap-core's checked chain reader
-//! ([`Store::restore_chains`]) gives them.
+//! ([`Store::restore_chains_needed`]: headers and the payloads a restore needs) gives them.
 //!
 //! Core opens every snapshot from the full one at the root to the target and checks each
 //! link before anything is decoded: the base id and state hash of every delta, that every
@@ -9,11 +9,11 @@
 //! the tensors resident on the device once more against what each delta was encoded
 //! against. Everything else of the loader only uploads and runs kernels.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use bitsnap_core::codec::DeviceForm;
-use bitsnap_core::format::{Entry, Header, RefScope, SnapshotFile};
+use bitsnap_core::format::{Entry, Header, SnapshotFile};
 use bitsnap_core::{DType, RestoreChain, Store};
 
 use crate::Error;
@@ -26,10 +26,11 @@ pub(super) struct Chain {
 
 impl Chain {
     /// Opens the chains of snapshot `id`: one for an unsharded snapshot, one per rank
-    /// (in rank order) for a sharded one.
+    /// (in rank order) for a sharded one; of each file only the header and the payloads
+    /// the restore needs are read.
     pub(super) fn open(store: &Store, id: u64) -> Result<Vec<Chain>, Error> {
         Ok(store
-            .restore_chains(id)?
+            .restore_chains_needed(id)?
             .into_iter()
             .map(|inner| Chain { inner })
             .collect())
@@ -58,49 +59,27 @@ impl Chain {
             .any(|e| !e.codec.has_device_form())
     }
 
-    /// For each snapshot of the chain, the tensors whose payloads the restore needs:
-    /// every tensor of the last; in each earlier one, what the next one's needed
-    /// payloads decode against (the base of a delta, a base-scope reference), closed over
-    /// same-snapshot references. The rest (overwritten later by a base-free payload) is
-    /// not read.
-    pub(super) fn needed(&self) -> Vec<HashSet<&str>> {
-        let files = self.files();
-        let mut needed = vec![HashSet::new(); files.len()];
-        let mut want: Vec<&str> = self
-            .target()
-            .header
-            .entries
+    /// For each snapshot of the chain, the tensors whose payloads the restore needs
+    /// (the only ones read: [`RestoreChain::needed`]).
+    pub(super) fn needed(&self) -> Vec<HashSet<String>> {
+        self.inner.needed()
+    }
+
+    /// Bytes read from the files: headers, trailers and the needed payloads.
+    pub(super) fn read_bytes(&self, needed: &[HashSet<String>]) -> u64 {
+        self.files()
             .iter()
-            .map(|e| e.name.as_str())
-            .collect();
-        for (k, file) in files.iter().enumerate().rev() {
-            let by_name: HashMap<&str, &Entry> = file
-                .header
-                .entries
-                .iter()
-                .map(|e| (e.name.as_str(), e))
-                .collect();
-            let mut set: HashSet<&str> = HashSet::new();
-            let mut prev = Vec::new();
-            while let Some(name) = want.pop() {
-                let Some(e) = by_name.get(name) else { continue };
-                if !set.insert(e.name.as_str()) {
-                    continue;
-                }
-                if e.codec.needs_base() {
-                    prev.push(e.name.as_str());
-                }
-                for r in &e.references {
-                    match r.scope {
-                        RefScope::Snapshot => want.push(r.name.as_str()),
-                        RefScope::Base => prev.push(r.name.as_str()),
-                    }
-                }
-            }
-            needed[k] = set;
-            want = prev;
-        }
-        needed
+            .zip(needed)
+            .map(|(f, keep)| {
+                let (all, kept) = f.header.entries.iter().fold((0, 0), |(a, k), e| {
+                    (
+                        a + e.len,
+                        k + if keep.contains(&e.name) { e.len } else { 0 },
+                    )
+                });
+                f.file_len() - all + kept
+            })
+            .sum()
     }
 }
 

@@ -40,7 +40,7 @@
 //! # What a load checks
 //!
 //! Always, on every path (the chain is read and checked by bitsnap-core's
-//! [`Store::restore_chains`], the same reader the CPU decoder uses):
+//! [`Store::restore_chains_needed`], the same checks as the reader the CPU decoder uses):
 //! - each snapshot file of the chain: magic, version, trailer, header checksum, header
 //!   fields, payloads tiling the data section, and that it holds the snapshot the
 //!   manifest names;
@@ -55,8 +55,8 @@
 //! - each delta tensor: its base tensor exists with the same dtype and shape (refused
 //!   with [`bitsnap_core::Error::MissingBase`] naming the file and tensor otherwise).
 //!
-//! Payloads that a later snapshot of the chain overwrites with a base-free payload are
-//! not read, so not checked ([`FormCounts::skipped`]).
+//! Payloads that a later snapshot of the chain overwrites with a base-free payload (and
+//! that nothing references) are not read, so not checked ([`FormCounts::skipped`]).
 //!
 //! On the device path ([`Expansion::OnDevice`] on a CubeCL device) the decoded-data
 //! checksum of each restored tensor, which covers what the kernels computed, is checked
@@ -287,12 +287,12 @@ impl DeviceLoader {
         chain: &Chain,
         target: &CubeTarget,
     ) -> Result<DeviceSnapshot, Error> {
+        let needed = chain.needed();
         let mut stats = LoadStats {
             snapshots: chain.files().len(),
-            read_bytes: chain.files().iter().map(SnapshotFile::file_len).sum(),
+            read_bytes: chain.read_bytes(&needed),
             ..LoadStats::default()
         };
-        let needed = chain.needed();
         // Entropy decoding and uploads run on the rayon pool, a few tensors ahead of the
         // kernels, which this thread launches in chain order.
         let (tx, rx) = channel::bounded::<Result<Decoded, Error>>(rayon::current_num_threads() * 2);
