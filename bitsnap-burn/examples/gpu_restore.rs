@@ -66,7 +66,11 @@ fn moment(n: usize, seed: u64, second: bool) -> Vec<u8> {
 
 /// One fine-tuning step: 13% of the f16 weights move by one ulp-ish; every moment changes.
 fn step(t: &mut Tensor, k: u64) {
-    let mut r = xorshift(k ^ t.data.len() as u64);
+    // Seeded by the tensor's name: every layer's moments differ (equal ones would be
+    // stored as copies of each other).
+    let mut r = xorshift(
+        k.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ xxhash_rust::xxh3::xxh3_64(t.name.as_bytes()),
+    );
     match t.dtype {
         DType::F16 => {
             for e in t.data.chunks_exact_mut(2) {

@@ -274,3 +274,104 @@ impl Store {
         SnapshotFile::from_bytes(bytes, &path)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::format::SnapshotFile;
+    use crate::{Error, Policy, Role, Store, Tensor};
+
+    fn floats(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) as f32 * 1e-9)
+            .collect()
+    }
+
+    /// `w` changes in one element per save (a delta on the file before), `x` changes its
+    /// shape (so it is stored anew): restoring the last save needs `w` from every file, `x` from the
+    /// last only. Returns the store and the ids.
+    fn chain(dir: &std::path::Path) -> (Store, Vec<u64>) {
+        let policy = Policy::default()
+            .with_min_delta_gain(0.0)
+            .with_full_every(u32::MAX);
+        let mut store = Store::open_or_create(dir, policy).unwrap();
+        let mut w = floats(5000, 1);
+        let mut ids = Vec::new();
+        for k in 0..3u32 {
+            w[k as usize * 7] = -1.0 - k as f32;
+            let state = vec![
+                Tensor::from_f32("w", &[5000], Role::Weight, &w).unwrap(),
+                Tensor::from_f32(
+                    "x",
+                    &[5000 + u64::from(k)],
+                    Role::Weight,
+                    &floats(5000 + k as usize, 99),
+                )
+                .unwrap(),
+            ];
+            ids.push(store.save(&format!("s{k}"), state).unwrap().info.id);
+        }
+        (store, ids)
+    }
+
+    /// Flips a byte in the middle of `tensor`'s payload in snapshot `id`'s file.
+    fn corrupt(store: &Store, id: u64, tensor: &str) -> std::path::PathBuf {
+        let path = store.dir().join(&store.get(id).unwrap().file);
+        let file = SnapshotFile::open(&path).unwrap();
+        let e = file
+            .header
+            .entries
+            .iter()
+            .find(|e| e.name == tensor)
+            .unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[(e.offset + e.len / 2) as usize] ^= 0x40;
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn only_needed_payloads_are_read_and_they_decode_like_the_whole_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, ids) = chain(dir.path());
+        let last = *ids.last().unwrap();
+        let chain = store.restore_chain_needed(last, None).unwrap();
+        let needed = chain.needed();
+        assert_eq!(needed.len(), 3);
+        for (k, n) in needed.iter().enumerate() {
+            assert!(n.contains("w"), "{k}");
+            assert_eq!(n.contains("x"), k == 2, "{k}");
+        }
+        assert_eq!(chain.decode().unwrap(), store.load(last).unwrap().tensors);
+        // An unneeded payload is not read: corrupting it changes nothing...
+        corrupt(&store, ids[0], "x");
+        let again = store.restore_chain_needed(last, None).unwrap();
+        assert_eq!(again.decode().unwrap(), chain.decode().unwrap());
+        // ...while a needed one is checked, and the error names its file and tensor.
+        let path = corrupt(&store, ids[1], "w");
+        let err = store
+            .restore_chain_needed(last, None)
+            .unwrap()
+            .decode()
+            .unwrap_err();
+        match err {
+            Error::Checksum { file, tensor, .. } => {
+                assert_eq!((file, tensor.as_deref()), (path, Some("w")))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_cut_file_is_refused_before_its_payloads_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, ids) = chain(dir.path());
+        let path = store.dir().join(&store.get(ids[1]).unwrap().file);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
+        let err = store.restore_chain_needed(ids[2], None).unwrap_err();
+        assert!(matches!(err, Error::Truncated { .. }), "{err:?}");
+        std::fs::write(&path, &bytes[..10]).unwrap();
+        let err = store.restore_chain_needed(ids[2], None).unwrap_err();
+        assert!(matches!(err, Error::Truncated { .. }), "{err:?}");
+    }
+}
