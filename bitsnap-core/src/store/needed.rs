@@ -110,10 +110,10 @@ impl Store {
     }
 
     /// [`Store::restore_chain`] reading of each file its preamble, header and trailer,
-    /// then only the payloads restoring `id` needs ([`needed_payloads`],
-    /// [`RestoreChain::needed`]); the chain is checked as [`Store::restore_chain`] checks
-    /// it. Payloads not read are not there: [`SnapshotFile::payload`] of one fails its
-    /// checksum; [`RestoreChain::decode`] decodes only the ones read.
+    /// then only the payloads restoring `id` needs ([`RestoreChain::needed`]); the chain
+    /// is checked as [`Store::restore_chain`] checks it. Payloads not read are not there:
+    /// [`SnapshotFile::payload`] of one fails its checksum; [`RestoreChain::decode`]
+    /// decodes only the ones read.
     pub fn restore_chain_needed(&self, id: u64, rank: Option<u32>) -> Result<RestoreChain, Error> {
         let names = self.chain_files(id, rank)?;
         let heads = names
