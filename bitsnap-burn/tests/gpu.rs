@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use bitsnap_burn::gpu::{DeviceLoader, DeviceSnapshot, Expansion};
 use bitsnap_burn::{StepSaver, StepSaverConfig};
-use bitsnap_core::codec::QuantBits;
+use bitsnap_core::codec::{ClusterLayout, QuantBits};
 use bitsnap_core::{DType, Lossiness, Policy, Role, Store, Tensor};
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
@@ -85,7 +85,7 @@ fn tensor(name: &str, dtype: DType, role: Role, data: Vec<u8>) -> Tensor {
 }
 
 /// A three-snapshot chain whose deltas exercise every device path: odd lengths, empty,
-/// unchanged, all-changed, sparse, 1/2/4/8-byte elements, cluster codes at 4/8/16 bits.
+/// unchanged, all-changed, sparse, 1/2/4/8-byte elements, cluster codes at `bits`.
 fn chain(dir: &std::path::Path, bits: QuantBits) -> (Store, Vec<u64>) {
     let policy = Policy::default()
         .with_lossiness(Lossiness::LossyOptimizer { bits })
@@ -153,9 +153,21 @@ fn assert_same_as_cpu(store: &Store, id: u64, snap: &DeviceSnapshot) {
 #[test]
 fn every_path_matches_the_cpu_decoder_on_wgpu() {
     let Some(device) = wgpu() else { return };
-    for bits in [QuantBits::B4, QuantBits::B8, QuantBits::B16] {
+    // Every width, 3 and 6 bits included: their codes straddle 32-bit words.
+    for bits in QuantBits::ALL {
         let dir = tempfile::tempdir().unwrap();
         let (store, ids) = chain(dir.path(), bits);
+        let file = store.open_file(ids[0]).unwrap();
+        let e = file.header.entries.iter().find(|e| e.name == "adam.v.f32");
+        let e = e.unwrap();
+        assert_eq!(
+            e.codec,
+            bitsnap_core::codec::CodecId::Cluster,
+            "{:?}",
+            e.decision
+        );
+        let layout = ClusterLayout::parse(file.payload(e).unwrap(), DType::F32).unwrap();
+        assert_eq!(layout.bits, bits, "{:?}", e.decision);
         let (mut sparse, mut unchanged, mut codes, mut host, mut skipped) = (0, 0, 0, 0, 0);
         for &id in &ids {
             let snap = DeviceLoader::new(&device)
@@ -426,11 +438,193 @@ fn a_sharded_snapshot_restores_onto_the_device() {
     }
 }
 
-/// Payloads without a device form (an integer delta; a bf16 tensor stored as the cast of
-/// its f32 master; a copy of another tensor) restore through the CPU decoder on every
-/// device, equal to it, and `Policy::device_forms_only` keeps them out of a store.
+/// Bit patterns of f32 values that exercise both casts: every special (±0, ±Inf, quiet
+/// and signalling NaNs with payloads, f32 subnormals, the largest finite), values near
+/// f16's range edges (its subnormals, the rounding into and out of them, overflow to
+/// Inf), exact ties (round half to even, both parities) and random patterns.
+fn cast_sources(n: usize, seed: u64) -> Vec<u32> {
+    let specials = [
+        0u32,
+        0x8000_0000,
+        0x7f80_0000,
+        0xff80_0000,
+        0x7fc0_0000,
+        0xffc0_1234,
+        0x7f80_0001,
+        0x7fa5_5a5a,
+        0x0000_0001,
+        0x807f_ffff,
+        0x7f7f_ffff,
+        0xff7f_ffff,
+        0x3380_0000, // 2^-24: f16's smallest subnormal
+        0x3300_0000, // 2^-25: a tie between 0 and the smallest subnormal
+        0x3300_0001,
+        0x387f_e000, // just below f16's smallest normal, rounds up to it
+        0x477f_f000, // 65520: a tie that rounds to Inf in f16
+        0x477f_efff, // just below: 65504
+        0x3f80_8000, // bf16 tie, even: stays
+        0x3f81_8000, // bf16 tie, odd: rounds up
+        0x3f80_1000, // f16 tie, even
+        0x3f80_3000, // f16 tie, odd
+    ];
+    let r = bytes(n * 8, seed);
+    (0..n)
+        .map(|i| {
+            let x = u32::from_le_bytes([r[8 * i], r[8 * i + 1], r[8 * i + 2], r[8 * i + 3]]);
+            let pick = r[8 * i + 4];
+            match pick % 8 {
+                0 => specials[(pick as usize / 8) % specials.len()],
+                // Exponents around f16's range (subnormals to overflow), any mantissa.
+                1..=4 => (x & 0x807f_ffff) | ((95 + u32::from(r[8 * i + 5]) % 55) << 23),
+                // Ties and near-ties at a random exponent of that range.
+                5 => {
+                    let e = 95 + u32::from(r[8 * i + 5]) % 55;
+                    (x & 0x8000_0000) | (e << 23) | (x & 0x007f_e000) | 0x1000
+                }
+                _ => x,
+            }
+        })
+        .collect()
+}
+
+fn cast_to(dtype: DType, source: &[u32], exceptions_every: usize) -> Vec<u8> {
+    source
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &x)| {
+            let v = f32::from_bits(x);
+            let mut h = match dtype {
+                DType::BF16 => half::bf16::from_f32(v).to_bits(),
+                _ => half::f16::from_f32(v).to_bits(),
+            };
+            // Exceptions, some two to a word (positions `k` and `k + 1`).
+            if i % exceptions_every <= 1 {
+                h ^= 0x0101u16.wrapping_add(i as u16);
+            }
+            h.to_le_bytes()
+        })
+        .collect()
+}
+
+fn words_of(x: &[u32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// `x` moved by small integer steps of either sign, wrapping (`0 - 1`, `MAX + 1`).
+fn nudged(data: &[u8], width: usize, seed: u64) -> Vec<u8> {
+    let r = bytes(data.len() / width, seed);
+    let mut out = data.to_vec();
+    for (e, &d) in out.chunks_exact_mut(width).zip(&r) {
+        let step = i64::from(d % 5) - 2;
+        let mut b = [0u8; 8];
+        b[..width].copy_from_slice(e);
+        let v = u64::from_le_bytes(b).wrapping_add(step as u64);
+        e.copy_from_slice(&v.to_le_bytes()[..width]);
+    }
+    out
+}
+
+/// The forms added for issue #12 on the device: casts of f32 masters to bf16 and f16
+/// (round-to-nearest-even of every special value, exceptions patched in, two to a word
+/// included, an odd element count), copies of another tensor, and integer deltas on 1-,
+/// 2- and 4-byte elements (special values moved by ±2, wrapping). Each is restored on
+/// wgpu by its kernel (no host fallback), bit for bit what the CPU decoder gives.
 #[test]
-fn host_only_payloads_restore_through_the_cpu_decoder() {
+fn casts_copies_and_integer_deltas_restore_on_the_device() {
+    let Some(device) = wgpu() else { return };
+    let n = 70_001;
+    let state = |k: u64| {
+        let master = cast_sources(n, 10 + k);
+        let master_h = cast_sources(n, 20 + k);
+        let ints = |dtype: DType, seed: u64| {
+            let w = dtype.size();
+            let base = bytes(n * w, seed);
+            // The first snapshot holds random patterns (specials among them for the
+            // floats); the second moves each by a small integer step.
+            let base = if dtype == DType::F32 {
+                words_of(&cast_sources(n, seed))
+            } else {
+                base
+            };
+            if k == 0 {
+                base
+            } else {
+                nudged(&base, w, seed ^ 77)
+            }
+        };
+        vec![
+            tensor(
+                "optimizer.master.w",
+                DType::F32,
+                Role::Weight,
+                words_of(&master),
+            ),
+            tensor(
+                "model.w",
+                DType::BF16,
+                Role::Weight,
+                cast_to(DType::BF16, &master, 101),
+            ),
+            tensor(
+                "optimizer.master.h",
+                DType::F32,
+                Role::Weight,
+                words_of(&master_h),
+            ),
+            tensor(
+                "model.h",
+                DType::F16,
+                Role::Weight,
+                cast_to(DType::F16, &master_h, 89),
+            ),
+            tensor("copy.w", DType::F32, Role::Other, words_of(&master)),
+            tensor("steps.f32", DType::F32, Role::Other, ints(DType::F32, 1)),
+            tensor("steps.bf16", DType::BF16, Role::Other, ints(DType::BF16, 2)),
+            tensor("steps.u8", DType::U8, Role::Other, ints(DType::U8, 3)),
+        ]
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let policy = Policy::default()
+        .with_min_delta_gain(0.0)
+        .with_device_forms_only(true);
+    let mut store = Store::open_or_create(dir.path(), policy).unwrap();
+    let a = store.save("a", state(0)).unwrap().info.id;
+    let b = store.save("b", state(1)).unwrap().info.id;
+    let codec = |id: u64, name: &str| {
+        let h = store.header(id).unwrap();
+        h.entries.iter().find(|e| e.name == name).unwrap().codec
+    };
+    use bitsnap_core::codec::CodecId;
+    for id in [a, b] {
+        assert_eq!(codec(id, "model.w"), CodecId::Cast);
+        assert_eq!(codec(id, "model.h"), CodecId::Cast);
+        assert_eq!(codec(id, "copy.w"), CodecId::Identical);
+    }
+    for name in ["steps.f32", "steps.bf16", "steps.u8"] {
+        assert_eq!(codec(b, name), CodecId::IntDelta, "{name}");
+    }
+    for (id, intdeltas) in [(a, 0), (b, 3)] {
+        let snap = DeviceLoader::new(&device)
+            .with_verify(true)
+            .load(&store, id)
+            .unwrap();
+        let f = snap.stats.forms;
+        assert_eq!(
+            (f.cast, f.identical, f.intdelta, f.host),
+            (2, 1, intdeltas, 0),
+            "{f:?}"
+        );
+        assert_same_as_cpu(&store, id, &snap);
+    }
+    // Without read-back verification too (the kernels' output is what is compared).
+    let snap = DeviceLoader::new(&device).load(&store, b).unwrap();
+    assert_same_as_cpu(&store, b, &snap);
+}
+
+/// Chains holding integer deltas, casts and copies restore on every device equal to
+/// the CPU decoder; `Policy::device_forms_only` keeps them (they have device forms).
+#[test]
+fn reference_and_integer_delta_chains_restore_on_every_device() {
     let master = floats(DType::F32, 4096, 11);
     let half: Vec<u8> = master
         .chunks_exact(4)
@@ -465,19 +659,27 @@ fn host_only_payloads_restore_through_the_cpu_decoder() {
             .iter()
             .flat_map(|h| h.entries.iter().map(|e| e.codec).collect::<Vec<_>>())
             .collect();
-        let host_only = codecs.iter().filter(|c| !c.has_device_form()).count();
-        if device_only {
-            assert_eq!(host_only, 0, "{codecs:?}");
-        } else {
-            // The cast and the copy in both snapshots, the integer delta in the second.
-            assert!(host_only >= 3, "{codecs:?}");
-        }
+        assert!(codecs.iter().all(|c| c.has_device_form()), "{codecs:?}");
+        // The cast and the copy in both snapshots, the integer delta in the second.
+        let new_forms = codecs.iter().filter(|c| {
+            use bitsnap_core::codec::CodecId::*;
+            matches!(c, IntDelta | Cast | Identical)
+        });
+        assert!(new_forms.count() >= 3, "{device_only}: {codecs:?}");
         for (name, device) in &devices {
             let snap = DeviceLoader::new(device)
                 .with_verify(true)
                 .load(&store, id)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_same_as_cpu(&store, id, &snap);
+            if *name == "wgpu" {
+                let f = snap.stats.forms;
+                assert_eq!(
+                    (f.intdelta, f.cast, f.identical, f.host),
+                    (1, 1, 1, 0),
+                    "{f:?}"
+                );
+            }
         }
     }
 }

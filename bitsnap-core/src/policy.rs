@@ -60,10 +60,11 @@ pub struct Policy {
     pub min_delta_gain: f64,
     /// zstd level for every codec (default 1).
     pub zstd_level: i32,
-    /// Only codecs that bitsnap-burn's GPU loader expands on the device: no integer
-    /// deltas and no references (casts, copies of other tensors), whose payloads decode on
-    /// the host, so a chain holding one restores through the CPU decoder. Default false:
-    /// they make real series 1.5–12% smaller.
+    /// Only codecs that bitsnap-burn's GPU loader expands on the device
+    /// ([`CodecId::has_device_form`](crate::codec::CodecId::has_device_form)): a chain
+    /// holding any other payload restores through the CPU decoder. Integer deltas, casts
+    /// and copies of other tensors have device forms, so they stay admitted. Default
+    /// false.
     pub device_forms_only: bool,
     /// The training stage of the save being encoded (default: unknown), which scales an
     /// error budget; see [`Policy::staged`].
@@ -155,7 +156,7 @@ impl Policy {
         let mut v: Vec<Box<dyn Codec>> = vec![Box::new(Planes { level: l })];
         if with_base {
             v.push(Box::new(XorDelta { level: l }));
-            if !self.device_forms_only {
+            if !self.device_forms_only || CodecId::IntDelta.has_device_form() {
                 v.push(Box::new(IntDelta { level: l }));
             }
             v.push(Box::new(BitmaskDelta { level: l }));
@@ -404,10 +405,10 @@ mod tests {
             p.encode_tensor(&dense, None).unwrap().0.codec,
             CodecId::Planes
         );
-        // For the GPU loader: the same tensor without the host-only integer difference.
+        // For the GPU loader: the integer difference has a device form, so it stays.
         let device = p.with_device_forms_only(true);
         let (enc, d) = device.encode_tensor(&dense, Some(&base)).unwrap();
-        assert_eq!(enc.codec, CodecId::XorDelta);
+        assert_eq!(enc.codec, CodecId::IntDelta);
         assert!(d.candidates.iter().all(|c| c.0.has_device_form()));
     }
 

@@ -1,5 +1,5 @@
 //! The snapshot chains a device restore applies, as bitsnap-core's checked chain reader
-//! ([`Store::restore_chains`]) gives them.
+//! ([`Store::restore_chains_needed`]: headers and the payloads a restore needs) gives them.
 //!
 //! Core opens every snapshot from the full one at the root to the target and checks each
 //! link before anything is decoded: the base id and state hash of every delta, that every
@@ -9,8 +9,10 @@
 //! the tensors resident on the device once more against what each delta was encoded
 //! against. Everything else of the loader only uploads and runs kernels.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
+use bitsnap_core::codec::DeviceForm;
 use bitsnap_core::format::{Entry, Header, SnapshotFile};
 use bitsnap_core::{DType, RestoreChain, Store};
 
@@ -24,10 +26,11 @@ pub(super) struct Chain {
 
 impl Chain {
     /// Opens the chains of snapshot `id`: one for an unsharded snapshot, one per rank
-    /// (in rank order) for a sharded one.
+    /// (in rank order) for a sharded one; of each file only the header and the payloads
+    /// the restore needs are read.
     pub(super) fn open(store: &Store, id: u64) -> Result<Vec<Chain>, Error> {
         Ok(store
-            .restore_chains(id)?
+            .restore_chains_needed(id)?
             .into_iter()
             .map(|inner| Chain { inner })
             .collect())
@@ -56,19 +59,61 @@ impl Chain {
             .any(|e| !e.codec.has_device_form())
     }
 
-    /// For each tensor, the index of the snapshot holding its last base-free payload
-    /// (dense or codes): what comes before is overwritten, so it need not be read.
-    pub(super) fn starts(&self) -> HashMap<&str, usize> {
-        let mut start = HashMap::new();
-        for (k, f) in self.files().iter().enumerate() {
-            for e in &f.header.entries {
-                if !e.codec.needs_base() {
-                    start.insert(e.name.as_str(), k);
-                }
-            }
-        }
-        start
+    /// For each snapshot of the chain, the tensors whose payloads the restore needs
+    /// (the only ones read: [`RestoreChain::needed`]).
+    pub(super) fn needed(&self) -> Vec<HashSet<String>> {
+        self.inner.needed()
     }
+
+    /// Bytes read from the files: headers, trailers and the needed payloads.
+    pub(super) fn read_bytes(&self, needed: &[HashSet<String>]) -> u64 {
+        self.files()
+            .iter()
+            .zip(needed)
+            .map(|(f, keep)| {
+                let (all, kept) = f.header.entries.iter().fold((0, 0), |(a, k), e| {
+                    (
+                        a + e.len,
+                        k + if keep.contains(&e.name) { e.len } else { 0 },
+                    )
+                });
+                f.file_len() - all + kept
+            })
+            .sum()
+    }
+}
+
+/// Verifies `entry`'s payload checksum and entropy-decodes it into its device form;
+/// returns the form and the time each of the two took.
+pub(super) fn decode_form(
+    file: &SnapshotFile,
+    entry: &Entry,
+) -> Result<(DeviceForm, Duration, Duration), Error> {
+    let t0 = Instant::now();
+    let payload = file.payload(entry)?;
+    let checksum = t0.elapsed();
+    let numel = usize::try_from(entry.numel()).map_err(|_| bitsnap_core::Error::Limit {
+        file: file.path.clone(),
+        what: "tensor elements",
+        value: entry.numel(),
+        limit: usize::MAX as u64,
+    })?;
+    let t1 = Instant::now();
+    let form = bitsnap_core::codec::decode_for_device(entry.codec, payload, entry.dtype, numel)
+        .map_err(|e| match e.alloc {
+            Some(bytes) => bitsnap_core::Error::Alloc {
+                what: format!("tensor `{}` of {}", entry.name, file.path.display()),
+                bytes,
+            },
+            None => bitsnap_core::Error::Malformed {
+                file: file.path.clone(),
+                tensor: Some(entry.name.clone()),
+                what: "payload",
+                offset: entry.offset + e.offset as u64,
+                reason: e.reason,
+            },
+        })?;
+    Ok((form, checksum, t1.elapsed()))
 }
 
 /// Whether a base tensor of `dtype` and `shape` is what `entry`'s delta payload was

@@ -13,20 +13,34 @@
 //! | unchanged | nothing | the base buffer is reused |
 //! | XOR delta | `tensor XOR base` | one XOR |
 //! | bitmask delta | the mask (1 bit per element), one running count per 1024 elements, the changed values | a scatter: each set bit's rank (block count + popcounts) picks its value |
-//! | cluster codes | 4/8/16-bit codes and the codebook | a table lookup |
+//! | cluster codes | 2/3/4/6/8/16-bit codes as stored (3- and 6-bit codes straddle words) and the codebook | a table lookup |
+//! | integer delta | `zigzag(tensor − base)` | per lane: un-zigzag, wrapping add to the base |
+//! | cast of an f32 tensor | the exceptions, one record per 32-bit word they touch | round-to-nearest-even of the referenced f32 tensor (already on the device), then the exceptions patched in |
+//! | identical to another tensor | nothing | the referenced tensor's buffer is reused |
 //!
 //! The result is bit for bit what the CPU decoder gives (and the tests check it on Mesa's
-//! lavapipe). On any other device (flex), or with [`Expansion::Host`], the CPU decodes the
-//! whole chain and the dense tensors are uploaded: same call, same result.
+//! lavapipe, special values included: NaN payloads, ±0, subnormals, ±Inf). On any other
+//! device (flex), or with [`Expansion::Host`], the CPU decodes the whole chain and the
+//! dense tensors are uploaded: same call, same result. A chain holding a payload without
+//! a device form ([`bitsnap_core::codec::CodecId::has_device_form`]) restores that way
+//! too.
+//!
+//! Referenced tensors are restored first: a cast or copy waits on the launching thread
+//! until the tensor it references (in its own snapshot, or the base) is on the device;
+//! a tensor an earlier snapshot holds only for a later reference or delta is read, the
+//! others that a later snapshot overwrites are not.
 //!
 //! Tensors of 8-byte elements (f64, i64, u64) stored as deltas are finished on the CPU
 //! (their base is read back): the kernels handle 1-, 2- and 4-byte elements.
+//!
+//! [`LoadStats`] breaks each load down by stage: reading the files, checksums, entropy
+//! decoding, uploads, kernels.
 
 //!
 //! # What a load checks
 //!
 //! Always, on every path (the chain is read and checked by bitsnap-core's
-//! [`Store::restore_chains`], the same reader the CPU decoder uses):
+//! [`Store::restore_chains_needed`], the same checks as the reader the CPU decoder uses):
 //! - each snapshot file of the chain: magic, version, trailer, header checksum, header
 //!   fields, payloads tiling the data section, and that it holds the snapshot the
 //!   manifest names;
@@ -41,8 +55,8 @@
 //! - each delta tensor: its base tensor exists with the same dtype and shape (refused
 //!   with [`bitsnap_core::Error::MissingBase`] naming the file and tensor otherwise).
 //!
-//! Payloads that a later snapshot of the chain overwrites with a base-free payload are
-//! not read, so not checked ([`FormCounts::skipped`]).
+//! Payloads that a later snapshot of the chain overwrites with a base-free payload (and
+//! that nothing references) are not read, so not checked ([`FormCounts::skipped`]).
 //!
 //! On the device path ([`Expansion::OnDevice`] on a CubeCL device) the decoded-data
 //! checksum of each restored tensor, which covers what the kernels computed, is checked
@@ -61,7 +75,7 @@ mod target;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use bitsnap_core::format::{Entry, SnapshotFile};
+use bitsnap_core::format::{Entry, RefScope, SnapshotFile};
 use bitsnap_core::{DType, Store};
 use burn::tensor::{DType as BurnDType, Device};
 use crossbeam::channel;
@@ -79,9 +93,9 @@ use target::{CubeTarget, Resident, Staged};
 pub enum Expansion {
     /// Upload the compact form and expand it with GPU kernels (falls back to
     /// [`Expansion::Host`] on devices without CubeCL kernels, such as flex, and for
-    /// chains holding payloads without a device form — integer deltas, casts, copies of
-    /// other tensors; [`bitsnap_core::Policy::device_forms_only`] keeps them out; a
-    /// sharded snapshot restores rank by rank). Default.
+    /// chains holding payloads without a device form;
+    /// [`bitsnap_core::Policy::device_forms_only`] keeps them out; a sharded snapshot
+    /// restores rank by rank). Default.
     #[default]
     OnDevice,
     /// Decode the whole chain on the CPU, then upload dense tensors.
@@ -149,12 +163,14 @@ impl DeviceLoader {
             Expansion::OnDevice => cube.as_ref(),
             Expansion::Host => None,
         };
+        let t_read = Instant::now();
         let chains = match expand {
             Some(_) => Chain::open(store, id)?,
             None => Vec::new(),
         };
-        // Payloads without a device form (integer deltas, casts and copies of other
-        // tensors) decode on the host: a chain holding one restores through the CPU decoder.
+        let read = t_read.elapsed();
+        // Payloads without a device form decode on the host: a chain holding one
+        // restores through the CPU decoder.
         let host_only = chains.iter().any(Chain::has_host_only_payloads);
         let mut snap = match (expand, host_only) {
             (Some(target), false) => {
@@ -168,14 +184,21 @@ impl DeviceLoader {
                 for part in parts {
                     snap.absorb(part);
                 }
+                snap.stats.read = read;
                 snap
             }
-            _ => self.load_on_host(store, id, cube.clone(), &chains)?,
+            _ => {
+                let mut snap = self.load_on_host(store, id, cube.clone(), &chains)?;
+                snap.stats.read = read;
+                snap
+            }
         };
+        let t_sync = Instant::now();
         self.device.sync().map_err(|e| Error::Device {
             operation: "synchronising the device".into(),
             source: Box::new(e),
         })?;
+        snap.stats.kernels += t_sync.elapsed();
         snap.stats.wall = start.elapsed();
         Ok(snap)
     }
@@ -264,17 +287,17 @@ impl DeviceLoader {
         chain: &Chain,
         target: &CubeTarget,
     ) -> Result<DeviceSnapshot, Error> {
+        let needed = chain.needed();
         let mut stats = LoadStats {
             snapshots: chain.files().len(),
+            read_bytes: chain.read_bytes(&needed),
             ..LoadStats::default()
         };
-        let start = chain.starts();
         // Entropy decoding and uploads run on the rayon pool, a few tensors ahead of the
         // kernels, which this thread launches in chain order.
         let (tx, rx) = channel::bounded::<Result<Decoded, Error>>(rayon::current_num_threads() * 2);
         let mut state: HashMap<String, Resident> = HashMap::new();
-        let mut decode_time = Duration::ZERO;
-        let (files, start) = (chain.files(), &start);
+        let (files, needed) = (chain.files(), &needed);
         std::thread::scope(|scope| -> Result<(), Error> {
             scope.spawn(move || {
                 for (k, file) in files.iter().enumerate() {
@@ -282,18 +305,20 @@ impl DeviceLoader {
                         return;
                     }
                     let sent = file.header.entries.par_iter().try_for_each(|e| {
-                        if start.get(e.name.as_str()).is_some_and(|&s| k < s) {
+                        if !needed.get(k).is_some_and(|n| n.contains(e.name.as_str())) {
                             return tx
                                 .send(Ok(Decoded::Skipped(e.name.clone())))
                                 .map_err(|_| ());
                         }
-                        let t = Instant::now();
-                        let staged = file
-                            .decode_for_device(e)
-                            .map_err(Error::from)
-                            .and_then(|form| target.stage(file, e, form));
-                        let msg =
-                            staged.map(|f| Decoded::Tensor(Box::new((e.clone(), f, t.elapsed()))));
+                        let msg = chain::decode_form(file, e).and_then(|(form, sum, dec)| {
+                            let staged = target.stage(file, e, form)?;
+                            Ok(Decoded::Tensor(Box::new(Ready {
+                                entry: e.clone(),
+                                staged,
+                                checksum: sum,
+                                decode: dec,
+                            })))
+                        });
                         tx.send(msg).map_err(|_| ())
                     });
                     if sent.is_err() {
@@ -304,11 +329,18 @@ impl DeviceLoader {
             // Owned here, so an early return drops it and stops the producer.
             let rx = rx;
             let mut next: HashMap<String, Resident> = HashMap::new();
+            // Tensors waiting for a same-snapshot tensor they reference.
+            let mut waiting: Vec<Ready> = Vec::new();
             let mut current: Option<&SnapshotFile> = None;
+            let unresolved = |file: &SnapshotFile, waiting: &[Ready]| match waiting.first() {
+                Some(r) => Err(unresolved_reference(file, &r.entry)),
+                None => Ok(()),
+            };
             for msg in rx.iter() {
                 match msg? {
                     Decoded::Snapshot(k) => {
-                        if current.is_some() {
+                        if let Some(file) = current {
+                            unresolved(file, &waiting)?;
                             state = std::mem::take(&mut next);
                         }
                         current = files.get(k);
@@ -318,21 +350,35 @@ impl DeviceLoader {
                         next.remove(&name);
                     }
                     Decoded::Tensor(boxed) => {
-                        let (entry, staged, took) = *boxed;
-                        decode_time += took;
                         let file = current.ok_or_else(|| no_chain(store, id))?;
-                        let base = state.get(&entry.name);
-                        let resident = target.finish(file, &entry, staged, base, &mut stats)?;
-                        next.insert(entry.name, resident);
+                        stats.checksum += boxed.checksum;
+                        stats.cpu_decode += boxed.decode;
+                        stats.upload += boxed.staged.upload_time;
+                        waiting.push(*boxed);
+                        // Finish what is ready; each finished tensor may free others.
+                        let t = Instant::now();
+                        while let Some(i) = waiting.iter().position(|r| ready(r, &next)) {
+                            let r = waiting.swap_remove(i);
+                            let base = state.get(&r.entry.name);
+                            let reference =
+                                r.entry.references.first().and_then(|x| match x.scope {
+                                    RefScope::Snapshot => next.get(&x.name),
+                                    RefScope::Base => state.get(&x.name),
+                                });
+                            let resident = target
+                                .finish(file, &r.entry, r.staged, base, reference, &mut stats)?;
+                            next.insert(r.entry.name, resident);
+                        }
+                        stats.kernels += t.elapsed();
                     }
                 }
             }
-            if current.is_some() {
+            if let Some(file) = current {
+                unresolved(file, &waiting)?;
                 state = next;
             }
             Ok(())
         })?;
-        stats.cpu_decode = decode_time;
         let last = chain.target();
         let header = &last.header;
         // Only the last snapshot's dense bytes count as the restored state.
@@ -374,9 +420,43 @@ impl DeviceLoader {
 enum Decoded {
     /// The payloads that follow are of the chain's `k`-th snapshot.
     Snapshot(usize),
-    Tensor(Box<(Entry, Staged, Duration)>),
-    /// Overwritten later in the chain by a base-free payload.
+    Tensor(Box<Ready>),
+    /// Not needed: overwritten later in the chain by a base-free payload.
     Skipped(String),
+}
+
+/// One tensor's payload, staged on the device, with what it cost.
+struct Ready {
+    entry: Entry,
+    staged: Staged,
+    checksum: Duration,
+    decode: Duration,
+}
+
+/// Whether `r` can be finished: its codec reads no tensor of its own snapshot, or that
+/// tensor is restored (in `next`).
+fn ready(r: &Ready, next: &HashMap<String, Resident>) -> bool {
+    !r.staged.needs_reference()
+        || r.entry
+            .references
+            .first()
+            .is_none_or(|x| x.scope == RefScope::Base || next.contains_key(&x.name))
+}
+
+/// A tensor of `file` whose same-snapshot reference was never restored.
+fn unresolved_reference(file: &SnapshotFile, entry: &Entry) -> Error {
+    let name = entry
+        .references
+        .first()
+        .map_or("(none)", |r| r.name.as_str());
+    bitsnap_core::Error::Malformed {
+        file: file.path.clone(),
+        tensor: Some(entry.name.clone()),
+        what: "header",
+        offset: 0,
+        reason: format!("references `{name}`, which the snapshot does not restore"),
+    }
+    .into()
 }
 
 fn no_chain(store: &Store, id: u64) -> Error {

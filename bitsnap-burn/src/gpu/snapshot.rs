@@ -154,8 +154,20 @@ pub struct LoadStats {
     pub upload_bytes: u64,
     /// Bytes of the restored state (dense).
     pub dense_bytes: u64,
-    /// CPU time spent entropy-decoding, summed over threads.
+    /// Bytes of snapshot files read.
+    pub read_bytes: u64,
+    /// Wall time reading the chain's files and checking their headers and links.
+    pub read: Duration,
+    /// CPU time verifying payload checksums, summed over threads.
+    pub checksum: Duration,
+    /// CPU time spent entropy-decoding, summed over threads (on the host path: the
+    /// whole CPU decode, checksums included, wall time).
     pub cpu_decode: Duration,
+    /// CPU time issuing host-to-device copies, summed over threads.
+    pub upload: Duration,
+    /// Time the kernel-launching thread spent launching kernels, plus the final wait
+    /// for the device to finish everything queued.
+    pub kernels: Duration,
     /// Wall time of the whole load, until the device finished.
     pub wall: Duration,
     /// How many tensor payloads took each path.
@@ -175,6 +187,12 @@ pub struct FormCounts {
     pub sparse: usize,
     /// Dequantized on the device.
     pub codes: usize,
+    /// Integer deltas added to their base on the device.
+    pub intdelta: usize,
+    /// Cast from their referenced f32 tensor on the device (exceptions patched in).
+    pub cast: usize,
+    /// Copies of another restored tensor (its buffer is reused).
+    pub identical: usize,
     /// Finished on the CPU (8-byte elements).
     pub host: usize,
     /// Not read at all: a later snapshot stores the tensor without a base.
@@ -202,13 +220,21 @@ impl DeviceSnapshot {
         s.snapshots += p.snapshots;
         s.upload_bytes += p.upload_bytes;
         s.dense_bytes += p.dense_bytes;
+        s.read_bytes += p.read_bytes;
+        s.read += p.read;
+        s.checksum += p.checksum;
         s.cpu_decode += p.cpu_decode;
+        s.upload += p.upload;
+        s.kernels += p.kernels;
         let (f, g) = (&mut s.forms, p.forms);
         f.dense += g.dense;
         f.unchanged += g.unchanged;
         f.xor += g.xor;
         f.sparse += g.sparse;
         f.codes += g.codes;
+        f.intdelta += g.intdelta;
+        f.cast += g.cast;
+        f.identical += g.identical;
         f.host += g.host;
         f.skipped += g.skipped;
     }

@@ -40,6 +40,8 @@ pub(super) struct Resident {
 pub(super) struct Staged {
     kind: StagedKind,
     upload_bytes: u64,
+    /// Time spent issuing the uploads.
+    pub(super) upload_time: std::time::Duration,
 }
 
 enum StagedKind {
@@ -56,7 +58,20 @@ enum StagedKind {
         book: Words,
         bits: u32,
     },
+    IntDelta(Words),
+    Cast {
+        /// The exception records (word, values, lanes), when there are exceptions.
+        patch: Option<(Words, Words, Words)>,
+    },
+    Identical,
     Host(DeviceForm),
+}
+
+impl Staged {
+    /// Whether finishing it reads the entry's referenced tensor.
+    pub(super) fn needs_reference(&self) -> bool {
+        matches!(self.kind, StagedKind::Cast { .. } | StagedKind::Identical)
+    }
 }
 
 /// A payload the decoder accepted but whose parts do not fit `entry`.
@@ -138,9 +153,39 @@ impl CubeTarget {
         entry: &Entry,
         form: DeviceForm,
     ) -> Result<Staged, Error> {
+        let t0 = std::time::Instant::now();
         let upload_bytes = form.upload_bytes();
         let narrow = matches!(entry.dtype.size(), 1 | 2 | 4);
         let kind = match form {
+            DeviceForm::IntDelta(z) if narrow => StagedKind::IntDelta(self.upload(&z)),
+            DeviceForm::Identical => StagedKind::Identical,
+            DeviceForm::Cast(p) => {
+                let records = p.words.len();
+                let half_words = (entry.numel() as usize).div_ceil(2);
+                if p.values.len() != records
+                    || p.lanes.len() != records
+                    || p.words.iter().any(|&w| w as usize >= half_words)
+                {
+                    return Err(malformed(
+                        file,
+                        entry,
+                        format!(
+                            "cast patch of {records} words, {} values and {} lanes for {half_words} words",
+                            p.values.len(),
+                            p.lanes.len()
+                        ),
+                    ));
+                }
+                StagedKind::Cast {
+                    patch: (records > 0).then(|| {
+                        (
+                            self.upload_words(&p.words),
+                            self.upload_words(&p.values),
+                            self.upload_words(&p.lanes),
+                        )
+                    }),
+                }
+            }
             DeviceForm::Dense(d) => StagedKind::Dense(self.upload(&d)),
             DeviceForm::Unchanged => StagedKind::Unchanged,
             DeviceForm::Xor(x) if narrow => StagedKind::Xor(self.upload(&x)),
@@ -172,25 +217,48 @@ impl CubeTarget {
                     }
                 }
             }
-            DeviceForm::Codes(c) if narrow => StagedKind::Codes {
-                codes: self.upload(&c.codes),
-                book: self.upload(&c.codebook),
-                bits: c.bits,
-            },
+            DeviceForm::Codes(c) if narrow => {
+                // Every code, straddling ones included, lies in the uploaded words.
+                let numel = entry.numel() as usize;
+                if !matches!(c.bits, 2 | 3 | 4 | 6 | 8 | 16)
+                    || (c.codes.len() as u64) * 8 < numel as u64 * u64::from(c.bits)
+                {
+                    return Err(malformed(
+                        file,
+                        entry,
+                        format!(
+                            "{} code bytes of {} bits for {numel} elements",
+                            c.codes.len(),
+                            c.bits
+                        ),
+                    ));
+                }
+                StagedKind::Codes {
+                    codes: self.upload(&c.codes),
+                    book: self.upload(&c.codebook),
+                    bits: c.bits,
+                }
+            }
             // 8-byte elements: finished on the CPU once the base is known.
             other => StagedKind::Host(other),
         };
-        Ok(Staged { kind, upload_bytes })
+        Ok(Staged {
+            kind,
+            upload_bytes,
+            upload_time: t0.elapsed(),
+        })
     }
 
     /// Turns one tensor's staged form (from `file`) into its buffer, next to `base`, the
-    /// same tensor restored from the previous snapshot of the chain.
+    /// same tensor restored from the previous snapshot of the chain, and `reference`, the
+    /// tensor the entry references (for casts and identical copies), already restored.
     pub(super) fn finish(
         &self,
         file: &SnapshotFile,
         entry: &Entry,
         staged: Staged,
         base: Option<&Resident>,
+        reference: Option<&Resident>,
         stats: &mut LoadStats,
     ) -> Result<Resident, Error> {
         let len = entry.raw_len() as usize;
@@ -248,6 +316,37 @@ impl CubeTarget {
                 }
                 out
             }
+            StagedKind::IntDelta(z) => {
+                stats.forms.intdelta += 1;
+                let b = base_needed()?;
+                let out = self.empty(words);
+                if words > 0 {
+                    kernels::add(&self.client, b, &z, &out, width_bits);
+                }
+                out
+            }
+            StagedKind::Identical => {
+                stats.forms.identical += 1;
+                let r = reference_needed(file, entry, reference, entry.dtype)?;
+                Words {
+                    handle: r.words.handle.clone(),
+                    words,
+                }
+            }
+            StagedKind::Cast { patch } => {
+                stats.forms.cast += 1;
+                let r = reference_needed(file, entry, reference, DType::F32)?;
+                let out = self.empty(words);
+                if words > 0 {
+                    let numel = entry.numel() as u32;
+                    let bf16 = entry.dtype == DType::BF16;
+                    kernels::cast(&self.client, &r.words, &out, numel, bf16);
+                    if let Some((w, v, l)) = &patch {
+                        kernels::patch(&self.client, w, v, l, &out);
+                    }
+                }
+                out
+            }
             StagedKind::Host(form) => {
                 stats.forms.host += 1;
                 let base = match form {
@@ -255,7 +354,7 @@ impl CubeTarget {
                     _ => Some(self.read(&entry.name, base_needed()?, len)?),
                 };
                 let numel = entry.numel() as usize;
-                let dense = apply_device_form(&form, entry.dtype, numel, base.as_deref())
+                let dense = apply_device_form(&form, entry.dtype, numel, base.as_deref(), None)
                     .map_err(|e| malformed(file, entry, e.reason))?;
                 self.upload(&dense)
             }
@@ -265,5 +364,41 @@ impl CubeTarget {
             dtype: entry.dtype,
             shape: entry.shape.clone(),
         })
+    }
+}
+
+/// The tensor `entry` references, restored, if it is what the entry's codec reads:
+/// `dtype` (f32 for a cast, the entry's own for a copy) and the entry's element count.
+fn reference_needed<'a>(
+    file: &SnapshotFile,
+    entry: &Entry,
+    reference: Option<&'a Resident>,
+    dtype: DType,
+) -> Result<&'a Resident, Error> {
+    let name = entry
+        .references
+        .first()
+        .map_or("(none)", |r| r.name.as_str());
+    match reference {
+        Some(r) if r.dtype == dtype && r.shape.iter().product::<u64>() == entry.numel() => Ok(r),
+        Some(r) => Err(malformed(
+            file,
+            entry,
+            format!(
+                "its {} payload references `{name}`, a {} tensor of shape {:?}: {} elements of {dtype} expected",
+                entry.codec,
+                r.dtype,
+                r.shape,
+                entry.numel()
+            ),
+        )),
+        None => Err(malformed(
+            file,
+            entry,
+            format!(
+                "the tensor `{name}` its {} payload references is missing",
+                entry.codec
+            ),
+        )),
     }
 }

@@ -136,7 +136,7 @@ fn f32_at(source: &[u8], i: usize) -> f32 {
 }
 
 /// Round-to-nearest-even of `v` in `dtype` (bf16 or f16), as bits.
-fn cast(dtype: DType, v: f32) -> u16 {
+pub(crate) fn cast(dtype: DType, v: f32) -> u16 {
     match dtype {
         DType::F16 => half::f16::from_f32(v).to_bits(),
         _ => half::bf16::from_f32(v).to_bits(),
@@ -242,7 +242,7 @@ pub(crate) fn decode_into(
             ),
         ));
     }
-    let p = parse(payload, numel)?;
+    parse(payload, numel)?;
     out.par_chunks_mut(2 * CAST_BLOCK)
         .zip(source.par_chunks(4 * CAST_BLOCK))
         .for_each(|(o, s)| {
@@ -251,6 +251,20 @@ pub(crate) fn decode_into(
                 o.copy_from_slice(&cast(dtype, v).to_le_bytes());
             }
         });
+    for_each_exception(payload, numel, |pos, v| {
+        out[2 * pos..2 * pos + 2].copy_from_slice(&v);
+    })
+}
+
+/// Calls `f` with the position (below `numel`, ascending) and value of each exception of
+/// a cast payload for `numel` elements: what a decoder writes over the cast. A device
+/// ([`super::device`]) casts on its side and patches these in.
+pub(crate) fn for_each_exception(
+    payload: &[u8],
+    numel: usize,
+    mut f: impl FnMut(usize, [u8; 2]),
+) -> Result<(), CodecError> {
+    let p = parse(payload, numel)?;
     if p.count == 0 {
         return Ok(());
     }
@@ -302,7 +316,7 @@ pub(crate) fn decode_into(
                     format!("exception position past {numel} elements"),
                 )
             })? as usize;
-        out[2 * pos..2 * pos + 2].copy_from_slice(v);
+        f(pos, [v[0], v[1]]);
         next = pos as u64 + 1;
     }
     if g.next().is_some() {

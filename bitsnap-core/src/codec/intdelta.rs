@@ -107,7 +107,7 @@ fn forward(new: &[u8], base: &[u8], width: usize, out: &mut [u8]) {
 }
 
 /// Turns `part` (zigzag differences, as decoded from the planes) into `base + difference`.
-fn inverse(part: &mut [u8], base: &[u8], width: usize) {
+pub(crate) fn inverse(part: &mut [u8], base: &[u8], width: usize) {
     macro_rules! run {
         ($u:ty) => {{
             const W: usize = std::mem::size_of::<$u>();
@@ -134,6 +134,29 @@ pub(crate) fn decode_into(
     base: &[u8],
     out: &mut [u8],
 ) -> Result<(), CodecError> {
+    decode_chunks(payload, width, out, |elems, part| {
+        inverse(part, &base[elems.start * width..elems.end * width], width);
+    })
+}
+
+/// Decodes an [`IntDelta`] payload's `zigzag(new − base)` elements into `out`, without
+/// the base: what a device adds to the base it holds ([`super::device`]).
+pub(crate) fn decode_differences_into(
+    payload: &[u8],
+    width: usize,
+    out: &mut [u8],
+) -> Result<(), CodecError> {
+    decode_chunks(payload, width, out, |_, _| {})
+}
+
+/// Decodes the planes of every chunk into `out`, then calls `finish` with each chunk's
+/// element range and decoded part.
+fn decode_chunks(
+    payload: &[u8],
+    width: usize,
+    out: &mut [u8],
+    finish: impl Fn(std::ops::Range<usize>, &mut [u8]) + Sync,
+) -> Result<(), CodecError> {
     if !matches!(width, 1 | 2 | 4 | 8) {
         return Err(CodecError::new(
             0,
@@ -149,8 +172,7 @@ pub(crate) fn decode_into(
             cur.finish("intdelta planes")
                 .map_err(|e| e.shifted(chunk.offset))
         })?;
-        let b = &base[chunk.elems.start * width..chunk.elems.end * width];
-        inverse(part, b, width);
+        finish(chunk.elems.clone(), part);
         Ok(())
     })
 }

@@ -58,7 +58,8 @@ pub use cluster::QuantError;
 pub use cluster::{ClusterLayout, ClusterMode, ClusterQuantizer, Distortion, QuantBits};
 pub(crate) use cursor::Cursor;
 pub use device::{
-    DeviceForm, QuantCodes, RANK_BLOCK, SparseDelta, apply_device_form, decode_for_device,
+    CastPatch, DeviceForm, QuantCodes, RANK_BLOCK, SparseDelta, apply_device_form,
+    decode_for_device,
 };
 pub use intdelta::IntDelta;
 pub use planes::Planes;
@@ -132,9 +133,21 @@ impl CodecId {
     }
 
     /// Whether [`decode_for_device`](device::decode_for_device) has a device form for
-    /// this codec's payloads; the others decode on the host.
+    /// this codec's payloads (every codec of this list does); the others decode on the
+    /// host.
     pub const fn has_device_form(self) -> bool {
-        !matches!(self, CodecId::IntDelta | CodecId::Cast | CodecId::Identical)
+        matches!(
+            self,
+            CodecId::Raw
+                | CodecId::Planes
+                | CodecId::XorDelta
+                | CodecId::BitmaskDelta
+                | CodecId::Unchanged
+                | CodecId::Cluster
+                | CodecId::IntDelta
+                | CodecId::Cast
+                | CodecId::Identical
+        )
     }
 
     /// Whether decoding reproduces the input bit for bit.

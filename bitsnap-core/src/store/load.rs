@@ -2,7 +2,7 @@
 //! [`Store::verify`], the bases of saves and deletions, and the GPU loader of
 //! `bitsnap-burn`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use rayon::prelude::*;
@@ -60,6 +60,9 @@ pub struct RestoreChain {
     snapshot: u64,
     rank: Option<u32>,
     files: Vec<SnapshotFile>,
+    /// For a chain read by [`Store::restore_chain_needed`]: per file, the tensors whose
+    /// payloads were read (the others were not).
+    pub(super) read_only: Option<Vec<HashSet<String>>>,
 }
 
 /// One file of a [`RestoreChain`] and the file before it (its base), if any.
@@ -133,13 +136,30 @@ impl RestoreChain {
         })
     }
 
-    /// Decodes the chain on the host: the snapshot's tensors, in header order.
+    /// Decodes the chain on the host: the snapshot's tensors, in header order. (A chain
+    /// read by [`Store::restore_chain_needed`] decodes the payloads it read, which are
+    /// all a restore needs.)
     pub fn decode(&self) -> Result<Vec<Tensor>, Error> {
         let mut state: Option<Vec<Tensor>> = None;
-        for file in &self.files {
-            state = Some(decode_file(file, state.as_deref())?);
+        for (k, file) in self.files.iter().enumerate() {
+            let keep = self.read_only.as_ref().and_then(|r| r.get(k));
+            state = Some(decode_file_only(file, state.as_deref(), keep)?);
         }
         Ok(state.unwrap_or_default())
+    }
+
+    /// Per file of the chain, the tensors whose payloads restoring the snapshot reads:
+    /// every tensor of the last file; in each earlier one, what the next one's needed
+    /// payloads decode against (bases of deltas, base-scope references), closed over
+    /// same-snapshot references. A chain read by
+    /// [`Store::restore_chain_needed`] holds no others.
+    pub fn needed(&self) -> Vec<HashSet<String>> {
+        match &self.read_only {
+            Some(r) => r.clone(),
+            None => {
+                super::needed_payloads(&self.files.iter().map(|f| &f.header).collect::<Vec<_>>())
+            }
+        }
     }
 
     /// Decodes the chain into the snapshot `info` describes, with the target's metadata.
@@ -266,6 +286,15 @@ pub(crate) fn decode_file(
     file: &SnapshotFile,
     base: Option<&[Tensor]>,
 ) -> Result<Vec<Tensor>, Error> {
+    decode_file_only(file, base, None)
+}
+
+/// [`decode_file`] of the tensors named in `keep` only (all with `None`).
+fn decode_file_only(
+    file: &SnapshotFile,
+    base: Option<&[Tensor]>,
+    keep: Option<&HashSet<String>>,
+) -> Result<Vec<Tensor>, Error> {
     let header = &file.header;
     let base_map: HashMap<&str, &Tensor> = match (header.base, base) {
         (Some(_), Some(state)) => state.iter().map(|t| (t.name.as_str(), t)).collect(),
@@ -280,7 +309,13 @@ pub(crate) fn decode_file(
     let mut out: Vec<Option<Tensor>> = (0..header.entries.len()).map(|_| None).collect();
     // In waves, in decoding order (FORMAT.md 2.7): each wave decodes, in parallel, the
     // entries whose same-snapshot references are decoded.
-    let mut pending = header.decode_order();
+    let mut pending: Vec<usize> = header
+        .decode_order()
+        .into_iter()
+        .filter(|&i| {
+            keep.is_none_or(|k| header.entries.get(i).is_some_and(|e| k.contains(&e.name)))
+        })
+        .collect();
     while !pending.is_empty() {
         let ready_now = |i: &usize| {
             header.entries[*i].references.iter().all(|r| {
@@ -423,6 +458,42 @@ impl Store {
         Ok(chain)
     }
 
+    /// The chain of `files` (checked) restoring `id` (`rank`'s part).
+    pub(super) fn chain_of(
+        &self,
+        id: u64,
+        rank: Option<u32>,
+        files: Vec<SnapshotFile>,
+    ) -> RestoreChain {
+        RestoreChain {
+            snapshot: id,
+            rank,
+            files,
+            read_only: None,
+        }
+    }
+
+    /// Checks the links of `files` (a chain, root first) as [`Store::restore_chain`]
+    /// does.
+    pub(super) fn check_chain(&self, id: u64, files: &[SnapshotFile]) -> Result<(), Error> {
+        let mut prev: Option<&Header> = None;
+        for f in files {
+            check_link(
+                f,
+                prev.map(LinkBase::of_header).as_ref(),
+                self.decode_budget,
+            )?;
+            prev = Some(&f.header);
+        }
+        if files.is_empty() {
+            return Err(Error::UnknownSnapshot {
+                store: self.dir.clone(),
+                snapshot: id.to_string(),
+            });
+        }
+        Ok(())
+    }
+
     /// The checked chain of files that restores snapshot `id` (`rank`: rank `rank`'s
     /// part of sharded snapshot `id`; `None` for an unsharded snapshot). See
     /// [`RestoreChain`] for what is checked.
@@ -442,26 +513,8 @@ impl Store {
                 Ok(f)
             })
             .collect::<Result<Vec<_>, Error>>()?;
-        let mut prev: Option<&Header> = None;
-        for f in &files {
-            check_link(
-                f,
-                prev.map(LinkBase::of_header).as_ref(),
-                self.decode_budget,
-            )?;
-            prev = Some(&f.header);
-        }
-        if files.is_empty() {
-            return Err(Error::UnknownSnapshot {
-                store: self.dir.clone(),
-                snapshot: id.to_string(),
-            });
-        }
-        Ok(RestoreChain {
-            snapshot: id,
-            rank,
-            files,
-        })
+        self.check_chain(id, &files)?;
+        Ok(self.chain_of(id, rank, files))
     }
 
     /// The checked chains that restore snapshot `id`, full, delta or sharded: one for an

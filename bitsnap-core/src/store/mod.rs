@@ -44,6 +44,7 @@ mod budget;
 mod delete;
 mod load;
 mod manifest;
+mod needed;
 mod retention;
 mod save;
 pub mod shard;
@@ -55,6 +56,7 @@ pub use load::{ChainLink, RestoreChain};
 pub(crate) use manifest::ManifestBody;
 use manifest::ShardInfo;
 pub use manifest::{MANIFEST_FILE, MANIFEST_VERSION, MANIFEST_VERSION_RETAIN, MAX_MANIFEST_BYTES};
+pub(crate) use needed::needed_payloads;
 pub use retention::{CompactReport, PruneReport, Retention};
 pub use save::{BaseState, FullReason};
 

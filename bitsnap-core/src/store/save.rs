@@ -452,11 +452,16 @@ pub(crate) fn encode_all(
         .par_iter()
         .map(|t| policy.encode_tensor(t, base.get(t.name.as_str()).copied()))
         .collect::<Result<Vec<_>, Error>>()?;
-    let references = if policy.device_forms_only {
-        vec![Vec::new(); encoded.len()]
-    } else {
-        crate::references::apply(tensors, &mut encoded, policy.zstd_level, &[])
-    };
+    let reference_codecs = [
+        crate::codec::CodecId::Cast,
+        crate::codec::CodecId::Identical,
+    ];
+    let references =
+        if policy.device_forms_only && !reference_codecs.iter().all(|c| c.has_device_form()) {
+            vec![Vec::new(); encoded.len()]
+        } else {
+            crate::references::apply(tensors, &mut encoded, policy.zstd_level, &[])
+        };
     Ok((encoded, references))
 }
 
