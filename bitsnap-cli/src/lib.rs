@@ -35,6 +35,7 @@ mod error;
 mod inspect;
 mod ls;
 mod pack;
+mod pipeline;
 mod progress;
 mod retain;
 mod roles;

@@ -87,6 +87,18 @@ pub struct BenchArgs {
     json: bool,
     #[command(flatten)]
     policy: PolicyArgs,
+    /// Measure pack, unpack and verify against the disk and the zstd binary instead
+    /// (wall clock, outputs fsynced): GB/s, ratios, pack stages, peak RSS, encode
+    /// scaling over threads.
+    #[arg(long, conflicts_with_all = ["synthetic", "json"])]
+    io: bool,
+    /// With --io: where the stores and outputs are written (and removed) [default: the
+    /// system's temporary directory].
+    #[arg(long, value_name = "DIR", requires = "io")]
+    work_dir: Option<PathBuf>,
+    /// With --io: the zstd binary [default: `zstd` on PATH].
+    #[arg(long, value_name = "PATH", requires = "io")]
+    zstd: Option<PathBuf>,
 }
 
 fn parse_scale(s: &str) -> Result<f64, String> {
@@ -103,6 +115,15 @@ pub fn run(args: BenchArgs, out: &mut dyn Write) -> Result<(), CliError> {
         return Err(CliError::Usage(
             "--scale applies only with --synthetic".into(),
         ));
+    }
+    if args.io {
+        let indexes = read_indexes(&args.files)?;
+        let roles = roles::resolve(&args.policy.roles, &indexes);
+        let work = args.work_dir.unwrap_or_else(std::env::temp_dir);
+        let report =
+            crate::bench::io::run(&args.files, &roles, policy, &work, args.zstd.as_deref())?;
+        report.write_markdown(out)?;
+        return Ok(());
     }
     let mut bench = Bench::new(policy);
     if args.synthetic {

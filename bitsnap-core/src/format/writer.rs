@@ -62,13 +62,26 @@ impl<W: Write> SnapshotWriter<W> {
     }
 
     /// Appends one tensor's payload. `entry`'s offset, length and payload hash are filled in.
-    pub fn push(&mut self, mut entry: Entry, payload: &[u8]) -> Result<(), Error> {
+    pub fn push(&mut self, entry: Entry, payload: &[u8]) -> Result<(), Error> {
+        self.push_hashed(entry, payload, xxh3_64(payload))
+    }
+
+    /// [`SnapshotWriter::push`] of a payload whose xxh3 the caller computed (in
+    /// parallel with others): `payload_hash` must be `xxh3_64(payload)`, as readers
+    /// check it.
+    pub fn push_hashed(
+        &mut self,
+        mut entry: Entry,
+        payload: &[u8],
+        payload_hash: u64,
+    ) -> Result<(), Error> {
+        debug_assert_eq!(payload_hash, xxh3_64(payload));
         self.out
             .write_all(payload)
             .map_err(|e| Error::io(&self.path, e))?;
         entry.offset = self.pos;
         entry.len = payload.len() as u64;
-        entry.payload_hash = xxh3_64(payload);
+        entry.payload_hash = payload_hash;
         self.pos += payload.len() as u64;
         self.header.entries.push(entry);
         Ok(())

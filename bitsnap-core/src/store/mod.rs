@@ -56,7 +56,7 @@ pub(crate) use manifest::ManifestBody;
 use manifest::ShardInfo;
 pub use manifest::{MANIFEST_FILE, MANIFEST_VERSION, MANIFEST_VERSION_RETAIN, MAX_MANIFEST_BYTES};
 pub use retention::{CompactReport, PruneReport, Retention};
-pub use save::{BaseState, FullReason};
+pub use save::{BaseState, FullReason, SaveTimings};
 
 /// Largest snapshot file read back, in bytes (1 TiB): a sanity bound, not a budget.
 pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 40;
@@ -120,6 +120,8 @@ pub struct SaveReport {
     pub header: Header,
     /// Why it is a full snapshot, if it is one (its `Display` is the reason as text).
     pub full_reason: Option<FullReason>,
+    /// Time spent in each stage of the save.
+    pub timings: SaveTimings,
 }
 
 /// The outcome of [`Store::verify`].

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use xxhash_rust::xxh3::xxh3_64;
@@ -67,6 +68,69 @@ impl std::fmt::Display for FullReason {
     }
 }
 
+/// Wall-clock time one save spent in each of its stages, which run one after another
+/// on the saving thread (each stage itself runs on all rayon threads where it can), so
+/// they add up to the save. `bitsnap pack --stages` prints them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[non_exhaustive]
+pub struct SaveTimings {
+    /// Taking the base state: from memory (the latest save of this `Store`), else by
+    /// reading and decoding its chain.
+    pub base: Duration,
+    /// Choosing each tensor's codec (trial encodes on samples) and encoding it, all
+    /// tensors in parallel.
+    pub encode: Duration,
+    /// Finding tensors that reference others (identical copies, casts).
+    pub references: Duration,
+    /// xxh3 of every tensor's raw bytes and every payload, in parallel.
+    pub checksum: Duration,
+    /// Payloads, header and trailer written to the temporary file (page cache).
+    pub write: Duration,
+    /// fsync of the file, rename into place and fsync of the directory.
+    pub sync: Duration,
+    /// Replacing the manifest (write, fsync, rename) under the store lock.
+    pub commit: Duration,
+}
+
+impl SaveTimings {
+    /// The stages as (name, time), in the order they run.
+    pub fn stages(&self) -> [(&'static str, Duration); 7] {
+        [
+            ("base", self.base),
+            ("encode", self.encode),
+            ("references", self.references),
+            ("checksum", self.checksum),
+            ("write", self.write),
+            ("sync", self.sync),
+            ("commit", self.commit),
+        ]
+    }
+
+    /// The sum of every stage.
+    pub fn total(&self) -> Duration {
+        self.stages().iter().map(|s| s.1).sum()
+    }
+
+    /// Adds `other`'s stages to these (totals over several saves).
+    pub fn add(&mut self, other: &SaveTimings) {
+        self.base += other.base;
+        self.encode += other.encode;
+        self.references += other.references;
+        self.checksum += other.checksum;
+        self.write += other.write;
+        self.sync += other.sync;
+        self.commit += other.commit;
+    }
+}
+
+/// Runs `f` and adds the time it took to `slot`.
+pub(crate) fn timed<T>(slot: &mut Duration, f: impl FnOnce() -> T) -> T {
+    let start = Instant::now();
+    let out = f();
+    *slot += start.elapsed();
+    out
+}
+
 /// The snapshot a save is encoded against: its id, what it decodes to, and its state
 /// hash ([`Header::state_hash`]).
 #[derive(Debug, Clone)]
@@ -117,6 +181,8 @@ pub(crate) struct Written {
     pub(crate) full_reason: Option<FullReason>,
     /// What the snapshot decodes to (lossy tensors dequantized).
     pub(crate) cached: Cached,
+    /// Time per stage so far (no commit yet).
+    pub(crate) timings: SaveTimings,
 }
 
 impl Store {
@@ -147,7 +213,8 @@ impl Store {
         self.take_lock()?;
         validate(&tensors, name)?;
         validate_metadata(&metadata)?;
-        let base = match self.latest_in(series).map(|s| (s.id, s.shards.is_empty())) {
+        let mut base_time = Duration::ZERO;
+        let base = timed(&mut base_time, || match self.latest_in(series).map(|s| (s.id, s.shards.is_empty())) {
             None => Err(FullReason::First),
             Some((_, false)) => Err(FullReason::LatestSharded),
             Some((latest, true))
@@ -159,7 +226,7 @@ impl Store {
                 tracing::warn!(error = %e, "latest snapshot unreadable; saving a full snapshot");
                 FullReason::LatestUnreadable
             }),
-        };
+        });
         let id = self.manifest.next_id;
         let plan = Plan {
             file: self.snapshot_file_name(id),
@@ -169,7 +236,8 @@ impl Store {
             base,
         };
         let file = plan.file.clone();
-        let w = self.write_save(plan, tensors, metadata)?;
+        let mut w = self.write_save(plan, tensors, metadata)?;
+        w.timings.base = base_time;
         let info = SnapshotInfo {
             id,
             name: name.to_string(),
@@ -182,7 +250,7 @@ impl Store {
             stored_bytes: w.stored_bytes,
             shards: Vec::new(),
         };
-        self.commit_new(info.clone(), &[file])?;
+        timed(&mut w.timings.commit, || self.commit_new(info.clone(), &[file]))?;
         // Keep what this snapshot decodes to: the base of the next delta, and the answer
         // to a restore in this process.
         self.last.insert(series.to_string(), w.cached);
@@ -190,6 +258,7 @@ impl Store {
             info,
             header: w.header,
             full_reason: w.full_reason,
+            timings: w.timings,
         })
     }
 
@@ -204,12 +273,13 @@ impl Store {
     ) -> Result<Written, Error> {
         // The stage signals in the metadata scale a lossy error budget (policy/budget.rs).
         let (policy, metadata) = self.policy.staged(metadata);
+        let mut timings = SaveTimings::default();
         let Encoding {
             tensors: encoded,
             references,
             base,
             full_reason,
-        } = encode_against(&policy, &tensors, plan.base)?;
+        } = encode_against(&policy, &tensors, plan.base, &mut timings)?;
         let (header, stored_bytes) = self.write_snapshot(
             &plan.file,
             plan.id,
@@ -222,6 +292,7 @@ impl Store {
                 .zip(encoded.iter())
                 .zip(references.iter())
                 .map(|((t, (e, d)), r)| (t, e, d, r.as_slice())),
+            &mut timings,
         )?;
         let mut state = tensors;
         for (t, (e, _)) in state.iter_mut().zip(encoded) {
@@ -239,6 +310,7 @@ impl Store {
                 state: Arc::new(state),
                 metadata,
             },
+            timings,
         })
     }
 
@@ -349,6 +421,8 @@ impl Store {
     }
 
     /// Writes snapshot file `file` through the backend; returns its header and size.
+    /// Checksums (raw bytes and payloads) are computed in parallel before the payloads
+    /// are streamed out; `timings` gets the checksum, write and sync stages.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn write_snapshot<'a>(
         &self,
@@ -359,14 +433,25 @@ impl Store {
         attempt: u64,
         metadata: Vec<(String, String)>,
         items: impl Iterator<Item = (&'a Tensor, &'a Encoded, &'a Decision, &'a [Reference])>,
+        timings: &mut SaveTimings,
     ) -> Result<(Header, u64), Error> {
+        let items: Vec<_> = items.collect();
+        let hashes: Vec<(u64, u64)> = timed(&mut timings.checksum, || {
+            items
+                .par_iter()
+                .map(|(t, e, _, _)| {
+                    let raw = e.lossy.as_ref().map_or(&t.data, |l| &l.0);
+                    (xxh3_64(raw), xxh3_64(&e.payload))
+                })
+                .collect()
+        });
         let path = self.backend.path_of(file);
+        let write_start = Instant::now();
         let out = self.backend.create(file)?;
         let mut w = SnapshotWriter::new(out, &path, id, name, base)?;
         w.set_attempt(attempt);
         w.set_metadata(metadata);
-        for (t, e, d, references) in items {
-            let raw_hash = xxh3_64(e.lossy.as_ref().map_or(&t.data, |l| &l.0));
+        for ((t, e, d, references), (raw_hash, payload_hash)) in items.into_iter().zip(hashes) {
             let entry = Entry {
                 name: t.name.clone(),
                 dtype: t.dtype,
@@ -380,10 +465,11 @@ impl Store {
                 decision: d.clone(),
                 references: references.to_vec(),
             };
-            w.push(entry, &e.payload)?;
+            w.push_hashed(entry, &e.payload, payload_hash)?;
         }
         let (header, out) = w.finish()?;
-        let size = out.finish()?;
+        timings.write += write_start.elapsed();
+        let size = timed(&mut timings.sync, || out.finish())?;
         Ok((header, size))
     }
 }
@@ -405,9 +491,10 @@ pub(crate) fn encode_against(
     policy: &Policy,
     tensors: &[Tensor],
     base: Result<BaseState, FullReason>,
+    timings: &mut SaveTimings,
 ) -> Result<Encoding, Error> {
-    let full = |reason| -> Result<Encoding, Error> {
-        let (encoded, references) = encode_all(policy, tensors, &HashMap::new())?;
+    let full = |reason, timings: &mut SaveTimings| -> Result<Encoding, Error> {
+        let (encoded, references) = encode_all(policy, tensors, &HashMap::new(), timings)?;
         Ok(Encoding {
             tensors: encoded,
             references,
@@ -416,10 +503,10 @@ pub(crate) fn encode_against(
         })
     };
     let base = match base {
-        Err(reason) => return full(reason),
+        Err(reason) => return full(reason, timings),
         Ok(b) => b,
     };
-    let (encoded, references) = encode_all(policy, tensors, &base.by_name())?;
+    let (encoded, references) = encode_all(policy, tensors, &base.by_name(), timings)?;
     let verdict = policy.judge_delta(&encoded);
     match FullReason::from_verdict(verdict) {
         None => Ok(Encoding {
@@ -429,7 +516,7 @@ pub(crate) fn encode_against(
             full_reason: None,
         }),
         // Re-encoded without a base, ending the chain.
-        Some(reason) if verdict == DeltaVerdict::WouldNotPay => full(reason),
+        Some(reason) if verdict == DeltaVerdict::WouldNotPay => full(reason, timings),
         // No tensor used a delta codec: already full.
         Some(reason) => Ok(Encoding {
             tensors: encoded,
@@ -447,16 +534,21 @@ pub(crate) fn encode_all(
     policy: &Policy,
     tensors: &[Tensor],
     base: &HashMap<&str, &Tensor>,
+    timings: &mut SaveTimings,
 ) -> Result<(Vec<EncodedTensor>, Vec<Vec<Reference>>), Error> {
-    let mut encoded = tensors
-        .par_iter()
-        .map(|t| policy.encode_tensor(t, base.get(t.name.as_str()).copied()))
-        .collect::<Result<Vec<_>, Error>>()?;
-    let references = if policy.device_forms_only {
-        vec![Vec::new(); encoded.len()]
-    } else {
-        crate::references::apply(tensors, &mut encoded, policy.zstd_level, &[])
-    };
+    let mut encoded = timed(&mut timings.encode, || {
+        tensors
+            .par_iter()
+            .map(|t| policy.encode_tensor(t, base.get(t.name.as_str()).copied()))
+            .collect::<Result<Vec<_>, Error>>()
+    })?;
+    let references = timed(&mut timings.references, || {
+        if policy.device_forms_only {
+            vec![Vec::new(); encoded.len()]
+        } else {
+            crate::references::apply(tensors, &mut encoded, policy.zstd_level, &[])
+        }
+    });
     Ok((encoded, references))
 }
 
@@ -584,7 +676,14 @@ mod tests {
         let w: Vec<f32> = (0..4096).map(|i| i as f32).collect();
         let t = Tensor::from_f32("w", &[4096], Role::Weight, &w).unwrap();
         let policy = Policy::default();
-        let e = encode_against(&policy, std::slice::from_ref(&t), Err(FullReason::First)).unwrap();
+        let mut timings = SaveTimings::default();
+        let e = encode_against(
+            &policy,
+            std::slice::from_ref(&t),
+            Err(FullReason::First),
+            &mut timings,
+        )
+        .unwrap();
         assert_eq!((e.base, e.full_reason), (None, Some(FullReason::First)));
         let mut w2 = w.clone();
         w2[5] = 0.5;
@@ -594,7 +693,8 @@ mod tests {
             state: Arc::new(vec![t]),
             hash: 99,
         };
-        let e = encode_against(&policy, &[t2], Ok(b.clone())).unwrap();
+        let e = encode_against(&policy, &[t2], Ok(b.clone()), &mut timings).unwrap();
+        assert!(timings.encode > Duration::ZERO && timings.total() >= timings.encode);
         assert_eq!((e.base, e.full_reason), (Some(b.base_ref()), None));
         assert!(e.tensors[0].0.codec.needs_base());
     }
