@@ -56,6 +56,12 @@ impl<W: Write> SnapshotWriter<W> {
         self.header.attempt = attempt;
     }
 
+    /// Sets the base recorded in the header (written by [`SnapshotWriter::finish`], so
+    /// it may be decided after the payloads are written).
+    pub fn set_base(&mut self, base: Option<BaseRef>) {
+        self.header.base = base;
+    }
+
     /// Sets the string metadata.
     pub fn set_metadata(&mut self, metadata: Vec<(String, String)>) {
         self.header.metadata = metadata;

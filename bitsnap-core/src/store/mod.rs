@@ -46,6 +46,7 @@ mod load;
 mod manifest;
 mod retention;
 mod save;
+mod stream;
 pub mod shard;
 mod verify;
 

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::manifest::MANIFEST_FILE;
+use super::stream::{self, BaseTensors, Streamed};
 use super::{Cached, SaveReport, SnapshotInfo, Store};
 use crate::codec::Encoded;
 use crate::format::{BaseRef, Decision, Entry, Header, Reference, SnapshotWriter};
@@ -222,10 +223,18 @@ impl Store {
             {
                 Err(FullReason::Interval)
             }
-            Some((latest, true)) => self.base_state(latest).map_err(|e| {
-                tracing::warn!(error = %e, "latest snapshot unreadable; saving a full snapshot");
-                FullReason::LatestUnreadable
-            }),
+            Some((latest, true)) => {
+                // The cached state is taken, not shared, so that the save can free it
+                // tensor by tensor; this save's own state replaces it.
+                match self.last.remove(series).filter(|c| c.id == latest) {
+                    Some(c) => self.base_state_from(latest, c.state),
+                    None => self.base_state(latest),
+                }
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "latest snapshot unreadable; saving a full snapshot");
+                    FullReason::LatestUnreadable
+                })
+            }
         });
         let id = self.manifest.next_id;
         let plan = Plan {
@@ -265,6 +274,10 @@ impl Store {
     /// The one save routine: encodes `tensors` against `plan.base` if there is one and
     /// the delta pays (else full), writes the file, and returns what it wrote and what
     /// the snapshot decodes to. Commits nothing.
+    ///
+    /// Payloads are streamed to the file while other tensors still encode, and a base
+    /// that only this save holds is freed tensor by tensor ([`super::stream`]); a delta
+    /// that would not pay is re-encoded full and written again.
     pub(crate) fn write_save(
         &self,
         plan: Plan<'_>,
@@ -274,12 +287,105 @@ impl Store {
         // The stage signals in the metadata scale a lossy error budget (policy/budget.rs).
         let (policy, metadata) = self.policy.staged(metadata);
         let mut timings = SaveTimings::default();
+        let (base_ref, base, first_reason) = match &plan.base {
+            Ok(b) => (Some(b.base_ref()), BaseTensors::of(b.state.clone()), None),
+            Err(reason) => (None, BaseTensors::None, Some(*reason)),
+        };
+        // `plan.base` keeps no second reference: an owned base is freed as it is used.
+        let plan = Plan {
+            base: plan.base.map(|b| BaseState {
+                state: Arc::new(Vec::new()),
+                ..b
+            }),
+            ..plan
+        };
+        let Streamed {
+            mut writer,
+            mut encoded,
+            mut hashes,
+            written,
+        } = self.encode_streamed(&plan, &policy, &tensors, &base, metadata.clone(), &mut timings)?;
+        drop(base);
+        let references = timed(&mut timings.references, || {
+            if policy.device_forms_only {
+                vec![Vec::new(); encoded.len()]
+            } else {
+                crate::references::apply(&tensors, &mut encoded, policy.zstd_level, &[])
+            }
+        });
+        debug_assert!(references[..written].iter().all(Vec::is_empty));
+        let (base, full_reason) = match base_ref {
+            None => (None, first_reason),
+            Some(b) => {
+                let verdict = policy.judge_delta(&encoded);
+                match FullReason::from_verdict(verdict) {
+                    None => (Some(b), None),
+                    // Re-encoded without a base, ending the chain: the streamed file
+                    // is dropped unfinished (its temporary file removed).
+                    Some(reason) if verdict == DeltaVerdict::WouldNotPay => {
+                        drop(writer);
+                        return self.write_full(plan, tensors, metadata, reason, timings);
+                    }
+                    // No tensor used a delta codec: already full.
+                    Some(reason) => (None, Some(reason)),
+                }
+            }
+        };
+        // The payloads the references pass replaced get new checksums.
+        timed(&mut timings.checksum, || {
+            hashes[written..]
+                .par_iter_mut()
+                .zip(&encoded[written..])
+                .zip(&references[written..])
+                .filter(|(_, r)| !r.is_empty())
+                .for_each(|((h, (e, _)), _)| h.1 = xxh3_64(&e.payload));
+        });
+        let write_start = Instant::now();
+        let rest = tensors.iter().zip(&encoded).zip(&hashes).zip(&references);
+        for (((t, e), &(raw_hash, payload_hash)), r) in rest.skip(written) {
+            writer.push_hashed(stream::entry(t, e, raw_hash, r), &e.0.payload, payload_hash)?;
+        }
+        writer.set_base(base);
+        let (header, out) = writer.finish()?;
+        timings.write += write_start.elapsed();
+        let stored_bytes = timed(&mut timings.sync, || out.finish())?;
+        let mut state = tensors;
+        for (t, (e, _)) in state.iter_mut().zip(encoded) {
+            if let Some((decoded, _)) = e.lossy {
+                t.data = decoded;
+            }
+        }
+        Ok(Written {
+            header,
+            stored_bytes,
+            base,
+            full_reason,
+            cached: Cached {
+                id: plan.id,
+                state: Arc::new(state),
+                metadata,
+            },
+            timings,
+        })
+    }
+
+    /// Encodes `tensors` without a base (all at once) and writes them: the save of a
+    /// delta that would not pay.
+    fn write_full(
+        &self,
+        plan: Plan<'_>,
+        tensors: Vec<Tensor>,
+        metadata: Vec<(String, String)>,
+        reason: FullReason,
+        mut timings: SaveTimings,
+    ) -> Result<Written, Error> {
+        let (policy, metadata) = self.policy.staged(metadata);
         let Encoding {
             tensors: encoded,
             references,
             base,
             full_reason,
-        } = encode_against(&policy, &tensors, plan.base, &mut timings)?;
+        } = encode_against(&policy, &tensors, Err(reason), &mut timings)?;
         let (header, stored_bytes) = self.write_snapshot(
             &plan.file,
             plan.id,
@@ -414,6 +520,18 @@ impl Store {
             state: Arc::new(state),
             hash: chain.target().header.state_hash(),
         })
+    }
+
+    /// [`BaseState`] of snapshot `id` that decodes to `state`.
+    fn base_state_from(&self, id: u64, state: super::State) -> Result<BaseState, Error> {
+        let hash = self
+            .chain_info(id)
+            .ok_or_else(|| Error::UnknownSnapshot {
+                store: self.dir.clone(),
+                snapshot: id.to_string(),
+            })?
+            .state_hash;
+        Ok(BaseState { id, state, hash })
     }
 
     pub(crate) fn depth(&self, id: u64) -> u32 {
