@@ -41,9 +41,12 @@ pub fn read_tensors(
                 bytes: entry.len,
             };
             let len = usize::try_from(entry.len).map_err(|_| alloc())?;
-            let mut data = Vec::new();
-            data.try_reserve_exact(len).map_err(|_| alloc())?;
-            data.resize(len, 0);
+            // Checked fallibly, then allocated zeroed: the pages are first touched by
+            // the parallel read, not by a serial zero fill.
+            let mut probe: Vec<u8> = Vec::new();
+            probe.try_reserve_exact(len).map_err(|_| alloc())?;
+            drop(probe);
+            let mut data = vec![0u8; len];
             read_exact_at_parallel(&file, path, entry.offset, &mut data)?;
             let role = role(&entry.name).unwrap_or_else(|| Role::guess(&entry.name));
             Tensor::new(

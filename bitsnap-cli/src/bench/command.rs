@@ -62,7 +62,17 @@ weights change there only, the moments everywhere (Adam decays them where the gr
 is 0).
 
 Prints markdown tables: totals per method, ratio per file, GB/s per file, per dtype, and \
-bitsnap per role.\n\n{JSON_DOC}"
+bitsnap per role.
+
+With --io, measures instead, on the files and in one run, what the disk and the hardware \
+allow: the disk's write+fsync throughput (64 MiB blocks, like `dd conv=fdatasync`), \
+`pack` of every file into a new store, `verify` of it, `unpack` of its first and last \
+snapshots, and the `zstd` binary (`zstd -1 -T<threads>` over every file, `zstd -d` of the \
+last), every output fsynced before its clock stops; GB/s of raw tensor bytes with each \
+ratio to its baseline, the pack's per-stage times (read, base, encode, references, \
+checksum, write, sync, commit), its peak RSS against the largest file, and the adaptive \
+encoder's speed on 1, 2, 4, ... threads. Stores and outputs go under --work-dir and are \
+removed.\n\n{JSON_DOC}"
     )
 }
 
