@@ -11,8 +11,8 @@ use clap::Args;
 
 use crate::args::PolicyArgs;
 use crate::error::CliError;
-use crate::store::{file_stem, index_of, read_indexes, store_url};
 use crate::pipeline::{self, StageTotals};
+use crate::store::{file_stem, index_of, read_indexes, store_url};
 use crate::{progress, roles};
 
 /// The long help of the command.

@@ -3,9 +3,9 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use bitsnap_core::backend::Writeback;
 use bitsnap_core::codec::CodecId;
 use bitsnap_core::fmt::bytes;
-use bitsnap_core::backend::Writeback;
 use bitsnap_core::{Store, safetensors};
 use clap::Args;
 
@@ -85,7 +85,8 @@ pub(crate) fn restore(store: &Store, id: u64, output: &Path) -> Result<Restored,
     let layout = stream::Layout::of(header, output)?;
     let tmp = stream::TmpFile::beside(output)?;
     layout.write_head(&tmp)?;
-    let writeback = Writeback::start(&tmp.file).map_err(|e| crate::pipeline::io_error(&tmp.path, e))?;
+    let writeback =
+        Writeback::start(&tmp.file).map_err(|e| crate::pipeline::io_error(&tmp.path, e))?;
     chain.decode_with(|i, t| layout.write_tensor(&tmp, i, &t.data))?;
     writeback.stop();
     tmp.persist(output)?;
@@ -157,8 +158,8 @@ mod stream {
                 ));
                 at = end;
             }
-            let metadata: Option<HashMap<String, String>> = (!header.metadata.is_empty())
-                .then(|| header.metadata.iter().cloned().collect());
+            let metadata: Option<HashMap<String, String>> =
+                (!header.metadata.is_empty()).then(|| header.metadata.iter().cloned().collect());
             let safetensors_err = |source| Error::Safetensors {
                 file: output.to_path_buf(),
                 source,
@@ -192,7 +193,12 @@ mod stream {
         }
 
         /// Writes entry `i`'s decoded bytes at its offset.
-        pub(super) fn write_tensor(&self, tmp: &TmpFile, i: usize, data: &[u8]) -> Result<(), Error> {
+        pub(super) fn write_tensor(
+            &self,
+            tmp: &TmpFile,
+            i: usize,
+            data: &[u8],
+        ) -> Result<(), Error> {
             let at = self.offsets.get(i).copied().unwrap_or(u64::MAX);
             write_all_at(&tmp.file, data, at).map_err(|e| io_error(&tmp.path, e))
         }
@@ -235,9 +241,7 @@ mod stream {
 
         /// fsyncs the file, renames it to `output` and fsyncs the directory.
         pub(super) fn persist(mut self, output: &Path) -> Result<(), Error> {
-            self.file
-                .sync_all()
-                .map_err(|e| io_error(&self.path, e))?;
+            self.file.sync_all().map_err(|e| io_error(&self.path, e))?;
             std::fs::rename(&self.path, output).map_err(|e| io_error(output, e))?;
             self.done = true;
             let dir = match output.parent() {

@@ -168,7 +168,12 @@ pub fn run(
         let out = dir.join("unpacked.safetensors");
         let start = Instant::now();
         crate::unpack::restore(&store, info.id, &out)?;
-        rows.push((label.into(), start.elapsed(), info.raw_bytes, Some("zstd -d")));
+        rows.push((
+            label.into(),
+            start.elapsed(),
+            info.raw_bytes,
+            Some("zstd -d"),
+        ));
         std::fs::remove_file(&out).map_err(|e| io(&out, e))?;
     }
     drop(store);
@@ -433,7 +438,10 @@ mod tests {
         let mut text = Vec::new();
         report.write_markdown(&mut text).unwrap();
         let text = String::from_utf8(text).unwrap();
-        assert!(text.contains("pack stages") && text.contains("encode"), "{text}");
+        assert!(
+            text.contains("pack stages") && text.contains("encode"),
+            "{text}"
+        );
         // The work directory is cleaned up.
         assert_eq!(
             std::fs::read_dir(dir.path().join("work")).unwrap().count(),

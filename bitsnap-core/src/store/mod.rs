@@ -46,8 +46,8 @@ mod load;
 mod manifest;
 mod retention;
 mod save;
-mod stream;
 pub mod shard;
+mod stream;
 mod verify;
 
 pub use crate::backend::LOCK_FILE;

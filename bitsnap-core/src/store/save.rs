@@ -215,18 +215,19 @@ impl Store {
         validate(&tensors, name)?;
         validate_metadata(&metadata)?;
         let mut base_time = Duration::ZERO;
-        let base = timed(&mut base_time, || match self.latest_in(series).map(|s| (s.id, s.shards.is_empty())) {
-            None => Err(FullReason::First),
-            Some((_, false)) => Err(FullReason::LatestSharded),
-            Some((latest, true))
-                if self.depth(latest).saturating_add(1) >= self.policy.full_every =>
-            {
-                Err(FullReason::Interval)
-            }
-            Some((latest, true)) => {
-                // The cached state is taken, not shared, so that the save can free it
-                // tensor by tensor; this save's own state replaces it.
-                match self.last.remove(series).filter(|c| c.id == latest) {
+        let base = timed(&mut base_time, || {
+            match self.latest_in(series).map(|s| (s.id, s.shards.is_empty())) {
+                None => Err(FullReason::First),
+                Some((_, false)) => Err(FullReason::LatestSharded),
+                Some((latest, true))
+                    if self.depth(latest).saturating_add(1) >= self.policy.full_every =>
+                {
+                    Err(FullReason::Interval)
+                }
+                Some((latest, true)) => {
+                    // The cached state is taken, not shared, so that the save can free it
+                    // tensor by tensor; this save's own state replaces it.
+                    match self.last.remove(series).filter(|c| c.id == latest) {
                     Some(c) => self.base_state_from(latest, c.state),
                     None => self.base_state(latest),
                 }
@@ -234,6 +235,7 @@ impl Store {
                     tracing::warn!(error = %e, "latest snapshot unreadable; saving a full snapshot");
                     FullReason::LatestUnreadable
                 })
+                }
             }
         });
         let id = self.manifest.next_id;
@@ -259,7 +261,9 @@ impl Store {
             stored_bytes: w.stored_bytes,
             shards: Vec::new(),
         };
-        timed(&mut w.timings.commit, || self.commit_new(info.clone(), &[file]))?;
+        timed(&mut w.timings.commit, || {
+            self.commit_new(info.clone(), &[file])
+        })?;
         // Keep what this snapshot decodes to: the base of the next delta, and the answer
         // to a restore in this process.
         self.last.insert(series.to_string(), w.cached);
@@ -287,24 +291,27 @@ impl Store {
         // The stage signals in the metadata scale a lossy error budget (policy/budget.rs).
         let (policy, metadata) = self.policy.staged(metadata);
         let mut timings = SaveTimings::default();
-        let (base_ref, base, first_reason) = match &plan.base {
-            Ok(b) => (Some(b.base_ref()), BaseTensors::of(b.state.clone()), None),
-            Err(reason) => (None, BaseTensors::None, Some(*reason)),
-        };
-        // `plan.base` keeps no second reference: an owned base is freed as it is used.
-        let plan = Plan {
-            base: plan.base.map(|b| BaseState {
-                state: Arc::new(Vec::new()),
-                ..b
-            }),
-            ..plan
-        };
+        // The base is moved out of the plan, which keeps no reference to its tensors: a
+        // base only this save holds is then freed tensor by tensor as it is used.
+        let mut plan = plan;
+        let (base_ref, base, first_reason) =
+            match std::mem::replace(&mut plan.base, Err(FullReason::First)) {
+                Ok(b) => (Some(b.base_ref()), BaseTensors::of(b.state), None),
+                Err(reason) => (None, BaseTensors::None, Some(reason)),
+            };
         let Streamed {
             mut writer,
             mut encoded,
             mut hashes,
             written,
-        } = self.encode_streamed(&plan, &policy, &tensors, &base, metadata.clone(), &mut timings)?;
+        } = self.encode_streamed(
+            &plan,
+            &policy,
+            &tensors,
+            &base,
+            metadata.clone(),
+            &mut timings,
+        )?;
         drop(base);
         let references = timed(&mut timings.references, || {
             if policy.device_forms_only {

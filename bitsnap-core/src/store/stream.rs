@@ -70,9 +70,7 @@ impl BaseTensors {
                     .and_then(|slot| slot.lock().ok().and_then(|mut s| s.take()));
                 f(taken.as_ref())
             }
-            BaseTensors::Shared { index, state } => {
-                f(index.get(name).and_then(|&i| state.get(i)))
-            }
+            BaseTensors::Shared { index, state } => f(index.get(name).and_then(|&i| state.get(i))),
         }
     }
 }
@@ -166,28 +164,25 @@ impl Store {
                 (writer, slots, written, failed)
             });
             let encoded = timed(&mut timings.encode, || {
-                tensors
-                    .par_iter()
-                    .enumerate()
-                    .try_for_each(|(i, t)| {
-                        let encoded = base.with(&t.name, |b| policy.encode_tensor(t, b))?;
-                        let e = &encoded.0;
-                        let raw_hash = match &e.lossy {
-                            Some((decoded, _)) => xxh3_64(decoded),
-                            None => hashes[i],
-                        };
-                        let payload_hash = xxh3_64(&e.payload);
-                        // The streamer ends only when every sender is gone.
-                        let _ = tx.send((
-                            i,
-                            Item {
-                                encoded,
-                                raw_hash,
-                                payload_hash,
-                            },
-                        ));
-                        Ok::<(), Error>(())
-                    })
+                tensors.par_iter().enumerate().try_for_each(|(i, t)| {
+                    let encoded = base.with(&t.name, |b| policy.encode_tensor(t, b))?;
+                    let e = &encoded.0;
+                    let raw_hash = match &e.lossy {
+                        Some((decoded, _)) => xxh3_64(decoded),
+                        None => hashes[i],
+                    };
+                    let payload_hash = xxh3_64(&e.payload);
+                    // The streamer ends only when every sender is gone.
+                    let _ = tx.send((
+                        i,
+                        Item {
+                            encoded,
+                            raw_hash,
+                            payload_hash,
+                        },
+                    ));
+                    Ok::<(), Error>(())
+                })
             });
             drop(tx);
             let joined = streamer.join();
