@@ -79,13 +79,16 @@ pub struct SaveTimings {
     /// reading and decoding its chain.
     pub base: Duration,
     /// Choosing each tensor's codec (trial encodes on samples) and encoding it, all
-    /// tensors in parallel.
+    /// tensors in parallel, with each payload's checksum; payloads are written to the
+    /// file meanwhile, as they come out in order.
     pub encode: Duration,
     /// Finding tensors that reference others (identical copies, casts).
     pub references: Duration,
-    /// xxh3 of every tensor's raw bytes and every payload, in parallel.
+    /// xxh3 of every tensor's raw bytes before the encode, and of the payloads the
+    /// references pass replaced, in parallel.
     pub checksum: Duration,
-    /// Payloads, header and trailer written to the temporary file (page cache).
+    /// What the encode left to write (payloads after the first tensor the references
+    /// pass may change), header and trailer, to the temporary file (page cache).
     pub write: Duration,
     /// fsync of the file, rename into place and fsync of the directory.
     pub sync: Duration,
