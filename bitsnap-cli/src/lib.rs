@@ -37,6 +37,7 @@ mod inspect;
 mod keep;
 mod ls;
 mod pack;
+mod pipeline;
 mod progress;
 mod retain;
 mod roles;

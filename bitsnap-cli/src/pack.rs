@@ -2,14 +2,16 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Instant;
 
 use bitsnap_core::codec::CodecId;
 use bitsnap_core::fmt::{Ratio, bytes};
-use bitsnap_core::{Lossiness, Store, safetensors};
+use bitsnap_core::{Lossiness, Store};
 use clap::Args;
 
 use crate::args::PolicyArgs;
 use crate::error::CliError;
+use crate::pipeline::{self, StageTotals};
 use crate::store::{file_stem, index_of, read_indexes, store_url};
 use crate::{progress, roles};
 
@@ -36,7 +38,9 @@ weight of the same shape (`X.m` beside `X`) stops the command (exit 2) until a -
 rule says what it is.
 
 Prints one line per snapshot: its index, name, base, sizes and ratio, and under \
---policy lossy-optimizer the largest quantization error of its moments."
+--policy lossy-optimizer the largest quantization error of its moments. With --stages, \
+also the wall-clock seconds of each stage of each save (read, base, encode, references, \
+checksum, write, sync, commit) and a table of their totals with raw GB/s."
         .to_string()
 }
 
@@ -51,6 +55,9 @@ pub struct PackArgs {
     files: Vec<PathBuf>,
     #[command(flatten)]
     policy: PolicyArgs,
+    /// Print the time of each stage of each save, and a table of totals.
+    #[arg(long)]
+    stages: bool,
 }
 
 /// Runs `bitsnap pack`.
@@ -74,12 +81,16 @@ pub fn run(args: PackArgs, out: &mut dyn Write) -> Result<(), CliError> {
         None => Store::open_or_create(&args.store, policy)?,
     };
     let bar = progress::bytes(total, "packing");
+    let mut totals = StageTotals::default();
     for f in &args.files {
         let name = file_stem(f);
         bar.set_message(format!("packing {name}"));
-        let (tensors, metadata) = safetensors::read_file(f, |n| roles.role(n))?;
+        let read_start = Instant::now();
+        let (tensors, metadata) = pipeline::read_tensors(f, |n| roles.role(n))?;
+        let read = read_start.elapsed();
         let raw: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
         let report = store.save_with_metadata(&name, tensors, metadata)?;
+        totals.add(read, &report.timings, raw);
         bar.inc(raw);
         let index = store.snapshots().len().saturating_sub(1);
         let base = match (report.info.base, report.full_reason) {
@@ -113,8 +124,17 @@ pub fn run(args: PackArgs, out: &mut dyn Write) -> Result<(), CliError> {
                 report.info.tensors
             ));
         }
+        if args.stages {
+            let mut one = StageTotals::default();
+            one.add(read, &report.timings, raw);
+            line.push_str(&format!("\n  stages: {}", one.line()));
+        }
         bar.suspend(|| writeln!(out, "{line}"))?;
     }
     bar.finish_and_clear();
+    if args.stages {
+        writeln!(out, "stage totals over {} files:", args.files.len())?;
+        totals.write_table(out)?;
+    }
     Ok(())
 }

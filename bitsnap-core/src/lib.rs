@@ -85,7 +85,7 @@ pub use shard::{ShardInfo, ShardReport};
 pub use store::{
     BaseState, ChainLink, CompactReport, FALLBACK_DECODE_BUDGET, FullReason, LOCK_FILE,
     MANIFEST_FILE, MANIFEST_VERSION_RETAIN, MAX_MANIFEST_BYTES, PruneReport, RestoreChain,
-    Retention, SaveReport, Snapshot, SnapshotInfo, Store, VerifyReport, check_decode_budget,
-    default_decode_budget,
+    Retention, SaveReport, SaveTimings, Snapshot, SnapshotInfo, Store, VerifyReport,
+    check_decode_budget, default_decode_budget,
 };
 pub use tensor::{MAX_NAME_BYTES, MAX_RANK, MAX_TENSOR_BYTES, Tensor};

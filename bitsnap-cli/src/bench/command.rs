@@ -62,7 +62,17 @@ weights change there only, the moments everywhere (Adam decays them where the gr
 is 0).
 
 Prints markdown tables: totals per method, ratio per file, GB/s per file, per dtype, and \
-bitsnap per role.\n\n{JSON_DOC}"
+bitsnap per role.
+
+With --io, measures instead, on the files and in one run, what the disk and the hardware \
+allow: the disk's write+fsync throughput (64 MiB blocks, like `dd conv=fdatasync`), \
+`pack` of every file into a new store, `verify` of it, `unpack` of its first and last \
+snapshots, and the `zstd` binary (`zstd -1 -T<threads>` over every file, `zstd -d` of the \
+last), every output fsynced before its clock stops; GB/s of raw tensor bytes with each \
+ratio to its baseline, the pack's per-stage times (read, base, encode, references, \
+checksum, write, sync, commit), its peak RSS against the largest file, and the adaptive \
+encoder's speed on 1, 2, 4, ... threads. Stores and outputs go under --work-dir and are \
+removed.\n\n{JSON_DOC}"
     )
 }
 
@@ -87,6 +97,18 @@ pub struct BenchArgs {
     json: bool,
     #[command(flatten)]
     policy: PolicyArgs,
+    /// Measure pack, unpack and verify against the disk and the zstd binary instead
+    /// (wall clock, outputs fsynced): GB/s, ratios, pack stages, peak RSS, encode
+    /// scaling over threads.
+    #[arg(long, conflicts_with_all = ["synthetic", "json"])]
+    io: bool,
+    /// With --io: where the stores and outputs are written (and removed) [default: the
+    /// system's temporary directory].
+    #[arg(long, value_name = "DIR", requires = "io")]
+    work_dir: Option<PathBuf>,
+    /// With --io: the zstd binary [default: `zstd` on PATH].
+    #[arg(long, value_name = "PATH", requires = "io")]
+    zstd: Option<PathBuf>,
 }
 
 fn parse_scale(s: &str) -> Result<f64, String> {
@@ -103,6 +125,15 @@ pub fn run(args: BenchArgs, out: &mut dyn Write) -> Result<(), CliError> {
         return Err(CliError::Usage(
             "--scale applies only with --synthetic".into(),
         ));
+    }
+    if args.io {
+        let indexes = read_indexes(&args.files)?;
+        let roles = roles::resolve(&args.policy.roles, &indexes);
+        let work = args.work_dir.unwrap_or_else(std::env::temp_dir);
+        let report =
+            crate::bench::io::run(&args.files, &roles, policy, &work, args.zstd.as_deref())?;
+        report.write_markdown(out)?;
+        return Ok(());
     }
     let mut bench = Bench::new(policy);
     if args.synthetic {

@@ -46,6 +46,7 @@
 //! ```
 
 pub(crate) mod command;
+pub(crate) mod io;
 mod markdown;
 mod run;
 mod synthetic;

@@ -35,7 +35,10 @@ mod local;
 #[cfg(feature = "remote")]
 mod object;
 
-pub use local::{LOCK_FILE, LocalDir};
+pub use local::{
+    LOCK_FILE, LocalDir, PARALLEL_READ_BYTES, READ_PIECE_BYTES, WRITEBACK_AFTER_BYTES,
+    WRITEBACK_INTERVAL, Writeback, read_exact_at_parallel,
+};
 #[cfg(feature = "remote")]
 pub use object::{MULTIPART_PART_BYTES, ObjectBackend};
 

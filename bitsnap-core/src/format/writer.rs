@@ -56,19 +56,38 @@ impl<W: Write> SnapshotWriter<W> {
         self.header.attempt = attempt;
     }
 
+    /// Sets the base recorded in the header (written by [`SnapshotWriter::finish`], so
+    /// it may be decided after the payloads are written).
+    pub fn set_base(&mut self, base: Option<BaseRef>) {
+        self.header.base = base;
+    }
+
     /// Sets the string metadata.
     pub fn set_metadata(&mut self, metadata: Vec<(String, String)>) {
         self.header.metadata = metadata;
     }
 
     /// Appends one tensor's payload. `entry`'s offset, length and payload hash are filled in.
-    pub fn push(&mut self, mut entry: Entry, payload: &[u8]) -> Result<(), Error> {
+    pub fn push(&mut self, entry: Entry, payload: &[u8]) -> Result<(), Error> {
+        self.push_hashed(entry, payload, xxh3_64(payload))
+    }
+
+    /// [`SnapshotWriter::push`] of a payload whose xxh3 the caller computed (in
+    /// parallel with others): `payload_hash` must be `xxh3_64(payload)`, as readers
+    /// check it.
+    pub fn push_hashed(
+        &mut self,
+        mut entry: Entry,
+        payload: &[u8],
+        payload_hash: u64,
+    ) -> Result<(), Error> {
+        debug_assert_eq!(payload_hash, xxh3_64(payload));
         self.out
             .write_all(payload)
             .map_err(|e| Error::io(&self.path, e))?;
         entry.offset = self.pos;
         entry.len = payload.len() as u64;
-        entry.payload_hash = xxh3_64(payload);
+        entry.payload_hash = payload_hash;
         self.pos += payload.len() as u64;
         self.header.entries.push(entry);
         Ok(())

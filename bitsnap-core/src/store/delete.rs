@@ -174,6 +174,7 @@ impl Store {
             0,
             file.header.metadata.clone(),
             items.iter().map(|(t, (e, d), r)| (t, e, d, r.as_slice())),
+            &mut super::SaveTimings::default(),
         )?;
         if header.state_hash() != dep.state_hash {
             return Err(Error::Checksum {

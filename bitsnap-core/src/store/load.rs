@@ -162,6 +162,41 @@ impl RestoreChain {
         }
     }
 
+    /// [`RestoreChain::decode`], handing each tensor of the snapshot (the chain's last
+    /// file) to `sink` with its header index as soon as it is decoded and checked, on
+    /// the rayon thread that decoded it, in no particular order: a restore can write
+    /// tensors out while others are still decoding. The first error of `sink` stops the
+    /// decode and is returned.
+    ///
+    /// ```
+    /// use bitsnap_core::{Policy, Role, Store, Tensor};
+    /// use std::sync::Mutex;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let mut store = Store::open_or_create(dir.path(), Policy::default()).unwrap();
+    /// let t = Tensor::from_f32("w", &[3], Role::Weight, &[1.0, 2.0, 3.0]).unwrap();
+    /// let id = store.save("a", vec![t.clone()]).unwrap().info.id;
+    /// let seen = Mutex::new(Vec::new());
+    /// let chain = Store::open(dir.path()).unwrap().restore_chain(id, None).unwrap();
+    /// let all = chain
+    ///     .decode_with(|i, t| Ok(seen.lock().unwrap().push((i, t.name.clone()))))
+    ///     .unwrap();
+    /// assert_eq!(all, vec![t]);
+    /// assert_eq!(seen.into_inner().unwrap(), vec![(0, "w".to_string())]);
+    /// ```
+    pub fn decode_with<F>(&self, sink: F) -> Result<Vec<Tensor>, Error>
+    where
+        F: Fn(usize, &Tensor) -> Result<(), Error> + Sync,
+    {
+        let mut state: Option<Vec<Tensor>> = None;
+        let last = self.files.len().saturating_sub(1);
+        for (step, file) in self.files.iter().enumerate() {
+            let sink: Option<&Sink<'_>> = if step == last { Some(&sink) } else { None };
+            let keep = self.read_only.as_ref().and_then(|r| r.get(step));
+            state = Some(decode_file_inner(file, state.as_deref(), keep, sink)?);
+        }
+        Ok(state.unwrap_or_default())
+    }
+
     /// Decodes the chain into the snapshot `info` describes, with the target's metadata.
     pub(crate) fn into_snapshot(self, info: SnapshotInfo) -> Result<Snapshot, Error> {
         Ok(Snapshot {
@@ -286,7 +321,7 @@ pub(crate) fn decode_file(
     file: &SnapshotFile,
     base: Option<&[Tensor]>,
 ) -> Result<Vec<Tensor>, Error> {
-    decode_file_only(file, base, None)
+    decode_file_inner(file, base, None, None)
 }
 
 /// [`decode_file`] of the tensors named in `keep` only (all with `None`).
@@ -294,6 +329,19 @@ fn decode_file_only(
     file: &SnapshotFile,
     base: Option<&[Tensor]>,
     keep: Option<&HashSet<String>>,
+) -> Result<Vec<Tensor>, Error> {
+    decode_file_inner(file, base, keep, None)
+}
+
+/// What [`RestoreChain::decode_with`] hands each decoded tensor to.
+type Sink<'a> = dyn Fn(usize, &Tensor) -> Result<(), Error> + Sync + 'a;
+
+/// [`decode_file`] of the tensors in `keep` (all with `None`), each handed to `sink`.
+fn decode_file_inner(
+    file: &SnapshotFile,
+    base: Option<&[Tensor]>,
+    keep: Option<&HashSet<String>>,
+    sink: Option<&Sink<'_>>,
 ) -> Result<Vec<Tensor>, Error> {
     let header = &file.header;
     let base_map: HashMap<&str, &Tensor> = match (header.base, base) {
@@ -362,16 +410,17 @@ fn decode_file_only(
                         .map(|b| b.data.as_slice());
                     file.decode(e, base)?
                 };
-                Ok((
-                    i,
-                    Tensor {
-                        name: e.name.clone(),
-                        dtype: e.dtype,
-                        shape: e.shape.clone(),
-                        role: e.role,
-                        data,
-                    },
-                ))
+                let t = Tensor {
+                    name: e.name.clone(),
+                    dtype: e.dtype,
+                    shape: e.shape.clone(),
+                    role: e.role,
+                    data,
+                };
+                if let Some(sink) = sink {
+                    sink(i, &t)?;
+                }
+                Ok((i, t))
             })
             .collect::<Result<_, Error>>()?;
         for (i, t) in decoded {

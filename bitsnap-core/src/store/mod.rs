@@ -48,6 +48,7 @@ mod needed;
 mod retention;
 mod save;
 pub mod shard;
+mod stream;
 mod verify;
 
 pub use crate::backend::LOCK_FILE;
@@ -58,7 +59,7 @@ use manifest::ShardInfo;
 pub use manifest::{MANIFEST_FILE, MANIFEST_VERSION, MANIFEST_VERSION_RETAIN, MAX_MANIFEST_BYTES};
 pub(crate) use needed::needed_payloads;
 pub use retention::{CompactReport, PruneReport, Retention};
-pub use save::{BaseState, FullReason};
+pub use save::{BaseState, FullReason, SaveTimings};
 
 /// Largest snapshot file read back, in bytes (1 TiB): a sanity bound, not a budget.
 pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 40;
@@ -122,6 +123,8 @@ pub struct SaveReport {
     pub header: Header,
     /// Why it is a full snapshot, if it is one (its `Display` is the reason as text).
     pub full_reason: Option<FullReason>,
+    /// Time spent in each stage of the save.
+    pub timings: SaveTimings,
 }
 
 /// The outcome of [`Store::verify`].

@@ -3,11 +3,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::manifest::MANIFEST_FILE;
+use super::stream::{self, BaseTensors, Streamed};
 use super::{Cached, SaveReport, SnapshotInfo, Store};
 use crate::codec::Encoded;
 use crate::format::{BaseRef, Decision, Entry, Header, Reference, SnapshotWriter};
@@ -67,6 +69,72 @@ impl std::fmt::Display for FullReason {
     }
 }
 
+/// Wall-clock time one save spent in each of its stages, which run one after another
+/// on the saving thread (each stage itself runs on all rayon threads where it can), so
+/// they add up to the save. `bitsnap pack --stages` prints them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[non_exhaustive]
+pub struct SaveTimings {
+    /// Taking the base state: from memory (the latest save of this `Store`), else by
+    /// reading and decoding its chain.
+    pub base: Duration,
+    /// Choosing each tensor's codec (trial encodes on samples) and encoding it, all
+    /// tensors in parallel, with each payload's checksum; payloads are written to the
+    /// file meanwhile, as they come out in order.
+    pub encode: Duration,
+    /// Finding tensors that reference others (identical copies, casts).
+    pub references: Duration,
+    /// xxh3 of every tensor's raw bytes before the encode, and of the payloads the
+    /// references pass replaced, in parallel.
+    pub checksum: Duration,
+    /// What the encode left to write (payloads after the first tensor the references
+    /// pass may change), header and trailer, to the temporary file (page cache).
+    pub write: Duration,
+    /// fsync of the file, rename into place and fsync of the directory.
+    pub sync: Duration,
+    /// Replacing the manifest (write, fsync, rename) under the store lock.
+    pub commit: Duration,
+}
+
+impl SaveTimings {
+    /// The stages as (name, time), in the order they run.
+    pub fn stages(&self) -> [(&'static str, Duration); 7] {
+        [
+            ("base", self.base),
+            ("encode", self.encode),
+            ("references", self.references),
+            ("checksum", self.checksum),
+            ("write", self.write),
+            ("sync", self.sync),
+            ("commit", self.commit),
+        ]
+    }
+
+    /// The sum of every stage.
+    pub fn total(&self) -> Duration {
+        self.stages().iter().map(|s| s.1).sum()
+    }
+
+    /// Adds `other`'s stages to these (totals over several saves).
+    pub fn add(&mut self, other: &SaveTimings) {
+        self.base += other.base;
+        self.encode += other.encode;
+        self.references += other.references;
+        self.checksum += other.checksum;
+        self.write += other.write;
+        self.sync += other.sync;
+        self.commit += other.commit;
+    }
+}
+
+/// Runs `f` and adds the time it took to `slot`.
+pub(crate) fn timed<T>(slot: &mut Duration, f: impl FnOnce() -> T) -> T {
+    let start = Instant::now();
+    let out = f();
+    *slot += start.elapsed();
+    out
+}
+
 /// The snapshot a save is encoded against: its id, what it decodes to, and its state
 /// hash ([`Header::state_hash`]).
 #[derive(Debug, Clone)]
@@ -117,6 +185,8 @@ pub(crate) struct Written {
     pub(crate) full_reason: Option<FullReason>,
     /// What the snapshot decodes to (lossy tensors dequantized).
     pub(crate) cached: Cached,
+    /// Time per stage so far (no commit yet).
+    pub(crate) timings: SaveTimings,
 }
 
 impl Store {
@@ -147,19 +217,30 @@ impl Store {
         self.take_lock()?;
         validate(&tensors, name)?;
         validate_metadata(&metadata)?;
-        let base = match self.latest_in(series).map(|s| (s.id, s.shards.is_empty())) {
-            None => Err(FullReason::First),
-            Some((_, false)) => Err(FullReason::LatestSharded),
-            Some((latest, true))
-                if self.depth(latest).saturating_add(1) >= self.policy.full_every =>
-            {
-                Err(FullReason::Interval)
+        let mut base_time = Duration::ZERO;
+        let base = timed(&mut base_time, || {
+            match self.latest_in(series).map(|s| (s.id, s.shards.is_empty())) {
+                None => Err(FullReason::First),
+                Some((_, false)) => Err(FullReason::LatestSharded),
+                Some((latest, true))
+                    if self.depth(latest).saturating_add(1) >= self.policy.full_every =>
+                {
+                    Err(FullReason::Interval)
+                }
+                Some((latest, true)) => {
+                    // The cached state is taken, not shared, so that the save can free it
+                    // tensor by tensor; this save's own state replaces it.
+                    match self.last.remove(series).filter(|c| c.id == latest) {
+                    Some(c) => self.base_state_from(latest, c.state),
+                    None => self.base_state(latest),
+                }
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "latest snapshot unreadable; saving a full snapshot");
+                    FullReason::LatestUnreadable
+                })
+                }
             }
-            Some((latest, true)) => self.base_state(latest).map_err(|e| {
-                tracing::warn!(error = %e, "latest snapshot unreadable; saving a full snapshot");
-                FullReason::LatestUnreadable
-            }),
-        };
+        });
         let id = self.manifest.next_id;
         let plan = Plan {
             file: self.snapshot_file_name(id),
@@ -169,7 +250,8 @@ impl Store {
             base,
         };
         let file = plan.file.clone();
-        let w = self.write_save(plan, tensors, metadata)?;
+        let mut w = self.write_save(plan, tensors, metadata)?;
+        w.timings.base = base_time;
         let info = SnapshotInfo {
             id,
             name: name.to_string(),
@@ -182,7 +264,9 @@ impl Store {
             stored_bytes: w.stored_bytes,
             shards: Vec::new(),
         };
-        self.commit_new(info.clone(), &[file])?;
+        timed(&mut w.timings.commit, || {
+            self.commit_new(info.clone(), &[file])
+        })?;
         // Keep what this snapshot decodes to: the base of the next delta, and the answer
         // to a restore in this process.
         self.last.insert(series.to_string(), w.cached);
@@ -190,12 +274,17 @@ impl Store {
             info,
             header: w.header,
             full_reason: w.full_reason,
+            timings: w.timings,
         })
     }
 
     /// The one save routine: encodes `tensors` against `plan.base` if there is one and
     /// the delta pays (else full), writes the file, and returns what it wrote and what
     /// the snapshot decodes to. Commits nothing.
+    ///
+    /// Payloads are streamed to the file while other tensors still encode, and a base
+    /// that only this save holds is freed tensor by tensor ([`super::stream`]); a delta
+    /// that would not pay is re-encoded full and written again.
     pub(crate) fn write_save(
         &self,
         plan: Plan<'_>,
@@ -204,12 +293,109 @@ impl Store {
     ) -> Result<Written, Error> {
         // The stage signals in the metadata scale a lossy error budget (policy/budget.rs).
         let (policy, metadata) = self.policy.staged(metadata);
+        let mut timings = SaveTimings::default();
+        // The base is moved out of the plan, which keeps no reference to its tensors: a
+        // base only this save holds is then freed tensor by tensor as it is used.
+        let mut plan = plan;
+        let (base_ref, base, first_reason) =
+            match std::mem::replace(&mut plan.base, Err(FullReason::First)) {
+                Ok(b) => (Some(b.base_ref()), BaseTensors::of(b.state), None),
+                Err(reason) => (None, BaseTensors::None, Some(reason)),
+            };
+        let Streamed {
+            mut writer,
+            mut encoded,
+            mut hashes,
+            written,
+        } = self.encode_streamed(
+            &plan,
+            &policy,
+            &tensors,
+            &base,
+            metadata.clone(),
+            &mut timings,
+        )?;
+        drop(base);
+        let references = timed(&mut timings.references, || {
+            if !references_allowed(&policy) {
+                vec![Vec::new(); encoded.len()]
+            } else {
+                crate::references::apply(&tensors, &mut encoded, policy.zstd_level, &[])
+            }
+        });
+        debug_assert!(references[..written].iter().all(Vec::is_empty));
+        let (base, full_reason) = match base_ref {
+            None => (None, first_reason),
+            Some(b) => {
+                let verdict = policy.judge_delta(&encoded);
+                match FullReason::from_verdict(verdict) {
+                    None => (Some(b), None),
+                    // Re-encoded without a base, ending the chain: the streamed file
+                    // is dropped unfinished (its temporary file removed).
+                    Some(reason) if verdict == DeltaVerdict::WouldNotPay => {
+                        drop(writer);
+                        return self.write_full(plan, tensors, metadata, reason, timings);
+                    }
+                    // No tensor used a delta codec: already full.
+                    Some(reason) => (None, Some(reason)),
+                }
+            }
+        };
+        // The payloads the references pass replaced get new checksums.
+        timed(&mut timings.checksum, || {
+            hashes[written..]
+                .par_iter_mut()
+                .zip(&encoded[written..])
+                .zip(&references[written..])
+                .filter(|(_, r)| !r.is_empty())
+                .for_each(|((h, (e, _)), _)| h.1 = xxh3_64(&e.payload));
+        });
+        let write_start = Instant::now();
+        let rest = tensors.iter().zip(&encoded).zip(&hashes).zip(&references);
+        for (((t, e), &(raw_hash, payload_hash)), r) in rest.skip(written) {
+            writer.push_hashed(stream::entry(t, e, raw_hash, r), &e.0.payload, payload_hash)?;
+        }
+        writer.set_base(base);
+        let (header, out) = writer.finish()?;
+        timings.write += write_start.elapsed();
+        let stored_bytes = timed(&mut timings.sync, || out.finish())?;
+        let mut state = tensors;
+        for (t, (e, _)) in state.iter_mut().zip(encoded) {
+            if let Some((decoded, _)) = e.lossy {
+                t.data = decoded;
+            }
+        }
+        Ok(Written {
+            header,
+            stored_bytes,
+            base,
+            full_reason,
+            cached: Cached {
+                id: plan.id,
+                state: Arc::new(state),
+                metadata,
+            },
+            timings,
+        })
+    }
+
+    /// Encodes `tensors` without a base (all at once) and writes them: the save of a
+    /// delta that would not pay.
+    fn write_full(
+        &self,
+        plan: Plan<'_>,
+        tensors: Vec<Tensor>,
+        metadata: Vec<(String, String)>,
+        reason: FullReason,
+        mut timings: SaveTimings,
+    ) -> Result<Written, Error> {
+        let (policy, metadata) = self.policy.staged(metadata);
         let Encoding {
             tensors: encoded,
             references,
             base,
             full_reason,
-        } = encode_against(&policy, &tensors, plan.base)?;
+        } = encode_against(&policy, &tensors, Err(reason), &mut timings)?;
         let (header, stored_bytes) = self.write_snapshot(
             &plan.file,
             plan.id,
@@ -222,6 +408,7 @@ impl Store {
                 .zip(encoded.iter())
                 .zip(references.iter())
                 .map(|((t, (e, d)), r)| (t, e, d, r.as_slice())),
+            &mut timings,
         )?;
         let mut state = tensors;
         for (t, (e, _)) in state.iter_mut().zip(encoded) {
@@ -239,6 +426,7 @@ impl Store {
                 state: Arc::new(state),
                 metadata,
             },
+            timings,
         })
     }
 
@@ -344,11 +532,25 @@ impl Store {
         })
     }
 
+    /// [`BaseState`] of snapshot `id` that decodes to `state`.
+    fn base_state_from(&self, id: u64, state: super::State) -> Result<BaseState, Error> {
+        let hash = self
+            .chain_info(id)
+            .ok_or_else(|| Error::UnknownSnapshot {
+                store: self.dir.clone(),
+                snapshot: id.to_string(),
+            })?
+            .state_hash;
+        Ok(BaseState { id, state, hash })
+    }
+
     pub(crate) fn depth(&self, id: u64) -> u32 {
         self.chain(id).map_or(u32::MAX, |c| c.len() as u32 - 1)
     }
 
     /// Writes snapshot file `file` through the backend; returns its header and size.
+    /// Checksums (raw bytes and payloads) are computed in parallel before the payloads
+    /// are streamed out; `timings` gets the checksum, write and sync stages.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn write_snapshot<'a>(
         &self,
@@ -359,14 +561,25 @@ impl Store {
         attempt: u64,
         metadata: Vec<(String, String)>,
         items: impl Iterator<Item = (&'a Tensor, &'a Encoded, &'a Decision, &'a [Reference])>,
+        timings: &mut SaveTimings,
     ) -> Result<(Header, u64), Error> {
+        let items: Vec<_> = items.collect();
+        let hashes: Vec<(u64, u64)> = timed(&mut timings.checksum, || {
+            items
+                .par_iter()
+                .map(|(t, e, _, _)| {
+                    let raw = e.lossy.as_ref().map_or(&t.data, |l| &l.0);
+                    (xxh3_64(raw), xxh3_64(&e.payload))
+                })
+                .collect()
+        });
         let path = self.backend.path_of(file);
+        let write_start = Instant::now();
         let out = self.backend.create(file)?;
         let mut w = SnapshotWriter::new(out, &path, id, name, base)?;
         w.set_attempt(attempt);
         w.set_metadata(metadata);
-        for (t, e, d, references) in items {
-            let raw_hash = xxh3_64(e.lossy.as_ref().map_or(&t.data, |l| &l.0));
+        for ((t, e, d, references), (raw_hash, payload_hash)) in items.into_iter().zip(hashes) {
             let entry = Entry {
                 name: t.name.clone(),
                 dtype: t.dtype,
@@ -380,10 +593,11 @@ impl Store {
                 decision: d.clone(),
                 references: references.to_vec(),
             };
-            w.push(entry, &e.payload)?;
+            w.push_hashed(entry, &e.payload, payload_hash)?;
         }
         let (header, out) = w.finish()?;
-        let size = out.finish()?;
+        timings.write += write_start.elapsed();
+        let size = timed(&mut timings.sync, || out.finish())?;
         Ok((header, size))
     }
 }
@@ -405,9 +619,10 @@ pub(crate) fn encode_against(
     policy: &Policy,
     tensors: &[Tensor],
     base: Result<BaseState, FullReason>,
+    timings: &mut SaveTimings,
 ) -> Result<Encoding, Error> {
-    let full = |reason| -> Result<Encoding, Error> {
-        let (encoded, references) = encode_all(policy, tensors, &HashMap::new())?;
+    let full = |reason, timings: &mut SaveTimings| -> Result<Encoding, Error> {
+        let (encoded, references) = encode_all(policy, tensors, &HashMap::new(), timings)?;
         Ok(Encoding {
             tensors: encoded,
             references,
@@ -416,10 +631,10 @@ pub(crate) fn encode_against(
         })
     };
     let base = match base {
-        Err(reason) => return full(reason),
+        Err(reason) => return full(reason, timings),
         Ok(b) => b,
     };
-    let (encoded, references) = encode_all(policy, tensors, &base.by_name())?;
+    let (encoded, references) = encode_all(policy, tensors, &base.by_name(), timings)?;
     let verdict = policy.judge_delta(&encoded);
     match FullReason::from_verdict(verdict) {
         None => Ok(Encoding {
@@ -429,7 +644,7 @@ pub(crate) fn encode_against(
             full_reason: None,
         }),
         // Re-encoded without a base, ending the chain.
-        Some(reason) if verdict == DeltaVerdict::WouldNotPay => full(reason),
+        Some(reason) if verdict == DeltaVerdict::WouldNotPay => full(reason, timings),
         // No tensor used a delta codec: already full.
         Some(reason) => Ok(Encoding {
             tensors: encoded,
@@ -447,21 +662,21 @@ pub(crate) fn encode_all(
     policy: &Policy,
     tensors: &[Tensor],
     base: &HashMap<&str, &Tensor>,
+    timings: &mut SaveTimings,
 ) -> Result<(Vec<EncodedTensor>, Vec<Vec<Reference>>), Error> {
-    let mut encoded = tensors
-        .par_iter()
-        .map(|t| policy.encode_tensor(t, base.get(t.name.as_str()).copied()))
-        .collect::<Result<Vec<_>, Error>>()?;
-    let reference_codecs = [
-        crate::codec::CodecId::Cast,
-        crate::codec::CodecId::Identical,
-    ];
-    let references =
-        if policy.device_forms_only && !reference_codecs.iter().all(|c| c.has_device_form()) {
+    let mut encoded = timed(&mut timings.encode, || {
+        tensors
+            .par_iter()
+            .map(|t| policy.encode_tensor(t, base.get(t.name.as_str()).copied()))
+            .collect::<Result<Vec<_>, Error>>()
+    })?;
+    let references = timed(&mut timings.references, || {
+        if !references_allowed(policy) {
             vec![Vec::new(); encoded.len()]
         } else {
             crate::references::apply(tensors, &mut encoded, policy.zstd_level, &[])
-        };
+        }
+    });
     Ok((encoded, references))
 }
 
@@ -589,7 +804,14 @@ mod tests {
         let w: Vec<f32> = (0..4096).map(|i| i as f32).collect();
         let t = Tensor::from_f32("w", &[4096], Role::Weight, &w).unwrap();
         let policy = Policy::default();
-        let e = encode_against(&policy, std::slice::from_ref(&t), Err(FullReason::First)).unwrap();
+        let mut timings = SaveTimings::default();
+        let e = encode_against(
+            &policy,
+            std::slice::from_ref(&t),
+            Err(FullReason::First),
+            &mut timings,
+        )
+        .unwrap();
         assert_eq!((e.base, e.full_reason), (None, Some(FullReason::First)));
         let mut w2 = w.clone();
         w2[5] = 0.5;
@@ -599,7 +821,8 @@ mod tests {
             state: Arc::new(vec![t]),
             hash: 99,
         };
-        let e = encode_against(&policy, &[t2], Ok(b.clone())).unwrap();
+        let e = encode_against(&policy, &[t2], Ok(b.clone()), &mut timings).unwrap();
+        assert!(timings.encode > Duration::ZERO && timings.total() >= timings.encode);
         assert_eq!((e.base, e.full_reason), (Some(b.base_ref()), None));
         assert!(e.tensors[0].0.codec.needs_base());
     }
@@ -620,4 +843,14 @@ mod tests {
             Err(Error::InputLimit { what, .. }) if what.contains("metadata `k`")
         ));
     }
+}
+
+/// Whether the references pass (casts, copies) may run under `policy`: always, unless
+/// the policy admits only codecs with a device form and a reference codec has none.
+pub(crate) fn references_allowed(policy: &Policy) -> bool {
+    use crate::codec::CodecId;
+    !policy.device_forms_only
+        || [CodecId::Cast, CodecId::Identical]
+            .iter()
+            .all(|c| c.has_device_form())
 }

@@ -7,6 +7,7 @@ use super::load::{LinkBase, check_link, decode_file};
 use super::save::BaseState;
 use super::{Store, VerifyReport};
 use crate::Error;
+use crate::format::SnapshotFile;
 
 impl Store {
     /// Decodes every snapshot and checks every checksum, header, payload and decoded
@@ -25,7 +26,10 @@ impl Store {
             }
         }
         let mut states: HashMap<u64, BaseState> = HashMap::new();
-        for s in &self.manifest.snapshots {
+        // The next snapshot's file is read while this one decodes.
+        let mut prefetched: Option<(u64, Result<SnapshotFile, Error>)> = None;
+        let snapshots = &self.manifest.snapshots;
+        for (k, s) in snapshots.iter().enumerate() {
             if !s.shards.is_empty() {
                 match self.verify_sharded(s) {
                     Ok(()) => report.ok.push(s.id),
@@ -33,8 +37,13 @@ impl Store {
                 }
                 continue;
             }
-            let result = (|| {
-                let file = self.open_file(s.id)?;
+            let file = match prefetched.take() {
+                Some((id, f)) if id == s.id => f,
+                _ => self.open_file(s.id),
+            };
+            let next = snapshots.get(k + 1).filter(|n| n.shards.is_empty());
+            let decode = || {
+                let file = file?;
                 let prev = match s.base {
                     Some(b) => Some(
                         states
@@ -65,7 +74,10 @@ impl Store {
                     state: Arc::new(decoded),
                     hash,
                 })
-            })();
+            };
+            let (result, next_file) =
+                rayon::join(decode, || next.map(|n| (n.id, self.open_file(n.id))));
+            prefetched = next_file;
             match result {
                 Ok(state) => {
                     report.ok.push(s.id);

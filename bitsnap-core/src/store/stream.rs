@@ -1,0 +1,285 @@
+//! The streamed save: tensors are encoded on all threads while a writer thread appends
+//! each finished payload to the snapshot file, in header order, so the disk works
+//! during the encode instead of after it; and a base held only by this save is freed
+//! tensor by tensor as the new snapshot's tensors are encoded.
+//!
+//! A payload is written before the save's last decisions only when neither can change
+//! it: the references pass ([`crate::references`]) only ever replaces the encoding of a
+//! tensor that has an earlier bit-identical twin, or that is a half-precision tensor
+//! with an f32 tensor of its shape ([`reference_candidates`]); the writer stops at the
+//! first such tensor and the rest is written once the pass ran. If the policy then
+//! finds that the delta would not pay, the streamed file is dropped (its temporary file
+//! removed) and the caller re-encodes the snapshot full.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::save::{EncodedTensor, Plan, SaveTimings, timed};
+use super::{State, Store};
+use crate::backend::ObjectWriter;
+use crate::format::{Entry, Reference, SnapshotWriter};
+use crate::{DType, Error, Policy, Tensor};
+
+/// The tensors of a save's base, handed to the encoder one at a time.
+pub(crate) enum BaseTensors {
+    /// No base: a full snapshot.
+    None,
+    /// A base only this save holds: each tensor is taken out, used once and freed.
+    Owned {
+        index: HashMap<String, usize>,
+        slots: Vec<Mutex<Option<Tensor>>>,
+    },
+    /// A base shared with others (a cache, a caller): borrowed.
+    Shared {
+        index: HashMap<String, usize>,
+        state: State,
+    },
+}
+
+impl BaseTensors {
+    /// The tensors of `state`, owned if no one else holds them.
+    pub(crate) fn of(state: State) -> BaseTensors {
+        let index = state
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        match Arc::try_unwrap(state) {
+            Ok(tensors) => BaseTensors::Owned {
+                index,
+                slots: tensors.into_iter().map(|t| Mutex::new(Some(t))).collect(),
+            },
+            Err(state) => BaseTensors::Shared { index, state },
+        }
+    }
+
+    /// Calls `f` with the base tensor named `name`, if any. An owned base tensor is
+    /// freed after the call (every name is asked for at most once per save: a
+    /// snapshot's names are unique).
+    fn with<R>(&self, name: &str, f: impl FnOnce(Option<&Tensor>) -> R) -> R {
+        match self {
+            BaseTensors::None => f(None),
+            BaseTensors::Owned { index, slots } => {
+                let taken = index
+                    .get(name)
+                    .and_then(|&i| slots.get(i))
+                    .and_then(|slot| slot.lock().ok().and_then(|mut s| s.take()));
+                f(taken.as_ref())
+            }
+            BaseTensors::Shared { index, state } => f(index.get(name).and_then(|&i| state.get(i))),
+        }
+    }
+}
+
+/// Which tensors the references pass may re-encode: those with an earlier tensor of
+/// the same dtype, shape and content hash, and the half-precision ones with an f32
+/// tensor of the same shape. A superset of what [`crate::references::apply`] changes.
+pub(crate) fn reference_candidates(tensors: &[Tensor], hashes: &[u64]) -> Vec<bool> {
+    let f32_shapes: HashSet<&[u64]> = tensors
+        .iter()
+        .filter(|t| t.dtype == DType::F32)
+        .map(|t| t.shape.as_slice())
+        .collect();
+    let mut seen = HashSet::new();
+    tensors
+        .iter()
+        .zip(hashes)
+        .map(|(t, &h)| {
+            let twin = !seen.insert((t.dtype, t.shape.as_slice(), h));
+            let cast = crate::codec::cast::applies(t.dtype, DType::F32)
+                && f32_shapes.contains(t.shape.as_slice());
+            twin || cast
+        })
+        .collect()
+}
+
+/// One encoded tensor and its checksums (raw bytes as decoded, payload).
+pub(crate) struct Item {
+    pub(crate) encoded: EncodedTensor,
+    pub(crate) raw_hash: u64,
+    pub(crate) payload_hash: u64,
+}
+
+/// A snapshot file being written: the first `written` payloads are in it.
+pub(crate) struct Streamed {
+    pub(crate) writer: SnapshotWriter<Box<dyn ObjectWriter>>,
+    /// Every tensor's encoding, in order.
+    pub(crate) encoded: Vec<EncodedTensor>,
+    /// Every tensor's (raw, payload) checksums, in order.
+    pub(crate) hashes: Vec<(u64, u64)>,
+    pub(crate) written: usize,
+}
+
+impl Store {
+    /// Encodes `tensors` against `base` with `policy` on all threads, writing each
+    /// payload that no later decision can change to `plan.file` as soon as it and all
+    /// before it are encoded. Returns the file being written and every encoding.
+    pub(crate) fn encode_streamed(
+        &self,
+        plan: &Plan<'_>,
+        policy: &Policy,
+        tensors: &[Tensor],
+        base: &BaseTensors,
+        metadata: Vec<(String, String)>,
+        timings: &mut SaveTimings,
+    ) -> Result<Streamed, Error> {
+        let hashes: Vec<u64> = timed(&mut timings.checksum, || {
+            tensors.par_iter().map(|t| xxh3_64(&t.data)).collect()
+        });
+        let held = if !super::save::references_allowed(policy) {
+            vec![false; tensors.len()]
+        } else {
+            reference_candidates(tensors, &hashes)
+        };
+        let path = self.backend.path_of(&plan.file);
+        let out = self.backend.create(&plan.file)?;
+        let mut writer = SnapshotWriter::new(out, &path, plan.id, plan.name, None)?;
+        writer.set_attempt(plan.attempt);
+        writer.set_metadata(metadata);
+        let n = tensors.len();
+        let (tx, rx) = mpsc::channel::<(usize, Item)>();
+        std::thread::scope(|scope| {
+            let streamer = scope.spawn(move || {
+                let mut slots: Vec<Option<Item>> = (0..n).map(|_| None).collect();
+                let mut written = 0;
+                let mut failed = None;
+                for (i, item) in rx {
+                    if let Some(slot) = slots.get_mut(i) {
+                        *slot = Some(item);
+                    }
+                    while failed.is_none() && written < n && !held[written] {
+                        let Some(item) = &slots[written] else { break };
+                        let entry = entry(&tensors[written], &item.encoded, item.raw_hash, &[]);
+                        match writer.push_hashed(entry, &item.encoded.0.payload, item.payload_hash)
+                        {
+                            Ok(()) => written += 1,
+                            Err(e) => failed = Some(e),
+                        }
+                    }
+                }
+                (writer, slots, written, failed)
+            });
+            let encoded = timed(&mut timings.encode, || {
+                tensors.par_iter().enumerate().try_for_each(|(i, t)| {
+                    let encoded = base.with(&t.name, |b| policy.encode_tensor(t, b))?;
+                    let e = &encoded.0;
+                    let raw_hash = match &e.lossy {
+                        Some((decoded, _)) => xxh3_64(decoded),
+                        None => hashes[i],
+                    };
+                    let payload_hash = xxh3_64(&e.payload);
+                    // The streamer ends only when every sender is gone.
+                    let _ = tx.send((
+                        i,
+                        Item {
+                            encoded,
+                            raw_hash,
+                            payload_hash,
+                        },
+                    ));
+                    Ok::<(), Error>(())
+                })
+            });
+            drop(tx);
+            let joined = streamer.join();
+            let (writer, slots, written, failed) = match joined {
+                Ok(r) => r,
+                Err(panic) => std::panic::resume_unwind(panic),
+            };
+            encoded?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            let mut encoded = Vec::with_capacity(n);
+            let mut sums = Vec::with_capacity(n);
+            for (s, t) in slots.into_iter().zip(tensors) {
+                let item = s.ok_or_else(|| Error::InvalidTensor {
+                    tensor: t.name.clone(),
+                    reason: "was not encoded".into(),
+                })?;
+                encoded.push(item.encoded);
+                sums.push((item.raw_hash, item.payload_hash));
+            }
+            Ok(Streamed {
+                writer,
+                encoded,
+                hashes: sums,
+                written,
+            })
+        })
+    }
+}
+
+/// The header entry of tensor `t` encoded as `encoded`, whose decoded bytes hash to
+/// `raw_hash`, referencing `references`.
+pub(crate) fn entry(
+    t: &Tensor,
+    encoded: &EncodedTensor,
+    raw_hash: u64,
+    references: &[Reference],
+) -> Entry {
+    let (e, d) = encoded;
+    Entry {
+        name: t.name.clone(),
+        dtype: t.dtype,
+        role: t.role,
+        codec: e.codec,
+        shape: t.shape.clone(),
+        offset: 0,
+        len: 0,
+        payload_hash: 0,
+        raw_hash,
+        decision: d.clone(),
+        references: references.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Role;
+
+    fn t(name: &str, dtype: DType, n: usize, fill: u8) -> Tensor {
+        Tensor::new(
+            name,
+            dtype,
+            vec![n as u64],
+            Role::Weight,
+            vec![fill; n * dtype.size()],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn candidates_are_twins_and_halves_with_an_f32_of_their_shape() {
+        let ts = vec![
+            t("a", DType::F32, 8, 1),
+            t("b", DType::F32, 8, 1),  // twin of a
+            t("c", DType::F32, 8, 2),  // unique
+            t("h", DType::BF16, 8, 3), // an f32 of shape [8] exists
+            t("k", DType::BF16, 4, 3), // no f32 of shape [4]
+        ];
+        let hashes: Vec<u64> = ts.iter().map(|t| xxh3_64(&t.data)).collect();
+        assert_eq!(
+            reference_candidates(&ts, &hashes),
+            vec![false, true, false, true, false]
+        );
+    }
+
+    #[test]
+    fn an_owned_base_is_freed_as_it_is_used() {
+        let state = Arc::new(vec![t("a", DType::F32, 8, 1)]);
+        let base = BaseTensors::of(state);
+        assert!(matches!(base, BaseTensors::Owned { .. }));
+        assert!(base.with("a", |b| b.is_some()));
+        assert!(base.with("a", |b| b.is_none()), "taken once, then freed");
+        let shared = Arc::new(vec![t("a", DType::F32, 8, 1)]);
+        let base = BaseTensors::of(shared.clone());
+        assert!(base.with("a", |b| b.is_some()) && base.with("a", |b| b.is_some()));
+        assert!(BaseTensors::None.with("a", |b| b.is_none()));
+    }
+}
