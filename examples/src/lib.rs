@@ -20,6 +20,7 @@ pub mod device;
 mod error;
 pub mod finetune;
 pub mod gpt;
+pub mod loader;
 pub mod plot;
 pub mod report;
 

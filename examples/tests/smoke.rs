@@ -10,8 +10,9 @@ use bitsnap_examples::finetune::Summary;
 fn run(bin: &str, args: &[&str]) -> Output {
     let out = Command::new(bin)
         .args(args)
-        // Optimizer state restored by `load_record` lands on Burn's default device: the CPU.
-        .env("BURN_DEVICE", "flex")
+        // No BURN_DEVICE: the examples restore optimizer state onto the training device
+        // themselves (`OptimizerSpec::init_on`), in this wgpu-enabled build too.
+        .env_remove("BURN_DEVICE")
         .output()
         .expect("run the example");
     eprintln!(

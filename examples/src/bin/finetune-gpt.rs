@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use bitsnap_core::codec::QuantBits;
 use bitsnap_examples::device::{self, DeviceChoice};
-use bitsnap_examples::finetune::{self, PolicyChoice, PresetName, RunConfig};
+use bitsnap_examples::finetune::{self, PolicyChoice, PresetName, RunConfig, Saving};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
@@ -31,9 +31,26 @@ struct Args {
     /// Bits per quantized optimizer moment (with `--policy lossy-optimizer`): 4, 8 or 16.
     #[arg(long, default_value_t = 8)]
     bits: u32,
-    /// Snapshot every N steps (default: the preset's).
+    /// Snapshot every N steps (default: the preset's); 1 snapshots every step.
+    #[arg(long, alias = "checkpoint-every")]
+    snapshot_every: Option<u64>,
+    /// Persist every M-th snapshot; the ones between are held in memory (default 1).
+    #[arg(long, default_value_t = 1)]
+    persist_every: u64,
+    /// Measure what checkpointing costs instead of the run: steps/s with no checkpoints,
+    /// bitsnap every 1, 10 and 100 steps and Burn's checkpointing every 1, 10 and 100
+    /// steps, with slowdown ratios (written to `speed.md` and `speed.json` in `--out`).
     #[arg(long)]
-    checkpoint_every: Option<u64>,
+    compare: bool,
+    /// Steps measured per configuration with `--compare`.
+    #[arg(long, default_value_t = 100)]
+    compare_steps: u64,
+    /// Steps not counted at the start of each configuration with `--compare`.
+    #[arg(long, default_value_t = 5)]
+    compare_warmup: u64,
+    /// Intervals compared with `--compare`, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1u64, 10, 100])]
+    compare_every: Vec<u64>,
     /// Phase 1 steps (default: the preset's).
     #[arg(long)]
     pretrain_steps: Option<u64>,
@@ -61,8 +78,6 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    // SAFETY: first thing in `main`: no other thread exists yet.
-    unsafe { bitsnap_examples::device::default_device_cpu() };
     let args = Args::parse();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -85,9 +100,10 @@ fn run(args: Args) -> Result<(), bitsnap_examples::Error> {
         args.preset
     };
     let mut preset = name.preset();
-    if let Some(n) = args.checkpoint_every {
+    if let Some(n) = args.snapshot_every {
         preset.checkpoint_every = n.max(1);
     }
+    preset.persist_every = args.persist_every.max(1);
     if let Some(n) = args.pretrain_steps {
         preset.pretrain_steps = n.max(1);
     }
@@ -127,14 +143,46 @@ fn run(args: Args) -> Result<(), bitsnap_examples::Error> {
         progress: true,
     };
     println!(
-        "{:?}: {:.2}M parameters, {} + {} steps, checkpoints every {} in {}",
+        "{:?}: {:.2}M parameters, {} + {} steps, snapshots every {} (persisted every {}) in {}",
         name,
         preset.gpt.num_params() as f64 / 1e6,
         preset.pretrain_steps,
         preset.finetune_steps,
         preset.checkpoint_every,
+        preset.persist_every,
         cfg.out.join("checkpoints").display()
     );
+    if args.compare {
+        let savings: Vec<Saving> = args
+            .compare_every
+            .iter()
+            .map(|&every| Saving::Bitsnap { every })
+            .chain(args.compare_every.iter().map(|&every| Saving::Burn { every }))
+            .collect();
+        println!(
+            "comparing checkpointing costs: {} + {} steps per configuration (persist every {})",
+            args.compare_warmup, args.compare_steps, preset.persist_every
+        );
+        let report = finetune::compare(
+            &cfg,
+            &chosen.device,
+            &chosen.name,
+            &savings,
+            args.compare_warmup,
+            args.compare_steps,
+            |row| {
+                println!(
+                    "  {}: {:.2} steps/s (stall {:.2} s, drain {:.2} s)",
+                    row.saving.label(),
+                    row.steps_per_s(),
+                    row.stall_seconds,
+                    row.drain_seconds
+                )
+            },
+        )?;
+        println!("\n{}", report.table());
+        return Ok(());
+    }
     let summary = finetune::run(&cfg, &chosen)?;
     println!("\n{}", summary.table());
     println!("plot: {}", summary.plot.display());

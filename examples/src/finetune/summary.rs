@@ -20,8 +20,12 @@ pub struct CrashReport {
     pub restored_step: u64,
     /// Reopening the store, decoding the snapshot and loading model and optimizer.
     pub restore_ms: f64,
-    /// Whether the snapshot came from memory (never, after a crash: from disk).
+    /// Whether the snapshot came from memory (a keeper's, or this process's) rather than
+    /// disk.
     pub from_memory: bool,
+    /// Where it came from, in words: `disk`, `memory (keeper)`, `memory (this process)`.
+    #[serde(default)]
+    pub restored_from: String,
     /// Simulated in this process (`true`) or a real restart with `--resume` (`false`).
     pub simulated: bool,
     /// Steps trained twice: before the crash and after the restore.
@@ -245,9 +249,10 @@ impl Summary {
                     "resume (--resume)"
                 },
                 format!(
-                    "after step {}; restored step {} from disk in **{:.0} ms**; {} replayed steps: {} with a bit-identical loss, max relative difference {:.2e}",
+                    "after step {}; restored step {} from {} in **{:.0} ms**; {} replayed steps: {} with a bit-identical loss, max relative difference {:.2e}",
                     c.crashed_after,
                     c.restored_step,
+                    c.restored_from,
                     c.restore_ms,
                     c.replayed,
                     c.identical,
