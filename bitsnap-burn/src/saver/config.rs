@@ -1,5 +1,7 @@
 //! Settings of a [`StepSaver`](super::StepSaver).
 
+use std::path::PathBuf;
+
 use bitsnap_core::Policy;
 
 use super::optim::OptimizerSpec;
@@ -29,6 +31,13 @@ pub struct StepSaverConfig {
     /// process (after an error in the training loop) loses at most the steps since the
     /// latest snapshot; `flush` and `close` persist the one held.
     pub persist_every: u64,
+    /// Unix socket of a running keeper (`bitsnap keep STORE --socket PATH`, on the same
+    /// store): every snapshot is handed to it, and it persists them (its own
+    /// `persist_every`; this saver's `persist_every` and `keep_last` then do not apply);
+    /// `restore` and `latest` ask it before the disk. A keeper that cannot be reached
+    /// (at `open` or later) is logged and the saver writes to the store itself (default:
+    /// none).
+    pub keeper: Option<PathBuf>,
     /// `bitsnap.optimizer` metadata written with every snapshot (default: none; set by
     /// [`StepSaverConfig::with_optimizer`]).
     pub optimizer_rule: Option<String>,
@@ -46,6 +55,7 @@ impl Default for StepSaverConfig {
             keep_last: None,
             memory_budget: None,
             persist_every: 1,
+            keeper: None,
             optimizer_rule: None,
             peak_lr: None,
             warmup_steps: None,
@@ -81,6 +91,12 @@ impl StepSaverConfig {
     /// Sets [`StepSaverConfig::persist_every`] (at least 1).
     pub fn with_persist_every(mut self, n: u64) -> Self {
         self.persist_every = n.max(1);
+        self
+    }
+
+    /// Sets [`StepSaverConfig::keeper`].
+    pub fn with_keeper(mut self, socket: impl Into<PathBuf>) -> Self {
+        self.keeper = Some(socket.into());
         self
     }
 

@@ -20,8 +20,8 @@
 //!    `config.init_on(&device).load_record(r.optimizer)`
 //!    ([`OptimizerSpec::init_on`]: the state stays on the model's device; no
 //!    `BURN_DEVICE` needed).
-//! 2. **Learning rate**: hand the scheduler over (`.scheduler(&s)`) and
-//!    `s.load_record(r.scheduler.unwrap())` on resume; `.lr(lr)` records the rate of the
+//! 2. **Learning rate**: hand the scheduler over (`.scheduler(s.to_record())`) and
+//!    `s = s.load_record(r.scheduler.unwrap())` on resume; `.lr(lr)` records the rate of the
 //!    update for the policy.
 //! 3. **Dropout and other device randomness**: Burn's device RNG state cannot be read, so
 //!    seed it from the step: `device.seed(run_seed ^ step)` before each forward pass.
@@ -68,12 +68,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bitsnap_core::Store;
+use bitsnap_core::keeper::KeeperClient;
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use crossbeam::channel::{Sender, unbounded};
 
 pub use config::StepSaverConfig;
-pub use optim::OptimizerSpec;
+pub use optim::{OptimizerSpec, optimizer_on};
 pub use request::SnapshotRequest;
 pub use restored::{Restored, RestoredFrom};
 
@@ -144,12 +145,28 @@ impl StepSaver {
     /// Opens (or creates) a step store in `dir` and starts its background thread.
     pub fn open(dir: impl AsRef<Path>, config: StepSaverConfig) -> Result<StepSaver, Error> {
         let dir = dir.as_ref().to_path_buf();
+        let keeper =
+            config
+                .keeper
+                .as_ref()
+                .and_then(|socket| match KeeperClient::connect(socket) {
+                    Ok(client) => Some(client),
+                    Err(e) => {
+                        tracing::warn!(socket = %socket.display(), error = %e,
+                        "no keeper answers: the saver persists by itself");
+                        None
+                    }
+                });
+        // An existing store is opened without its write lock (a keeper may hold it); the
+        // lock is taken by the first save this saver makes itself.
         let store = Store::open_or_create(&dir, config.policy.clone())?;
         let shared = Arc::new(Shared {
             store: std::sync::Mutex::new(store),
             progress: Default::default(),
             changed: Default::default(),
             held: Default::default(),
+            keeper: std::sync::Mutex::new(keeper),
+            wrote: Default::default(),
         });
         let (tx, rx) = unbounded::<Job>();
         let worker_shared = shared.clone();
@@ -290,9 +307,16 @@ impl StepSaver {
         }
     }
 
-    /// Persists the snapshot held in memory, if any.
+    /// Persists the snapshot held in memory, if any (a keeper that holds it persists it).
     fn persist_held(&self) -> Result<(), Error> {
         let mut held = self.shared.held();
+        if held.as_ref().is_some_and(|h| h.kept) {
+            drop(held);
+            if let Some(client) = self.shared.keeper().as_mut() {
+                client.flush()?;
+            }
+            return Ok(());
+        }
         if let Some(h) = held.take() {
             worker::persist(
                 &self.shared,
@@ -319,8 +343,23 @@ impl StepSaver {
         self.shared.progress().stats.clone()
     }
 
+    /// With a keeper writing the store, re-reads its manifest (this saver's view is
+    /// otherwise the one it opened).
+    fn refresh_view(&self) -> Result<(), Error> {
+        if self.config.keeper.is_some() {
+            let mut store = self.shared.store();
+            if !self.shared.wrote.load(std::sync::atomic::Ordering::Acquire) {
+                *store = Store::open(&self.dir)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Steps with a snapshot persisted in the store, oldest first.
     pub fn steps(&self) -> Vec<u64> {
+        if let Err(e) = self.refresh_view() {
+            tracing::warn!(error = %e, "the store's manifest could not be re-read");
+        }
         self.shared
             .store()
             .snapshots()
@@ -357,6 +396,21 @@ impl StepSaver {
                 started.elapsed(),
             );
         }
+        if let Some(snap) = self.from_keeper(Some(step)) {
+            let from = if snap.from_memory {
+                RestoredFrom::Keeper
+            } else {
+                RestoredFrom::Disk
+            };
+            return Restored::from_tensors(
+                step,
+                &snap.tensors,
+                snap.metadata,
+                from,
+                started.elapsed(),
+            );
+        }
+        self.refresh_view()?;
         let store = self.shared.store();
         let info = store
             .find(STEP_SERIES, &step_name(step))
@@ -375,13 +429,50 @@ impl StepSaver {
         Restored::from_tensors(step, &snap.tensors, snap.metadata, from, started.elapsed())
     }
 
-    /// Restores the latest snapshot handed over (held in memory or persisted), if any.
+    /// The keeper's latest step snapshot, if a keeper answers and has one (of `step`, when
+    /// given). A keeper that fails is logged and dropped: the disk answers instead.
+    fn from_keeper(&self, step: Option<u64>) -> Option<bitsnap_core::Snapshot> {
+        let mut keeper = self.shared.keeper();
+        let client = keeper.as_mut()?;
+        match client.latest(STEP_SERIES) {
+            Ok(snap) => snap.filter(|s| step.is_none_or(|n| s.info.name == step_name(n))),
+            Err(e) => {
+                tracing::warn!(error = %e, "the keeper did not answer: restoring from disk");
+                *keeper = None;
+                None
+            }
+        }
+    }
+
+    /// Restores the latest snapshot handed over: held in this process's memory, else the
+    /// keeper's, else the latest persisted one; `None` if there is none.
     pub fn latest(&self) -> Result<Option<Restored>, Error> {
+        let started = Instant::now();
         self.drain();
         self.take_error()?;
         let held = self.shared.held().as_ref().map(|h| h.step);
-        match held.or_else(|| self.steps().last().copied()) {
-            Some(step) => self.restore(step).map(Some),
+        if let Some(step) = held {
+            return self.restore(step).map(Some);
+        }
+        if let Some(snap) = self.from_keeper(None)
+            && let Some(step) = parse_step(&snap.info.name)
+        {
+            let from = if snap.from_memory {
+                RestoredFrom::Keeper
+            } else {
+                RestoredFrom::Disk
+            };
+            return Restored::from_tensors(
+                step,
+                &snap.tensors,
+                snap.metadata,
+                from,
+                started.elapsed(),
+            )
+            .map(Some);
+        }
+        match self.steps().last() {
+            Some(&step) => self.restore(step).map(Some),
             None => Ok(None),
         }
     }

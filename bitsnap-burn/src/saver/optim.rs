@@ -11,11 +11,12 @@
 //! Upstream, Burn would need `ModuleOptimizer::load_record_on(record, &Device)` (or a
 //! device argument to `load_record`) to make this wrapper unnecessary.
 
-use burn::grad_clipping::GradientClippingConfig;
+use burn::grad_clipping::{GradientClipping, GradientClippingConfig};
 use burn::module::ParamGroup;
 use burn::optim::LearningRate;
 use burn::optim::{
-    AdamConfig, AdamWConfig, DynOptimizer, DynState, ModuleOptimizer, StateSink, StateSource,
+    AdamConfig, AdamWConfig, DynOptimizer, DynState, ModuleOptimizer, Optimizer, StateSink,
+    StateSource,
 };
 use burn::tensor::Device;
 use burn::tensor::kind::BridgeTensor;
@@ -99,7 +100,7 @@ impl OptimizerSpec for AdamWConfig {
     }
 
     fn init_on(&self, device: &Device) -> ModuleOptimizer {
-        on_device(self.init(), self.build(), AdamFields::of(self), device)
+        on_device(self.build(), AdamFields::of(self), device)
     }
 }
 
@@ -109,12 +110,11 @@ impl OptimizerSpec for AdamConfig {
     }
 
     fn init_on(&self, device: &Device) -> ModuleOptimizer {
-        on_device(self.init(), self.build(), AdamFields::of(self), device)
+        on_device(self.build(), AdamFields::of(self), device)
     }
 }
 
-fn on_device<O: DynOptimizer + 'static>(
-    optim: ModuleOptimizer,
+fn on_device<O: Optimizer>(
     bare: O,
     fields: Option<AdamFields>,
     device: &Device,
@@ -122,13 +122,29 @@ fn on_device<O: DynOptimizer + 'static>(
     let clipping = fields
         .and_then(|f| f.grad_clipping)
         .map(|c: GradientClippingConfig| c.init());
+    optimizer_on(bare, clipping, device)
+}
+
+/// Any Burn optimizer as a `ModuleOptimizer` (as `ModuleOptimizer::from(optimizer)`, with
+/// `grad_clipping` as `with_grad_clipping` sets it) whose state `load_record` rebuilds on
+/// `device` (its inner, non-autodiff device) instead of on `Device::default()`.
+/// [`OptimizerSpec::init_on`] does this for Adam and AdamW configurations.
+pub fn optimizer_on<O: Optimizer>(
+    optimizer: O,
+    grad_clipping: Option<GradientClipping>,
+    device: &Device,
+) -> ModuleOptimizer {
+    let mut optim = ModuleOptimizer::from(optimizer.clone());
+    if let Some(c) = grad_clipping.clone() {
+        optim = optim.with_grad_clipping(c);
+    }
     optim.with_group(
         ParamGroup::all(),
         OnDevice {
-            inner: bare,
+            inner: optimizer,
             device: device.clone().inner(),
         },
-        clipping,
+        grad_clipping,
     )
 }
 

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use burn::lr_scheduler::{LrScheduler, LrSchedulerRecord};
+use burn::lr_scheduler::LrSchedulerRecord;
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::train::checkpoint::Checkpoint;
@@ -39,10 +39,11 @@ impl<M: Module + 'static> SnapshotRequest<'_, M> {
         self
     }
 
-    /// The LR scheduler's state (its `to_record()`, scalars only), restored as
+    /// The LR scheduler's state, `scheduler.to_record()` (scalars only; Burn's
+    /// `ModuleLrScheduler` and every `LrScheduler` have it), restored as
     /// [`Restored::scheduler`](super::Restored::scheduler).
-    pub fn scheduler(mut self, scheduler: &(impl LrScheduler + ?Sized)) -> Self {
-        self.scheduler = Some(scheduler.to_record());
+    pub fn scheduler(mut self, record: LrSchedulerRecord) -> Self {
+        self.scheduler = Some(record);
         self
     }
 

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use bitsnap_core::keeper::KeeperClient;
 use bitsnap_core::{Store, Tensor};
 use crossbeam::channel::Receiver;
 
@@ -30,6 +31,8 @@ pub(super) struct Job {
 /// The latest snapshot read back but not persisted (`persist_every` > 1).
 pub(super) struct Held {
     pub step: u64,
+    /// Whether a keeper holds it too (and persists it): then the saver never writes it.
+    pub kept: bool,
     pub tensors: Vec<Tensor>,
     pub metadata: Metadata,
 }
@@ -54,6 +57,10 @@ pub(super) struct Shared {
     pub progress: Mutex<Progress>,
     pub changed: Condvar,
     pub held: Mutex<Option<Held>>,
+    /// The keeper snapshots are handed to, while it answers.
+    pub keeper: Mutex<Option<KeeperClient>>,
+    /// Whether this saver has written the store (holds its write lock).
+    pub wrote: std::sync::atomic::AtomicBool,
 }
 
 /// Every store change is committed by one rename, and the other guarded values are
@@ -74,6 +81,30 @@ impl Shared {
 
     pub fn held(&self) -> MutexGuard<'_, Option<Held>> {
         lock(&self.held)
+    }
+
+    pub fn keeper(&self) -> MutexGuard<'_, Option<KeeperClient>> {
+        lock(&self.keeper)
+    }
+
+    /// Hands a snapshot to the keeper, if one is connected; `false` when there is none
+    /// (or it stopped answering: it is then dropped, and the saver persists by itself).
+    fn hand_to_keeper(&self, step: u64, tensors: &[Tensor], metadata: &Metadata) -> bool {
+        let mut keeper = self.keeper();
+        let Some(client) = keeper.as_mut() else {
+            return false;
+        };
+        match client.put(STEP_SERIES, &step_name(step), metadata, tensors) {
+            Ok(receipt) => {
+                tracing::debug!(step, seq = receipt.seq, "held by the keeper");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(step, error = %e, "the keeper stopped answering: the saver persists by itself from now on");
+                *keeper = None;
+                false
+            }
+        }
     }
 }
 
@@ -97,6 +128,9 @@ pub(super) fn persist(
     let t0 = Instant::now();
     let mut store = shared.store();
     let report = store.save_in(STEP_SERIES, &step_name(step), tensors, metadata)?;
+    shared
+        .wrote
+        .store(true, std::sync::atomic::Ordering::Release);
     let stored = t0.elapsed();
     let t1 = Instant::now();
     if let Some(n) = keep_last {
@@ -146,10 +180,28 @@ pub(super) fn run(rx: Receiver<Job>, shared: Arc<Shared>, config: WorkerConfig) 
             accounted = raw;
             handed += 1;
             let mut held = shared.held();
-            if handed.is_multiple_of(config.persist_every) {
+            if shared.hand_to_keeper(step, &tensors, &metadata) {
+                *held = Some(Held {
+                    step,
+                    kept: true,
+                    tensors,
+                    metadata,
+                });
+                Ok::<_, Error>(SaveStats {
+                    step,
+                    wait: job.wait,
+                    readback,
+                    encode_write: Duration::ZERO,
+                    retention: Duration::ZERO,
+                    raw_bytes: raw,
+                    stored_bytes: 0,
+                    full: false,
+                    persisted: false,
+                })
+            } else if handed.is_multiple_of(config.persist_every) {
                 *held = None;
                 let done = persist(&shared, step, tensors, metadata, config.keep_last)?;
-                Ok::<_, Error>(SaveStats {
+                Ok(SaveStats {
                     step,
                     wait: job.wait,
                     readback,
@@ -163,6 +215,7 @@ pub(super) fn run(rx: Receiver<Job>, shared: Arc<Shared>, config: WorkerConfig) 
             } else {
                 *held = Some(Held {
                     step,
+                    kept: false,
                     tensors,
                     metadata,
                 });
