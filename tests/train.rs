@@ -103,13 +103,13 @@ pub struct Position {
 }
 
 /// Batches of a fixed set of samples in a new random order every epoch.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Shuffled {
     samples: u32,
     order: Vec<u32>,
     epoch: u64,
     index: usize,
-    epoch_rng: ChaCha12Rng,
+    epoch_rng: [u8; 49],
     rng: ChaCha12Rng,
 }
 
@@ -137,7 +137,7 @@ impl Shuffled {
             order: Vec::new(),
             epoch,
             index: 0,
-            epoch_rng: rng.clone(),
+            epoch_rng: rng.serialize_state(),
             rng,
         };
         s.shuffle();
@@ -145,7 +145,7 @@ impl Shuffled {
     }
 
     fn shuffle(&mut self) {
-        self.epoch_rng = self.rng.clone();
+        self.epoch_rng = self.rng.serialize_state();
         self.order = (0..self.samples).collect();
         self.order.shuffle(&mut self.rng);
     }
@@ -155,7 +155,7 @@ impl Shuffled {
         Position {
             epoch: self.epoch,
             index: self.index,
-            rng: self.epoch_rng.serialize_state().to_vec(),
+            rng: self.epoch_rng.to_vec(),
         }
     }
 
@@ -178,7 +178,7 @@ impl Shuffled {
 /// The stream of per-step seeds of the device's generator (dropout masks): Burn cannot
 /// read a device generator's state back, so a run reseeds it each step from this host
 /// generator, whose state a snapshot carries.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Seeds(ChaCha12Rng);
 
 impl Seeds {

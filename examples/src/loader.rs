@@ -51,7 +51,7 @@ pub struct LoaderState {
 }
 
 /// Batches of windows of one text, in a shuffled order that changes every epoch.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Loader {
     windows: usize,
     context: usize,
@@ -59,8 +59,8 @@ pub struct Loader {
     order: Vec<u32>,
     epoch: u64,
     index: usize,
-    /// The generator before `order` was drawn (saved in [`LoaderState`]).
-    epoch_rng: ChaCha12Rng,
+    /// The generator's state before `order` was drawn (saved in [`LoaderState`]).
+    epoch_rng: [u8; 49],
     rng: ChaCha12Rng,
 }
 
@@ -107,7 +107,7 @@ impl Loader {
             order: Vec::new(),
             epoch,
             index,
-            epoch_rng: rng.clone(),
+            epoch_rng: rng.serialize_state(),
             rng,
         };
         loader.shuffle();
@@ -115,7 +115,7 @@ impl Loader {
     }
 
     fn shuffle(&mut self) {
-        self.epoch_rng = self.rng.clone();
+        self.epoch_rng = self.rng.serialize_state();
         self.order = (0..self.windows as u32).collect();
         self.order.shuffle(&mut self.rng);
     }
@@ -125,7 +125,7 @@ impl Loader {
         LoaderState {
             epoch: self.epoch,
             index: self.index as u64,
-            rng: save_rng(&self.epoch_rng),
+            rng: self.epoch_rng.to_vec(),
         }
     }
 
@@ -152,7 +152,7 @@ impl Loader {
 }
 
 /// The stream of per-step seeds for the device's generator (dropout masks).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DropoutSeeds {
     rng: ChaCha12Rng,
 }

@@ -8,8 +8,9 @@ use std::process::ExitCode;
 
 use bitsnap_core::codec::QuantBits;
 use bitsnap_examples::device::{self, DeviceChoice};
+use bitsnap_examples::keeper::KeeperFiles;
 use bitsnap_examples::finetune::{self, PolicyChoice, PresetName, RunConfig, Saving};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -34,7 +35,8 @@ struct Args {
     /// Snapshot every N steps (default: the preset's); 1 snapshots every step.
     #[arg(long, alias = "checkpoint-every")]
     snapshot_every: Option<u64>,
-    /// Persist every M-th snapshot; the ones between are held in memory (default 1).
+    /// Persist every M-th snapshot; the ones between are held in memory (default 1). With
+    /// `--compare`, a step interval: bitsnap persists every max(N, M) steps.
     #[arg(long, default_value_t = 1)]
     persist_every: u64,
     /// Measure what checkpointing costs instead of the run: steps/s with no checkpoints,
@@ -75,6 +77,51 @@ struct Args {
     /// Seed of the initialisation and the batch order.
     #[arg(long, default_value_t = 17)]
     seed: u64,
+    /// The crash demo in real processes: a keeper process holds every snapshot in memory,
+    /// the trainer (a child process) is killed with SIGKILL after --crash-at and restarted
+    /// with --resume; the restore comes from the keeper's memory.
+    #[arg(long, conflicts_with_all = ["resume", "stop_after", "no_crash", "compare"])]
+    keeper: bool,
+    /// (Internal to --keeper) run as the keeper of `--out`'s store.
+    #[arg(long, hide = true)]
+    serve_keeper: bool,
+    /// (Internal to --keeper) hand snapshots to the keeper on this socket.
+    #[arg(long, hide = true)]
+    keeper_socket: Option<PathBuf>,
+}
+
+impl Args {
+    /// The options a child process of `--keeper` inherits (everything that shapes the run).
+    fn child_args(&self) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = Vec::new();
+        let mut opt = |k: &str, v: String| {
+            a.push(k.into());
+            a.push(v.into());
+        };
+        let name = |v: Option<clap::builder::PossibleValue>| {
+            v.map(|v| v.get_name().to_string()).unwrap_or_default()
+        };
+        opt("--preset", name(self.preset.to_possible_value()));
+        opt("--device", name(self.device.to_possible_value()));
+        opt("--policy", name(self.policy.to_possible_value()));
+        opt("--bits", self.bits.to_string());
+        opt("--persist-every", self.persist_every.to_string());
+        opt("--seed", self.seed.to_string());
+        opt("--out", self.out.display().to_string());
+        if let Some(n) = self.snapshot_every {
+            opt("--snapshot-every", n.to_string());
+        }
+        if let Some(n) = self.pretrain_steps {
+            opt("--pretrain-steps", n.to_string());
+        }
+        if let Some(n) = self.finetune_steps {
+            opt("--finetune-steps", n.to_string());
+        }
+        if self.smoke {
+            a.push("--smoke".into());
+        }
+        a
+    }
 }
 
 fn main() -> ExitCode {
@@ -91,6 +138,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--keeper`: the keeper and two trainers, each this binary.
+fn keeper_demo(args: &Args, crash_at: u64) -> Result<(), bitsnap_examples::Error> {
+    let exe = std::env::current_exe().map_err(|source| bitsnap_examples::Error::Io {
+        path: "current executable".into(),
+        source,
+    })?;
+    let files = KeeperFiles::of(&args.out);
+    let mut keeper = args.child_args();
+    keeper.push("--serve-keeper".into());
+    let mut trainer = args.child_args();
+    trainer.extend(["--no-crash".into(), "--keeper-socket".into(), files.socket.into()]);
+    std::fs::create_dir_all(&args.out).map_err(|source| bitsnap_examples::Error::Io {
+        path: args.out.clone(),
+        source,
+    })?;
+    bitsnap_examples::keeper::supervise(&exe, &args.out, &keeper, &trainer, crash_at)?;
+    Ok(())
 }
 
 fn run(args: Args) -> Result<(), bitsnap_examples::Error> {
@@ -120,6 +186,31 @@ fn run(args: Args) -> Result<(), bitsnap_examples::Error> {
             )));
         }
     };
+    if args.serve_keeper {
+        let cfg_policy = RunConfig {
+            preset,
+            policy: args.policy,
+            bits,
+            crash_at: None,
+            resume: false,
+            out: args.out.clone(),
+            seed: args.seed,
+            stop_after: None,
+            progress: false,
+            keeper: None,
+        }
+        .bitsnap_policy();
+        bitsnap_examples::keeper::serve(
+            &KeeperFiles::of(&args.out),
+            cfg_policy,
+            preset.persist_every,
+        )?;
+        return Ok(());
+    }
+    if args.keeper {
+        let crash_at = args.crash_at.unwrap_or_else(|| preset.default_crash());
+        return keeper_demo(&args, crash_at);
+    }
     let chosen = device::choose(args.device)?;
     println!("device: {} ({})", chosen.name, chosen.reason);
     let crash_at = match (
@@ -137,10 +228,11 @@ fn run(args: Args) -> Result<(), bitsnap_examples::Error> {
         bits,
         crash_at,
         resume: args.resume,
-        out: args.out,
+        out: args.out.clone(),
         seed: args.seed,
         stop_after: args.stop_after,
-        progress: true,
+        progress: args.keeper_socket.is_none(),
+        keeper: args.keeper_socket.clone(),
     };
     println!(
         "{:?}: {:.2}M parameters, {} + {} steps, snapshots every {} (persisted every {}) in {}",
@@ -156,8 +248,7 @@ fn run(args: Args) -> Result<(), bitsnap_examples::Error> {
         let savings: Vec<Saving> = args
             .compare_every
             .iter()
-            .map(|&every| Saving::Bitsnap { every })
-            .chain(args.compare_every.iter().map(|&every| Saving::Burn { every }))
+            .flat_map(|&every| [Saving::Bitsnap { every }, Saving::Burn { every }])
             .collect();
         println!(
             "comparing checkpointing costs: {} + {} steps per configuration (persist every {})",

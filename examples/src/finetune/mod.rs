@@ -172,10 +172,14 @@ pub struct RunConfig {
     pub stop_after: Option<u64>,
     /// Draw progress bars.
     pub progress: bool,
+    /// Hand every snapshot to the keeper on this socket ([`StepSaverConfig::with_keeper`]);
+    /// the keeper owns the store (a run with a keeper never clears `checkpoints/`).
+    pub keeper: Option<PathBuf>,
 }
 
 impl RunConfig {
-    fn bitsnap_policy(&self) -> Policy {
+    /// The bitsnap encoding policy of [`RunConfig::policy`] and [`RunConfig::bits`].
+    pub fn bitsnap_policy(&self) -> Policy {
         match self.policy {
             PolicyChoice::Lossless => Policy::default(),
             PolicyChoice::LossyOptimizer => {
@@ -185,11 +189,15 @@ impl RunConfig {
     }
 
     fn saver_config(&self) -> StepSaverConfig {
-        StepSaverConfig::default()
+        let config = StepSaverConfig::default()
             .with_policy(self.bitsnap_policy())
             .with_optimizer(&AdamWConfig::new())
             .with_schedule(self.preset.pretrain_lr, self.preset.warmup())
-            .with_persist_every(self.preset.persist_every)
+            .with_persist_every(self.preset.persist_every);
+        match &self.keeper {
+            Some(socket) => config.with_keeper(socket),
+            None => config,
+        }
     }
 }
 
@@ -433,7 +441,7 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
     }
     let ckpt_dir = cfg.out.join("checkpoints");
     std::fs::create_dir_all(&cfg.out).map_err(Error::io(&cfg.out))?;
-    if !cfg.resume && ckpt_dir.exists() {
+    if !cfg.resume && cfg.keeper.is_none() && ckpt_dir.exists() {
         // A fresh run: the previous run's checkpoints in this example's own directory go.
         std::fs::remove_dir_all(&ckpt_dir).map_err(Error::io(&ckpt_dir))?;
     }
@@ -562,8 +570,8 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
 
     // Evaluations: phase 1's checkpoint and the final model, on held-out text of both.
     let plain = device.clone().without_autodiff();
-    let valid_sonnets = sonnets.valid_batches(4, preset.batch, preset.gpt.context, &plain);
-    let valid_tragedies = tragedies.valid_batches(4, preset.batch, preset.gpt.context, &plain);
+    let valid_sonnets = texts.sonnets.valid_batches(4, preset.batch, preset.gpt.context, &plain);
+    let valid_tragedies = texts.tragedies.valid_batches(4, preset.batch, preset.gpt.context, &plain);
     let pretrained = {
         let saver = StepSaver::open(&ckpt_dir, cfg.saver_config())?;
         let r = saver.restore(p)?;

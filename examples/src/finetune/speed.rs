@@ -30,8 +30,9 @@ use crate::loader::DropoutSeeds;
 pub enum Saving {
     /// No checkpoints.
     None,
-    /// A bitsnap snapshot every `every` steps through [`StepSaver`] (the run's policy and
-    /// `persist_every`).
+    /// A bitsnap snapshot every `every` steps through [`StepSaver`] (the run's policy),
+    /// persisted every `max(every, persist_every)` steps: the run's `persist_every` is read
+    /// as a step interval, the snapshots between are held in memory.
     Bitsnap {
         /// Steps between snapshots.
         every: u64,
@@ -111,6 +112,18 @@ impl SpeedReport {
         (self.baseline() / row.steps_per_s() - 1.0) * 100.0
     }
 
+    /// Writes `speed.json` and `speed.md` into `dir`.
+    pub fn write(&self, dir: &Path) -> Result<(), Error> {
+        let json = dir.join("speed.json");
+        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Io {
+            path: json.clone(),
+            source: e.into(),
+        })?;
+        std::fs::write(&json, text).map_err(Error::io(&json))?;
+        let md = dir.join("speed.md");
+        std::fs::write(&md, self.table()).map_err(Error::io(&md))
+    }
+
     /// The table (Markdown).
     pub fn table(&self) -> String {
         let mut t = format!(
@@ -172,7 +185,13 @@ pub fn measure(
     }
     let saver = match saving {
         Saving::None => Saver::None,
-        Saving::Bitsnap { .. } => Saver::Bitsnap(StepSaver::open(&dir, cfg.saver_config())?),
+        // `persist_every` counts steps here: a snapshot every step persisted every 10th
+        // writes as often as one every 10 steps persisted each time.
+        Saving::Bitsnap { every } => {
+            let persist = (preset.persist_every / every.max(1)).max(1);
+            let config = cfg.saver_config().with_persist_every(persist);
+            Saver::Bitsnap(StepSaver::open(&dir, config)?)
+        }
         Saving::Burn { .. } => Saver::Burn {
             model: AsyncCheckpointer::new(FileCheckpointer::new(&dir, "model")),
             optim: AsyncCheckpointer::new(FileCheckpointer::new(&dir, "optim")),
@@ -276,28 +295,21 @@ pub fn compare(
 ) -> Result<SpeedReport, Error> {
     let scratch = cfg.out.join("speed");
     std::fs::create_dir_all(&scratch).map_err(Error::io(&scratch))?;
-    let mut rows = Vec::new();
     let order = std::iter::once(Saving::None)
         .chain(savings.iter().copied().filter(|s| *s != Saving::None))
         .chain(std::iter::once(Saving::None));
-    for saving in order {
-        let row = measure(cfg, device, saving, warmup, steps, &scratch)?;
-        each(&row);
-        rows.push(row);
-    }
-    let report = SpeedReport {
+    let mut report = SpeedReport {
         device: device_name.to_string(),
         params: cfg.preset.gpt.num_params(),
         warmup,
-        rows,
+        rows: Vec::new(),
     };
-    let json = cfg.out.join("speed.json");
-    let text = serde_json::to_string_pretty(&report).map_err(|e| Error::Io {
-        path: json.clone(),
-        source: e.into(),
-    })?;
-    std::fs::write(&json, text).map_err(Error::io(&json))?;
-    let md = cfg.out.join("speed.md");
-    std::fs::write(&md, report.table()).map_err(Error::io(&md))?;
+    for saving in order {
+        let row = measure(cfg, device, saving, warmup, steps, &scratch)?;
+        each(&row);
+        report.rows.push(row);
+        // Written after every row: a run cut short still leaves what it measured.
+        report.write(&cfg.out)?;
+    }
     Ok(report)
 }
