@@ -38,10 +38,25 @@ impl Mlp {
 
     /// Predictions `[n, 1]` for inputs `[n, INPUTS]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        self.b.forward(self.dropout.forward(relu(self.a.forward(x))))
+        self.b
+            .forward(self.dropout.forward(relu(self.a.forward(x))))
     }
 
-    /// The model's record as burnpack bytes (what "the same parameters" compares).
+    /// The parameter values (weights and biases, in order) as bytes: equal for two
+    /// models trained alike in different processes, whose parameter ids differ.
+    pub fn weights(&self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for layer in [&self.a, &self.b] {
+            out.push(layer.weight.val().into_data().as_bytes().to_vec());
+            if let Some(b) = &layer.bias {
+                out.push(b.val().into_data().as_bytes().to_vec());
+            }
+        }
+        out
+    }
+
+    /// The model's record as burnpack bytes, parameter ids included (what "the same
+    /// parameters" compares within one process).
     pub fn params(&self) -> Vec<u8> {
         self.clone()
             .into_record()

@@ -40,7 +40,11 @@ impl KeeperFiles {
 
 /// Runs a keeper of `files.store` on `files.socket`, persisting every `persist_every`-th
 /// snapshot, until `files.stop` appears; then persists the latest and returns its stats.
-pub fn serve(files: &KeeperFiles, policy: Policy, persist_every: u64) -> Result<KeeperStats, Error> {
+pub fn serve(
+    files: &KeeperFiles,
+    policy: Policy,
+    persist_every: u64,
+) -> Result<KeeperStats, Error> {
     let store = Store::open_or_create(&files.store, policy)?;
     let options = KeeperOptions::default().with_persist_every(persist_every);
     let keeper = Keeper::spawn(store, &files.socket, options)?;
@@ -59,10 +63,7 @@ pub fn serve(files: &KeeperFiles, policy: Policy, persist_every: u64) -> Result<
 }
 
 fn spawn(exe: &Path, args: &[OsString]) -> Result<Child, Error> {
-    Command::new(exe)
-        .args(args)
-        .spawn()
-        .map_err(Error::io(exe))
+    Command::new(exe).args(args).spawn().map_err(Error::io(exe))
 }
 
 /// Steps in the trainer's loss log (`losses.tsv`, one complete line a step).
@@ -115,7 +116,9 @@ pub fn supervise(
     trainer.kill().map_err(Error::io(exe))?; // SIGKILL: no destructor, no flush
     let status = trainer.wait().map_err(Error::io(exe))?;
     let killed_after = logged_steps(out);
-    println!("\nkilled the trainer (SIGKILL, {status}) after step {killed_after}; restarting it with --resume\n");
+    println!(
+        "\nkilled the trainer (SIGKILL, {status}) after step {killed_after}; restarting it with --resume\n"
+    );
 
     let mut resume: Vec<OsString> = trainer_args.to_vec();
     resume.push("--resume".into());
@@ -123,7 +126,9 @@ pub fn supervise(
     std::fs::write(&files.stop, b"").map_err(Error::io(&files.stop))?;
     let keeper_status = keeper.wait().map_err(Error::io(exe))?;
     if !status.success() {
-        return Err(Error::Resume(format!("the restarted trainer failed: {status}")));
+        return Err(Error::Resume(format!(
+            "the restarted trainer failed: {status}"
+        )));
     }
     if !keeper_status.success() {
         return Err(Error::Resume(format!("the keeper failed: {keeper_status}")));

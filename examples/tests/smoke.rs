@@ -266,7 +266,10 @@ fn finetune_gpt_compares_checkpointing_costs() {
         assert_eq!(r.checkpoints, want, "{r:?}");
     }
     // The scratch stores are removed after each configuration.
-    assert_eq!(std::fs::read_dir(tmp.path().join("speed")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(tmp.path().join("speed")).unwrap().count(),
+        0
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("| bitsnap every 1 |"));
 }
 

@@ -126,7 +126,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let saver = StepSaver::open(&dir, StepSaverConfig::default())?;
     let restored = saver.latest()?.ok_or("no snapshot to restore")?;
     let mut model = Mlp::new(&device).load_record(restored.model);
-    let mut optim = AdamWConfig::new().init_on(&device).load_record(restored.optimizer);
+    let mut optim = AdamWConfig::new()
+        .init_on(&device)
+        .load_record(restored.optimizer);
     let restore_ms = t.elapsed().as_secs_f64() * 1e3;
     losses.truncate(restored.step as usize);
     for n in restored.step + 1..=steps {

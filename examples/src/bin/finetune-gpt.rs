@@ -8,8 +8,8 @@ use std::process::ExitCode;
 
 use bitsnap_core::codec::QuantBits;
 use bitsnap_examples::device::{self, DeviceChoice};
-use bitsnap_examples::keeper::KeeperFiles;
 use bitsnap_examples::finetune::{self, PolicyChoice, PresetName, RunConfig, Saving};
+use bitsnap_examples::keeper::KeeperFiles;
 use clap::{Parser, ValueEnum};
 
 #[derive(Parser, Debug)]
@@ -150,7 +150,11 @@ fn keeper_demo(args: &Args, crash_at: u64) -> Result<(), bitsnap_examples::Error
     let mut keeper = args.child_args();
     keeper.push("--serve-keeper".into());
     let mut trainer = args.child_args();
-    trainer.extend(["--no-crash".into(), "--keeper-socket".into(), files.socket.into()]);
+    trainer.extend([
+        "--no-crash".into(),
+        "--keeper-socket".into(),
+        files.socket.into(),
+    ]);
     std::fs::create_dir_all(&args.out).map_err(|source| bitsnap_examples::Error::Io {
         path: args.out.clone(),
         source,

@@ -261,12 +261,7 @@ fn scalar(t: Tensor<1>) -> f32 {
 
 /// One optimizer step on the loader's next batch (dropout seeded from the state's
 /// stream); returns the loss before the update.
-fn train_step(
-    mut state: State,
-    lr: f64,
-    corpus: &Corpus,
-    device: &Device,
-) -> (State, f32) {
+fn train_step(mut state: State, lr: f64, corpus: &Corpus, device: &Device) -> (State, f32) {
     let batch = state.loader.next_batch(corpus, device);
     state.seeds.seed_next(device);
     let loss = state.model.loss(batch.0, batch.1);
@@ -298,12 +293,19 @@ fn evaluate(model: &Gpt, batches: &[(Tensor<2, Int>, Tensor<2, Int>)]) -> f32 {
 }
 
 /// Rebuilds the training state from a restored snapshot, for its phase.
-fn into_state(r: Restored, cfg: &RunConfig, texts: &Texts, device: &Device) -> Result<State, Error> {
+fn into_state(
+    r: Restored,
+    cfg: &RunConfig,
+    texts: &Texts,
+    device: &Device,
+) -> Result<State, Error> {
     let preset = &cfg.preset;
     let step = r.step;
     let missing = |what: &str| Error::Resume(format!("snapshot of step {step} has no {what}"));
     let position: LoaderState = r.data_position()?.ok_or_else(|| missing("data position"))?;
-    let seeds: Vec<u8> = r.rng("dropout")?.ok_or_else(|| missing("dropout seed stream"))?;
+    let seeds: Vec<u8> = r
+        .rng("dropout")?
+        .ok_or_else(|| missing("dropout seed stream"))?;
     let mut model = preset
         .gpt
         .init(device)
@@ -570,8 +572,13 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
 
     // Evaluations: phase 1's checkpoint and the final model, on held-out text of both.
     let plain = device.clone().without_autodiff();
-    let valid_sonnets = texts.sonnets.valid_batches(4, preset.batch, preset.gpt.context, &plain);
-    let valid_tragedies = texts.tragedies.valid_batches(4, preset.batch, preset.gpt.context, &plain);
+    let valid_sonnets = texts
+        .sonnets
+        .valid_batches(4, preset.batch, preset.gpt.context, &plain);
+    let valid_tragedies =
+        texts
+            .tragedies
+            .valid_batches(4, preset.batch, preset.gpt.context, &plain);
     let pretrained = {
         let saver = StepSaver::open(&ckpt_dir, cfg.saver_config())?;
         let r = saver.restore(p)?;
