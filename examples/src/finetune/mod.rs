@@ -510,6 +510,12 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
         if step % every == 0 || step == p || step == total {
             let t = Instant::now();
             snapshot(&saver, &state, lr)?;
+            if step == p {
+                // Phase 2 starts from this snapshot and the evaluation reads it: make it
+                // durable (a snapshot held in memory, by this saver or a keeper, may be
+                // replaced by the next one before it is persisted).
+                saver.flush()?;
+            }
             stalls.insert(step, ms(t.elapsed()));
         }
         bar.set_position(step);
