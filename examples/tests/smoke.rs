@@ -348,8 +348,8 @@ fn finetune_gpt_lossy_optimizer_quantizes_moments_and_resumes_close() {
         "replayed losses: max relative difference {:e}",
         crash.max_rel_diff
     );
-    // Measured 1.65e-6 (8-bit moments, this smoke run); the bound is 6x that, where 0.05
-    // let a 30000x regression pass.
-    assert!(crash.replayed > 0 && crash.max_rel_diff < 1e-5, "{crash:?}");
+    // Measured 8.1e-7 (8-bit moments, this smoke run, dropout on and a shuffled loader);
+    // the bound is 6x that.
+    assert!(crash.replayed > 0 && crash.max_rel_diff < 5e-6, "{crash:?}");
     check_store(&tmp.path().join("checkpoints"), Some(&s));
 }
