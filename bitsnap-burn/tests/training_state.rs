@@ -418,3 +418,26 @@ fn a_restarted_trainer_restores_from_the_keeper_then_from_disk() {
     let r = saver.latest().unwrap().expect("persisted on shutdown");
     assert_eq!((r.step, r.from), (RESUME_AT, RestoredFrom::Disk));
 }
+
+/// A memory budget smaller than one snapshot lets one snapshot be in flight at a time,
+/// whatever the queue depth: each `submit` returns only once the previous save is done.
+#[test]
+fn a_memory_budget_applies_back_pressure() {
+    let device = Device::flex().autodiff();
+    let dir = tempfile::tempdir().unwrap();
+    let saver = StepSaver::open(
+        dir.path(),
+        StepSaverConfig::default()
+            .with_queue_depth(8)
+            .with_memory_budget(1),
+    )
+    .unwrap();
+    let mut run = Run::new(&device);
+    for k in 1..=5 {
+        let (_, lr) = run.step(&device);
+        run.snapshot(&saver, lr);
+        assert_eq!(saver.stats().len(), k - 1, "snapshot {k} did not wait");
+    }
+    saver.flush().unwrap();
+    assert_eq!(saver.steps(), vec![1, 2, 3, 4, 5]);
+}

@@ -57,6 +57,7 @@
 
 mod config;
 mod optim;
+mod readback;
 mod request;
 mod restored;
 mod state;
@@ -159,7 +160,7 @@ impl StepSaver {
                 });
         // An existing store is opened without its write lock (a keeper may hold it); the
         // lock is taken by the first save this saver makes itself.
-        let store = Store::open_or_create(&dir, config.policy.clone())?;
+        let store = Store::open_or_create(&dir, config.policy)?;
         let shared = Arc::new(Shared {
             store: std::sync::Mutex::new(store),
             progress: Default::default(),
@@ -396,7 +397,7 @@ impl StepSaver {
                 started.elapsed(),
             );
         }
-        if let Some(snap) = self.from_keeper(Some(step)) {
+        if let Some(snap) = self.keeper_latest(Some(step)) {
             let from = if snap.from_memory {
                 RestoredFrom::Keeper
             } else {
@@ -431,7 +432,7 @@ impl StepSaver {
 
     /// The keeper's latest step snapshot, if a keeper answers and has one (of `step`, when
     /// given). A keeper that fails is logged and dropped: the disk answers instead.
-    fn from_keeper(&self, step: Option<u64>) -> Option<bitsnap_core::Snapshot> {
+    fn keeper_latest(&self, step: Option<u64>) -> Option<bitsnap_core::Snapshot> {
         let mut keeper = self.shared.keeper();
         let client = keeper.as_mut()?;
         match client.latest(STEP_SERIES) {
@@ -454,7 +455,7 @@ impl StepSaver {
         if let Some(step) = held {
             return self.restore(step).map(Some);
         }
-        if let Some(snap) = self.from_keeper(None)
+        if let Some(snap) = self.keeper_latest(None)
             && let Some(step) = parse_step(&snap.info.name)
         {
             let from = if snap.from_memory {

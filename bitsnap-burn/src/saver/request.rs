@@ -8,9 +8,9 @@ use burn::optim::ModuleOptimizer;
 use burn::train::checkpoint::Checkpoint;
 use serde::Serialize;
 
-use super::StepSaver;
 use super::state::{self, MODEL_PREFIX, OPTIM_PREFIX, SCHEDULER_PREFIX};
 use super::worker::{Job, ReadBack};
+use super::{StepSaver, readback};
 use crate::Error;
 use crate::bridge::{self, Metadata, RecordKind};
 
@@ -119,12 +119,8 @@ impl<M: Module + 'static> SnapshotRequest<'_, M> {
                         source,
                     })
                 };
-            let model_bytes = record(
-                RecordKind::Module,
-                model.into_record().checkpoint_into_bytes(),
-            )?;
-            let (mut tensors, mut meta) =
-                bridge::from_burnpack(model_bytes, RecordKind::Module, MODEL_PREFIX)?;
+            let (mut tensors, mut meta) = readback::module_tensors(&model, MODEL_PREFIX)?;
+            drop(model);
             let optim_bytes = record(
                 RecordKind::Optimizer,
                 optimizer.to_record().checkpoint_into_bytes(),

@@ -364,7 +364,7 @@ fn serve_connection(sh: &Shared, stream: UnixStream) {
                 let r = latest(sh, &frame, &mut writer);
                 match r {
                     Ok(()) => continue,
-                    Err(e) if matches!(e, Error::Io { .. }) => return,
+                    Err(Error::Io { .. }) => return,
                     Err(e) => Ok((Kind::Failed, failed(&e))),
                 }
             }
