@@ -147,6 +147,11 @@ fn trainer_child_entry() {
         use std::io::Write;
         writeln!(log, "{}\t{loss}", s.step).unwrap();
         log.flush().unwrap();
+        if s.step >= KILL_AFTER {
+            // Pacing, not timing: leaves the parent a wide window to kill the first
+            // trainer mid-run however loaded the machine is (it polls every 2 ms).
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     saver.close().unwrap();
 }

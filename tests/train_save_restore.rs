@@ -77,7 +77,7 @@ fn trained_saved_verified_restored_on_cpu_and_gpu_and_resumed_bit_exactly() {
         let (m, loss) = step(model, &mut optim, i, &device);
         model = m;
         losses.push(loss);
-        if i % SAVE_EVERY == 0 {
+        if i.is_multiple_of(SAVE_EVERY) {
             saver.snapshot(i, &model, &optim).submit().unwrap();
         }
         if i == RESUME_AT {

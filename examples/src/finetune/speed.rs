@@ -157,7 +157,7 @@ impl SpeedReport {
 /// Where a configuration saves.
 enum Saver {
     None,
-    Bitsnap(StepSaver),
+    Bitsnap(Box<StepSaver>),
     Burn {
         model: AsyncCheckpointer<ModuleRecord>,
         optim: AsyncCheckpointer<burn::optim::OptimizerRecord>,
@@ -190,7 +190,7 @@ pub fn measure(
         Saving::Bitsnap { every } => {
             let persist = (preset.persist_every / every.max(1)).max(1);
             let config = cfg.saver_config().with_persist_every(persist);
-            Saver::Bitsnap(StepSaver::open(&dir, config)?)
+            Saver::Bitsnap(Box::new(StepSaver::open(&dir, config)?))
         }
         Saving::Burn { .. } => Saver::Burn {
             model: AsyncCheckpointer::new(FileCheckpointer::new(&dir, "model")),
