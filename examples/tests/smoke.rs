@@ -104,6 +104,11 @@ fn finetune_gpt_resumes_exactly_after_a_simulated_crash_and_after_a_killed_proce
     let total = sa.preset.total_steps();
     assert_eq!(sa.losses.len() as u64, total);
     assert!(sa.crash.is_none());
+    assert_eq!(
+        sa.timed_steps,
+        total - bitsnap_examples::finetune::WARMUP_STEPS
+    );
+    assert!(sa.steps_per_s > 0.0 && sa.steps_per_s.is_finite());
     assert!(
         sa.eval_sonnets_after < sa.eval_sonnets_before,
         "fine-tuning did not help"

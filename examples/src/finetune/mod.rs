@@ -30,6 +30,10 @@ use crate::loader::{DropoutSeeds, Loader, LoaderState};
 use crate::report::StoreReport;
 use crate::{Error, plot};
 
+/// Steps of a process not counted in [`Summary::steps_per_s`] (startup, kernel
+/// compilation).
+pub const WARMUP_STEPS: u64 = 5;
+
 /// Dropout probability of every preset: on, so that the resume check covers the device's
 /// random generator.
 pub const DROPOUT: f64 = 0.1;
@@ -493,14 +497,24 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
     };
     let mut stalls: BTreeMap<u64, f64> = BTreeMap::new();
     let mut phase2_start_ms = None;
+    // Training time of the steps after the first few of this process (startup, kernel
+    // compilation): steps and snapshot calls, not the phase switch, the crash or restores.
+    let (first_timed, mut timed_steps, mut timed) =
+        (state.step + WARMUP_STEPS, 0u64, Duration::ZERO);
     let bar = progress(cfg, total, state.step);
     while state.step < total {
         let step = state.step + 1;
+        let step_started = Instant::now();
         if step == p + 1 {
             let t = Instant::now();
             state = begin_finetune(&saver, cfg, &texts, state.seeds, device)?;
             phase2_start_ms = Some(ms(t.elapsed()));
         }
+        let step_started = if step == p + 1 {
+            Instant::now()
+        } else {
+            step_started
+        };
         let lr = preset.lr(step);
         let (next, loss) = train_step(state, lr, texts.corpus(&preset, step), device);
         state = next;
@@ -517,6 +531,10 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
                 saver.flush()?;
             }
             stalls.insert(step, ms(t.elapsed()));
+        }
+        if step > first_timed {
+            timed_steps += 1;
+            timed += step_started.elapsed();
         }
         bar.set_position(step);
         bar.set_message(format!(
@@ -620,6 +638,8 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
         frozen_unchanged: frozen,
         store: report,
         wall_seconds: started.elapsed().as_secs_f64(),
+        steps_per_s: timed_steps as f64 / timed.as_secs_f64().max(1e-9),
+        timed_steps,
         plot: cfg.out.join("finetune-gpt.png"),
     };
     plot::draw(&summary, &summary.plot)?;

@@ -80,6 +80,14 @@ pub struct Summary {
     pub store: StoreReport,
     /// Wall-clock time of the run (after the build).
     pub wall_seconds: f64,
+    /// Training steps per second (with the snapshot calls), over `timed_steps` steps: the
+    /// process's first [`super::WARMUP_STEPS`] steps, the phase switch, a crash and its
+    /// restore are not counted.
+    #[serde(default)]
+    pub steps_per_s: f64,
+    /// Steps counted in `steps_per_s`.
+    #[serde(default)]
+    pub timed_steps: u64,
     /// The plot.
     pub plot: PathBuf,
 }
@@ -267,6 +275,13 @@ impl Summary {
                 format!("phase 1's checkpoint restored in {ms:.0} ms"),
             );
         }
+        row(
+            "training speed",
+            format!(
+                "{:.2} steps/s over {} steps (snapshot calls included; startup excluded)",
+                self.steps_per_s, self.timed_steps
+            ),
+        );
         row("wall time", format!("{:.1} s", self.wall_seconds));
         format!("| | |\n|---|---|\n{t}")
     }
