@@ -128,14 +128,12 @@ impl Module for Exploding {
     fn materialize(self) -> Self {
         Exploding(self.0.materialize())
     }
-    fn visit<V: ModuleVisitor>(&self, visitor: &mut V) {
-        self.0.visit(visitor)
+    /// The saver reads a model back by visiting its parameters (one batched read).
+    fn visit<V: ModuleVisitor>(&self, _visitor: &mut V) {
+        panic!("injected fault: read-back failed");
     }
     fn map<M: ModuleMapper>(self, mapper: &mut M) -> Self {
         Exploding(self.0.map(mapper))
-    }
-    fn into_record(self) -> ModuleRecord {
-        panic!("injected fault: read-back failed");
     }
 }
 

@@ -205,7 +205,7 @@ fn dropout_shuffled_loader_and_schedule_resume_bit_exactly() {
         let (loss, lr) = run.step(&device);
         losses.push(loss);
         lrs.push(lr);
-        if run.step % SAVE_EVERY == 0 || run.step == RESUME_AT {
+        if run.step.is_multiple_of(SAVE_EVERY) || run.step == RESUME_AT {
             run.snapshot(&saver, lr);
         }
     }

@@ -40,7 +40,7 @@ pub(crate) fn module_tensors<M: Module>(
         })?,
         _ => Vec::new(),
     };
-    let pack = params
+    let mut pack: Vec<burn_pack::Tensor> = params
         .into_iter()
         .zip(data)
         .map(|((path, id), data)| {
@@ -48,6 +48,8 @@ pub(crate) fn module_tensors<M: Module>(
             burn_pack::Tensor::new(path, dtype, shape.to_vec(), Some(id.val()), bytes)
         })
         .collect();
+    // Burnpack lists tensors by name: the same order as snapshots taken from records.
+    pack.sort_by(|a, b| a.name.cmp(&b.name));
     bridge::from_pack_tensors(pack, RecordKind::Module, prefix)
 }
 
