@@ -6,9 +6,17 @@
 //!   [`bitsnap_core::Store`] bit for bit, restored onto wgpu by
 //!   [`bitsnap_burn::gpu::DeviceLoader`] equal to the CPU decode, and resumed bit for bit.
 //!
-//! This library holds what the scenarios share.
+//! - `keeper_kill`: a trainer child process (dropout, a shuffled loader, every-step
+//!   snapshots handed to a keeper) is SIGKILLed mid-run; the restarted trainer restores
+//!   from the keeper's memory (nothing on disk yet), continues bit for bit; with the
+//!   keeper gone it restores from disk; `bitsnap prune`/`rm` on the resulting delta chain.
+//!
+//! This library holds what the scenarios share: [`wgpu`] and the small training setup of
+//! [`train`].
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+
+pub mod train;
 
 use std::sync::OnceLock;
 

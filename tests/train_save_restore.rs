@@ -8,72 +8,18 @@ use std::process::ExitCode;
 
 use bitsnap_burn::bridge::{self, RecordKind};
 use bitsnap_burn::gpu::DeviceLoader;
-use bitsnap_burn::{StepSaver, StepSaverConfig};
+use bitsnap_burn::{OptimizerSpec, StepSaver, StepSaverConfig};
 use bitsnap_core::{Policy, Store};
+use bitsnap_e2e::train::{self, Mlp};
 use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Tensor, TensorData, activation::relu};
+use burn::optim::{AdamWConfig, ModuleOptimizer};
+use burn::tensor::Device;
 use burn::train::checkpoint::Checkpoint;
 
-#[derive(Module, Debug)]
-struct Mlp {
-    a: Linear,
-    b: Linear,
-}
-
-impl Mlp {
-    fn new(device: &Device) -> Mlp {
-        Mlp {
-            a: LinearConfig::new(16, 32).init(device),
-            b: LinearConfig::new(32, 1).init(device),
-        }
-    }
-
-    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        self.b.forward(relu(self.a.forward(x)))
-    }
-}
-
-/// Deterministic batch `i`: inputs and a smooth target.
-fn batch(i: u64, device: &Device) -> (Tensor<2>, Tensor<2>) {
-    let n = 32;
-    let mut s = 0x9E37_79B9_7F4A_7C15u64 ^ (i + 1);
-    let xs: Vec<f32> = (0..n * 16)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect();
-    let ys: Vec<f32> = xs
-        .chunks(16)
-        .map(|r| {
-            r.iter()
-                .enumerate()
-                .map(|(j, v)| v * (j as f32 - 7.5) * 0.1)
-                .sum::<f32>()
-                .sin()
-        })
-        .collect();
-    (
-        Tensor::from_data(TensorData::new(xs, [n, 16]), device),
-        Tensor::from_data(TensorData::new(ys, [n, 1]), device),
-    )
-}
-
-/// One training step; returns the new model and the loss's bits.
+/// One training step on batch `i` (no dropout: batches and updates are pure functions of
+/// the step).
 fn step(model: Mlp, optim: &mut ModuleOptimizer, i: u64, device: &Device) -> (Mlp, u32) {
-    let (x, y) = batch(i, device);
-    let loss = (model.forward(x) - y).powf_scalar(2.0).mean();
-    let value = loss
-        .clone()
-        .into_data()
-        .try_to_vec::<f32>()
-        .expect("f32 loss")[0];
-    let grads = GradientsParams::from_grads(loss.backward(), &model);
-    (optim.step(1e-2, model, grads), value.to_bits())
+    train::step(model, optim, train::batch(i, device), 1e-2)
 }
 
 /// What the saver stores for `model` and `optim`: the bitsnap tensors of both records,
@@ -106,15 +52,6 @@ fn sorted(tensors: Vec<bitsnap_core::Tensor>) -> State {
     out
 }
 
-fn params(model: &Mlp) -> Vec<u8> {
-    model
-        .clone()
-        .into_record()
-        .checkpoint_into_bytes()
-        .unwrap()
-        .to_vec()
-}
-
 const STEPS: u64 = 12;
 const SAVE_EVERY: u64 = 3;
 const RESUME_AT: u64 = 6;
@@ -133,21 +70,21 @@ fn trained_saved_verified_restored_on_cpu_and_gpu_and_resumed_bit_exactly() {
         .with_device_forms_only(true);
     let saver =
         StepSaver::open(dir.path(), StepSaverConfig::default().with_policy(policy)).unwrap();
-    let mut model = Mlp::new(&device);
+    let mut model = Mlp::new(&device, 0.0);
     let mut optim: ModuleOptimizer = AdamWConfig::new().init();
     let (mut losses, mut at_resume) = (Vec::new(), None);
     for i in 1..=STEPS {
         let (m, loss) = step(model, &mut optim, i, &device);
         model = m;
         losses.push(loss);
-        if i % SAVE_EVERY == 0 {
+        if i.is_multiple_of(SAVE_EVERY) {
             saver.snapshot(i, &model, &optim).submit().unwrap();
         }
         if i == RESUME_AT {
             at_resume = Some(state(&model, &optim));
         }
     }
-    let final_params = params(&model);
+    let final_params = model.params();
     saver.close().unwrap();
     let at_resume = at_resume.unwrap();
 
@@ -219,8 +156,10 @@ fn trained_saved_verified_restored_on_cpu_and_gpu_and_resumed_bit_exactly() {
     let saver = StepSaver::open(dir.path(), StepSaverConfig::default()).unwrap();
     let restored = saver.restore(RESUME_AT).unwrap();
     assert_eq!(restored.from, bitsnap_burn::RestoredFrom::Disk);
-    let mut model = Mlp::new(&device).load_record(restored.model);
-    let mut optim: ModuleOptimizer = AdamWConfig::new().init().load_record(restored.optimizer);
+    let mut model = Mlp::new(&device, 0.0).load_record(restored.model);
+    let mut optim: ModuleOptimizer = AdamWConfig::new()
+        .init_on(&device)
+        .load_record(restored.optimizer);
     assert!(state(&model, &optim) == at_resume, "restored state differs");
     let mut tail = Vec::new();
     for i in RESUME_AT + 1..=STEPS {
@@ -229,6 +168,6 @@ fn trained_saved_verified_restored_on_cpu_and_gpu_and_resumed_bit_exactly() {
         tail.push(loss);
     }
     assert_eq!(tail, losses[RESUME_AT as usize..]);
-    assert!(params(&model) == final_params, "final parameters differ");
+    assert!(model.params() == final_params, "final parameters differ");
     saver.close().unwrap();
 }

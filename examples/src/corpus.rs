@@ -1,4 +1,4 @@
-//! The shipped texts, split into training and validation bytes, and deterministic batches.
+//! The shipped texts, split into training and validation bytes, as token windows.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
@@ -14,14 +14,6 @@ pub const VOCAB: usize = 128;
 pub struct Corpus {
     train: Vec<u8>,
     valid: Vec<u8>,
-}
-
-/// `splitmix64`: a well-mixed 64-bit hash, enough to draw batch offsets reproducibly.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 impl Corpus {
@@ -43,23 +35,15 @@ impl Corpus {
         self.train.len()
     }
 
-    /// Batch of `step`: `batch` windows of `context + 1` bytes at offsets drawn from `seed`
-    /// and `step` alone, so a resumed run sees exactly the batches it would have seen.
-    pub fn batch(
+    /// Inputs and targets `[offsets.len(), context]` of the training windows of
+    /// `context + 1` bytes starting at `offsets` (the order is [`crate::loader::Loader`]'s).
+    pub fn windows_at(
         &self,
-        seed: u64,
-        step: u64,
-        batch: usize,
+        offsets: &[usize],
         context: usize,
         device: &Device,
     ) -> (Tensor<2, Int>, Tensor<2, Int>) {
-        let span = self.train.len().saturating_sub(context + 1).max(1) as u64;
-        let offsets: Vec<usize> = (0..batch as u64)
-            .map(|i| {
-                (mix(seed ^ mix(step.wrapping_mul(1_000_003).wrapping_add(i))) % span) as usize
-            })
-            .collect();
-        windows(&self.train, &offsets, context, device)
+        windows(&self.train, offsets, context, device)
     }
 
     /// `n` validation batches at evenly spaced offsets (the same every call).

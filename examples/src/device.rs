@@ -37,25 +37,6 @@ fn cpu(reason: String) -> Chosen {
     }
 }
 
-/// Makes Burn's default device the CPU (flex) unless `BURN_DEVICE` already names one.
-///
-/// `ModuleOptimizer::load_record` creates the optimizer state on Burn's default device,
-/// which is wgpu whenever that feature is compiled in, adapter or not; the state moves to
-/// the training device at the next step. The examples train on the CPU unless asked.
-///
-/// # Safety
-///
-/// It sets an environment variable: no other thread may read or write the environment
-/// while it runs. Call it first thing in `main`, before any thread is started.
-#[allow(unsafe_code)]
-pub unsafe fn default_device_cpu() {
-    if std::env::var_os("BURN_DEVICE").is_none() {
-        // SAFETY: the caller guarantees that no other thread exists (this function's
-        // contract), so nothing reads the environment concurrently.
-        unsafe { std::env::set_var("BURN_DEVICE", "flex") };
-    }
-}
-
 /// Picks the device. wgpu is initialised at most once, first (a later initialisation
 /// would fail once any tensor operation started its runtime).
 pub fn choose(choice: DeviceChoice) -> Result<Chosen, Error> {

@@ -11,7 +11,7 @@ use burn::tensor::{Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// Shape of a [`Gpt`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct GptConfig {
     /// Vocabulary size (bytes: 128 covers ASCII).
     pub vocab: usize,
@@ -23,6 +23,12 @@ pub struct GptConfig {
     pub n_layers: usize,
     /// Context length in tokens.
     pub context: usize,
+    /// Dropout probability in the transformer blocks (attention weights, residual
+    /// branches, feed-forward). A resumed run draws the same masks because the run
+    /// reseeds the device's generator each step from a saved stream
+    /// ([`crate::loader::DropoutSeeds`]).
+    #[serde(default)]
+    pub dropout: f64,
 }
 
 impl GptConfig {
@@ -34,9 +40,7 @@ impl GptConfig {
             self.n_heads,
             self.n_layers,
         )
-        // No dropout: training is a pure function of the weights, the optimizer state and
-        // the step, so a restored run continues bit for bit.
-        .with_dropout(0.0)
+        .with_dropout(self.dropout)
         .with_norm_first(true)
         .init(device);
         Gpt {

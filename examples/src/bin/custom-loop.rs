@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use bitsnap_burn::{StepSaver, StepSaverConfig};
+use bitsnap_burn::{OptimizerSpec, StepSaver, StepSaverConfig};
 use bitsnap_core::fmt::Ratio;
 use bitsnap_examples::report::{StoreReport, human};
 use burn::module::Module;
@@ -72,8 +72,6 @@ fn step(model: Mlp, optim: &mut ModuleOptimizer, n: u64, device: &Device) -> (Ml
 }
 
 fn main() -> ExitCode {
-    // SAFETY: first thing in `main`: no other thread exists yet.
-    unsafe { bitsnap_examples::device::default_device_cpu() };
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -97,7 +95,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     // The reference: the same loop, never interrupted, never saved.
     let mut model = Mlp::new(&device);
-    let mut optim: ModuleOptimizer = AdamWConfig::new().init();
+    let mut optim: ModuleOptimizer = AdamWConfig::new().init_on(&device);
     let mut reference = Vec::new();
     for n in 1..=steps {
         let (m, loss) = step(model, &mut optim, n, &device);
@@ -108,7 +106,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // The run with snapshots, which crashes after step `crash`.
     let saver = StepSaver::open(&dir, StepSaverConfig::default())?;
     let mut model = Mlp::new(&device);
-    let mut optim: ModuleOptimizer = AdamWConfig::new().init();
+    let mut optim: ModuleOptimizer = AdamWConfig::new().init_on(&device);
     let mut losses = Vec::new();
     let mut stall = 0f64;
     for n in 1..=crash {
@@ -128,7 +126,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let saver = StepSaver::open(&dir, StepSaverConfig::default())?;
     let restored = saver.latest()?.ok_or("no snapshot to restore")?;
     let mut model = Mlp::new(&device).load_record(restored.model);
-    let mut optim = AdamWConfig::new().init().load_record(restored.optimizer);
+    let mut optim = AdamWConfig::new()
+        .init_on(&device)
+        .load_record(restored.optimizer);
     let restore_ms = t.elapsed().as_secs_f64() * 1e3;
     losses.truncate(restored.step as usize);
     for n in restored.step + 1..=steps {

@@ -8,8 +8,9 @@ use std::process::ExitCode;
 
 use bitsnap_core::codec::QuantBits;
 use bitsnap_examples::device::{self, DeviceChoice};
-use bitsnap_examples::finetune::{self, PolicyChoice, PresetName, RunConfig};
-use clap::Parser;
+use bitsnap_examples::finetune::{self, PolicyChoice, PresetName, RunConfig, Saving};
+use bitsnap_examples::keeper::KeeperFiles;
+use clap::{Parser, ValueEnum};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -31,9 +32,27 @@ struct Args {
     /// Bits per quantized optimizer moment (with `--policy lossy-optimizer`): 4, 8 or 16.
     #[arg(long, default_value_t = 8)]
     bits: u32,
-    /// Snapshot every N steps (default: the preset's).
+    /// Snapshot every N steps (default: the preset's); 1 snapshots every step.
+    #[arg(long, alias = "checkpoint-every")]
+    snapshot_every: Option<u64>,
+    /// Persist every M-th snapshot; the ones between are held in memory (default 1). With
+    /// `--compare`, a step interval: bitsnap persists every max(N, M) steps.
+    #[arg(long, default_value_t = 1)]
+    persist_every: u64,
+    /// Measure what checkpointing costs instead of the run: steps/s with no checkpoints,
+    /// bitsnap every 1, 10 and 100 steps and Burn's checkpointing every 1, 10 and 100
+    /// steps, with slowdown ratios (written to `speed.md` and `speed.json` in `--out`).
     #[arg(long)]
-    checkpoint_every: Option<u64>,
+    compare: bool,
+    /// Steps measured per configuration with `--compare`.
+    #[arg(long, default_value_t = 100)]
+    compare_steps: u64,
+    /// Steps not counted at the start of each configuration with `--compare`.
+    #[arg(long, default_value_t = 5)]
+    compare_warmup: u64,
+    /// Intervals compared with `--compare`, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1u64, 10, 100])]
+    compare_every: Vec<u64>,
     /// Phase 1 steps (default: the preset's).
     #[arg(long)]
     pretrain_steps: Option<u64>,
@@ -58,11 +77,54 @@ struct Args {
     /// Seed of the initialisation and the batch order.
     #[arg(long, default_value_t = 17)]
     seed: u64,
+    /// The crash demo in real processes: a keeper process holds every snapshot in memory,
+    /// the trainer (a child process) is killed with SIGKILL after --crash-at and restarted
+    /// with --resume; the restore comes from the keeper's memory.
+    #[arg(long, conflicts_with_all = ["resume", "stop_after", "no_crash", "compare"])]
+    keeper: bool,
+    /// (Internal to --keeper) run as the keeper of `--out`'s store.
+    #[arg(long, hide = true)]
+    serve_keeper: bool,
+    /// (Internal to --keeper) hand snapshots to the keeper on this socket.
+    #[arg(long, hide = true)]
+    keeper_socket: Option<PathBuf>,
+}
+
+impl Args {
+    /// The options a child process of `--keeper` inherits (everything that shapes the run).
+    fn child_args(&self) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = Vec::new();
+        let mut opt = |k: &str, v: String| {
+            a.push(k.into());
+            a.push(v.into());
+        };
+        let name = |v: Option<clap::builder::PossibleValue>| {
+            v.map(|v| v.get_name().to_string()).unwrap_or_default()
+        };
+        opt("--preset", name(self.preset.to_possible_value()));
+        opt("--device", name(self.device.to_possible_value()));
+        opt("--policy", name(self.policy.to_possible_value()));
+        opt("--bits", self.bits.to_string());
+        opt("--persist-every", self.persist_every.to_string());
+        opt("--seed", self.seed.to_string());
+        opt("--out", self.out.display().to_string());
+        if let Some(n) = self.snapshot_every {
+            opt("--snapshot-every", n.to_string());
+        }
+        if let Some(n) = self.pretrain_steps {
+            opt("--pretrain-steps", n.to_string());
+        }
+        if let Some(n) = self.finetune_steps {
+            opt("--finetune-steps", n.to_string());
+        }
+        if self.smoke {
+            a.push("--smoke".into());
+        }
+        a
+    }
 }
 
 fn main() -> ExitCode {
-    // SAFETY: first thing in `main`: no other thread exists yet.
-    unsafe { bitsnap_examples::device::default_device_cpu() };
     let args = Args::parse();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -78,6 +140,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--keeper`: the keeper and two trainers, each this binary.
+fn keeper_demo(args: &Args, crash_at: u64) -> Result<(), bitsnap_examples::Error> {
+    let exe = std::env::current_exe().map_err(|source| bitsnap_examples::Error::Io {
+        path: "current executable".into(),
+        source,
+    })?;
+    let files = KeeperFiles::of(&args.out);
+    let mut keeper = args.child_args();
+    keeper.push("--serve-keeper".into());
+    let mut trainer = args.child_args();
+    trainer.extend([
+        "--no-crash".into(),
+        "--keeper-socket".into(),
+        files.socket.into(),
+    ]);
+    std::fs::create_dir_all(&args.out).map_err(|source| bitsnap_examples::Error::Io {
+        path: args.out.clone(),
+        source,
+    })?;
+    bitsnap_examples::keeper::supervise(&exe, &args.out, &keeper, &trainer, crash_at)?;
+    Ok(())
+}
+
 fn run(args: Args) -> Result<(), bitsnap_examples::Error> {
     let name = if args.smoke {
         PresetName::Smoke
@@ -85,9 +170,10 @@ fn run(args: Args) -> Result<(), bitsnap_examples::Error> {
         args.preset
     };
     let mut preset = name.preset();
-    if let Some(n) = args.checkpoint_every {
+    if let Some(n) = args.snapshot_every {
         preset.checkpoint_every = n.max(1);
     }
+    preset.persist_every = args.persist_every.max(1);
     if let Some(n) = args.pretrain_steps {
         preset.pretrain_steps = n.max(1);
     }
@@ -104,6 +190,31 @@ fn run(args: Args) -> Result<(), bitsnap_examples::Error> {
             )));
         }
     };
+    if args.serve_keeper {
+        let cfg_policy = RunConfig {
+            preset,
+            policy: args.policy,
+            bits,
+            crash_at: None,
+            resume: false,
+            out: args.out.clone(),
+            seed: args.seed,
+            stop_after: None,
+            progress: false,
+            keeper: None,
+        }
+        .bitsnap_policy();
+        bitsnap_examples::keeper::serve(
+            &KeeperFiles::of(&args.out),
+            cfg_policy,
+            preset.persist_every,
+        )?;
+        return Ok(());
+    }
+    if args.keeper {
+        let crash_at = args.crash_at.unwrap_or_else(|| preset.default_crash());
+        return keeper_demo(&args, crash_at);
+    }
     let chosen = device::choose(args.device)?;
     println!("device: {} ({})", chosen.name, chosen.reason);
     let crash_at = match (
@@ -121,20 +232,52 @@ fn run(args: Args) -> Result<(), bitsnap_examples::Error> {
         bits,
         crash_at,
         resume: args.resume,
-        out: args.out,
+        out: args.out.clone(),
         seed: args.seed,
         stop_after: args.stop_after,
-        progress: true,
+        progress: args.keeper_socket.is_none(),
+        keeper: args.keeper_socket.clone(),
     };
     println!(
-        "{:?}: {:.2}M parameters, {} + {} steps, checkpoints every {} in {}",
+        "{:?}: {:.2}M parameters, {} + {} steps, snapshots every {} (persisted every {}) in {}",
         name,
         preset.gpt.num_params() as f64 / 1e6,
         preset.pretrain_steps,
         preset.finetune_steps,
         preset.checkpoint_every,
+        preset.persist_every,
         cfg.out.join("checkpoints").display()
     );
+    if args.compare {
+        let savings: Vec<Saving> = args
+            .compare_every
+            .iter()
+            .flat_map(|&every| [Saving::Bitsnap { every }, Saving::Burn { every }])
+            .collect();
+        println!(
+            "comparing checkpointing costs: {} + {} steps per configuration (persist every {})",
+            args.compare_warmup, args.compare_steps, preset.persist_every
+        );
+        let report = finetune::compare(
+            &cfg,
+            &chosen.device,
+            &chosen.name,
+            &savings,
+            args.compare_warmup,
+            args.compare_steps,
+            |row| {
+                println!(
+                    "  {}: {:.2} steps/s (stall {:.2} s, drain {:.2} s)",
+                    row.saving.label(),
+                    row.steps_per_s(),
+                    row.stall_seconds,
+                    row.drain_seconds
+                )
+            },
+        )?;
+        println!("\n{}", report.table());
+        return Ok(());
+    }
     let summary = finetune::run(&cfg, &chosen)?;
     println!("\n{}", summary.table());
     println!("plot: {}", summary.plot.display());

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use bitsnap_burn::BitSnapCheckpointer;
+use bitsnap_burn::{BitSnapCheckpointer, OptimizerSpec};
 use bitsnap_core::Policy;
 use bitsnap_core::fmt::Ratio;
 use bitsnap_examples::report::{StoreReport, human};
@@ -136,7 +136,7 @@ fn train(
         training = training.checkpoint(epoch); // Burn restores model, optimizer, scheduler
     }
     let device = Device::flex().autodiff();
-    let optim: ModuleOptimizer = AdamWConfig::new().init();
+    let optim: ModuleOptimizer = AdamWConfig::new().init_on(&device);
     let learner = Learner::new(Regressor::new(&device), optim, ConstantLr::new(1e-2));
     training.launch(learner).model
 }
@@ -153,8 +153,6 @@ fn weights(model: &Regressor) -> Result<Vec<u8>, burn::store::RecordError> {
 }
 
 fn main() -> ExitCode {
-    // SAFETY: first thing in `main`: no other thread exists yet.
-    unsafe { bitsnap_examples::device::default_device_cpu() };
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

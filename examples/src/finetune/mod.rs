@@ -3,13 +3,14 @@
 //! from disk, and check that the restored run continues as the lost one did.
 
 mod log;
+mod speed;
 mod summary;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bitsnap_burn::{StepSaver, StepSaverConfig};
+use bitsnap_burn::{OptimizerSpec, Restored, RestoredFrom, StepSaver, StepSaverConfig};
 use bitsnap_core::codec::QuantBits;
 use bitsnap_core::{Lossiness, Policy, Store};
 use burn::module::Module;
@@ -19,13 +20,23 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 pub use log::LossLog;
+pub use speed::{Saving, SpeedReport, SpeedRow, compare, measure};
 pub use summary::{CrashReport, Summary};
 
 use crate::corpus::{Corpus, SONNETS, TRAGEDIES, VOCAB};
 use crate::device::Chosen;
 use crate::gpt::{Gpt, GptConfig};
+use crate::loader::{DropoutSeeds, Loader, LoaderState};
 use crate::report::StoreReport;
 use crate::{Error, plot};
+
+/// Steps of a process not counted in [`Summary::steps_per_s`] (startup, kernel
+/// compilation).
+pub const WARMUP_STEPS: u64 = 5;
+
+/// Dropout probability of every preset: on, so that the resume check covers the device's
+/// random generator.
+pub const DROPOUT: f64 = 0.1;
 
 /// Model and schedule sizes, by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -59,6 +70,10 @@ pub struct Preset {
     pub finetune_steps: u64,
     /// A snapshot every this many steps (and at the end of each phase).
     pub checkpoint_every: u64,
+    /// Persist every this many-th snapshot; the others are held in memory
+    /// ([`StepSaverConfig::persist_every`]).
+    #[serde(default = "one")]
+    pub persist_every: u64,
     /// Phase 1 learning rate (after a linear warm-up over the first 5% of its steps).
     pub pretrain_lr: f64,
     /// Phase 2 learning rate.
@@ -76,6 +91,7 @@ impl PresetName {
             n_heads,
             n_layers,
             context,
+            dropout: DROPOUT,
         };
         let (gpt, batch, p, f, every, lr) = match self {
             PresetName::Smoke => (gpt(32, 2, 2, 32), 4, 16, 12, 4, 3e-3),
@@ -90,11 +106,16 @@ impl PresetName {
             pretrain_steps: p,
             finetune_steps: f,
             checkpoint_every: every,
+            persist_every: 1,
             pretrain_lr: lr,
             finetune_lr: lr / 10.0,
             freeze_blocks: gpt.n_layers / 2,
         }
     }
+}
+
+fn one() -> u64 {
+    1
 }
 
 impl Preset {
@@ -111,11 +132,15 @@ impl Preset {
         ((at / every) * every + (every * 3 / 5).max(1)).min(self.total_steps().saturating_sub(1))
     }
 
+    fn warmup(&self) -> u64 {
+        (self.pretrain_steps / 20).max(1)
+    }
+
     fn lr(&self, step: u64) -> f64 {
         if step > self.pretrain_steps {
             return self.finetune_lr;
         }
-        let warmup = (self.pretrain_steps / 20).max(1);
+        let warmup = self.warmup();
         self.pretrain_lr * (step.min(warmup) as f64 / warmup as f64)
     }
 }
@@ -151,10 +176,14 @@ pub struct RunConfig {
     pub stop_after: Option<u64>,
     /// Draw progress bars.
     pub progress: bool,
+    /// Hand every snapshot to the keeper on this socket ([`StepSaverConfig::with_keeper`]);
+    /// the keeper owns the store (a run with a keeper never clears `checkpoints/`).
+    pub keeper: Option<PathBuf>,
 }
 
 impl RunConfig {
-    fn bitsnap_policy(&self) -> Policy {
+    /// The bitsnap encoding policy of [`RunConfig::policy`] and [`RunConfig::bits`].
+    pub fn bitsnap_policy(&self) -> Policy {
         match self.policy {
             PolicyChoice::Lossless => Policy::default(),
             PolicyChoice::LossyOptimizer => {
@@ -164,37 +193,97 @@ impl RunConfig {
     }
 
     fn saver_config(&self) -> StepSaverConfig {
-        StepSaverConfig::default().with_policy(self.bitsnap_policy())
+        let config = StepSaverConfig::default()
+            .with_policy(self.bitsnap_policy())
+            .with_optimizer(&AdamWConfig::new())
+            .with_schedule(self.preset.pretrain_lr, self.preset.warmup())
+            .with_persist_every(self.preset.persist_every);
+        match &self.keeper {
+            Some(socket) => config.with_keeper(socket),
+            None => config,
+        }
     }
 }
 
-/// The state a step needs.
+/// The state a step needs: model, optimizer, where the data loader is and the stream of
+/// dropout seeds. All of it goes into each snapshot.
 struct State {
     step: u64,
     model: Gpt,
     optim: ModuleOptimizer,
+    loader: Loader,
+    seeds: DropoutSeeds,
 }
 
-fn optimizer() -> ModuleOptimizer {
-    AdamWConfig::new().init()
+/// AdamW whose restored state stays on `device` (no `BURN_DEVICE` needed).
+pub(crate) fn optimizer(device: &Device) -> ModuleOptimizer {
+    AdamWConfig::new().init_on(device)
+}
+
+/// The two texts and their loaders' seeds: phase 1 reads the tragedies, phase 2 the sonnets.
+pub(crate) struct Texts {
+    tragedies: Corpus,
+    sonnets: Corpus,
+}
+
+impl Texts {
+    pub(crate) fn new() -> Texts {
+        Texts {
+            tragedies: Corpus::new(TRAGEDIES, 0.1),
+            sonnets: Corpus::new(SONNETS, 0.1),
+        }
+    }
+
+    /// The text step `step` trains on.
+    fn corpus(&self, preset: &Preset, step: u64) -> &Corpus {
+        if step <= preset.pretrain_steps {
+            &self.tragedies
+        } else {
+            &self.sonnets
+        }
+    }
+
+    /// A fresh loader for the phase of `step`.
+    pub(crate) fn loader(&self, preset: &Preset, seed: u64, step: u64) -> Loader {
+        let phase_seed = if step <= preset.pretrain_steps {
+            seed
+        } else {
+            seed ^ 0x50_4E4E_4554 // "SONNET"
+        };
+        Loader::new(
+            self.corpus(preset, step),
+            preset.gpt.context,
+            preset.batch,
+            phase_seed,
+        )
+    }
 }
 
 fn scalar(t: Tensor<1>) -> f32 {
     t.try_into_scalar::<f32>().unwrap_or(f32::NAN)
 }
 
-/// One optimizer step on `batch`; returns the loss before the update.
-fn train_step(state: State, lr: f64, batch: (Tensor<2, Int>, Tensor<2, Int>)) -> (State, f32) {
-    let State {
-        step,
-        model,
-        mut optim,
-    } = state;
-    let loss = model.loss(batch.0, batch.1);
+/// One optimizer step on the loader's next batch (dropout seeded from the state's
+/// stream); returns the loss before the update.
+fn train_step(mut state: State, lr: f64, corpus: &Corpus, device: &Device) -> (State, f32) {
+    let batch = state.loader.next_batch(corpus, device);
+    state.seeds.seed_next(device);
+    let loss = state.model.loss(batch.0, batch.1);
     let value = scalar(loss.clone());
-    let grads = GradientsParams::from_grads(loss.backward(), &model);
-    let model = optim.step(lr, model, grads);
-    (State { step, model, optim }, value)
+    let grads = GradientsParams::from_grads(loss.backward(), &state.model);
+    state.model = state.optim.step(lr, state.model, grads);
+    (state, value)
+}
+
+/// Hands the whole training state of `state` over to `saver`.
+fn snapshot(saver: &StepSaver, state: &State, lr: f64) -> Result<(), Error> {
+    saver
+        .snapshot(state.step, &state.model, &state.optim)
+        .lr(lr)
+        .data_position(&state.loader.state())
+        .rng("dropout", &state.seeds.state())
+        .submit()?;
+    Ok(())
 }
 
 /// Mean loss over the validation batches (made on the device without autodiff).
@@ -207,30 +296,78 @@ fn evaluate(model: &Gpt, batches: &[(Tensor<2, Int>, Tensor<2, Int>)]) -> f32 {
     total / batches.len().max(1) as f32
 }
 
-/// Restores the latest snapshot of `saver` into a model and optimizer for its phase.
-fn restore(saver: &StepSaver, cfg: &RunConfig, device: &Device) -> Result<Option<State>, Error> {
-    let Some(r) = saver.latest()? else {
-        return Ok(None);
-    };
+/// Rebuilds the training state from a restored snapshot, for its phase.
+fn into_state(
+    r: Restored,
+    cfg: &RunConfig,
+    texts: &Texts,
+    device: &Device,
+) -> Result<State, Error> {
     let preset = &cfg.preset;
+    let step = r.step;
+    let missing = |what: &str| Error::Resume(format!("snapshot of step {step} has no {what}"));
+    let position: LoaderState = r.data_position()?.ok_or_else(|| missing("data position"))?;
+    let seeds: Vec<u8> = r
+        .rng("dropout")?
+        .ok_or_else(|| missing("dropout seed stream"))?;
     let mut model = preset
         .gpt
         .init(device)
         .try_load_record(r.model)
-        .map_err(|e| Error::Resume(format!("model record of step {}: {e}", r.step)))?;
-    if r.step > preset.pretrain_steps {
+        .map_err(|e| Error::Resume(format!("model record of step {step}: {e}")))?;
+    if step > preset.pretrain_steps {
         model = model.freeze_lower(preset.freeze_blocks);
     }
-    Ok(Some(State {
-        step: r.step,
+    Ok(State {
+        step,
         model,
-        optim: optimizer().load_record(r.optimizer),
-    }))
+        optim: optimizer(device).load_record(r.optimizer),
+        loader: Loader::restore(
+            texts.corpus(preset, step),
+            preset.gpt.context,
+            preset.batch,
+            &position,
+        )?,
+        seeds: DropoutSeeds::restore(&seeds)?,
+    })
+}
+
+/// Restores the latest snapshot of `saver` into a training state for its phase; returns
+/// where it came from and how long it took too.
+fn restore(
+    saver: &StepSaver,
+    cfg: &RunConfig,
+    texts: &Texts,
+    device: &Device,
+) -> Result<Option<(State, RestoredFrom, Duration)>, Error> {
+    let started = Instant::now();
+    let Some(r) = saver.latest()? else {
+        return Ok(None);
+    };
+    let from = r.from;
+    let state = into_state(r, cfg, texts, device)?;
+    Ok(Some((state, from, started.elapsed())))
+}
+
+/// Where a restore came from, in words.
+fn from_name(from: RestoredFrom) -> &'static str {
+    match from {
+        RestoredFrom::Memory => "memory (this process)",
+        RestoredFrom::Keeper => "memory (keeper)",
+        _ => "disk",
+    }
 }
 
 /// Phase 2 starts from phase 1's last checkpoint (read from the store), with the lower
-/// blocks frozen and a fresh optimizer.
-fn begin_finetune(saver: &StepSaver, cfg: &RunConfig, device: &Device) -> Result<State, Error> {
+/// blocks frozen, a fresh optimizer and a loader over the sonnets; the dropout stream
+/// continues.
+fn begin_finetune(
+    saver: &StepSaver,
+    cfg: &RunConfig,
+    texts: &Texts,
+    seeds: DropoutSeeds,
+    device: &Device,
+) -> Result<State, Error> {
     let p = cfg.preset.pretrain_steps;
     let r = saver.restore(p)?;
     let model = cfg
@@ -243,7 +380,9 @@ fn begin_finetune(saver: &StepSaver, cfg: &RunConfig, device: &Device) -> Result
     Ok(State {
         step: p,
         model,
-        optim: optimizer(),
+        optim: optimizer(device),
+        loader: texts.loader(&cfg.preset, cfg.seed, p + 1),
+        seeds,
     })
 }
 
@@ -308,14 +447,12 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
     }
     let ckpt_dir = cfg.out.join("checkpoints");
     std::fs::create_dir_all(&cfg.out).map_err(Error::io(&cfg.out))?;
-    if !cfg.resume && ckpt_dir.exists() {
+    if !cfg.resume && cfg.keeper.is_none() && ckpt_dir.exists() {
         // A fresh run: the previous run's checkpoints in this example's own directory go.
         std::fs::remove_dir_all(&ckpt_dir).map_err(Error::io(&ckpt_dir))?;
     }
     let mut log = LossLog::open(&cfg.out.join("losses.tsv"), cfg.resume)?;
-    let tragedies = Corpus::new(TRAGEDIES, 0.1);
-    let sonnets = Corpus::new(SONNETS, 0.1);
-    let corpus = |step: u64| if step <= p { &tragedies } else { &sonnets };
+    let texts = Texts::new();
     device.seed(cfg.seed);
 
     let mut saver = StepSaver::open(&ckpt_dir, cfg.saver_config())?;
@@ -323,22 +460,28 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
     let mut crash: Option<CrashReport> = None;
     let resumed = match cfg.resume {
         true => {
-            let t = Instant::now();
-            let restored = restore(&saver, cfg, device)?;
-            if let Some(s) = &restored {
+            let restored = restore(&saver, cfg, &texts, device)?;
+            if let Some((s, from, took)) = &restored {
                 replay.lost = log.truncate_after(s.step)?;
+                println!(
+                    "resumed step {} from {} in {:.0} ms",
+                    s.step,
+                    from_name(*from),
+                    ms(*took)
+                );
                 crash = Some(CrashReport {
                     crashed_after: replay.lost.keys().last().copied().unwrap_or(s.step),
                     restored_step: s.step,
-                    restore_ms: ms(t.elapsed()),
-                    from_memory: false,
+                    restore_ms: ms(*took),
+                    from_memory: *from != RestoredFrom::Disk,
+                    restored_from: from_name(*from).into(),
                     simulated: false,
                     replayed: 0,
                     identical: 0,
                     max_rel_diff: 0.0,
                 });
             }
-            restored
+            restored.map(|(s, _, _)| s)
         }
         false => None,
     };
@@ -347,29 +490,51 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
         None => State {
             step: 0,
             model: preset.gpt.init(device),
-            optim: optimizer(),
+            optim: optimizer(device),
+            loader: texts.loader(&preset, cfg.seed, 1),
+            seeds: DropoutSeeds::new(cfg.seed),
         },
     };
     let mut stalls: BTreeMap<u64, f64> = BTreeMap::new();
     let mut phase2_start_ms = None;
+    // Training time of the steps after the first few of this process (startup, kernel
+    // compilation): steps and snapshot calls, not the phase switch, the crash or restores.
+    let (first_timed, mut timed_steps, mut timed) =
+        (state.step + WARMUP_STEPS, 0u64, Duration::ZERO);
     let bar = progress(cfg, total, state.step);
     while state.step < total {
         let step = state.step + 1;
+        let step_started = Instant::now();
         if step == p + 1 {
             let t = Instant::now();
-            state = begin_finetune(&saver, cfg, device)?;
+            state = begin_finetune(&saver, cfg, &texts, state.seeds, device)?;
             phase2_start_ms = Some(ms(t.elapsed()));
         }
-        let batch = corpus(step).batch(cfg.seed, step, preset.batch, preset.gpt.context, device);
-        let (next, loss) = train_step(state, preset.lr(step), batch);
+        let step_started = if step == p + 1 {
+            Instant::now()
+        } else {
+            step_started
+        };
+        let lr = preset.lr(step);
+        let (next, loss) = train_step(state, lr, texts.corpus(&preset, step), device);
         state = next;
         state.step = step;
         log.push(step, loss)?;
         replay.check(step, loss);
         if step % every == 0 || step == p || step == total {
             let t = Instant::now();
-            saver.snapshot(step, &state.model, &state.optim).submit()?;
+            snapshot(&saver, &state, lr)?;
+            if step == p {
+                // Phase 2 starts from this snapshot and the evaluation reads it: make it
+                // durable (a snapshot held in memory, by this saver or a keeper, may be
+                // replaced by the next one before it is persisted).
+                saver.flush()?;
+            }
             stalls.insert(step, ms(t.elapsed()));
+        }
+        if step > first_timed {
+            timed_steps += 1;
+            timed += step_started.elapsed();
         }
         bar.set_position(step);
         bar.set_message(format!(
@@ -394,13 +559,14 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
             ));
             let t = Instant::now();
             saver = StepSaver::open(&ckpt_dir, cfg.saver_config())?;
-            let restored = restore(&saver, cfg, device)?
+            let (restored, from, _) = restore(&saver, cfg, &texts, device)?
                 .ok_or_else(|| Error::Resume("no snapshot to restore after the crash".into()))?;
             let restore_ms = ms(t.elapsed());
             replay.lost = log.truncate_after(restored.step)?;
             bar.println(format!(
-                "restored step {} in {restore_ms:.0} ms; replaying {} steps",
+                "restored step {} from {} in {restore_ms:.0} ms; replaying {} steps",
                 restored.step,
+                from_name(from),
                 replay.lost.len()
             ));
             bar.set_position(restored.step);
@@ -408,7 +574,8 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
                 crashed_after: step,
                 restored_step: restored.step,
                 restore_ms,
-                from_memory: false,
+                from_memory: from != RestoredFrom::Disk,
+                restored_from: from_name(from).into(),
                 simulated: true,
                 replayed: 0,
                 identical: 0,
@@ -429,8 +596,13 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
 
     // Evaluations: phase 1's checkpoint and the final model, on held-out text of both.
     let plain = device.clone().without_autodiff();
-    let valid_sonnets = sonnets.valid_batches(4, preset.batch, preset.gpt.context, &plain);
-    let valid_tragedies = tragedies.valid_batches(4, preset.batch, preset.gpt.context, &plain);
+    let valid_sonnets = texts
+        .sonnets
+        .valid_batches(4, preset.batch, preset.gpt.context, &plain);
+    let valid_tragedies =
+        texts
+            .tragedies
+            .valid_batches(4, preset.batch, preset.gpt.context, &plain);
     let pretrained = {
         let saver = StepSaver::open(&ckpt_dir, cfg.saver_config())?;
         let r = saver.restore(p)?;
@@ -466,6 +638,8 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
         frozen_unchanged: frozen,
         store: report,
         wall_seconds: started.elapsed().as_secs_f64(),
+        steps_per_s: timed_steps as f64 / timed.as_secs_f64().max(1e-9),
+        timed_steps,
         plot: cfg.out.join("finetune-gpt.png"),
     };
     plot::draw(&summary, &summary.plot)?;

@@ -20,8 +20,12 @@ pub struct CrashReport {
     pub restored_step: u64,
     /// Reopening the store, decoding the snapshot and loading model and optimizer.
     pub restore_ms: f64,
-    /// Whether the snapshot came from memory (never, after a crash: from disk).
+    /// Whether the snapshot came from memory (a keeper's, or this process's) rather than
+    /// disk.
     pub from_memory: bool,
+    /// Where it came from, in words: `disk`, `memory (keeper)`, `memory (this process)`.
+    #[serde(default)]
+    pub restored_from: String,
     /// Simulated in this process (`true`) or a real restart with `--resume` (`false`).
     pub simulated: bool,
     /// Steps trained twice: before the crash and after the restore.
@@ -76,6 +80,14 @@ pub struct Summary {
     pub store: StoreReport,
     /// Wall-clock time of the run (after the build).
     pub wall_seconds: f64,
+    /// Training steps per second (with the snapshot calls), over `timed_steps` steps: the
+    /// process's first [`super::WARMUP_STEPS`] steps, the phase switch, a crash and its
+    /// restore are not counted.
+    #[serde(default)]
+    pub steps_per_s: f64,
+    /// Steps counted in `steps_per_s`.
+    #[serde(default)]
+    pub timed_steps: u64,
     /// The plot.
     pub plot: PathBuf,
 }
@@ -245,9 +257,10 @@ impl Summary {
                     "resume (--resume)"
                 },
                 format!(
-                    "after step {}; restored step {} from disk in **{:.0} ms**; {} replayed steps: {} with a bit-identical loss, max relative difference {:.2e}",
+                    "after step {}; restored step {} from {} in **{:.0} ms**; {} replayed steps: {} with a bit-identical loss, max relative difference {:.2e}",
                     c.crashed_after,
                     c.restored_step,
+                    c.restored_from,
                     c.restore_ms,
                     c.replayed,
                     c.identical,
@@ -262,6 +275,13 @@ impl Summary {
                 format!("phase 1's checkpoint restored in {ms:.0} ms"),
             );
         }
+        row(
+            "training speed",
+            format!(
+                "{:.2} steps/s over {} steps (snapshot calls included; startup excluded)",
+                self.steps_per_s, self.timed_steps
+            ),
+        );
         row("wall time", format!("{:.1} s", self.wall_seconds));
         format!("| | |\n|---|---|\n{t}")
     }
