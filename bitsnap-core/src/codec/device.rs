@@ -125,7 +125,7 @@ pub fn decode_for_device(
             let s = bitmask::decode_sparse(payload, w, numel)?;
             DeviceForm::Sparse(sparse(s.mask, s.values, s.changed, numel)?)
         }
-        CodecId::IntDelta | CodecId::Cast | CodecId::Identical => {
+        CodecId::IntDelta | CodecId::Cast | CodecId::Identical | CodecId::ClusterResidual => {
             return Err(CodecError::new(
                 0,
                 format!(
@@ -134,7 +134,7 @@ pub fn decode_for_device(
             ));
         }
         CodecId::Cluster => {
-            let c = cluster::decode_codes(payload, dtype, numel)?;
+            let c = cluster::decode_codes(payload, dtype, numel, cluster::Family::Plain)?;
             // Device kernels read codes that never straddle a 32-bit word: 3- and 6-bit
             // codes are widened to 4 and 8 bits here (see `QuantCodes::bits`).
             let (bits, codes) = match c.bits {

@@ -10,11 +10,14 @@
 //!    residual against the dequantized base at zero bits; since every save measures
 //!    against what the base restores, the error never accumulates past the budget.
 //! 2. **Cluster codebooks**, narrowest first: 2, 3, 4, 6, 8 and 16 bits, each clustered
-//!    linearly and in the log domain (log only for tensors without negative values). The
-//!    first width at which some domain meets the budget wins, the smaller payload of its
-//!    two domains. Tensors over [`super::EXACT_TRIAL_BYTES`] are tried on the policy's
-//!    sample windows and the winner is then encoded whole and checked again (a failure
-//!    moves on to the next width).
+//!    linearly and in the log domain (log only for tensors without negative values), and,
+//!    against a base, as **residuals** of the dequantized base ([`ResidualQuantizer`]):
+//!    the ratio `x / base` clustered by its logarithm (non-negative tensors: second
+//!    moments) and the difference `x − base` clustered linearly. The first width at which
+//!    some candidate meets the budget wins, the smallest payload of its candidates.
+//!    Tensors over [`super::EXACT_TRIAL_BYTES`] are tried on the policy's sample windows
+//!    (of the tensor and its base) and the winner is then encoded whole and checked again
+//!    (a failure moves on to the next width).
 //! 3. The result is kept only if it is smaller than the best lossless candidate;
 //!    otherwise the tensor is stored losslessly.
 //!
@@ -26,6 +29,9 @@
 //!
 //! - during warm-up (`step ≤ warmup_steps`) the budget is halved ([`WARMUP_FACTOR`]):
 //!   the moments are young (few steps averaged) and the run is most sensitive;
+//! - right after it (`step ≤ SETTLE_FACTOR × warmup_steps`), when the learning rate has
+//!   just reached its peak, the budget stays halved: the lr change is the largest of the
+//!   run and the moments still carry the warm-up's large early gradients;
 //! - after it, the budget is multiplied by `peak_lr / lr`, at most [`MAX_LATE_FACTOR`]:
 //!   late in a decayed schedule an error moves the weights less;
 //! - without signals the base budget applies. The result is capped at [`MAX_BUDGET`].
@@ -38,7 +44,7 @@ use std::fmt;
 use super::{EXACT_TRIAL_BYTES, sample};
 use crate::codec::{
     ClusterMode, ClusterQuantizer, Codec, CodecError, CodecId, EncodeInput, Encoded, QuantBits,
-    cluster,
+    ResidualKind, ResidualQuantizer, cluster,
 };
 use crate::format::Decision;
 
@@ -102,8 +108,10 @@ pub mod stage_keys {
     pub const BUDGET_RULE: &str = "bitsnap.budget_rule";
 }
 
-/// Budget factor during warm-up.
+/// Budget factor during warm-up and right after it.
 pub const WARMUP_FACTOR: f64 = 0.5;
+/// "Right after warm-up" lasts until `SETTLE_FACTOR × warmup_steps`.
+pub const SETTLE_FACTOR: u64 = 2;
 /// Largest budget factor late in training (`peak_lr / lr` is capped at this).
 pub const MAX_LATE_FACTOR: f64 = 4.0;
 /// Largest budget the stage rule produces.
@@ -175,6 +183,12 @@ impl Stage {
                 WARMUP_FACTOR,
                 format!("warm-up (step {s} <= {w}): x{WARMUP_FACTOR}"),
             ),
+            (Some(s), Some(w), _, _) if s <= w.saturating_mul(SETTLE_FACTOR) => (
+                WARMUP_FACTOR,
+                format!(
+                    "just after warm-up (step {s} <= {SETTLE_FACTOR}x{w}): x{WARMUP_FACTOR}"
+                ),
+            ),
             (_, _, Some(lr), Some(peak)) if lr > 0.0 && lr < peak => {
                 let f = (peak / lr).min(MAX_LATE_FACTOR);
                 (f, format!("lr {lr:e} below peak {peak:e}: x{f:.3}"))
@@ -198,6 +212,29 @@ impl Stage {
 
 /// The widths tried, narrowest first (16 bits last: it is nearly lossless).
 const WIDTHS: [QuantBits; 6] = QuantBits::ALL;
+
+/// The encodings tried at one width: linear and log codebooks, and with a base the ratio
+/// and delta residuals.
+fn candidates(bits: QuantBits, level: i32, with_base: bool) -> Vec<Box<dyn Codec>> {
+    let mut v: Vec<Box<dyn Codec>> = [ClusterMode::Linear, ClusterMode::Log]
+        .into_iter()
+        .map(|mode| -> Box<dyn Codec> {
+            Box::new(ClusterQuantizer {
+                level,
+                ..ClusterQuantizer::new(bits).with_mode(mode)
+            })
+        })
+        .collect();
+    if with_base {
+        for kind in [ResidualKind::Ratio, ResidualKind::Delta] {
+            v.push(Box::new(ResidualQuantizer {
+                level,
+                ..ResidualQuantizer::new(bits, kind)
+            }));
+        }
+    }
+    v
+}
 
 /// Encodes a moment tensor within `limit` (relative L2) as cheaply as the module
 /// documentation describes, or `None` when nothing lossy beats `lossless` bytes. Records
@@ -223,20 +260,23 @@ pub(super) fn encode_within(
         }
     }
     let w = input.dtype.size();
-    let sampled = (input.data.len() > EXACT_TRIAL_BYTES).then(|| sample(input.data, None, w).0);
+    let (sampled, sampled_base) = match input.data.len() > EXACT_TRIAL_BYTES {
+        true => {
+            let (d, b) = sample(input.data, base, w);
+            (Some(d), b)
+        }
+        false => (None, None),
+    };
     let trial_input = EncodeInput {
         data: sampled.as_deref().unwrap_or(input.data),
-        base: None,
+        base: sampled_base.as_deref().or(base),
         ..*input
     };
+    let input = &EncodeInput { base, ..*input };
     for bits in WIDTHS {
-        // The smaller passing payload of the two domains at this width.
-        let mut pick: Option<(usize, ClusterQuantizer, Encoded)> = None;
-        for mode in [ClusterMode::Linear, ClusterMode::Log] {
-            let q = ClusterQuantizer {
-                level,
-                ..ClusterQuantizer::new(bits).with_mode(mode)
-            };
+        // The smallest passing payload of the candidates at this width.
+        let mut pick: Option<(usize, Box<dyn Codec>, Encoded)> = None;
+        for q in candidates(bits, level, base.is_some()) {
             let Some(enc) = q.encode(&trial_input)? else {
                 continue;
             };
@@ -255,7 +295,7 @@ pub(super) fn encode_within(
         };
         decision
             .candidates
-            .push((CodecId::Cluster, enc.payload.len() as u64));
+            .push((enc.codec, enc.payload.len() as u64));
         if enc.payload.len() as u64 >= lossless {
             return Ok(None);
         }
