@@ -3,7 +3,6 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use bitsnap_core::codec::CodecId;
 use bitsnap_core::fmt::{Ratio, bytes};
 use bitsnap_core::{Lossiness, Store, safetensors};
 use clap::Args;
@@ -102,7 +101,7 @@ pub fn run(args: PackArgs, out: &mut dyn Write) -> Result<(), CliError> {
             .header
             .entries
             .iter()
-            .filter_map(|e| e.decision.error.filter(|_| e.codec == CodecId::Cluster))
+            .filter_map(|e| e.decision.error.filter(|_| !e.codec.is_lossless()))
             .collect();
         if !lossy.is_empty() {
             let rel = lossy.iter().map(|q| q.rel_l2).fold(0.0, f64::max);

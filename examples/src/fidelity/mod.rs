@@ -53,7 +53,11 @@ impl Budget {
     /// Parses `lossless`, `default` (the shipped budget), `2x`/`4x`/`0.5x` (multiples of
     /// it), a plain number (a budget) or `bits4`/`bits8` (fixed widths).
     pub fn parse(s: &str) -> Result<Budget, Error> {
-        let bad = || Error::Usage(format!("budget `{s}`: use lossless, default, 2x, 0.05 or bits4"));
+        let bad = || {
+            Error::Usage(format!(
+                "budget `{s}`: use lossless, default, 2x, 0.05 or bits4"
+            ))
+        };
         let d = ErrorBudget::DEFAULT.rel_l2();
         match s.trim() {
             "lossless" => Ok(Budget::Lossless),
@@ -301,9 +305,13 @@ impl Trainer<'_> {
         let rec = |what: &'static str, r: Result<burn::tensor::Bytes, burn::store::RecordError>| {
             r.map_err(|source| Error::Burn(bitsnap_burn::Error::Record { what, source }))
         };
-        let model = rec("model", s.model.clone().into_record().checkpoint_into_bytes())?;
+        let model = rec(
+            "model",
+            s.model.clone().into_record().checkpoint_into_bytes(),
+        )?;
         let optim = rec("optimizer", s.optim.to_record().checkpoint_into_bytes())?;
-        let (mut tensors, mut meta) = bridge::from_burnpack(model, RecordKind::Module, MODEL_PREFIX)?;
+        let (mut tensors, mut meta) =
+            bridge::from_burnpack(model, RecordKind::Module, MODEL_PREFIX)?;
         let (t, m) = bridge::from_burnpack(optim, RecordKind::Optimizer, OPTIM_PREFIX)?;
         tensors.extend(t);
         meta.extend(m);
@@ -312,7 +320,10 @@ impl Trainer<'_> {
             (stage_keys::STEP.to_string(), s.step.to_string()),
             (stage_keys::LR.to_string(), format!("{}", cfg.lr(s.step))),
             (stage_keys::PEAK_LR.to_string(), format!("{}", cfg.peak_lr)),
-            (stage_keys::WARMUP_STEPS.to_string(), cfg.warmup_steps.to_string()),
+            (
+                stage_keys::WARMUP_STEPS.to_string(),
+                cfg.warmup_steps.to_string(),
+            ),
         ]);
         Ok((tensors, meta))
     }
@@ -326,11 +337,20 @@ impl Trainer<'_> {
         let rec = |what: &'static str, e: burn::store::RecordError| {
             Error::Burn(bitsnap_burn::Error::Record { what, source: e })
         };
-        let model_bytes =
-            bridge::to_burnpack(&snap.tensors, &snap.metadata, RecordKind::Module, MODEL_PREFIX)?;
-        let optim_bytes =
-            bridge::to_burnpack(&snap.tensors, &snap.metadata, RecordKind::Optimizer, OPTIM_PREFIX)?;
-        let model = ModuleRecord::checkpoint_from_bytes(model_bytes).map_err(|e| rec("model", e))?;
+        let model_bytes = bridge::to_burnpack(
+            &snap.tensors,
+            &snap.metadata,
+            RecordKind::Module,
+            MODEL_PREFIX,
+        )?;
+        let optim_bytes = bridge::to_burnpack(
+            &snap.tensors,
+            &snap.metadata,
+            RecordKind::Optimizer,
+            OPTIM_PREFIX,
+        )?;
+        let model =
+            ModuleRecord::checkpoint_from_bytes(model_bytes).map_err(|e| rec("model", e))?;
         let optim =
             OptimizerRecord::checkpoint_from_bytes(optim_bytes).map_err(|e| rec("optimizer", e))?;
         let model = self

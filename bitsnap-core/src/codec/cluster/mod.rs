@@ -40,8 +40,8 @@ use payload::code_width;
 pub(crate) use payload::{
     Family, code_at, decode_codes, decode_into, pack_codes, packed_len, precheck,
 };
-pub use residual::{ResidualKind, ResidualQuantizer};
 pub(crate) use residual::decode_residual_into;
+pub use residual::{ResidualKind, ResidualQuantizer};
 pub(crate) use values::floats_to_f64;
 use values::{push_value, round_to, value_at, with_values};
 
@@ -374,6 +374,14 @@ impl Codec for ClusterQuantizer {
             lossy: Some((decoded, error)),
         }))
     }
+}
+
+/// Whether float `bytes` of `dtype` hold a value below zero (NaN is not).
+pub(crate) fn has_negative(dtype: crate::DType, bytes: &[u8]) -> bool {
+    let step = chunks::chunk_elems(dtype.size()) * dtype.size();
+    bytes
+        .par_chunks(step)
+        .any(|c| with_values(dtype, c, |v| v.iter().any(|&x| x < 0.0)))
 }
 
 /// How far `approx` is from `exact` (two float tensors of `dtype`, same length): the

@@ -196,14 +196,22 @@ impl Codec for ResidualQuantizer {
                     }
                 })
             });
-        let mut payload = Vec::with_capacity(8 + book.len() * w + n * self.bits.bits() as usize / 16);
+        let mut payload =
+            Vec::with_capacity(8 + book.len() * w + n * self.bits.bits() as usize / 16);
         payload.push(self.bits.bits() as u8);
         payload.push(kind.transform());
         payload.extend_from_slice(&0u16.to_le_bytes());
         payload.extend_from_slice(&(book.len() as u32).to_le_bytes());
-        book.iter().for_each(|&v| push_value(dtype, v, &mut payload));
+        book.iter()
+            .for_each(|&v| push_value(dtype, v, &mut payload));
         let packed = pack_codes(&codes, self.bits);
-        planes::encode_chunked(&packed, None, code_width(self.bits), self.level, &mut payload)?;
+        planes::encode_chunked(
+            &packed,
+            None,
+            code_width(self.bits),
+            self.level,
+            &mut payload,
+        )?;
         // What the decoder will produce, computed by the decoder itself.
         let mut decoded = vec![0u8; data.len()];
         decode_residual_into(&payload, dtype, base, &mut decoded)?;
@@ -282,7 +290,11 @@ mod tests {
         let base: Vec<f64> = (0..n)
             .map(|_| {
                 let g: f64 = rng.random::<f64>() * 8.0 - 4.0;
-                if second { scale * (2.0 * g).exp() } else { 1e-4 * g }
+                if second {
+                    scale * (2.0 * g).exp()
+                } else {
+                    1e-4 * g
+                }
             })
             .collect();
         let next = base
@@ -372,7 +384,14 @@ mod tests {
         // negative value (ratio), integer tensors.
         assert!(enc(ResidualKind::Delta, &[1.0, 2.0], None).is_none());
         assert!(enc(ResidualKind::Delta, &[1.0, f64::NAN], Some(&[1.0, 1.0])).is_none());
-        assert!(enc(ResidualKind::Delta, &[1.0, 1.0], Some(&[1.0, f64::INFINITY])).is_none());
+        assert!(
+            enc(
+                ResidualKind::Delta,
+                &[1.0, 1.0],
+                Some(&[1.0, f64::INFINITY])
+            )
+            .is_none()
+        );
         assert!(enc(ResidualKind::Ratio, &[1.0, 1.0], Some(&[1.0, 0.0])).is_none());
         assert!(enc(ResidualKind::Ratio, &[1.0, -1.0], Some(&[1.0, 1.0])).is_none());
         assert!(enc(ResidualKind::Delta, &[1.0, -1.0], Some(&[1.0, 1.0])).is_some());
@@ -401,13 +420,32 @@ mod tests {
             .unwrap()
             .unwrap();
         // Without a base, or with a base of the wrong length.
-        let e = decode(CodecId::ClusterResidual, &enc.payload, DType::F32, 1000, None).unwrap_err();
+        let e = decode(
+            CodecId::ClusterResidual,
+            &enc.payload,
+            DType::F32,
+            1000,
+            None,
+        )
+        .unwrap_err();
         assert!(e.reason.contains("without a base"), "{e}");
-        assert!(decode(CodecId::ClusterResidual, &enc.payload, DType::F32, 1000, Some(&b[4..])).is_err());
+        assert!(
+            decode(
+                CodecId::ClusterResidual,
+                &enc.payload,
+                DType::F32,
+                1000,
+                Some(&b[4..])
+            )
+            .is_err()
+        );
         // A residual payload under the cluster tag, and a cluster transform under the
         // residual tag: refused, never misread.
         let e = decode(CodecId::Cluster, &enc.payload, DType::F32, 1000, None).unwrap_err();
-        assert!(e.reason.contains("transform 3 is not a cluster payload"), "{e}");
+        assert!(
+            e.reason.contains("transform 3 is not a cluster payload"),
+            "{e}"
+        );
         for t in [0u8, 1, 4, 255] {
             let mut p = enc.payload.clone();
             p[1] = t;
@@ -416,6 +454,14 @@ mod tests {
         }
         // The device path has no form for it: the host decodes it.
         assert!(!CodecId::ClusterResidual.has_device_form());
-        assert!(crate::codec::decode_for_device(CodecId::ClusterResidual, &enc.payload, DType::F32, 1000).is_err());
+        assert!(
+            crate::codec::decode_for_device(
+                CodecId::ClusterResidual,
+                &enc.payload,
+                DType::F32,
+                1000
+            )
+            .is_err()
+        );
     }
 }
