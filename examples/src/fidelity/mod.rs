@@ -154,11 +154,27 @@ impl FidelityPreset {
             .collect();
         let base = |name: PresetName| name.preset().gpt;
         let (gpt, batch, peak_lr, warmup, total, every, resume_at, noise) = match self {
-            FidelityPreset::Smoke => (base(PresetName::Smoke), 4, 3e-3, 6, 40, 4, vec![8, 20], 3),
+            FidelityPreset::Smoke => (
+                GptConfig {
+                    d_model: 32,
+                    n_heads: 2,
+                    n_layers: 2,
+                    context: 32,
+                    ..base(PresetName::Smoke)
+                },
+                4,
+                3e-3,
+                6,
+                40,
+                4,
+                vec![8, 20],
+                3,
+            ),
             FidelityPreset::Cpu => (
                 GptConfig {
                     d_model: 64,
                     n_heads: 4,
+                    n_layers: 2,
                     context: 64,
                     ..base(PresetName::Smoke)
                 },
