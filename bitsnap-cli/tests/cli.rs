@@ -420,7 +420,7 @@ fn lossy_optimizer_pack_reports_moment_errors() {
 fn lossy_budget_pack_explains_each_choice() {
     let dir = tempfile::tempdir().unwrap();
     let files = write_series(dir.path());
-    for (flags, budget) in [(vec![], 0.03), (vec!["--max-error", "0.1"], 0.1)] {
+    for (flags, budget) in [(vec![], 0.12), (vec!["--max-error", "0.05"], 0.05)] {
         let store = dir.path().join(format!("store-{budget}"));
         let mut args = vec!["--policy", "lossy-optimizer"];
         args.extend(flags);

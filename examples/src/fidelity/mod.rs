@@ -146,9 +146,9 @@ pub enum FidelityPreset {
 }
 
 impl FidelityPreset {
-    /// The preset's settings (budgets: lossless, the default, 2x, 4x, 4 and 8 bits).
+    /// The preset's settings (budgets: lossless, 0.03, 0.06, 0.12, 4 and 8 bits).
     pub fn config(self) -> FidelityConfig {
-        let budgets = ["lossless", "default", "2x", "4x", "bits4", "bits8"]
+        let budgets = ["lossless", "0.03", "0.06", "0.12", "bits4", "bits8"]
             .iter()
             .filter_map(|s| Budget::parse(s).ok())
             .collect();
