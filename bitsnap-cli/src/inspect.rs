@@ -34,7 +34,8 @@ With --json, prints one JSON object (fields in this order; sizes in bytes):
                  f8_e5m2 or f8_e4m3
     shape        array of dimensions ([] for a scalar)
     role         weight, other, moment1 or moment2
-    codec        raw, planes, xor, bitmask, unchanged or cluster (lossy)
+    codec        raw, planes, xor, bitmask, unchanged, intdelta, cast, identical,
+                 cluster (lossy) or residual (lossy, against the base)
     raw_bytes    decoded size
     stored_bytes payload size
     ratio        raw_bytes / stored_bytes

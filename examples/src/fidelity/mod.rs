@@ -445,7 +445,8 @@ pub fn run(
         progress(&format!("data order {seed}: final loss {l:.5}"));
         noise_losses.push(l);
     }
-    drop(stores.drain(..));
+    // Release the writers' locks: the stores are reopened to restore.
+    stores.clear();
 
     let mut budgets = Vec::with_capacity(cfg.budgets.len());
     for (budget, dir) in cfg.budgets.iter().zip(&dirs) {
