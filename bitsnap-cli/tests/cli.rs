@@ -489,8 +489,10 @@ fn lossy_budget_pack_explains_each_choice() {
 fn inspect_explains_a_residual_against_the_base() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Lcg(5);
+    // Second moments within a factor 7.4: the base snapshot's codebook keeps every
+    // element within a few percent, so ratios to it stay near 1.
     let v: Vec<f32> = (0..4096)
-        .map(|_| (1e-4 * (rng.unit() * 8.0).exp()).powi(2))
+        .map(|_| (1e-4 * (rng.unit() * 1.0).exp()).powi(2))
         .collect();
     let moved: Vec<f32> = v
         .iter()
@@ -517,7 +519,8 @@ fn inspect_explains_a_residual_against_the_base() {
     let x = &insp["tensors"][0];
     assert_eq!(x["codec"], "residual", "{x}");
     assert_eq!(x["lossy"]["domain"], "ratio", "{x}");
-    // Moves within ±3%: 2 bits of ratios meet 1% (measured rel-L2 0.0064).
+    // Moves within ±3%: 2 bits of ratios meet 1% (measured rel-L2 0.0057, 1065 bytes
+    // of 16384).
     assert_eq!(x["lossy"]["bits"], 2, "{x}");
     assert!(x["error"]["rel_l2"].as_f64().unwrap() <= 0.01, "{x}");
     let why = x["lossy"]["why"].as_str().unwrap();
