@@ -193,7 +193,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for _ in 1..=saves {
             model = train_for(between, model, &mut optim, &device, &mut step, &mut steps);
             let t = Instant::now();
-            saver.snapshot(step as u64, &model, &optim)?;
+            saver.snapshot(step as u64, &model, &optim).submit()?;
             stalls.push(t.elapsed());
         }
         // Training steps while the last save runs in the background.

@@ -112,12 +112,15 @@ pub fn from_pack_tensors(
         }
         let role = kind.role(&name, ours);
         let shape = shape.iter().map(|&d| d as u64).collect();
+        // The read-back buffer becomes the tensor's data without a copy where its
+        // allocation allows.
+        let data = bytes.try_into_vec::<u8>().unwrap_or_else(|b| b.to_vec());
         tensors.push(Tensor::new(
             format!("{prefix}{name}"),
             ours,
             shape,
             role,
-            bytes.to_vec(),
+            data,
         )?);
     }
     Ok((tensors, metadata))

@@ -93,6 +93,17 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// A training-state value (RNG state, data position, user metadata) could not be
+    /// written as JSON, or a stored one does not parse as the type asked for.
+    #[error("snapshot metadata `{key}`: {source}")]
+    StateValue {
+        /// The metadata key (`bitsnap.state.rng.<name>`, `bitsnap.state.data_position`,
+        /// `bitsnap.state.user`).
+        key: String,
+        /// serde_json's error.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The device failed: a read-back, a synchronisation.
     #[error("device: {operation}: {source}")]
     Device {

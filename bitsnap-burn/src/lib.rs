@@ -4,9 +4,11 @@
 //!   `OptimizerRecord` and `LrSchedulerRecord`, so `SupervisedTraining` saves into one
 //!   bitsnap store with one line:
 //!   `.with_custom_checkpointers(ckpt.clone(), ckpt.clone(), ckpt)`.
-//! - [`StepSaver`]: for hand-written loops, snapshots of model and optimizer by step,
-//!   taken without stalling the training thread (it hands over tensor handles; read-back,
-//!   compression and writing run in the background), with exact restore.
+//! - [`StepSaver`]: for hand-written loops, snapshots of the whole training state by step
+//!   (model, optimizer, LR scheduler, RNG states, data position, user metadata), taken
+//!   without stalling the training thread (it hands over tensor handles; read-back,
+//!   compression and writing run in the background), with exact restore; the optimizer's
+//!   state lands on the model's device ([`OptimizerSpec::init_on`]).
 //! - [`BitSnapModuleStore`]: Burn's `ModuleStore`, for `module.save_into(&mut store)` and
 //!   `module.load_from(&mut store)` outside training.
 //! - [`gpu::DeviceLoader`]: restores a snapshot onto a Burn device; on wgpu the compact
@@ -26,4 +28,7 @@ mod saver;
 pub use checkpointer::{BitSnapCheckpointer, BurnRecord};
 pub use error::Error;
 pub use module_store::{BitSnapModuleStore, MODULE_SERIES};
-pub use saver::{Restored, SaveStats, StepSaver, StepSaverConfig};
+pub use saver::{
+    OptimizerSpec, Restored, RestoredFrom, SaveStats, SnapshotRequest, StepSaver, StepSaverConfig,
+    optimizer_on,
+};

@@ -22,13 +22,13 @@ fn a_failed_background_save_is_returned_by_the_next_call() {
         a: LinearConfig::new(4, 4).init(&device),
     };
     let optim: ModuleOptimizer = AdamWConfig::new().init();
-    saver.snapshot(1, &model, &optim).unwrap();
+    saver.snapshot(1, &model, &optim).submit().unwrap();
     saver.flush().unwrap();
     // The disk goes away under the saver (unmounted: its directory is no longer there):
     // the next save fails in the background.
     let away = dir.path().join("unmounted");
     std::fs::rename(&store_dir, &away).unwrap();
-    saver.snapshot(2, &model, &optim).unwrap();
+    saver.snapshot(2, &model, &optim).submit().unwrap();
     let err = saver.flush().unwrap_err();
     assert!(matches!(err, Error::Background { step: 2, .. }), "{err:?}");
     assert!(err.to_string().contains("store"), "{err}");
@@ -41,7 +41,7 @@ fn a_failed_background_save_is_returned_by_the_next_call() {
     let trained = Net {
         a: LinearConfig::new(4, 4).init(&device),
     };
-    saver.snapshot(3, &trained, &optim).unwrap();
+    saver.snapshot(3, &trained, &optim).submit().unwrap();
     saver.flush().unwrap();
     assert_eq!(saver.steps(), vec![1, 3]);
     assert_eq!(saver.stats().len(), 2);
@@ -51,7 +51,7 @@ fn a_failed_background_save_is_returned_by_the_next_call() {
     saver.close().unwrap();
     let reopened = StepSaver::open(&store_dir, StepSaverConfig::default()).unwrap();
     let from_disk = reopened.restore(3).unwrap();
-    assert!(!from_disk.from_memory);
+    assert_eq!(from_disk.from, bitsnap_burn::RestoredFrom::Disk);
     assert_eq!(record_bytes(from_disk.model), want);
 }
 
@@ -80,7 +80,7 @@ fn close_finishes_pending_saves_and_reports_errors() {
     };
     let optim: ModuleOptimizer = AdamWConfig::new().init();
     for step in 1..=4 {
-        saver.snapshot(step, &model, &optim).unwrap();
+        saver.snapshot(step, &model, &optim).submit().unwrap();
     }
     saver.close().unwrap();
     let reopened = StepSaver::open(dir.path(), StepSaverConfig::default()).unwrap();
@@ -97,7 +97,7 @@ fn keep_last_bounds_the_store() {
     };
     let optim: ModuleOptimizer = AdamWConfig::new().init();
     for step in 1..=5 {
-        saver.snapshot(step, &model, &optim).unwrap();
+        saver.snapshot(step, &model, &optim).submit().unwrap();
     }
     saver.flush().unwrap();
     assert_eq!(saver.steps(), vec![4, 5]);
@@ -155,10 +155,13 @@ fn a_panic_in_the_background_is_returned_by_the_next_snapshot_and_later_saves_go
         StepSaver::open(dir.path(), StepSaverConfig::default().with_queue_depth(0)).unwrap();
     let optim: ModuleOptimizer = AdamWConfig::new().init();
     let good = net(&device);
-    saver.snapshot(1, &good, &optim).unwrap();
-    saver.snapshot(2, &Exploding(good.clone()), &optim).unwrap();
-    saver.snapshot(3, &good, &optim).unwrap();
-    let err = saver.snapshot(4, &good, &optim).unwrap_err();
+    saver.snapshot(1, &good, &optim).submit().unwrap();
+    saver
+        .snapshot(2, &Exploding(good.clone()), &optim)
+        .submit()
+        .unwrap();
+    saver.snapshot(3, &good, &optim).submit().unwrap();
+    let err = saver.snapshot(4, &good, &optim).submit().unwrap_err();
     match &err {
         Error::Background { step: 2, source } => {
             assert!(
@@ -174,7 +177,7 @@ fn a_panic_in_the_background_is_returned_by_the_next_snapshot_and_later_saves_go
     let saved: Vec<u64> = saver.stats().iter().map(|s| s.step).collect();
     assert_eq!(saved, vec![1, 3]);
     // The worker survived the panic: later saves and restores work.
-    saver.snapshot(5, &good, &optim).unwrap();
+    saver.snapshot(5, &good, &optim).submit().unwrap();
     saver.flush().unwrap();
     assert_eq!(saver.steps(), vec![1, 3, 5]);
     let restored = saver.restore(3).unwrap();
@@ -190,9 +193,12 @@ fn close_reports_a_pending_save_that_fails_and_keeps_the_others() {
         StepSaver::open(dir.path(), StepSaverConfig::default().with_queue_depth(4)).unwrap();
     let optim: ModuleOptimizer = AdamWConfig::new().init();
     let good = net(&device);
-    saver.snapshot(1, &good, &optim).unwrap();
-    saver.snapshot(2, &Exploding(good.clone()), &optim).unwrap();
-    saver.snapshot(3, &good, &optim).unwrap();
+    saver.snapshot(1, &good, &optim).submit().unwrap();
+    saver
+        .snapshot(2, &Exploding(good.clone()), &optim)
+        .submit()
+        .unwrap();
+    saver.snapshot(3, &good, &optim).submit().unwrap();
     let err = saver.close().unwrap_err();
     assert!(matches!(err, Error::Background { step: 2, .. }), "{err:?}");
     let reopened = StepSaver::open(dir.path(), StepSaverConfig::default()).unwrap();
@@ -208,7 +214,7 @@ fn dropping_the_saver_finishes_its_pending_saves() {
     let optim: ModuleOptimizer = AdamWConfig::new().init();
     let good = net(&device);
     for step in 1..=6 {
-        saver.snapshot(step, &good, &optim).unwrap();
+        saver.snapshot(step, &good, &optim).submit().unwrap();
     }
     drop(saver);
     let reopened = StepSaver::open(dir.path(), StepSaverConfig::default()).unwrap();
@@ -224,10 +230,16 @@ fn every_failed_step_is_reported_once_oldest_first() {
         StepSaver::open(dir.path(), StepSaverConfig::default().with_queue_depth(4)).unwrap();
     let optim: ModuleOptimizer = AdamWConfig::new().init();
     let good = net(&device);
-    saver.snapshot(1, &good, &optim).unwrap();
-    saver.snapshot(2, &Exploding(good.clone()), &optim).unwrap();
-    saver.snapshot(3, &Exploding(good.clone()), &optim).unwrap();
-    saver.snapshot(4, &good, &optim).unwrap();
+    saver.snapshot(1, &good, &optim).submit().unwrap();
+    saver
+        .snapshot(2, &Exploding(good.clone()), &optim)
+        .submit()
+        .unwrap();
+    saver
+        .snapshot(3, &Exploding(good.clone()), &optim)
+        .submit()
+        .unwrap();
+    saver.snapshot(4, &good, &optim).submit().unwrap();
     for failed in [2, 3] {
         let err = saver.flush().unwrap_err();
         assert!(

@@ -269,7 +269,7 @@ fn a_trained_model_restores_onto_wgpu_without_a_host_copy() {
         let loss = model.forward(x.clone()).powf_scalar(2.0).mean();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(1e-3, model, grads);
-        saver.snapshot(step, &model, &optim).unwrap();
+        saver.snapshot(step, &model, &optim).submit().unwrap();
     }
     saver.flush().unwrap();
     let (snap, id) = saver

@@ -1,7 +1,7 @@
 //! Exact resume: a run restored from a bitsnap snapshot continues bit for bit like the
 //! uninterrupted run (lossless policy), or within a small tolerance (quantized moments).
 
-use bitsnap_burn::{StepSaver, StepSaverConfig};
+use bitsnap_burn::{RestoredFrom, StepSaver, StepSaverConfig};
 use bitsnap_core::{Lossiness, Policy, codec::QuantBits};
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
@@ -120,7 +120,10 @@ fn uninterrupted(saver: &StepSaver, device: &Device) -> (Vec<f32>, Vec<u8>) {
         model = m;
         losses.push(loss);
         if i % SAVE_EVERY == 0 {
-            saver.snapshot(i, &model, &optim).expect("snapshot");
+            saver
+                .snapshot(i, &model, &optim)
+                .submit()
+                .expect("snapshot");
         }
     }
     saver.flush().expect("flush");
@@ -167,12 +170,12 @@ fn lossless_resume_is_bit_exact_from_disk_and_from_memory() {
     let mem = StepSaver::open(mem_dir.path(), StepSaverConfig::default()).unwrap();
     let (_, last_params) = uninterrupted(&mem, &device);
     let restored = mem.restore(STEPS).unwrap();
-    assert!(restored.from_memory);
+    assert_eq!(restored.from, RestoredFrom::Memory);
     let disk = StepSaver::open(mem_dir.path(), StepSaverConfig::default())
         .unwrap()
         .restore(STEPS)
         .unwrap();
-    assert!(!disk.from_memory);
+    assert_eq!(disk.from, RestoredFrom::Disk);
     let model_bytes = |m: burn::store::ModuleRecord| Mlp::new(&device).load_record(m);
     assert!(params(&model_bytes(restored.model)) == last_params);
     assert!(params(&model_bytes(disk.model)) == last_params);

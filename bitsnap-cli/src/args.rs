@@ -5,6 +5,8 @@ use bitsnap_core::{ErrorBudget, Lossiness, Policy};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::error::CliError;
+#[cfg(unix)]
+use crate::keep;
 use crate::roles::{self, RoleRule};
 use crate::{bench, inspect, ls, pack, retain, unpack, verify};
 
@@ -62,6 +64,10 @@ pub enum Command {
     /// Compare every codec and baseline on a series of safetensors files.
     #[command(long_about = bench::command::long_about())]
     Bench(bench::command::BenchArgs),
+    /// Hold the latest snapshots in memory for trainers; persist them in the background.
+    #[cfg(unix)]
+    #[command(long_about = keep::long_about())]
+    Keep(keep::KeepArgs),
 }
 
 /// `--policy` values.

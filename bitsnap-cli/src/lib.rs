@@ -33,6 +33,8 @@ mod args;
 pub mod bench;
 mod error;
 mod inspect;
+#[cfg(unix)]
+mod keep;
 mod ls;
 mod pack;
 mod progress;
@@ -133,6 +135,8 @@ fn dispatch(command: Command) -> Result<(), CliError> {
         Command::Unpin(a) => retain::pin(a, false, &mut out),
         Command::Compact(a) => retain::compact(a, &mut out),
         Command::Bench(a) => bench::command::run(a, &mut out),
+        #[cfg(unix)]
+        Command::Keep(a) => keep::run(a, &mut out),
     }?;
     out.flush()?;
     Ok(())

@@ -233,6 +233,15 @@ pub enum Error {
         /// What happened.
         reason: String,
     },
+    /// The keeper ([`crate::keeper`]) at `socket` answered a request with an error (a put
+    /// it refused, a persistence that failed); the connection stays usable.
+    #[error("{}: keeper: {reason}", socket.display())]
+    Keeper {
+        /// The keeper's socket.
+        socket: PathBuf,
+        /// What the keeper reported.
+        reason: String,
+    },
 }
 
 impl Error {

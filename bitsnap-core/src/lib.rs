@@ -60,6 +60,8 @@ mod error;
 #[cfg(feature = "fmt")]
 pub mod fmt;
 pub mod format;
+#[cfg(unix)]
+pub mod keeper;
 mod policy;
 pub mod references;
 mod role;

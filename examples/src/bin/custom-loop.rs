@@ -117,7 +117,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         losses.push(loss);
         if n % every == 0 {
             let t = Instant::now();
-            saver.snapshot(n, &model, &optim)?; // hands over tensor handles and returns
+            saver.snapshot(n, &model, &optim).submit()?; // hands over tensor handles and returns
             stall = stall.max(t.elapsed().as_secs_f64() * 1e3);
         }
     }
@@ -136,7 +136,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         model = m;
         losses.push(loss);
         if n % every == 0 {
-            saver.snapshot(n, &model, &optim)?;
+            saver.snapshot(n, &model, &optim).submit()?;
         }
     }
     saver.close()?;

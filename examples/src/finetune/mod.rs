@@ -368,7 +368,7 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
         replay.check(step, loss);
         if step % every == 0 || step == p || step == total {
             let t = Instant::now();
-            saver.snapshot(step, &state.model, &state.optim)?;
+            saver.snapshot(step, &state.model, &state.optim).submit()?;
             stalls.insert(step, ms(t.elapsed()));
         }
         bar.set_position(step);
