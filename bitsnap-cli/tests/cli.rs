@@ -503,13 +503,22 @@ fn inspect_explains_a_residual_against_the_base() {
         .enumerate()
         .map(|(k, m2)| {
             let p = dir.path().join(format!("step-{k}.safetensors"));
-            let m2 = t("optimizer.state.0.exp_avg_sq", Dtype::F32, &[4096], f32s(m2));
+            let m2 = t(
+                "optimizer.state.0.exp_avg_sq",
+                Dtype::F32,
+                &[4096],
+                f32s(m2),
+            );
             write_st(&p, &[m2], None);
             p
         })
         .collect();
     let store = dir.path().join("store");
-    pack(&store, &files, &["--policy", "lossy-optimizer", "--max-error", "0.01"]);
+    pack(
+        &store,
+        &files,
+        &["--policy", "lossy-optimizer", "--max-error", "0.01"],
+    );
     let insp = json(bitsnap([
         OsStr::new("inspect"),
         store.as_os_str(),

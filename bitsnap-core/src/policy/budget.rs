@@ -532,7 +532,10 @@ mod tests {
         };
         let r = at(150);
         assert_eq!(r.budget, 0.02);
-        assert!(r.reason.contains("just after warm-up (step 150 <= 2x100)"), "{r:?}");
+        assert!(
+            r.reason.contains("just after warm-up (step 150 <= 2x100)"),
+            "{r:?}"
+        );
         assert_eq!(at(200).budget, 0.02);
         assert_eq!(at(201).budget, 0.08);
         // The cap and a zero lr.

@@ -18,7 +18,7 @@ mod report;
 
 use std::path::PathBuf;
 
-use bitsnap_burn::bridge::{self, RecordKind};
+use bitsnap_burn::bridge::{self, Metadata, RecordKind};
 use bitsnap_core::codec::QuantBits;
 use bitsnap_core::{ErrorBudget, Lossiness, Policy, Store, Tensor, stage_keys};
 use burn::module::Module;
@@ -298,7 +298,7 @@ impl Trainer<'_> {
             let grads = GradientsParams::from_grads(loss.backward(), &state.model);
             state.model = state.optim.step(cfg.lr(step), state.model, grads);
             state.step = step;
-            if step % every == 0 {
+            if step.is_multiple_of(every) {
                 saved(&state)?;
             }
         }
@@ -317,7 +317,7 @@ impl Trainer<'_> {
     }
 
     /// The whole training state as bitsnap tensors, with the stage keys.
-    fn tensors(&self, s: &State) -> Result<(Vec<Tensor>, Vec<(String, String)>), Error> {
+    fn tensors(&self, s: &State) -> Result<(Vec<Tensor>, Metadata), Error> {
         let rec = |what: &'static str, r: Result<burn::tensor::Bytes, burn::store::RecordError>| {
             r.map_err(|source| Error::Burn(bitsnap_burn::Error::Record { what, source }))
         };

@@ -79,7 +79,7 @@ pub(super) fn choices(store: &Store, name: &str) -> Result<Choices, Error> {
             .entry(label)
             .or_default() += 1;
         let s = sizes.entry(role).or_default();
-        s.0 += e.numel() as u64;
+        s.0 += e.numel();
         s.1 += e.len;
     }
     c.bits_per_element = sizes
