@@ -91,9 +91,10 @@ pub struct PolicyArgs {
     #[arg(long, value_name = "2|3|4|6|8|16", value_parser = parse_bits, conflicts_with = "max_error")]
     pub bits: Option<QuantBits>,
     /// Relative L2 error allowed per optimizer-moment tensor (with --policy
-    /// lossy-optimizer): the cheapest width (2-16 bits), domain (linear or log) or reuse
-    /// of the base snapshot's tensor within it, scaled per save by the stage metadata
-    /// (bitsnap.step, bitsnap.lr, bitsnap.peak_lr, bitsnap.warmup_steps) [default: 0.03].
+    /// lossy-optimizer): the cheapest width (2-16 bits), domain (linear, log, or a ratio
+    /// or delta against the base snapshot's tensor) or reuse of the base's tensor within
+    /// it, scaled per save by the stage metadata (bitsnap.step, bitsnap.lr,
+    /// bitsnap.peak_lr, bitsnap.warmup_steps) [default: 0.12].
     #[arg(long, value_name = "E", value_parser = parse_max_error)]
     pub max_error: Option<ErrorBudget>,
     /// A full snapshot at least every N snapshots, bounding restore chains to N files.

@@ -34,7 +34,8 @@ With --json, prints one JSON object (fields in this order; sizes in bytes):
                  f8_e5m2 or f8_e4m3
     shape        array of dimensions ([] for a scalar)
     role         weight, other, moment1 or moment2
-    codec        raw, planes, xor, bitmask, unchanged or cluster (lossy)
+    codec        raw, planes, xor, bitmask, unchanged, intdelta, cast, identical,
+                 cluster (lossy) or residual (lossy, against the base)
     raw_bytes    decoded size
     stored_bytes payload size
     ratio        raw_bytes / stored_bytes
@@ -46,7 +47,9 @@ With --json, prints one JSON object (fields in this order; sizes in bytes):
     lossy        null when the tensor restores bit for bit; else an object:
                    bits    bits per code (2, 3, 4, 6, 8 or 16), or 0 when the base
                            snapshot's tensor was reused (codec unchanged, within budget)
-                   domain  \"log\", \"linear\" or \"base\" (reused)
+                   domain  \"log\", \"linear\", \"ratio\" (codec residual: x = base x
+                           ratio[code]), \"delta\" (residual: x = base + delta[code])
+                           or \"base\" (reused)
                    budget  the relative L2 allowed (metadata bitsnap.max_error), or
                            null under a fixed --bits
                    why     one line: what was chosen and the stage rule behind the
@@ -155,7 +158,7 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let budget = meta(stage_keys::MAX_ERROR).and_then(|v| v.parse::<f64>().ok());
     let rule = meta(stage_keys::BUDGET_RULE);
     // The width and domain of quantized tensors are in their payloads' own headers.
-    let file = match header.entries.iter().any(|e| e.codec == CodecId::Cluster) {
+    let file = match header.entries.iter().any(|e| !e.codec.is_lossless()) {
         true => Some(store.open_file(info.id)?),
         false => None,
     };
@@ -165,7 +168,7 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
         .map(|e| {
             let numel = e.numel();
             let lossy = match (e.codec, &e.decision.error, &file) {
-                (CodecId::Cluster, _, Some(f)) => {
+                (CodecId::Cluster | CodecId::ClusterResidual, _, Some(f)) => {
                     let layout = ClusterLayout::parse(f.payload(e)?, e.dtype).map_err(|c| {
                         bitsnap_core::Error::Malformed {
                             file: f.path.clone(),
@@ -175,14 +178,18 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
                             reason: c.reason.clone(),
                         }
                     })?;
-                    let domain = if layout.log { "log" } else { "linear" };
+                    let domain = layout.domain();
+                    let what = match e.codec {
+                        CodecId::ClusterResidual => format!("{domain} to the base"),
+                        _ => domain.to_string(),
+                    };
                     Some(LossyJson {
                         bits: layout.bits.bits(),
                         domain,
                         budget,
                         why: match budget {
                             Some(b) => format!(
-                                "narrowest width within {b} ({domain}, {} entries); {}",
+                                "narrowest width within {b} ({what}, {} entries); {}",
                                 layout.entries,
                                 rule.as_deref().unwrap_or("-")
                             ),

@@ -4,7 +4,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use bitsnap_core::codec::CodecId;
 use bitsnap_core::fmt::{Ratio, bytes};
 use bitsnap_core::{Lossiness, Store};
 use clap::Args;
@@ -113,7 +112,7 @@ pub fn run(args: PackArgs, out: &mut dyn Write) -> Result<(), CliError> {
             .header
             .entries
             .iter()
-            .filter_map(|e| e.decision.error.filter(|_| e.codec == CodecId::Cluster))
+            .filter_map(|e| e.decision.error.filter(|_| !e.codec.is_lossless()))
             .collect();
         if !lossy.is_empty() {
             let rel = lossy.iter().map(|q| q.rel_l2).fold(0.0, f64::max);

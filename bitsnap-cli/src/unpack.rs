@@ -4,7 +4,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use bitsnap_core::backend::Writeback;
-use bitsnap_core::codec::CodecId;
 use bitsnap_core::fmt::bytes;
 use bitsnap_core::{Store, safetensors};
 use clap::Args;
@@ -274,7 +273,7 @@ pub fn run(args: UnpackArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let lossy = header
         .entries
         .iter()
-        .filter(|e| e.codec == CodecId::Cluster)
+        .filter(|e| !e.codec.is_lossless())
         .count();
     if lossy > 0 {
         eprintln!(

@@ -214,6 +214,7 @@ fn regression_tiny_payloads_declaring_huge_tensors_are_not_allocated() {
         ("decode_intdelta", CodecId::IntDelta),
         ("decode_bitmask", CodecId::BitmaskDelta),
         ("decode_cluster", CodecId::Cluster),
+        ("decode_residual", CodecId::ClusterResidual),
     ] {
         for dtype in [DType::F32, DType::F64, DType::BF16] {
             let input = targets::amplified(id, dtype, 1 << 30, 4);
@@ -245,6 +246,7 @@ fn every_target_has_a_smoke_test() {
         "decode_reference",
         "decode_bitmask",
         "decode_cluster",
+        "decode_residual",
         "manifest",
         "safetensors",
     ];
@@ -290,6 +292,11 @@ fn smoke_decode_bitmask() {
 #[test]
 fn smoke_decode_cluster() {
     smoke("decode_cluster");
+}
+
+#[test]
+fn smoke_decode_residual() {
+    smoke("decode_residual");
 }
 
 #[test]

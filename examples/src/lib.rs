@@ -22,6 +22,7 @@
 pub mod corpus;
 pub mod device;
 mod error;
+pub mod fidelity;
 pub mod finetune;
 pub mod gpt;
 pub mod keeper;

@@ -36,7 +36,7 @@ pub const MAX_FUZZ_ELEMS: u64 = 1 << 34;
 pub const MAX_FUZZ_BYTES: u64 = 8 << 20;
 
 /// The fuzz targets, by name (the names of `fuzz_targets/*.rs` and `corpus/*`).
-pub const TARGETS: [&str; 9] = [
+pub const TARGETS: [&str; 10] = [
     "snapshot_header",
     "decode_planes",
     "decode_xor",
@@ -44,6 +44,7 @@ pub const TARGETS: [&str; 9] = [
     "decode_reference",
     "decode_bitmask",
     "decode_cluster",
+    "decode_residual",
     "manifest",
     "safetensors",
 ];
@@ -111,6 +112,10 @@ pub fn decode(codec: CodecId, data: &[u8]) -> Option<Vec<u8>> {
             assert!(into.is_ok(), "decode_into refused what decode accepted");
             assert!(dirty == *out, "decode_into differs from decode");
             match codec::decode_for_device(codec, payload, dtype, numel) {
+                // Residual codebooks have no device form: hosts decode them.
+                Err(e) if matches!(codec, CodecId::ClusterResidual) => {
+                    assert!(e.reason.contains("no device form"), "{e}")
+                }
                 Ok(form) => match codec::apply_device_form(&form, dtype, numel, base, None) {
                     Ok(done) => assert!(done == *out, "device form differs from decode"),
                     Err(e) => panic!("a device form of a valid payload is refused: {e}"),
@@ -136,8 +141,9 @@ pub fn amplified(codec: CodecId, dtype: DType, count: u32, shift: u8) -> Vec<u8>
     let w = dtype.size();
     let mut payload = Vec::new();
     let (elems, width) = match codec {
-        CodecId::Cluster => {
-            payload.extend_from_slice(&[8, 0, 0, 0]);
+        CodecId::Cluster | CodecId::ClusterResidual => {
+            let transform = u8::from(codec == CodecId::ClusterResidual) * 3;
+            payload.extend_from_slice(&[8, transform, 0, 0]);
             payload.extend_from_slice(&1u32.to_le_bytes());
             payload.extend(std::iter::repeat_n(0u8, w));
             (numel, 1)
@@ -419,6 +425,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
         "decode_reference" => reference_seeds(),
         "decode_bitmask" => codec_seeds(CodecId::BitmaskDelta),
         "decode_cluster" => codec_seeds(CodecId::Cluster),
+        "decode_residual" => codec_seeds(CodecId::ClusterResidual),
         "manifest" => {
             let mut out = Vec::new();
             if let Ok(dir) = tempfile::tempdir() {
@@ -452,6 +459,9 @@ pub fn run(target: &str, scratch: &Scratch, data: &[u8]) {
         }
         "decode_cluster" => {
             let _ = decode(CodecId::Cluster, data);
+        }
+        "decode_residual" => {
+            let _ = decode(CodecId::ClusterResidual, data);
         }
         "manifest" => scratch.manifest(data),
         "safetensors" => scratch.safetensors(data),
@@ -597,6 +607,13 @@ fn codec_seeds(id: CodecId) -> Vec<Vec<u8>> {
             CodecId::XorDelta => vec![Box::new(codec::XorDelta::default())],
             CodecId::IntDelta => vec![Box::new(codec::IntDelta::default())],
             CodecId::BitmaskDelta => vec![Box::new(codec::BitmaskDelta::default())],
+            CodecId::ClusterResidual => codec::QuantBits::ALL
+                .into_iter()
+                .flat_map(|b| {
+                    [codec::ResidualKind::Delta, codec::ResidualKind::Ratio]
+                        .map(|k| Box::new(codec::ResidualQuantizer::new(b, k)) as Box<dyn Codec>)
+                })
+                .collect(),
             _ => codec::QuantBits::ALL
                 .into_iter()
                 .map(|b| Box::new(codec::ClusterQuantizer::new(b)) as Box<dyn Codec>)
@@ -622,7 +639,9 @@ fn codec_seeds(id: CodecId) -> Vec<Vec<u8>> {
         (DType::F64, 1 << 31, 3),
         (DType::BF16, 3 << 20, 0),
     ] {
-        if id != CodecId::Cluster || dtype.is_quantizable_float() {
+        if !matches!(id, CodecId::Cluster | CodecId::ClusterResidual)
+            || dtype.is_quantizable_float()
+        {
             out.push(amplified(id, dtype, count, shift));
         }
     }

@@ -158,10 +158,18 @@ pub fn decode_for_device(
             intdelta::decode_differences_into(payload, w, &mut out)?;
             DeviceForm::IntDelta(out)
         }
+        CodecId::ClusterResidual => {
+            return Err(CodecError::new(
+                0,
+                format!(
+                    "{codec} payloads decode on the host (codec::decode_with_reference): no device form"
+                ),
+            ));
+        }
         CodecId::Cast => DeviceForm::Cast(cast_patch(payload, numel)?),
         CodecId::Identical => DeviceForm::Identical,
         CodecId::Cluster => {
-            let c = cluster::decode_codes(payload, dtype, numel)?;
+            let c = cluster::decode_codes(payload, dtype, numel, cluster::Family::Plain)?;
             DeviceForm::Codes(QuantCodes {
                 bits: c.bits.bits(),
                 codebook: c.codebook,

@@ -10,6 +10,7 @@
 //! | [`BitmaskDelta`] | yes | yes | tensors where few elements changed |
 //! | `Unchanged` | yes | yes | tensors identical to their base (empty payload) |
 //! | [`ClusterQuantizer`] | no | no | optimizer moments under a lossy policy |
+//! | [`ResidualQuantizer`] (`residual`) | no | yes | moments that moved little since the base (lossy) |
 //! | [`CastOf`] (`cast`) | yes | a referenced f32 tensor | bf16/f16 copies of f32 master weights |
 //! | `Identical` | yes | a referenced tensor | tensors bit-identical to another one (empty payload) |
 //!
@@ -55,7 +56,10 @@ pub use cast::CastOf;
 pub use chunks::{CHUNK_BYTES, MAX_CHUNK_BYTES};
 #[allow(deprecated)]
 pub use cluster::QuantError;
-pub use cluster::{ClusterLayout, ClusterMode, ClusterQuantizer, Distortion, QuantBits};
+pub use cluster::{
+    ClusterLayout, ClusterMode, ClusterQuantizer, Distortion, QuantBits, ResidualKind,
+    ResidualQuantizer,
+};
 pub(crate) use cursor::Cursor;
 pub use device::{
     CastPatch, DeviceForm, QuantCodes, RANK_BLOCK, SparseDelta, apply_device_form,
@@ -92,11 +96,14 @@ pub enum CodecId {
     Cast = 7,
     /// Bit-identical to a referenced tensor of the same dtype and shape; no payload.
     Identical = 8,
+    /// A cluster codebook of residuals against the base tensor (`base + delta` or
+    /// `base × ratio`) plus packed codes. Lossy.
+    ClusterResidual = 10,
 }
 
 impl CodecId {
     /// Every codec id.
-    pub const ALL: [CodecId; 9] = [
+    pub const ALL: [CodecId; 10] = [
         CodecId::Raw,
         CodecId::Planes,
         CodecId::XorDelta,
@@ -106,6 +113,7 @@ impl CodecId {
         CodecId::IntDelta,
         CodecId::Cast,
         CodecId::Identical,
+        CodecId::ClusterResidual,
     ];
 
     /// The on-disk tag.
@@ -122,7 +130,11 @@ impl CodecId {
     pub const fn needs_base(self) -> bool {
         matches!(
             self,
-            CodecId::XorDelta | CodecId::BitmaskDelta | CodecId::Unchanged | CodecId::IntDelta
+            CodecId::XorDelta
+                | CodecId::BitmaskDelta
+                | CodecId::Unchanged
+                | CodecId::IntDelta
+                | CodecId::ClusterResidual
         )
     }
 
@@ -152,11 +164,11 @@ impl CodecId {
 
     /// Whether decoding reproduces the input bit for bit.
     pub const fn is_lossless(self) -> bool {
-        !matches!(self, CodecId::Cluster)
+        !matches!(self, CodecId::Cluster | CodecId::ClusterResidual)
     }
 
     /// Short name (`raw`, `planes`, `xor`, `bitmask`, `unchanged`, `cluster`, `intdelta`,
-    /// `cast`, `identical`).
+    /// `cast`, `identical`, `residual`).
     pub const fn name(self) -> &'static str {
         match self {
             CodecId::Raw => "raw",
@@ -168,6 +180,7 @@ impl CodecId {
             CodecId::IntDelta => "intdelta",
             CodecId::Cast => "cast",
             CodecId::Identical => "identical",
+            CodecId::ClusterResidual => "residual",
         }
     }
 }
@@ -380,7 +393,10 @@ fn precheck(
                     bitmask::check_chunk(c.body, c.elems.len(), w).map_err(|e| e.shifted(c.offset))
                 })
         }
-        CodecId::Cluster => cluster::precheck(payload, dtype, numel),
+        CodecId::Cluster => cluster::precheck(payload, dtype, numel, cluster::Family::Plain),
+        CodecId::ClusterResidual => {
+            cluster::precheck(payload, dtype, numel, cluster::Family::Residual)
+        }
         _ => Ok(()),
     }
 }
@@ -433,6 +449,9 @@ pub fn decode_into(
             Ok(())
         }
         (CodecId::Cluster, _) => cluster::decode_into(payload, dtype, out),
+        (CodecId::ClusterResidual, Some(base)) => {
+            cluster::decode_residual_into(payload, dtype, base, out)
+        }
         (CodecId::Cast | CodecId::Identical, _) => Err(CodecError::new(
             0,
             format!("a {codec} payload needs its referenced tensor: decode_with_reference"),

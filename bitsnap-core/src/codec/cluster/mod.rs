@@ -28,6 +28,7 @@
 
 mod kmeans;
 mod payload;
+mod residual;
 mod values;
 
 use rayon::prelude::*;
@@ -36,7 +37,11 @@ use super::{Codec, CodecError, CodecId, EncodeInput, Encoded, chunks, planes};
 use crate::Role;
 use kmeans::{kmeans_1d, sample_sorted};
 use payload::code_width;
-pub(crate) use payload::{code_at, decode_codes, decode_into, pack_codes, packed_len, precheck};
+pub(crate) use payload::{
+    Family, code_at, decode_codes, decode_into, pack_codes, packed_len, precheck,
+};
+pub(crate) use residual::decode_residual_into;
+pub use residual::{ResidualKind, ResidualQuantizer};
 pub(crate) use values::floats_to_f64;
 use values::{push_value, round_to, value_at, with_values};
 
@@ -44,6 +49,10 @@ use values::{push_value, round_to, value_at, with_values};
 pub const TRANSFORM_LINEAR: u8 = 0;
 /// Transform tag: values clustered by their logarithm.
 pub const TRANSFORM_LOG: u8 = 1;
+/// Transform tag of a residual payload (codec `residual`): `x̂ = base + codebook[code]`.
+pub const TRANSFORM_BASE_DELTA: u8 = 2;
+/// Transform tag of a residual payload (codec `residual`): `x̂ = base × codebook[code]`.
+pub const TRANSFORM_BASE_RATIO: u8 = 3;
 
 /// Bits per code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
@@ -114,20 +123,23 @@ pub enum ClusterMode {
     Log,
 }
 
-/// What a cluster payload's own header says: its width and clustering domain.
+/// What a cluster or residual payload's own header says: its width and domain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClusterLayout {
     /// Bits per code.
     pub bits: QuantBits,
-    /// Clustered in the log domain (else linear).
+    /// Clustered in the log domain (else linear); for a residual, a ratio to the base.
     pub log: bool,
     /// Codebook entries.
     pub entries: u32,
+    /// The transform tag ([`TRANSFORM_LINEAR`], [`TRANSFORM_LOG`],
+    /// [`TRANSFORM_BASE_DELTA`], [`TRANSFORM_BASE_RATIO`]).
+    pub transform: u8,
 }
 
 impl ClusterLayout {
-    /// Reads the head of a cluster payload of `dtype` elements (no decoding of the
-    /// codes), or says why it is malformed.
+    /// Reads the head of a cluster or residual payload of `dtype` elements (no decoding
+    /// of the codes), or says why it is malformed.
     ///
     /// ```
     /// use bitsnap_core::codec::{ClusterLayout, ClusterQuantizer, Codec, EncodeInput, QuantBits};
@@ -140,12 +152,24 @@ impl ClusterLayout {
     /// ```
     pub fn parse(payload: &[u8], dtype: crate::DType) -> Result<ClusterLayout, CodecError> {
         let mut cur = super::Cursor::new(payload);
-        let book = payload::parse_codebook(&mut cur, dtype)?;
+        let book = payload::parse_codebook(&mut cur, dtype, Family::Any)?;
         Ok(ClusterLayout {
             bits: book.bits,
-            log: book.transform == TRANSFORM_LOG,
+            log: matches!(book.transform, TRANSFORM_LOG | TRANSFORM_BASE_RATIO),
             entries: (book.entries.len() / dtype.size()) as u32,
+            transform: book.transform,
         })
+    }
+
+    /// The domain in words: `linear`, `log`, `delta` (base + delta) or `ratio`
+    /// (base × ratio).
+    pub fn domain(&self) -> &'static str {
+        match self.transform {
+            TRANSFORM_LINEAR => "linear",
+            TRANSFORM_LOG => "log",
+            TRANSFORM_BASE_DELTA => "delta",
+            _ => "ratio",
+        }
     }
 }
 
@@ -350,6 +374,14 @@ impl Codec for ClusterQuantizer {
             lossy: Some((decoded, error)),
         }))
     }
+}
+
+/// Whether float `bytes` of `dtype` hold a value below zero (NaN is not).
+pub(crate) fn has_negative(dtype: crate::DType, bytes: &[u8]) -> bool {
+    let step = chunks::chunk_elems(dtype.size()) * dtype.size();
+    bytes
+        .par_chunks(step)
+        .any(|c| with_values(dtype, c, |v| v.iter().any(|&x| x < 0.0)))
 }
 
 /// How far `approx` is from `exact` (two float tensors of `dtype`, same length): the

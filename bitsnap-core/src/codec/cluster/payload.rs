@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::{QuantBits, TRANSFORM_LOG};
+use super::{QuantBits, TRANSFORM_BASE_DELTA, TRANSFORM_BASE_RATIO, TRANSFORM_LOG};
 use crate::DType;
 use crate::codec::{CodecError, Cursor, alloc, chunks, planes};
 
@@ -58,9 +58,14 @@ pub(crate) fn code_at(packed: &[u8], bits: QuantBits, i: usize) -> usize {
 /// Checks a cluster payload for `n` elements before anything is allocated for them: the
 /// codebook, a chunk table of codes that can fill `n` elements, and the plane records
 /// of every code chunk.
-pub(crate) fn precheck(payload: &[u8], dtype: DType, n: usize) -> Result<(), CodecError> {
+pub(crate) fn precheck(
+    payload: &[u8],
+    dtype: DType,
+    n: usize,
+    family: Family,
+) -> Result<(), CodecError> {
     let mut cur = Cursor::new(payload);
-    let bits = parse_codebook(&mut cur, dtype)?.bits;
+    let bits = parse_codebook(&mut cur, dtype, family)?.bits;
     let width = code_width(bits);
     chunks::parse(&mut cur, packed_len(n, bits) / width)?
         .iter()
@@ -78,16 +83,21 @@ pub(crate) struct Codes {
 }
 
 impl Codes {
-    fn code(&self, i: usize) -> usize {
+    pub(super) fn code(&self, i: usize) -> usize {
         code_at(&self.packed, self.bits, i)
     }
 }
 
 /// Decodes the codebook and the codes of a [`super::ClusterQuantizer`] payload for `n` elements.
-pub(crate) fn decode_codes(payload: &[u8], dtype: DType, n: usize) -> Result<Codes, CodecError> {
+pub(crate) fn decode_codes(
+    payload: &[u8],
+    dtype: DType,
+    n: usize,
+    family: Family,
+) -> Result<Codes, CodecError> {
     let w = dtype.size();
     let mut cur = Cursor::new(payload);
-    let book = parse_codebook(&mut cur, dtype)?;
+    let book = parse_codebook(&mut cur, dtype, family)?;
     let bits = book.bits;
     let plen = packed_len(n, bits);
     let mut packed = alloc::zeroed(plen, "the codes")?;
@@ -132,7 +142,7 @@ pub(crate) fn decode_codes(payload: &[u8], dtype: DType, n: usize) -> Result<Cod
 pub(crate) fn decode_into(payload: &[u8], dtype: DType, out: &mut [u8]) -> Result<(), CodecError> {
     let w = dtype.size();
     let n = out.len() / w;
-    let codes = decode_codes(payload, dtype, n)?;
+    let codes = decode_codes(payload, dtype, n, Family::Plain)?;
     let step = chunks::chunk_elems(w);
     out.par_chunks_mut(step * w)
         .enumerate()
@@ -145,20 +155,35 @@ pub(crate) fn decode_into(payload: &[u8], dtype: DType, out: &mut [u8]) -> Resul
     Ok(())
 }
 
+/// Which transforms a payload may declare: the cluster codec's own (linear, log) or the
+/// residual codec's (against the base), or any (inspection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Family {
+    /// [`super::TRANSFORM_LINEAR`] or [`TRANSFORM_LOG`]: codec `cluster`.
+    Plain,
+    /// [`TRANSFORM_BASE_DELTA`] or [`TRANSFORM_BASE_RATIO`]: codec `residual`.
+    Residual,
+    /// Any of the four.
+    Any,
+}
+
 /// The parsed head of a cluster payload.
 #[allow(dead_code)] // `transform` is read by inspection tools.
 pub(crate) struct Codebook<'a> {
     pub bits: QuantBits,
-    /// [`super::TRANSFORM_LINEAR`] or [`TRANSFORM_LOG`].
+    /// [`super::TRANSFORM_LINEAR`], [`TRANSFORM_LOG`], [`TRANSFORM_BASE_DELTA`] or
+    /// [`TRANSFORM_BASE_RATIO`], as `family` allows.
     pub transform: u8,
     /// `k` entries of the tensor's dtype, back to back.
     pub entries: &'a [u8],
 }
 
-/// Parses the bits, transform and codebook of a cluster payload.
+/// Parses the bits, transform and codebook of a cluster payload whose transform must be
+/// one of `family`'s.
 pub(crate) fn parse_codebook<'a>(
     cur: &mut Cursor<'a>,
     dtype: DType,
+    family: Family,
 ) -> Result<Codebook<'a>, CodecError> {
     if !dtype.is_quantizable_float() {
         return Err(CodecError::new(
@@ -170,8 +195,21 @@ pub(crate) fn parse_codebook<'a>(
     let bits = QuantBits::from_bits(bits as u32)
         .ok_or_else(|| CodecError::new(0, format!("{bits} bits per code (2, 3, 4, 6, 8 or 16)")))?;
     let transform = cur.u8("transform")?;
-    if transform > TRANSFORM_LOG {
-        return Err(CodecError::new(1, format!("unknown transform {transform}")));
+    let allowed = match family {
+        Family::Plain => transform <= TRANSFORM_LOG,
+        Family::Residual => matches!(transform, TRANSFORM_BASE_DELTA | TRANSFORM_BASE_RATIO),
+        Family::Any => transform <= TRANSFORM_BASE_RATIO,
+    };
+    if !allowed {
+        let what = match family {
+            Family::Plain => "a cluster payload (0 linear, 1 log)",
+            Family::Residual => "a residual payload (2 base + delta, 3 base x ratio)",
+            Family::Any => "known (0 to 3)",
+        };
+        return Err(CodecError::new(
+            1,
+            format!("transform {transform} is not {what}"),
+        ));
     }
     let reserved = cur.u16("reserved")?;
     if reserved != 0 {

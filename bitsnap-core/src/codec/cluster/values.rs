@@ -83,3 +83,13 @@ pub(crate) fn floats_to_f64(dtype: DType, bytes: &[u8]) -> Option<Vec<f64>> {
             .collect(),
     )
 }
+
+/// Converts `v` to `dtype` (round to nearest) into `out`, which holds one element.
+pub(super) fn write_value(dtype: DType, v: f64, out: &mut [u8]) {
+    match dtype {
+        DType::F16 => out.copy_from_slice(&half::f16::from_f64(v).to_le_bytes()),
+        DType::BF16 => out.copy_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
+        DType::F32 => out.copy_from_slice(&(v as f32).to_le_bytes()),
+        _ => out.copy_from_slice(&v.to_le_bytes()),
+    }
+}
