@@ -160,6 +160,7 @@ impl FidelityPreset {
                     n_heads: 2,
                     n_layers: 2,
                     context: 32,
+                    dropout: 0.0,
                     ..base(PresetName::Smoke)
                 },
                 4,
@@ -176,6 +177,7 @@ impl FidelityPreset {
                     n_heads: 4,
                     n_layers: 2,
                     context: 64,
+                    dropout: 0.0,
                     ..base(PresetName::Smoke)
                 },
                 8,
@@ -187,7 +189,10 @@ impl FidelityPreset {
                 3,
             ),
             FidelityPreset::Gpu => (
-                base(PresetName::Gpu26m),
+                GptConfig {
+                    dropout: 0.0,
+                    ..base(PresetName::Gpu26m)
+                },
                 32,
                 6e-4,
                 100,
