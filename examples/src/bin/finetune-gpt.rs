@@ -29,9 +29,14 @@ struct Args {
     /// Checkpoint encoding.
     #[arg(long, value_enum, default_value = "lossless")]
     policy: PolicyChoice,
-    /// Bits per quantized optimizer moment (with `--policy lossy-optimizer`): 4, 8 or 16.
-    #[arg(long, default_value_t = 8)]
-    bits: u32,
+    /// With `--policy lossy-optimizer`: a fixed width for every quantized moment (4, 8 or
+    /// 16 bits) instead of the error budget.
+    #[arg(long)]
+    bits: Option<u32>,
+    /// With `--policy lossy-optimizer`: relative-L2 error budget per moment tensor (the
+    /// policy picks, per tensor and save, the cheapest encoding that meets it).
+    #[arg(long, default_value_t = bitsnap_core::ErrorBudget::DEFAULT.rel_l2())]
+    max_error: f64,
     /// Snapshot every N steps (default: the preset's); 1 snapshots every step.
     #[arg(long, alias = "checkpoint-every")]
     snapshot_every: Option<u64>,
@@ -104,7 +109,10 @@ impl Args {
         opt("--preset", name(self.preset.to_possible_value()));
         opt("--device", name(self.device.to_possible_value()));
         opt("--policy", name(self.policy.to_possible_value()));
-        opt("--bits", self.bits.to_string());
+        if let Some(b) = self.bits {
+            opt("--bits", b.to_string());
+        }
+        opt("--max-error", self.max_error.to_string());
         opt("--persist-every", self.persist_every.to_string());
         opt("--seed", self.seed.to_string());
         opt("--out", self.out.display().to_string());
@@ -181,20 +189,28 @@ fn run(args: Args) -> Result<(), bitsnap_examples::Error> {
         preset.finetune_steps = n.max(1);
     }
     let bits = match args.bits {
-        4 => QuantBits::B4,
-        8 => QuantBits::B8,
-        16 => QuantBits::B16,
-        b => {
+        None => None,
+        Some(4) => Some(QuantBits::B4),
+        Some(8) => Some(QuantBits::B8),
+        Some(16) => Some(QuantBits::B16),
+        Some(b) => {
             return Err(bitsnap_examples::Error::Usage(format!(
                 "--bits {b}: use 4, 8 or 16"
             )));
         }
     };
+    let max_error = bitsnap_core::ErrorBudget::new(args.max_error).ok_or_else(|| {
+        bitsnap_examples::Error::Usage(format!(
+            "--max-error {}: a relative L2 error above 0",
+            args.max_error
+        ))
+    })?;
     if args.serve_keeper {
         let cfg_policy = RunConfig {
             preset,
             policy: args.policy,
             bits,
+            max_error,
             crash_at: None,
             resume: false,
             out: args.out.clone(),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bitsnap_burn::{OptimizerSpec, Restored, RestoredFrom, StepSaver, StepSaverConfig};
 use bitsnap_core::codec::QuantBits;
-use bitsnap_core::{Lossiness, Policy, Store};
+use bitsnap_core::{ErrorBudget, Lossiness, Policy, Store};
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor};
@@ -161,8 +161,12 @@ pub struct RunConfig {
     pub preset: Preset,
     /// Checkpoint encoding.
     pub policy: PolicyChoice,
-    /// Bits per quantized moment under [`PolicyChoice::LossyOptimizer`].
-    pub bits: QuantBits,
+    /// Under [`PolicyChoice::LossyOptimizer`]: a fixed width for every quantized moment,
+    /// or `None` for the error budget [`RunConfig::max_error`] (per tensor and save, the
+    /// cheapest encoding that meets it).
+    pub bits: Option<QuantBits>,
+    /// Relative-L2 budget per moment tensor when [`RunConfig::bits`] is `None`.
+    pub max_error: ErrorBudget,
     /// Simulate a crash after this step (`None`: run through).
     pub crash_at: Option<u64>,
     /// Continue the run in `out` from its latest snapshot instead of starting over.
@@ -187,7 +191,12 @@ impl RunConfig {
         match self.policy {
             PolicyChoice::Lossless => Policy::default(),
             PolicyChoice::LossyOptimizer => {
-                Policy::default().with_lossiness(Lossiness::LossyOptimizer { bits: self.bits })
+                Policy::default().with_lossiness(match self.bits {
+                    Some(bits) => Lossiness::LossyOptimizer { bits },
+                    None => Lossiness::LossyOptimizerBudget {
+                        max_error: self.max_error,
+                    },
+                })
             }
         }
     }
@@ -623,7 +632,11 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
         policy: cfg.policy,
         bits: match cfg.policy {
             PolicyChoice::Lossless => None,
-            PolicyChoice::LossyOptimizer => Some(cfg.bits.bits()),
+            PolicyChoice::LossyOptimizer => cfg.bits.map(|b| b.bits()),
+        },
+        max_error: match (cfg.policy, cfg.bits) {
+            (PolicyChoice::LossyOptimizer, None) => Some(cfg.max_error.rel_l2()),
+            _ => None,
         },
         losses: log.losses().iter().map(|(s, l)| (*s, *l)).collect(),
         eval_sonnets_before: evaluate(&pretrained, &valid_sonnets),

@@ -53,6 +53,9 @@ pub struct Summary {
     pub policy: PolicyChoice,
     /// Bits per quantized moment, under the lossy policy.
     pub bits: Option<u32>,
+    /// Relative-L2 budget per moment tensor, under the lossy policy without fixed bits.
+    #[serde(default)]
+    pub max_error: Option<f64>,
     /// Training loss of every step (after a crash, the replayed value).
     pub losses: Vec<(u64, f32)>,
     /// Held-out sonnets loss of phase 1's final checkpoint.
@@ -196,9 +199,10 @@ impl Summary {
                 s.snapshots.len(),
                 p.checkpoint_every,
                 full,
-                match self.bits {
-                    Some(b) => format!("lossy-optimizer ({b}-bit moments)"),
-                    None => "lossless".into(),
+                match (self.bits, self.max_error) {
+                    (Some(b), _) => format!("lossy-optimizer ({b}-bit moments)"),
+                    (None, Some(e)) => format!("lossy-optimizer (moments within rel-L2 {e})"),
+                    (None, None) => "lossless".into(),
                 }
             ),
         );
