@@ -125,11 +125,11 @@ pub fn decode_for_device(
             let s = bitmask::decode_sparse(payload, w, numel)?;
             DeviceForm::Sparse(sparse(s.mask, s.values, s.changed, numel)?)
         }
-        CodecId::IntDelta | CodecId::Cast | CodecId::Identical => {
+        CodecId::IntDelta | CodecId::Cast | CodecId::Identical | CodecId::Replay => {
             return Err(CodecError::new(
                 0,
                 format!(
-                    "{codec} payloads decode on the host (codec::decode or decode_with_reference): no device form"
+                    "{codec} payloads decode on the host (codec::decode or decode_with_references): no device form"
                 ),
             ));
         }

@@ -209,7 +209,7 @@ impl Store {
             references,
             base,
             full_reason,
-        } = encode_against(&policy, &tensors, plan.base)?;
+        } = encode_against(&policy, &tensors, plan.base, &metadata)?;
         let (header, stored_bytes) = self.write_snapshot(
             &plan.file,
             plan.id,
@@ -405,9 +405,10 @@ pub(crate) fn encode_against(
     policy: &Policy,
     tensors: &[Tensor],
     base: Result<BaseState, FullReason>,
+    metadata: &[(String, String)],
 ) -> Result<Encoding, Error> {
     let full = |reason| -> Result<Encoding, Error> {
-        let (encoded, references) = encode_all(policy, tensors, &HashMap::new())?;
+        let (encoded, references) = encode_all(policy, tensors, &HashMap::new(), metadata)?;
         Ok(Encoding {
             tensors: encoded,
             references,
@@ -419,7 +420,7 @@ pub(crate) fn encode_against(
         Err(reason) => return full(reason),
         Ok(b) => b,
     };
-    let (encoded, references) = encode_all(policy, tensors, &base.by_name())?;
+    let (encoded, references) = encode_all(policy, tensors, &base.by_name(), metadata)?;
     let verdict = policy.judge_delta(&encoded);
     match FullReason::from_verdict(verdict) {
         None => Ok(Encoding {
@@ -441,12 +442,14 @@ pub(crate) fn encode_against(
 }
 
 /// Encodes each tensor with the policy, then replaces encodings that a reference to
-/// another tensor of the snapshot beats ([`crate::references`]); returns the encodings
-/// and each tensor's references.
+/// another tensor of the snapshot, or an optimizer replay from the base, beats
+/// ([`crate::references`], with the save's `metadata`); returns the encodings and each
+/// tensor's references.
 pub(crate) fn encode_all(
     policy: &Policy,
     tensors: &[Tensor],
     base: &HashMap<&str, &Tensor>,
+    metadata: &[(String, String)],
 ) -> Result<(Vec<EncodedTensor>, Vec<Vec<Reference>>), Error> {
     let mut encoded = tensors
         .par_iter()
@@ -455,7 +458,7 @@ pub(crate) fn encode_all(
     let references = if policy.device_forms_only {
         vec![Vec::new(); encoded.len()]
     } else {
-        crate::references::apply(tensors, &mut encoded, policy.zstd_level, &[])
+        crate::references::apply(tensors, &mut encoded, base, metadata, policy.zstd_level)
     };
     Ok((encoded, references))
 }
@@ -584,7 +587,13 @@ mod tests {
         let w: Vec<f32> = (0..4096).map(|i| i as f32).collect();
         let t = Tensor::from_f32("w", &[4096], Role::Weight, &w).unwrap();
         let policy = Policy::default();
-        let e = encode_against(&policy, std::slice::from_ref(&t), Err(FullReason::First)).unwrap();
+        let e = encode_against(
+            &policy,
+            std::slice::from_ref(&t),
+            Err(FullReason::First),
+            &[],
+        )
+        .unwrap();
         assert_eq!((e.base, e.full_reason), (None, Some(FullReason::First)));
         let mut w2 = w.clone();
         w2[5] = 0.5;
@@ -594,7 +603,7 @@ mod tests {
             state: Arc::new(vec![t]),
             hash: 99,
         };
-        let e = encode_against(&policy, &[t2], Ok(b.clone())).unwrap();
+        let e = encode_against(&policy, &[t2], Ok(b.clone()), &[]).unwrap();
         assert_eq!((e.base, e.full_reason), (Some(b.base_ref()), None));
         assert!(e.tensors[0].0.codec.needs_base());
     }
