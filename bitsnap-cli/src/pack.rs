@@ -8,7 +8,7 @@ use bitsnap_core::fmt::{Ratio, bytes};
 use bitsnap_core::{Lossiness, Store, safetensors};
 use clap::Args;
 
-use crate::args::PolicyArgs;
+use crate::args::{DeriveArgs, PolicyArgs};
 use crate::error::CliError;
 use crate::store::{file_stem, index_of, read_indexes, store_url};
 use crate::{progress, roles};
@@ -51,6 +51,8 @@ pub struct PackArgs {
     files: Vec<PathBuf>,
     #[command(flatten)]
     policy: PolicyArgs,
+    #[command(flatten)]
+    derive: DeriveArgs,
 }
 
 /// Runs `bitsnap pack`.
@@ -74,10 +76,11 @@ pub fn run(args: PackArgs, out: &mut dyn Write) -> Result<(), CliError> {
         None => Store::open_or_create(&args.store, policy)?,
     };
     let bar = progress::bytes(total, "packing");
-    for f in &args.files {
+    for (i, f) in args.files.iter().enumerate() {
         let name = file_stem(f);
         bar.set_message(format!("packing {name}"));
-        let (tensors, metadata) = safetensors::read_file(f, |n| roles.role(n))?;
+        let (tensors, mut metadata) = safetensors::read_file(f, |n| roles.role(n))?;
+        args.derive.apply(i, &mut metadata);
         let raw: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
         let report = store.save_with_metadata(&name, tensors, metadata)?;
         bar.inc(raw);
