@@ -444,11 +444,14 @@ struct Group {
     v: usize,
 }
 
+/// One tensor replay replaced: its index, encoding, references and predictor (described).
+pub(crate) type Replacement = (usize, Encoded, Vec<Reference>, String);
+
 /// What replay changed in a snapshot's encodings.
 #[derive(Debug, Default)]
 pub(crate) struct Replayed {
-    /// (tensor index, encoding, references) of each replaced tensor.
-    pub(crate) replaced: Vec<(usize, Encoded, Vec<Reference>, String)>,
+    /// Each replaced tensor.
+    pub(crate) replaced: Vec<Replacement>,
 }
 
 /// Finds the replay encodings that beat the current ones: for every weight/moments group
@@ -479,7 +482,7 @@ pub(crate) fn find<'a>(
             .collect(),
     };
     let eps = hyper.map_or(1e-8, |h| h.eps);
-    let results: Vec<Vec<(usize, Encoded, Vec<Reference>, String)>> = groups
+    let results: Vec<Vec<Replacement>> = groups
         .par_iter()
         .map(|g| {
             let mut out = Vec::new();
@@ -837,7 +840,7 @@ mod tests {
         };
         let g = |k: f32| -> Vec<f32> {
             (0..n)
-                .map(|i| ((i as f32 * 0.013 + k).sin() * 1e-3))
+                .map(|i| (i as f32 * 0.013 + k).sin() * 1e-3)
                 .collect()
         };
         let w0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 0.02).collect();
