@@ -104,6 +104,19 @@ impl BenchReport {
             .map(|(c, n)| format!("{c} {}", bytes(*n)))
             .collect();
         writeln!(s, "bitsnap payload bytes per codec: {}", codecs.join(", "))?;
+        let saved: Vec<String> = self
+            .bitsnap_codec_saved
+            .iter()
+            .map(|(c, n)| {
+                let sign = if *n < 0 { "-" } else { "" };
+                format!("{c} {sign}{}", bytes(n.unsigned_abs()))
+            })
+            .collect();
+        writeln!(
+            s,
+            "bytes saved per codec against the best candidate of another kind (references: vs codecs reading no other tensor; intdelta: vs xor/planes/bitmask): {}",
+            saved.join(", ")
+        )?;
         writeln!(s)?;
         writeln!(
             s,

@@ -153,6 +153,10 @@ pub struct FileResult {
     pub bitsnap_file_bytes: u64,
     /// Bytes each codec's bitsnap payloads take in this file, by codec name.
     pub bitsnap_codec_bytes: BTreeMap<&'static str, u64>,
+    /// Bytes each codec saved in this file against the best candidate of another kind
+    /// (for `cast`, `identical` and `replay`: the best codec that reads no other tensor;
+    /// for `intdelta`: the best of the other delta and full codecs), by codec name.
+    pub bitsnap_codec_saved: BTreeMap<&'static str, i64>,
 }
 
 /// Every method on the tensors of one dtype, over the series.
@@ -214,6 +218,8 @@ pub struct BenchReport {
     pub best_baseline: BestBaseline,
     /// Payload bytes of bitsnap's tensors per codec, over the whole series.
     pub bitsnap_codec_bytes: BTreeMap<&'static str, u64>,
+    /// Bytes each codec saved over the whole series ([`FileResult::bitsnap_codec_saved`]).
+    pub bitsnap_codec_saved: BTreeMap<&'static str, i64>,
 }
 
 /// bitsnap against the best per-tensor baseline (per tensor the smaller of XOR planes and
@@ -368,6 +374,7 @@ impl Bench {
             best_baseline_bytes: 0,
             bitsnap_file_bytes: 0,
             bitsnap_codec_bytes: BTreeMap::new(),
+            bitsnap_codec_saved: BTreeMap::new(),
         };
         let (mut b_raw, mut b_bound) = (0u64, 0u64);
         for (t, b) in tensors.iter().zip(&bases) {
@@ -557,6 +564,9 @@ impl Bench {
         for (t, (e, d)) in tensors.iter().zip(&encoded) {
             *file.bitsnap_codecs.entry(e.codec.name()).or_default() += 1;
             *file.bitsnap_codec_bytes.entry(e.codec.name()).or_default() += e.payload.len() as u64;
+            if let Some(saved) = saved_against_others(e, d) {
+                *file.bitsnap_codec_saved.entry(e.codec.name()).or_default() += saved;
+            }
             let r = self.roles.entry(t.role.tag()).or_default();
             r.tensors += 1;
             r.raw += t.data.len() as u64;
@@ -641,12 +651,17 @@ impl Bench {
             files_within_limit: over <= MAX_FILE_OVER_BASELINE,
         };
         let mut bitsnap_codec_bytes = BTreeMap::new();
+        let mut bitsnap_codec_saved = BTreeMap::new();
         for f in &self.files {
             for (c, b) in &f.bitsnap_codec_bytes {
                 *bitsnap_codec_bytes.entry(*c).or_default() += b;
             }
+            for (c, b) in &f.bitsnap_codec_saved {
+                *bitsnap_codec_saved.entry(*c).or_default() += b;
+            }
         }
         BenchReport {
+            bitsnap_codec_saved,
             best_baseline,
             bitsnap_codec_bytes,
             threads: rayon::current_num_threads(),
@@ -888,6 +903,24 @@ fn run_baseline(
         accs.insert(*tag, acc);
     }
     Ok((accs, sizes))
+}
+
+/// What `e` saved against the best candidate of `d` of another kind: for reference
+/// codecs the best codec reading no other tensor, for `intdelta` the best of the others;
+/// `None` for the rest (or when no such candidate was tried).
+fn saved_against_others(e: &Encoded, d: &bitsnap_core::Decision) -> Option<i64> {
+    let other = |c: &CodecId| match e.codec {
+        CodecId::IntDelta => *c != CodecId::IntDelta && !c.needs_reference(),
+        c0 if c0.needs_reference() => !c.needs_reference(),
+        _ => false,
+    };
+    let best = d
+        .candidates
+        .iter()
+        .filter(|(c, _)| other(c))
+        .map(|(_, b)| *b)
+        .min()?;
+    Some(best as i64 - e.payload.len() as i64)
 }
 
 /// Counts the bytes written to it.
