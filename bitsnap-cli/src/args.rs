@@ -1,6 +1,7 @@
 //! The command line's arguments: commands and the encoding options they share.
 
 use bitsnap_core::codec::QuantBits;
+use bitsnap_core::references::replay::{Hyper, keys};
 use bitsnap_core::{ErrorBudget, Lossiness, Policy};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -144,5 +145,118 @@ impl PolicyArgs {
         Ok(Policy::default()
             .with_lossiness(lossiness)
             .with_full_every(self.full_every))
+    }
+}
+
+/// What `pack` and `bench` tell the encoder about tensors that are functions of others:
+/// the optimizer that produced the files (for optimizer replay) and `--derive` rules.
+/// Both are written into each snapshot's metadata (`bitsnap.optimizer`, `bitsnap.lr`,
+/// `bitsnap.step`, `bitsnap.derive`), where a saver would have put them.
+#[derive(Debug, Clone, Args, Default)]
+pub struct DeriveArgs {
+    /// The optimizer of a file series whose metadata does not say: RULE:lr=..,beta1=..,
+    /// beta2=..,eps=..,weight_decay=..[,step=N], RULE one of adamw-torch,
+    /// adamw-torch-fused, adamw-burn, adam-burn (adamw = adamw-torch); step is the first
+    /// file's optimizer step count (Adam's t), one more per following file. Replaces the
+    /// files' own optimizer keys. A wrong value costs bytes, never bits.
+    #[arg(long, value_name = "SPEC", value_parser = parse_optimizer)]
+    pub optimizer: Option<Hyper>,
+    /// Tensors that are functions of others, where names cannot tell: cast:HALF=F32
+    /// (HALF is the bf16/f16 rounding of F32) or replay:WEIGHT=M,V (M and V are
+    /// WEIGHT's Adam moments). Repeatable.
+    #[arg(long = "derive", value_name = "RULE", value_parser = parse_derive)]
+    pub derive: Vec<String>,
+}
+
+fn parse_optimizer(s: &str) -> Result<Hyper, String> {
+    Hyper::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_derive(s: &str) -> Result<String, String> {
+    let bad = || format!("`{s}` is not cast:HALF=F32 or replay:WEIGHT=M,V");
+    let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
+    let (left, right) = rest.split_once('=').ok_or_else(bad)?;
+    let ok = !left.is_empty()
+        && !s.contains(';')
+        && match kind {
+            "cast" => !right.is_empty(),
+            "replay" => right
+                .split_once(',')
+                .is_some_and(|(m, v)| !m.is_empty() && !v.is_empty() && !v.contains(',')),
+            _ => false,
+        };
+    if ok { Ok(s.to_string()) } else { Err(bad()) }
+}
+
+impl DeriveArgs {
+    /// Adds these options to the metadata of the `index`-th file of the series.
+    pub fn apply(&self, index: usize, metadata: &mut Vec<(String, String)>) {
+        let mut set = |k: &str, v: String| {
+            metadata.retain(|(key, _)| key != k);
+            metadata.push((k.to_string(), v));
+        };
+        if let Some(h) = &self.optimizer {
+            let rule = h.rule.map_or("adamw-torch", |r| r.name());
+            set(
+                keys::OPTIMIZER,
+                format!(
+                    "{rule}:beta1={},beta2={},eps={},weight_decay={}",
+                    h.beta1, h.beta2, h.eps, h.weight_decay
+                ),
+            );
+            if let Some(lr) = h.lr {
+                set(keys::LR, format!("{lr}"));
+            }
+            if let Some(step) = h.step {
+                set(keys::STEP, (step + index as u64).to_string());
+            }
+        }
+        if !self.derive.is_empty() {
+            set(keys::DERIVE, self.derive.join(";"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derive_args_write_the_metadata_keys() {
+        let d = DeriveArgs {
+            optimizer: Some(Hyper::parse("adamw:lr=1e-3,step=10").unwrap()),
+            derive: vec!["cast:h=f".into()],
+        };
+        let mut meta = vec![("bitsnap.step".to_string(), "99".to_string())];
+        d.apply(2, &mut meta);
+        let get = |k: &str| {
+            meta.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("bitsnap.step"), Some("12"));
+        assert_eq!(get("bitsnap.lr"), Some("0.001"));
+        assert_eq!(
+            get("bitsnap.optimizer"),
+            Some("adamw-torch:beta1=0.9,beta2=0.999,eps=0.00000001,weight_decay=0")
+        );
+        assert_eq!(get("bitsnap.derive"), Some("cast:h=f"));
+        let h = bitsnap_core::references::replay::Hyper::from_metadata(&meta).unwrap();
+        assert_eq!((h.lr, h.step, h.eps), (Some(1e-3), Some(12), 1e-8));
+    }
+
+    #[test]
+    fn derive_rules_are_checked() {
+        assert!(parse_derive("replay:w=m,v").is_ok());
+        assert!(parse_derive("cast:h=f").is_ok());
+        for bad in [
+            "replay:w=m",
+            "cast:=f",
+            "copy:a=b",
+            "replay:w=m,v,x",
+            "cast:h=f;cast:a=b",
+        ] {
+            assert!(parse_derive(bad).is_err(), "{bad}");
+        }
     }
 }

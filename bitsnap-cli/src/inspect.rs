@@ -54,6 +54,8 @@ With --json, prints one JSON object (fields in this order; sizes in bytes):
                            null under a fixed --bits
                    why     one line: what was chosen and the stage rule behind the
                            budget (metadata bitsnap.budget_rule)
+    predictor    for codec replay: the update rule that predicted the tensor and its
+                 constants (FORMAT.md 3.9), e.g. adamw-torch(9.99e-1, ...); else null
     candidates   array of {codec, bytes}: the codecs the policy tried and their
                  payload sizes (estimated from samples for tensors over 2 MiB)";
 
@@ -112,6 +114,8 @@ struct TensorJson {
     /// Tensors the payload references (reference codecs): `name` in this snapshot,
     /// `base:name` in the base.
     references: Vec<String>,
+    /// For `replay` payloads: the predictor and its constants (`adamw-torch(k0, …)`).
+    predictor: Option<String>,
     raw_bytes: u64,
     stored_bytes: u64,
     ratio: f64,
@@ -158,7 +162,11 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let budget = meta(stage_keys::MAX_ERROR).and_then(|v| v.parse::<f64>().ok());
     let rule = meta(stage_keys::BUDGET_RULE);
     // The width and domain of quantized tensors are in their payloads' own headers.
-    let file = match header.entries.iter().any(|e| !e.codec.is_lossless()) {
+    let file = match header
+        .entries
+        .iter()
+        .any(|e| !e.codec.is_lossless() || e.codec == CodecId::Replay)
+    {
         true => Some(store.open_file(info.id)?),
         false => None,
     };
@@ -210,7 +218,22 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
                 }),
                 _ => None,
             };
+            let predictor = match (e.codec, &file) {
+                (CodecId::Replay, Some(f)) => {
+                    let (replay, _) = bitsnap_core::codec::replay::parse_header(f.payload(e)?)
+                        .map_err(|c| bitsnap_core::Error::Malformed {
+                            file: f.path.clone(),
+                            tensor: Some(e.name.clone()),
+                            what: "payload",
+                            offset: e.offset.saturating_add(c.offset as u64),
+                            reason: c.reason.clone(),
+                        })?;
+                    Some(replay.describe())
+                }
+                _ => None,
+            };
             Ok(TensorJson {
+                predictor,
                 name: e.name.clone(),
                 dtype: e.dtype.name(),
                 shape: e.shape.clone(),
@@ -318,10 +341,10 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
             e.dtype.to_string(),
             format!("[{}]", shape.join(", ")),
             e.role.clone(),
-            if e.references.is_empty() {
-                e.codec.to_string()
-            } else {
-                format!("{} of {}", e.codec, e.references.join(", "))
+            match (&e.predictor, e.references.is_empty()) {
+                (Some(p), _) => format!("{} {p} of {}", e.codec, e.references.join(", ")),
+                (None, true) => e.codec.to_string(),
+                (None, false) => format!("{} of {}", e.codec, e.references.join(", ")),
             },
             e.changed_fraction
                 .map_or("-".into(), |f| format!("{:.3}%", f * 100.0)),

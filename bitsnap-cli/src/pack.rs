@@ -8,7 +8,7 @@ use bitsnap_core::fmt::{Ratio, bytes};
 use bitsnap_core::{Lossiness, Store};
 use clap::Args;
 
-use crate::args::PolicyArgs;
+use crate::args::{DeriveArgs, PolicyArgs};
 use crate::error::CliError;
 use crate::pipeline::{self, StageTotals};
 use crate::store::{file_stem, index_of, read_indexes, store_url};
@@ -57,6 +57,8 @@ pub struct PackArgs {
     /// Print the time of each stage of each save, and a table of totals.
     #[arg(long)]
     stages: bool,
+    #[command(flatten)]
+    derive: DeriveArgs,
 }
 
 /// Runs `bitsnap pack`.
@@ -81,12 +83,13 @@ pub fn run(args: PackArgs, out: &mut dyn Write) -> Result<(), CliError> {
     };
     let bar = progress::bytes(total, "packing");
     let mut totals = StageTotals::default();
-    for f in &args.files {
+    for (i, f) in args.files.iter().enumerate() {
         let name = file_stem(f);
         bar.set_message(format!("packing {name}"));
         let read_start = Instant::now();
-        let (tensors, metadata) = pipeline::read_tensors(f, |n| roles.role(n))?;
+        let (tensors, mut metadata) = pipeline::read_tensors(f, |n| roles.role(n))?;
         let read = read_start.elapsed();
+        args.derive.apply(i, &mut metadata);
         let raw: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
         let report = store.save_with_metadata(&name, tensors, metadata)?;
         totals.add(read, &report.timings, raw);

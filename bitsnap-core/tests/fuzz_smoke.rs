@@ -244,6 +244,7 @@ fn every_target_has_a_smoke_test() {
         "decode_xor",
         "decode_intdelta",
         "decode_reference",
+        "decode_replay",
         "decode_bitmask",
         "decode_cluster",
         "decode_residual",
@@ -282,6 +283,11 @@ fn smoke_decode_intdelta() {
 #[test]
 fn smoke_decode_reference() {
     smoke("decode_reference");
+}
+
+#[test]
+fn smoke_decode_replay() {
+    smoke("decode_replay");
 }
 
 #[test]

@@ -42,6 +42,7 @@ pub const TARGETS: [&str; 10] = [
     "decode_xor",
     "decode_intdelta",
     "decode_reference",
+    "decode_replay",
     "decode_bitmask",
     "decode_cluster",
     "decode_residual",
@@ -423,6 +424,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
         "decode_xor" => codec_seeds(CodecId::XorDelta),
         "decode_intdelta" => codec_seeds(CodecId::IntDelta),
         "decode_reference" => reference_seeds(),
+        "decode_replay" => replay_seeds(),
         "decode_bitmask" => codec_seeds(CodecId::BitmaskDelta),
         "decode_cluster" => codec_seeds(CodecId::Cluster),
         "decode_residual" => codec_seeds(CodecId::ClusterResidual),
@@ -454,6 +456,9 @@ pub fn run(target: &str, scratch: &Scratch, data: &[u8]) {
         "decode_reference" => {
             let _ = decode_reference(data);
         }
+        "decode_replay" => {
+            let _ = decode_replay(data);
+        }
         "decode_bitmask" => {
             let _ = decode(CodecId::BitmaskDelta, data);
         }
@@ -467,6 +472,93 @@ pub fn run(target: &str, scratch: &Scratch, data: &[u8]) {
         "safetensors" => scratch.safetensors(data),
         other => panic!("no fuzz target `{other}`"),
     }
+}
+
+/// The optimizer-replay decoder on `data`: a head byte (high nibble: a shift of the
+/// count), a u32 element count, then the payload; the base tensor and both references
+/// are deterministic f32 tensors of that many elements (three different windows of
+/// [`base_bytes`]). As for the other decoders, the structure check runs at any declared
+/// size and must refuse before allocating; only tensors within [`MAX_FUZZ_BYTES`] / 4
+/// are decoded.
+pub fn decode_replay(data: &[u8]) -> Option<Vec<u8>> {
+    let (&head, rest) = data.split_first()?;
+    let (count, payload) = rest.split_first_chunk::<4>()?;
+    let declared = u64::from(u32::from_le_bytes(*count)) << (head >> 4);
+    let numel = usize::try_from(declared % (MAX_FUZZ_ELEMS + 1)).ok()?;
+    let checked = codec::check(CodecId::Replay, payload, DType::F32, numel);
+    if let Err(e) = &checked {
+        assert!(e.alloc.is_none(), "the check allocated: {e}");
+        assert!(
+            e.offset <= payload.len(),
+            "error offset {} past the payload",
+            e.offset
+        );
+    }
+    let len = numel as u64 * 4;
+    if len * 4 > MAX_FUZZ_BYTES {
+        return None;
+    }
+    let all = base_bytes(len as usize * 3);
+    let (base, rest) = all.split_at(len as usize);
+    let (a, b) = rest.split_at(len as usize);
+    let refs = [(DType::F32, a), (DType::F32, b)];
+    let out = codec::decode_with_references(
+        CodecId::Replay,
+        payload,
+        DType::F32,
+        numel,
+        Some(base),
+        &refs,
+    );
+    match (&out, &checked) {
+        (Ok(o), Ok(())) => assert_eq!(o.len(), numel * 4, "decoded length"),
+        (Ok(_), Err(e)) => panic!("decode accepted what the check refused: {e}"),
+        (Err(e), Err(c)) => assert!(e == c, "decode refused with {e}, the check with {c}"),
+        (Err(e), Ok(())) => assert!(
+            e.offset <= payload.len(),
+            "error offset {} past the payload",
+            e.offset
+        ),
+    }
+    // A replay payload is refused by the plain decoder and without its base.
+    assert!(codec::decode(CodecId::Replay, payload, DType::F32, numel, Some(base)).is_err());
+    assert!(
+        codec::decode_with_references(CodecId::Replay, payload, DType::F32, numel, None, &refs)
+            .is_err()
+    );
+    out.ok()
+}
+
+fn replay_seeds() -> Vec<Vec<u8>> {
+    use codec::{Predictor, Replay};
+    let mut out = Vec::new();
+    for (i, numel) in [0usize, 1, 3000, 50_000, 1 << 18].into_iter().enumerate() {
+        let len = numel * 4;
+        let all = base_bytes(len * 3);
+        if all.len() < len * 3 {
+            continue;
+        }
+        let (base, rest) = all.split_at(len);
+        let (a, b) = rest.split_at(len);
+        let p = Predictor::ALL[i * 2 % Predictor::ALL.len()];
+        let r = Replay::new(p, &[0.9, 0.1, 0.95, 0.05, 1e-3, 0.0]);
+        // The prediction itself, with a few elements off.
+        let mut actual = vec![0u8; len];
+        r.predict_into(base, a, b, &mut actual);
+        for j in (0..actual.len()).step_by(4 * 97) {
+            actual[j] ^= 0x01;
+        }
+        let Ok(Some(payload)) = codec::replay::encode(&r, &actual, base, a, b, 1) else {
+            continue;
+        };
+        let mut seed = vec![0u8];
+        seed.extend_from_slice(&(numel as u32).to_le_bytes());
+        seed.extend_from_slice(&payload);
+        if seed.len() <= 64 << 10 {
+            out.push(seed);
+        }
+    }
+    out
 }
 
 /// The reference decoders (`cast`, `identical`) on `data`: a head byte (bit 0: bf16 or

@@ -7,7 +7,7 @@ use crate::bench::{Bench, Synthetic};
 use bitsnap_core::safetensors;
 use clap::Args;
 
-use crate::args::PolicyArgs;
+use crate::args::{DeriveArgs, PolicyArgs};
 use crate::error::CliError;
 use crate::store::{file_stem, read_indexes};
 use crate::{progress, roles};
@@ -109,6 +109,8 @@ pub struct BenchArgs {
     /// With --io: the zstd binary [default: `zstd` on PATH].
     #[arg(long, value_name = "PATH", requires = "io")]
     zstd: Option<PathBuf>,
+    #[command(flatten)]
+    derive: DeriveArgs,
 }
 
 fn parse_scale(s: &str) -> Result<f64, String> {
@@ -149,11 +151,12 @@ pub fn run(args: BenchArgs, out: &mut dyn Write) -> Result<(), CliError> {
         let indexes = read_indexes(&args.files)?;
         let roles = roles::resolve(&args.policy.roles, &indexes);
         let bar = progress::items(args.files.len() as u64, "bench");
-        for f in &args.files {
+        for (i, f) in args.files.iter().enumerate() {
             let name = file_stem(f);
             bar.set_message(format!("bench {name}"));
-            let (tensors, _) = safetensors::read_file(f, |n| roles.role(n))?;
-            bench.push(&name, tensors)?;
+            let (tensors, mut metadata) = safetensors::read_file(f, |n| roles.role(n))?;
+            args.derive.apply(i, &mut metadata);
+            bench.push_with_metadata(&name, tensors, &metadata)?;
             bar.inc(1);
         }
         bar.finish_and_clear();

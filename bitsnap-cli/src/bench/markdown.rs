@@ -74,6 +74,50 @@ impl BenchReport {
             )?;
         }
         writeln!(s)?;
+        let b = &self.best_baseline;
+        writeln!(
+            s,
+            "bitsnap vs the best per-tensor baseline (per tensor the smaller of xor and planes; whole series, first file included):"
+        )?;
+        writeln!(s)?;
+        writeln!(
+            s,
+            "| best baseline payloads | its ratio | bitsnap payloads | bitsnap smaller by | bitsnap files | files / baseline payloads |"
+        )?;
+        writeln!(s, "|---:|---:|---:|---:|---:|---:|")?;
+        writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {:.4}x ({} ≤ {}x) |",
+            bytes(b.stored_bytes),
+            Ratio(b.ratio),
+            bytes(b.bitsnap_bytes),
+            Ratio(b.bitsnap_gain),
+            bytes(b.bitsnap_file_bytes),
+            b.file_over_baseline,
+            if b.files_within_limit { "ok" } else { "OVER" },
+            super::run::MAX_FILE_OVER_BASELINE
+        )?;
+        writeln!(s)?;
+        let codecs: Vec<String> = self
+            .bitsnap_codec_bytes
+            .iter()
+            .map(|(c, n)| format!("{c} {}", bytes(*n)))
+            .collect();
+        writeln!(s, "bitsnap payload bytes per codec: {}", codecs.join(", "))?;
+        let saved: Vec<String> = self
+            .bitsnap_codec_saved
+            .iter()
+            .map(|(c, n)| {
+                let sign = if *n < 0 { "-" } else { "" };
+                format!("{c} {sign}{}", bytes(n.unsigned_abs()))
+            })
+            .collect();
+        writeln!(
+            s,
+            "bytes saved per codec against the best candidate of another kind (references: vs codecs reading no other tensor; intdelta: vs xor/planes/bitmask): {}",
+            saved.join(", ")
+        )?;
+        writeln!(s)?;
         writeln!(
             s,
             "Ratio per file (changed: elements differing from the previous file's tensor of the same name, dtype and shape):"
@@ -82,12 +126,12 @@ impl BenchReport {
         let names: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
         writeln!(
             s,
-            "| # | file | raw | changed | {} | bitmask bound | bitsnap codecs |",
+            "| # | file | raw | changed | {} | best baseline | bitsnap vs best | bitmask bound | bitsnap codecs |",
             names.join(" | ")
         )?;
         writeln!(
             s,
-            "|---:|---|---:|---:|{}---:|---|",
+            "|---:|---|---:|---:|{}---:|---:|---:|---|",
             "---:|".repeat(names.len())
         )?;
         for f in &self.files {
@@ -101,14 +145,21 @@ impl BenchReport {
                 .iter()
                 .map(|(c, n)| format!("{c} {n}"))
                 .collect();
+            let bitsnap = f
+                .methods
+                .iter()
+                .find(|m| m.method == Method::Bitsnap.name())
+                .map_or(0, |m| m.stored_bytes);
             writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {}{} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {}{} |",
                 f.index,
                 f.name,
                 bytes(f.raw_bytes),
                 fmt_fraction(f.changed_fraction),
                 ratios.join(" | "),
+                Ratio(bitsnap_core::fmt::ratio(f.raw_bytes, f.best_baseline_bytes)),
+                Ratio(bitsnap_core::fmt::ratio(f.best_baseline_bytes, bitsnap)),
                 f.bitmask_bound
                     .as_ref()
                     .map_or("—".into(), |b| Ratio(b.ratio).to_string()),

@@ -52,7 +52,8 @@ mod run;
 mod synthetic;
 
 pub use run::{
-    Bench, BenchReport, BoundResult, DTypeResult, FileResult, Method, MethodResult, MethodSummary,
-    RoleResult, WholeFileResult, policy_label, whole_file_zstd,
+    Bench, BenchReport, BestBaseline, BoundResult, DTypeResult, FileResult, MAX_FILE_OVER_BASELINE,
+    Method, MethodResult, MethodSummary, RoleResult, WholeFileResult, policy_label,
+    whole_file_zstd,
 };
 pub use synthetic::{SYNTHETIC_LAYERS, Synthetic, SyntheticSteps};

@@ -10,7 +10,7 @@ use bitsnap_core::codec::{
     self, BitmaskDelta, Codec, CodecId, EncodeInput, Encoded, Planes, XorDelta,
 };
 use bitsnap_core::fmt::ratio;
-use bitsnap_core::format::Reference;
+use bitsnap_core::format::{BaseRef, Entry, RefScope, Reference, SnapshotWriter};
 use bitsnap_core::{DType, DeltaVerdict, Error, Lossiness, Policy, Role, Tensor};
 
 /// One thing measured: a baseline, a single codec or bitsnap's adaptive policy.
@@ -145,6 +145,18 @@ pub struct FileResult {
     pub bitsnap_delta: bool,
     /// Codec name → tensors bitsnap coded with it in this file.
     pub bitsnap_codecs: BTreeMap<&'static str, usize>,
+    /// Payload bytes of the best per-tensor baseline: per tensor the smaller of `xor`
+    /// and `planes`.
+    pub best_baseline_bytes: u64,
+    /// Bytes of the snapshot file bitsnap writes for this file (payloads, header,
+    /// trailer).
+    pub bitsnap_file_bytes: u64,
+    /// Bytes each codec's bitsnap payloads take in this file, by codec name.
+    pub bitsnap_codec_bytes: BTreeMap<&'static str, u64>,
+    /// Bytes each codec saved in this file against the best candidate of another kind
+    /// (for `cast`, `identical` and `replay`: the best codec that reads no other tensor;
+    /// for `intdelta`: the best of the other delta and full codecs), by codec name.
+    pub bitsnap_codec_saved: BTreeMap<&'static str, i64>,
 }
 
 /// Every method on the tensors of one dtype, over the series.
@@ -202,7 +214,39 @@ pub struct BenchReport {
     pub roles: Vec<RoleResult>,
     /// zstd over each whole input file, when the series came from files.
     pub whole_file_zstd: Option<WholeFileResult>,
+    /// bitsnap against the best per-tensor baseline, over the whole series.
+    pub best_baseline: BestBaseline,
+    /// Payload bytes of bitsnap's tensors per codec, over the whole series.
+    pub bitsnap_codec_bytes: BTreeMap<&'static str, u64>,
+    /// Bytes each codec saved over the whole series ([`FileResult::bitsnap_codec_saved`]).
+    pub bitsnap_codec_saved: BTreeMap<&'static str, i64>,
 }
+
+/// bitsnap against the best per-tensor baseline (per tensor the smaller of XOR planes and
+/// planes, the first file's tensors in planes), over the whole series.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BestBaseline {
+    /// Decoded bytes of every file.
+    pub raw_bytes: u64,
+    /// The baseline's payload bytes, every file.
+    pub stored_bytes: u64,
+    /// `raw_bytes / stored_bytes`.
+    pub ratio: f64,
+    /// bitsnap's payload bytes, every file.
+    pub bitsnap_bytes: u64,
+    /// `stored_bytes / bitsnap_bytes`: how much smaller bitsnap is (> 1: smaller).
+    pub bitsnap_gain: f64,
+    /// Bytes of the snapshot files bitsnap writes (payloads, headers, trailers).
+    pub bitsnap_file_bytes: u64,
+    /// `bitsnap_file_bytes / stored_bytes`; must stay ≤ [`MAX_FILE_OVER_BASELINE`].
+    pub file_over_baseline: f64,
+    /// Whether `file_over_baseline` ≤ [`MAX_FILE_OVER_BASELINE`].
+    pub files_within_limit: bool,
+}
+
+/// The most bitsnap's files may take over the best per-tensor baseline's payloads (issue
+/// #12: never meaningfully larger).
+pub const MAX_FILE_OVER_BASELINE: f64 = 1.001;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Acc {
@@ -285,6 +329,17 @@ impl Bench {
 
     /// Runs every method on the next file of the series and returns its result.
     pub fn push(&mut self, name: &str, tensors: Vec<Tensor>) -> Result<&FileResult, Error> {
+        self.push_with_metadata(name, tensors, &[])
+    }
+
+    /// [`Bench::push`] for a file with metadata, which bitsnap's method reads as the store
+    /// does (optimizer replay's hyperparameters, `--derive` rules).
+    pub fn push_with_metadata(
+        &mut self,
+        name: &str,
+        tensors: Vec<Tensor>,
+        metadata: &[(String, String)],
+    ) -> Result<&FileResult, Error> {
         let index = self.files.len();
         let level = self.policy.zstd_level;
         let prev_map: HashMap<&str, &Tensor> = self
@@ -316,6 +371,10 @@ impl Bench {
             methods: Vec::new(),
             bitsnap_delta: false,
             bitsnap_codecs: BTreeMap::new(),
+            best_baseline_bytes: 0,
+            bitsnap_file_bytes: 0,
+            bitsnap_codec_bytes: BTreeMap::new(),
+            bitsnap_codec_saved: BTreeMap::new(),
         };
         let (mut b_raw, mut b_bound) = (0u64, 0u64);
         for (t, b) in tensors.iter().zip(&bases) {
@@ -351,11 +410,19 @@ impl Bench {
         }
 
         let mut per_method: Vec<(Method, BTreeMap<u8, Acc>)> = Vec::new();
+        let mut sizes: BTreeMap<Method, Vec<u64>> = BTreeMap::new();
         for m in [Method::Zstd, Method::Planes, Method::Xor, Method::Bitmask] {
-            let accs = run_baseline(m, level, &tensors, &bases, &groups, name)?;
+            let (accs, per_tensor) = run_baseline(m, level, &tensors, &bases, &groups, name)?;
             per_method.push((m, accs));
+            sizes.insert(m, per_tensor);
         }
-        let accs = self.run_bitsnap(&tensors, &groups, &mut file, name)?;
+        // The best per-tensor baseline: per tensor the smaller of XOR planes and planes
+        // (planes alone where there is no base).
+        file.best_baseline_bytes = match (sizes.get(&Method::Planes), sizes.get(&Method::Xor)) {
+            (Some(p), Some(x)) => p.iter().zip(x).map(|(p, x)| *p.min(x)).sum(),
+            _ => 0,
+        };
+        let accs = self.run_bitsnap(&tensors, &groups, &mut file, name, metadata)?;
         per_method.push((Method::Bitsnap, accs));
 
         for (m, accs) in per_method {
@@ -387,6 +454,7 @@ impl Bench {
         groups: &BTreeMap<u8, Vec<usize>>,
         file: &mut FileResult,
         file_name: &str,
+        metadata: &[(String, String)],
     ) -> Result<BTreeMap<u8, Acc>, Error> {
         let policy = self.policy;
         // The store's base choice: the previous snapshot unless the chain is full.
@@ -399,14 +467,20 @@ impl Bench {
             .unwrap_or_default();
         let mut accs: BTreeMap<u8, Acc> = BTreeMap::new();
         let (mut encoded, mut refs) =
-            encode_groups(&policy, tensors, groups, &base_map, &mut accs)?;
+            encode_groups(&policy, tensors, groups, &base_map, metadata, &mut accs)?;
         let mut delta = prev.is_some();
         if delta {
             let verdict = policy.judge_delta(&encoded);
             delta = verdict.full_reason().is_none();
             if verdict == DeltaVerdict::WouldNotPay {
-                (encoded, refs) =
-                    encode_groups(&policy, tensors, groups, &HashMap::new(), &mut accs)?;
+                (encoded, refs) = encode_groups(
+                    &policy,
+                    tensors,
+                    groups,
+                    &HashMap::new(),
+                    metadata,
+                    &mut accs,
+                )?;
             }
         }
         let depth = match (delta, prev) {
@@ -426,31 +500,51 @@ impl Bench {
                 .map(|&i| {
                     let t = &tensors[i];
                     let (e, _) = &encoded[i];
-                    if e.codec.needs_reference() {
-                        // The referenced tensor is lossless: its decoded bytes are its
-                        // input bytes (checked when it is decoded itself).
-                        let r = refs[i]
-                            .first()
-                            .and_then(|r| by_name.get(r.name.as_str()))
-                            .map(|&j| &tensors[j])
-                            .ok_or_else(|| {
-                                codec_error(Method::Bitsnap, t, "reference not found")
-                            })?;
-                        return codec::decode_with_reference(
-                            e.codec,
-                            &e.payload,
-                            t.dtype,
-                            t.data.len() / t.dtype.size(),
-                            r.dtype,
-                            &r.data,
-                        )
-                        .map_err(|err| codec_error(Method::Bitsnap, t, err));
-                    }
                     let base = base_map
                         .get(t.name.as_str())
                         .filter(|b| b.dtype == t.dtype && b.shape == t.shape)
                         .map(|b| b.data.as_slice())
                         .filter(|_| delta);
+                    if e.codec.needs_reference() {
+                        // Referenced tensors as they decode: lossless ones are their
+                        // input bytes (checked when they are decoded themselves), lossy
+                        // ones what the quantizer kept; base ones the previous state.
+                        let references = refs[i]
+                            .iter()
+                            .map(|r| {
+                                let found = match r.scope {
+                                    RefScope::Snapshot => by_name.get(r.name.as_str()).map(|&j| {
+                                        let data = encoded[j]
+                                            .0
+                                            .lossy
+                                            .as_ref()
+                                            .map_or(tensors[j].data.as_slice(), |l| l.0.as_slice());
+                                        (tensors[j].dtype, data)
+                                    }),
+                                    RefScope::Base => base_map
+                                        .get(r.name.as_str())
+                                        .filter(|_| delta)
+                                        .map(|b| (b.dtype, b.data.as_slice())),
+                                };
+                                found.ok_or_else(|| {
+                                    codec_error(
+                                        Method::Bitsnap,
+                                        t,
+                                        format!("reference `{}` not found", r.name),
+                                    )
+                                })
+                            })
+                            .collect::<Result<Vec<_>, Error>>()?;
+                        return codec::decode_with_references(
+                            e.codec,
+                            &e.payload,
+                            t.dtype,
+                            t.data.len() / t.dtype.size(),
+                            base,
+                            &references,
+                        )
+                        .map_err(|err| codec_error(Method::Bitsnap, t, err));
+                    }
                     decode_codec(e.codec, &e.payload, t, base)
                 })
                 .collect::<Result<_, _>>()?;
@@ -465,9 +559,14 @@ impl Bench {
                 acc.stored += e.payload.len() as u64;
             }
         }
+        file.bitsnap_file_bytes = file_bytes(tensors, &encoded, &refs, delta, metadata)?;
         // Roles and codec counts.
         for (t, (e, d)) in tensors.iter().zip(&encoded) {
             *file.bitsnap_codecs.entry(e.codec.name()).or_default() += 1;
+            *file.bitsnap_codec_bytes.entry(e.codec.name()).or_default() += e.payload.len() as u64;
+            if let Some(saved) = saved_against_others(e, d) {
+                *file.bitsnap_codec_saved.entry(e.codec.name()).or_default() += saved;
+            }
             let r = self.roles.entry(t.role.tag()).or_default();
             r.tensors += 1;
             r.raw += t.data.len() as u64;
@@ -536,7 +635,35 @@ impl Bench {
                 })
             })
             .collect();
+        let raw: u64 = self.files.iter().map(|f| f.raw_bytes).sum();
+        let best: u64 = self.files.iter().map(|f| f.best_baseline_bytes).sum();
+        let bitsnap = self.totals.get(&Method::Bitsnap).map_or(0, |a| a.stored);
+        let files: u64 = self.files.iter().map(|f| f.bitsnap_file_bytes).sum();
+        let over = files as f64 / best.max(1) as f64;
+        let best_baseline = BestBaseline {
+            raw_bytes: raw,
+            stored_bytes: best,
+            ratio: ratio(raw, best),
+            bitsnap_bytes: bitsnap,
+            bitsnap_gain: ratio(best, bitsnap),
+            bitsnap_file_bytes: files,
+            file_over_baseline: over,
+            files_within_limit: over <= MAX_FILE_OVER_BASELINE,
+        };
+        let mut bitsnap_codec_bytes = BTreeMap::new();
+        let mut bitsnap_codec_saved = BTreeMap::new();
+        for f in &self.files {
+            for (c, b) in &f.bitsnap_codec_bytes {
+                *bitsnap_codec_bytes.entry(*c).or_default() += b;
+            }
+            for (c, b) in &f.bitsnap_codec_saved {
+                *bitsnap_codec_saved.entry(*c).or_default() += b;
+            }
+        }
         BenchReport {
+            bitsnap_codec_saved,
+            best_baseline,
+            bitsnap_codec_bytes,
             threads: rayon::current_num_threads(),
             policy: policy_label(&self.policy),
             zstd_level: self.policy.zstd_level,
@@ -626,6 +753,7 @@ fn encode_groups(
     tensors: &[Tensor],
     groups: &BTreeMap<u8, Vec<usize>>,
     base_map: &HashMap<&str, &Tensor>,
+    metadata: &[(String, String)],
     accs: &mut BTreeMap<u8, Acc>,
 ) -> Result<(Vec<EncodedTensor>, Vec<Vec<Reference>>), Error> {
     let mut out: Vec<Option<EncodedTensor>> = (0..tensors.len()).map(|_| None).collect();
@@ -652,10 +780,16 @@ fn encode_groups(
             })
         })
         .collect::<Result<Vec<_>, Error>>()?;
-    // References to other tensors of the snapshot, as the store finds them; their time
-    // is shared among the dtype groups by raw bytes.
+    // References to other tensors of the snapshot and optimizer replay, as the store
+    // finds them; their time is shared among the dtype groups by raw bytes.
     let start = Instant::now();
-    let refs = bitsnap_core::references::apply(tensors, &mut encoded, policy.zstd_level, &[]);
+    let refs = bitsnap_core::references::apply(
+        tensors,
+        &mut encoded,
+        base_map,
+        metadata,
+        policy.zstd_level,
+    );
     let secs = start.elapsed().as_secs_f64();
     let total: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
     for (tag, g) in groups {
@@ -730,8 +864,9 @@ fn run_baseline(
     bases: &[Option<&[u8]>],
     groups: &BTreeMap<u8, Vec<usize>>,
     file: &str,
-) -> Result<BTreeMap<u8, Acc>, Error> {
+) -> Result<(BTreeMap<u8, Acc>, Vec<u64>), Error> {
     let mut accs = BTreeMap::new();
+    let mut sizes = vec![0u64; tensors.len()];
     for (tag, g) in groups {
         let start = Instant::now();
         let payloads: Vec<(CodecId, Vec<u8>)> = g
@@ -763,10 +898,77 @@ fn run_baseline(
             check(d, &tensors[i].data, m, &tensors[i], file)?;
             acc.raw += tensors[i].data.len() as u64;
             acc.stored += p.len() as u64;
+            sizes[i] = p.len() as u64;
         }
         accs.insert(*tag, acc);
     }
-    Ok(accs)
+    Ok((accs, sizes))
+}
+
+/// What `e` saved against the best candidate of `d` of another kind: for reference
+/// codecs the best codec reading no other tensor, for `intdelta` the best of the others;
+/// `None` for the rest (or when no such candidate was tried).
+fn saved_against_others(e: &Encoded, d: &bitsnap_core::Decision) -> Option<i64> {
+    let other = |c: &CodecId| match e.codec {
+        CodecId::IntDelta => *c != CodecId::IntDelta && !c.needs_reference(),
+        c0 if c0.needs_reference() => !c.needs_reference(),
+        _ => false,
+    };
+    let best = d
+        .candidates
+        .iter()
+        .filter(|(c, _)| other(c))
+        .map(|(_, b)| *b)
+        .min()?;
+    Some(best as i64 - e.payload.len() as i64)
+}
+
+/// Counts the bytes written to it.
+struct Counter(u64);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Bytes of the snapshot file the store would write for these encodings.
+fn file_bytes(
+    tensors: &[Tensor],
+    encoded: &[EncodedTensor],
+    refs: &[Vec<Reference>],
+    delta: bool,
+    metadata: &[(String, String)],
+) -> Result<u64, Error> {
+    let path = std::path::Path::new("bench");
+    let base = delta.then_some(BaseRef {
+        id: 0,
+        state_hash: 0,
+    });
+    let mut w = SnapshotWriter::new(Counter(0), path, 1, "bench", base)?;
+    w.set_metadata(metadata.to_vec());
+    for ((t, (e, d)), r) in tensors.iter().zip(encoded).zip(refs) {
+        let entry = Entry {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            role: t.role,
+            codec: e.codec,
+            shape: t.shape.clone(),
+            offset: 0,
+            len: 0,
+            payload_hash: 0,
+            raw_hash: 0,
+            decision: d.clone(),
+            references: r.clone(),
+        };
+        w.push(entry, &e.payload)?;
+    }
+    let (_, counter) = w.finish()?;
+    Ok(counter.0)
 }
 
 #[cfg(test)]

@@ -158,11 +158,11 @@ pub fn decode_for_device(
             intdelta::decode_differences_into(payload, w, &mut out)?;
             DeviceForm::IntDelta(out)
         }
-        CodecId::ClusterResidual => {
+        CodecId::ClusterResidual | CodecId::Replay => {
             return Err(CodecError::new(
                 0,
                 format!(
-                    "{codec} payloads decode on the host (codec::decode_with_reference): no device form"
+                    "{codec} payloads decode on the host (codec::decode_with_references): no device form"
                 ),
             ));
         }

@@ -13,9 +13,10 @@
 //! | [`ResidualQuantizer`] (`residual`) | no | yes | moments that moved little since the base (lossy) |
 //! | [`CastOf`] (`cast`) | yes | a referenced f32 tensor | bf16/f16 copies of f32 master weights |
 //! | `Identical` | yes | a referenced tensor | tensors bit-identical to another one (empty payload) |
+//! | [`Replay`] (`replay`) | yes | yes, and two referenced tensors | f32 weights and second moments one optimizer step after their base |
 //!
-//! The last two read another tensor (named by the entry's references, FORMAT.md 2.7):
-//! decode them with [`decode_with_reference`].
+//! The last three read other tensors (named by the entry's references, FORMAT.md 2.7):
+//! decode them with [`decode_with_references`].
 //!
 //! Every codec codes its input in chunks of about [`CHUNK_BYTES`] on all cores, and every
 //! decoder checks each length it reads against the bytes it has and the size it must
@@ -46,6 +47,7 @@ mod cursor;
 pub mod device;
 mod intdelta;
 pub mod planes;
+pub mod replay;
 mod xor;
 
 use std::cell::RefCell;
@@ -67,6 +69,7 @@ pub use device::{
 };
 pub use intdelta::IntDelta;
 pub use planes::Planes;
+pub use replay::{Predictor, Replay};
 pub use xor::XorDelta;
 
 use crate::{DType, Role};
@@ -96,6 +99,9 @@ pub enum CodecId {
     Cast = 7,
     /// Bit-identical to a referenced tensor of the same dtype and shape; no payload.
     Identical = 8,
+    /// An f32 tensor predicted by replaying an optimizer step from its base and two
+    /// referenced tensors, plus the integer residual.
+    Replay = 9,
     /// A cluster codebook of residuals against the base tensor (`base + delta` or
     /// `base × ratio`) plus packed codes. Lossy.
     ClusterResidual = 10,
@@ -103,7 +109,7 @@ pub enum CodecId {
 
 impl CodecId {
     /// Every codec id.
-    pub const ALL: [CodecId; 10] = [
+    pub const ALL: [CodecId; 11] = [
         CodecId::Raw,
         CodecId::Planes,
         CodecId::XorDelta,
@@ -113,6 +119,7 @@ impl CodecId {
         CodecId::IntDelta,
         CodecId::Cast,
         CodecId::Identical,
+        CodecId::Replay,
         CodecId::ClusterResidual,
     ];
 
@@ -134,14 +141,25 @@ impl CodecId {
                 | CodecId::BitmaskDelta
                 | CodecId::Unchanged
                 | CodecId::IntDelta
+                | CodecId::Replay
                 | CodecId::ClusterResidual
         )
     }
 
-    /// Whether decoding reads a referenced tensor (the entry's single reference) instead
-    /// of, or besides, the base: decode with [`decode_with_reference`].
+    /// Whether decoding reads referenced tensors (the entry's references) instead of, or
+    /// besides, the base: decode with [`decode_with_references`].
     pub const fn needs_reference(self) -> bool {
-        matches!(self, CodecId::Cast | CodecId::Identical)
+        self.reference_count() > 0
+    }
+
+    /// How many references an entry of this codec has: 1 for `cast` and `identical`, 2
+    /// for `replay` (module [`replay`]), 0 for the others.
+    pub const fn reference_count(self) -> usize {
+        match self {
+            CodecId::Cast | CodecId::Identical => 1,
+            CodecId::Replay => 2,
+            _ => 0,
+        }
     }
 
     /// Whether [`decode_for_device`](device::decode_for_device) has a device form for
@@ -168,7 +186,7 @@ impl CodecId {
     }
 
     /// Short name (`raw`, `planes`, `xor`, `bitmask`, `unchanged`, `cluster`, `intdelta`,
-    /// `cast`, `identical`, `residual`).
+    /// `cast`, `identical`, `replay`, `residual`).
     pub const fn name(self) -> &'static str {
         match self {
             CodecId::Raw => "raw",
@@ -180,6 +198,7 @@ impl CodecId {
             CodecId::IntDelta => "intdelta",
             CodecId::Cast => "cast",
             CodecId::Identical => "identical",
+            CodecId::Replay => "replay",
             CodecId::ClusterResidual => "residual",
         }
     }
@@ -379,6 +398,11 @@ fn precheck(
             format!("a {dtype} tensor cannot be a cast of an f32 tensor"),
         )),
         CodecId::Cast => cast::check(payload, numel),
+        CodecId::Replay if dtype != DType::F32 => Err(CodecError::new(
+            0,
+            format!("a {dtype} tensor cannot be replayed (f32 only)"),
+        )),
+        CodecId::Replay => replay::check(payload, numel),
         CodecId::Planes | CodecId::XorDelta | CodecId::IntDelta => {
             let w = dtype.size();
             chunks::parse(&mut Cursor::new(payload), numel)?
@@ -452,18 +476,18 @@ pub fn decode_into(
         (CodecId::ClusterResidual, Some(base)) => {
             cluster::decode_residual_into(payload, dtype, base, out)
         }
-        (CodecId::Cast | CodecId::Identical, _) => Err(CodecError::new(
+        (CodecId::Cast | CodecId::Identical | CodecId::Replay, _) => Err(CodecError::new(
             0,
-            format!("a {codec} payload needs its referenced tensor: decode_with_reference"),
+            format!("a {codec} payload needs its referenced tensors: decode_with_references"),
         )),
         (_, None) => Err(CodecError::new(0, "delta payload without a base")),
     }
 }
 
-/// Decodes a payload of a reference codec ([`CodecId::needs_reference`]) for `numel`
-/// elements of `dtype`, given the referenced tensor's decoded bytes (`reference`, of
-/// `reference_dtype`, the same element count). A reference of the wrong dtype or size,
-/// or exceptions that do not fit, are errors.
+/// Decodes a payload of a reference codec ([`CodecId::needs_reference`]) that reads one
+/// referenced tensor (`cast`, `identical`) for `numel` elements of `dtype`, given the
+/// referenced tensor's decoded bytes (`reference`, of `reference_dtype`, the same element
+/// count): [`decode_with_references`] with one reference and no base.
 ///
 /// ```
 /// use bitsnap_core::codec::{self, CodecId};
@@ -481,34 +505,109 @@ pub fn decode_with_reference(
     reference_dtype: DType,
     reference: &[u8],
 ) -> Result<Vec<u8>, CodecError> {
+    decode_with_references(
+        codec,
+        payload,
+        dtype,
+        numel,
+        None,
+        &[(reference_dtype, reference)],
+    )
+}
+
+/// Decodes a payload of a reference codec ([`CodecId::needs_reference`]) for `numel`
+/// elements of `dtype`, given the decoded bytes of its references in the entry's order
+/// (each with its dtype; every one of the tensor's element count) and, for codecs that
+/// also need it ([`CodecId::needs_base`]: `replay`), the same tensor's decoded bytes in
+/// the base snapshot. A reference of the wrong dtype or size, a missing one, or
+/// exceptions that do not fit, are errors.
+///
+/// ```
+/// use bitsnap_core::codec::{self, replay, CodecId, Predictor, Replay};
+/// use bitsnap_core::DType;
+/// let f = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+/// let (w, m, v) = (f(&[1.0, -2.0, 0.5]), f(&[1e-3, -2e-3, 0.0]), f(&[1e-6, 4e-6, 1e-8]));
+/// // The new weight after one generic step w − 1e-3·m/(√v + 1e-8).
+/// let step = Replay::new(Predictor::Generic, &[1e-3, 1e-8]);
+/// let mut next = vec![0u8; 12];
+/// step.predict_into(&w, &m, &v, &mut next);
+/// let payload = replay::encode(&step, &next, &w, &m, &v, 1).unwrap().unwrap();
+/// let refs = [(DType::F32, m.as_slice()), (DType::F32, v.as_slice())];
+/// let back = codec::decode_with_references(CodecId::Replay, &payload, DType::F32, 3, Some(&w), &refs).unwrap();
+/// assert_eq!(back, next);
+/// let err = codec::decode_with_references(CodecId::Replay, &payload, DType::F32, 3, None, &refs).unwrap_err();
+/// assert!(err.reason.contains("without a base"), "{err}");
+/// ```
+pub fn decode_with_references(
+    codec: CodecId,
+    payload: &[u8],
+    dtype: DType,
+    numel: usize,
+    base: Option<&[u8]>,
+    references: &[(DType, &[u8])],
+) -> Result<Vec<u8>, CodecError> {
     let len = numel
         .checked_mul(dtype.size())
         .ok_or_else(|| CodecError::new(0, "tensor size overflows"))?;
     check(codec, payload, dtype, numel)?;
-    let ref_len = numel.checked_mul(reference_dtype.size());
-    match codec {
-        CodecId::Identical | CodecId::Cast if ref_len != Some(reference.len()) => {
-            Err(CodecError::new(
+    if !codec.needs_reference() {
+        return Err(CodecError::new(
+            0,
+            format!("{codec} does not read a referenced tensor"),
+        ));
+    }
+    if references.len() != codec.reference_count() {
+        return Err(CodecError::new(
+            0,
+            format!(
+                "a {codec} payload reads {} referenced tensors, {} given",
+                codec.reference_count(),
+                references.len()
+            ),
+        ));
+    }
+    check_base(codec, base, len)?;
+    // Every reference: the tensor's element count, of the tensor's dtype (a cast's
+    // source dtype is checked by the cast decoder).
+    for (i, &(ref_dtype, reference)) in references.iter().enumerate() {
+        let which = match references.len() {
+            1 => String::new(),
+            _ => format!(" {}", i + 1),
+        };
+        if numel.checked_mul(ref_dtype.size()) != Some(reference.len()) {
+            return Err(CodecError::new(
                 0,
                 format!(
-                    "referenced tensor has {} bytes, {} elements of {reference_dtype} expected",
+                    "referenced tensor{which} has {} bytes, {numel} elements of {ref_dtype} expected",
                     reference.len(),
-                    numel
                 ),
-            ))
+            ));
         }
-        CodecId::Identical if reference_dtype != dtype => Err(CodecError::new(
-            0,
-            format!("the referenced tensor is {reference_dtype}, an identical one must be {dtype}"),
-        )),
-        CodecId::Identical => {
+        if codec != CodecId::Cast && ref_dtype != dtype {
+            let what = match codec {
+                CodecId::Identical => "an identical one",
+                _ => "a replayed one",
+            };
+            return Err(CodecError::new(
+                0,
+                format!("the referenced tensor{which} is {ref_dtype}, {what} must be {dtype}"),
+            ));
+        }
+    }
+    match (codec, references, base) {
+        (CodecId::Identical, [(_, r)], _) => {
             let mut out = alloc::with_capacity(len, "the decoded tensor")?;
-            out.extend_from_slice(reference);
+            out.extend_from_slice(r);
             Ok(out)
         }
-        CodecId::Cast => {
+        (CodecId::Cast, [(rd, r)], _) => {
             let mut out = alloc::zeroed(len, "the decoded tensor")?;
-            cast::decode_into(payload, dtype, reference_dtype, reference, &mut out)?;
+            cast::decode_into(payload, dtype, *rd, r, &mut out)?;
+            Ok(out)
+        }
+        (CodecId::Replay, [(_, a), (_, b)], Some(base)) => {
+            let mut out = alloc::zeroed(len, "the decoded tensor")?;
+            replay::decode_into(payload, base, a, b, &mut out)?;
             Ok(out)
         }
         _ => Err(CodecError::new(

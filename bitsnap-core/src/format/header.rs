@@ -283,12 +283,18 @@ impl Header {
         let index: HashMap<&str, &Entry> =
             self.entries.iter().map(|e| (e.name.as_str(), e)).collect();
         for (i, e) in self.entries.iter().enumerate() {
-            // Reference codecs read exactly one tensor; a cast reads an f32 one.
-            if e.codec.needs_reference() && e.references.len() != 1 {
+            // Reference codecs read their number of tensors (a cast and a copy one, a
+            // replay two); a cast reads an f32 one.
+            let want = e.codec.reference_count();
+            if e.codec.needs_reference() && e.references.len() != want {
+                let count = match want {
+                    1 => "exactly one reference".to_string(),
+                    n => format!("exactly {n} references"),
+                };
                 return Err((
                     i,
                     format!(
-                        "a {} payload needs exactly one reference, it has {}",
+                        "a {} payload needs {count}, it has {}",
                         e.codec,
                         e.references.len()
                     ),

@@ -162,40 +162,59 @@ impl SnapshotFile {
         Ok(out)
     }
 
-    /// Decodes `entry`, whose codec reads a referenced tensor
-    /// ([`CodecId::needs_reference`](crate::codec::CodecId::needs_reference)), given that
-    /// tensor's decoded dtype and bytes (`None`: it could not be found, an error naming
-    /// the tensor). The decoded data is checksum-verified.
+    /// Decodes `entry`, whose codec reads referenced tensors
+    /// ([`CodecId::needs_reference`](crate::codec::CodecId::needs_reference)), given each
+    /// referenced tensor's decoded dtype and bytes in the entry's reference order (`None`:
+    /// it could not be found, an error naming the tensor) and, for codecs that also read
+    /// the base (`replay`), the same tensor's decoded bytes in the base snapshot. The
+    /// decoded data is checksum-verified.
     pub fn decode_referenced(
         &self,
         entry: &Entry,
-        reference: Option<(crate::DType, &[u8])>,
+        base: Option<&[u8]>,
+        references: &[Option<(crate::DType, &[u8])>],
     ) -> Result<Vec<u8>, Error> {
         let payload = self.payload(entry)?;
         let numel = self.numel(entry)?;
-        let Some((ref_dtype, reference)) = reference else {
-            let name = entry
-                .references
-                .first()
-                .map_or("(none)", |r| r.name.as_str());
-            return Err(self.malformed(
-                entry,
-                CodecError::new(
-                    0,
-                    format!(
-                        "the tensor `{name}` its {} payload references is missing",
-                        entry.codec
-                    ),
+        if entry.codec.needs_base() && base.is_none() {
+            return Err(Error::MissingBase {
+                file: self.path.clone(),
+                base_id: self.header.base.map_or(0, |b| b.id),
+                reason: format!(
+                    "has no tensor `{}` of dtype {} and shape {:?} to decode against",
+                    entry.name, entry.dtype, entry.shape
                 ),
-            ));
-        };
-        let out = crate::codec::decode_with_reference(
+            });
+        }
+        let mut found = Vec::with_capacity(references.len());
+        for i in 0..entry.references.len().max(references.len()) {
+            match references.get(i).copied().flatten() {
+                Some(r) => found.push(r),
+                None => {
+                    let name = entry
+                        .references
+                        .get(i)
+                        .map_or("(none)", |r| r.name.as_str());
+                    return Err(self.malformed(
+                        entry,
+                        CodecError::new(
+                            0,
+                            format!(
+                                "the tensor `{name}` its {} payload references is missing",
+                                entry.codec
+                            ),
+                        ),
+                    ));
+                }
+            }
+        }
+        let out = crate::codec::decode_with_references(
             entry.codec,
             payload,
             entry.dtype,
             numel,
-            ref_dtype,
-            reference,
+            base,
+            &found,
         )
         .map_err(|e| self.malformed(entry, e))?;
         self.check_hash(entry, "decoded data", entry.raw_hash, &out)?;

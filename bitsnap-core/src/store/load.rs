@@ -378,7 +378,7 @@ fn decode_file_inner(
             // Parsed headers have no cycles and no dangling references; decode what is
             // left one by one, so that the error names the tensor.
             let e = &header.entries[rest[0]];
-            file.decode_referenced(e, None)?;
+            file.decode_referenced(e, None, &[])?;
             return Err(Error::Malformed {
                 file: file.path.clone(),
                 tensor: Some(e.name.clone()),
@@ -391,23 +391,27 @@ fn decode_file_inner(
             .par_iter()
             .map(|&i| {
                 let e = &header.entries[i];
+                let base = base_map
+                    .get(e.name.as_str())
+                    .filter(|b| b.dtype == e.dtype && b.shape == e.shape)
+                    .map(|b| b.data.as_slice());
                 let data = if e.codec.needs_reference() {
-                    let reference = e.references.first().and_then(|r| match r.scope {
-                        RefScope::Base => base_map
-                            .get(r.name.as_str())
-                            .map(|t| (t.dtype, t.data.as_slice())),
-                        RefScope::Snapshot => index
-                            .get(r.name.as_str())
-                            .and_then(|&j| out.get(j))
-                            .and_then(Option::as_ref)
-                            .map(|t| (t.dtype, t.data.as_slice())),
-                    });
-                    file.decode_referenced(e, reference)?
+                    let references: Vec<_> = e
+                        .references
+                        .iter()
+                        .map(|r| match r.scope {
+                            RefScope::Base => base_map
+                                .get(r.name.as_str())
+                                .map(|t| (t.dtype, t.data.as_slice())),
+                            RefScope::Snapshot => index
+                                .get(r.name.as_str())
+                                .and_then(|&j| out.get(j))
+                                .and_then(Option::as_ref)
+                                .map(|t| (t.dtype, t.data.as_slice())),
+                        })
+                        .collect();
+                    file.decode_referenced(e, base, &references)?
                 } else {
-                    let base = base_map
-                        .get(e.name.as_str())
-                        .filter(|b| b.dtype == e.dtype && b.shape == e.shape)
-                        .map(|b| b.data.as_slice());
                     file.decode(e, base)?
                 };
                 let t = Tensor {

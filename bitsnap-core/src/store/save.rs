@@ -287,16 +287,24 @@ impl Store {
     /// that would not pay is re-encoded full and written again.
     pub(crate) fn write_save(
         &self,
-        plan: Plan<'_>,
+        mut plan: Plan<'_>,
         tensors: Vec<Tensor>,
         metadata: Vec<(String, String)>,
     ) -> Result<Written, Error> {
+        // Optimizer replay predicts tensors from the base after every tensor is encoded:
+        // it needs the whole base then, and may replace any weight or second moment, so
+        // such a save is encoded first and written after.
+        if let Ok(b) = &plan.base
+            && crate::references::replay::may_replay(&tensors, &b.by_name(), &metadata)
+        {
+            let base = std::mem::replace(&mut plan.base, Err(FullReason::First));
+            return self.write_unstreamed(plan, tensors, metadata, base, SaveTimings::default());
+        }
         // The stage signals in the metadata scale a lossy error budget (policy/budget.rs).
         let (policy, metadata) = self.policy.staged(metadata);
         let mut timings = SaveTimings::default();
         // The base is moved out of the plan, which keeps no reference to its tensors: a
         // base only this save holds is then freed tensor by tensor as it is used.
-        let mut plan = plan;
         let (base_ref, base, first_reason) =
             match std::mem::replace(&mut plan.base, Err(FullReason::First)) {
                 Ok(b) => (Some(b.base_ref()), BaseTensors::of(b.state), None),
@@ -320,7 +328,13 @@ impl Store {
             if !references_allowed(&policy) {
                 vec![Vec::new(); encoded.len()]
             } else {
-                crate::references::apply(&tensors, &mut encoded, policy.zstd_level, &[])
+                crate::references::apply(
+                    &tensors,
+                    &mut encoded,
+                    &HashMap::new(),
+                    &metadata,
+                    policy.zstd_level,
+                )
             }
         });
         debug_assert!(references[..written].iter().all(Vec::is_empty));
@@ -334,7 +348,7 @@ impl Store {
                     // is dropped unfinished (its temporary file removed).
                     Some(reason) if verdict == DeltaVerdict::WouldNotPay => {
                         drop(writer);
-                        return self.write_full(plan, tensors, metadata, reason, timings);
+                        return self.write_unstreamed(plan, tensors, metadata, Err(reason), timings);
                     }
                     // No tensor used a delta codec: already full.
                     Some(reason) => (None, Some(reason)),
@@ -379,14 +393,15 @@ impl Store {
         })
     }
 
-    /// Encodes `tensors` without a base (all at once) and writes them: the save of a
-    /// delta that would not pay.
-    fn write_full(
+    /// Encodes `tensors` against `base` (all at once, a full snapshot if it is `Err` or
+    /// the delta would not pay) and writes them after: the save of a delta that would
+    /// not pay, and of one that optimizer replay may shorten.
+    fn write_unstreamed(
         &self,
         plan: Plan<'_>,
         tensors: Vec<Tensor>,
         metadata: Vec<(String, String)>,
-        reason: FullReason,
+        base: Result<BaseState, FullReason>,
         mut timings: SaveTimings,
     ) -> Result<Written, Error> {
         let (policy, metadata) = self.policy.staged(metadata);
@@ -395,7 +410,7 @@ impl Store {
             references,
             base,
             full_reason,
-        } = encode_against(&policy, &tensors, Err(reason), &mut timings)?;
+        } = encode_against(&policy, &tensors, base, &metadata, &mut timings)?;
         let (header, stored_bytes) = self.write_snapshot(
             &plan.file,
             plan.id,
@@ -619,10 +634,12 @@ pub(crate) fn encode_against(
     policy: &Policy,
     tensors: &[Tensor],
     base: Result<BaseState, FullReason>,
+    metadata: &[(String, String)],
     timings: &mut SaveTimings,
 ) -> Result<Encoding, Error> {
     let full = |reason, timings: &mut SaveTimings| -> Result<Encoding, Error> {
-        let (encoded, references) = encode_all(policy, tensors, &HashMap::new(), timings)?;
+        let (encoded, references) =
+            encode_all(policy, tensors, &HashMap::new(), metadata, timings)?;
         Ok(Encoding {
             tensors: encoded,
             references,
@@ -634,7 +651,7 @@ pub(crate) fn encode_against(
         Err(reason) => return full(reason, timings),
         Ok(b) => b,
     };
-    let (encoded, references) = encode_all(policy, tensors, &base.by_name(), timings)?;
+    let (encoded, references) = encode_all(policy, tensors, &base.by_name(), metadata, timings)?;
     let verdict = policy.judge_delta(&encoded);
     match FullReason::from_verdict(verdict) {
         None => Ok(Encoding {
@@ -656,12 +673,14 @@ pub(crate) fn encode_against(
 }
 
 /// Encodes each tensor with the policy, then replaces encodings that a reference to
-/// another tensor of the snapshot beats ([`crate::references`]); returns the encodings
-/// and each tensor's references.
+/// another tensor of the snapshot, or an optimizer replay from the base, beats
+/// ([`crate::references`], with the save's `metadata`); returns the encodings and each
+/// tensor's references.
 pub(crate) fn encode_all(
     policy: &Policy,
     tensors: &[Tensor],
     base: &HashMap<&str, &Tensor>,
+    metadata: &[(String, String)],
     timings: &mut SaveTimings,
 ) -> Result<(Vec<EncodedTensor>, Vec<Vec<Reference>>), Error> {
     let mut encoded = timed(&mut timings.encode, || {
@@ -674,7 +693,7 @@ pub(crate) fn encode_all(
         if !references_allowed(policy) {
             vec![Vec::new(); encoded.len()]
         } else {
-            crate::references::apply(tensors, &mut encoded, policy.zstd_level, &[])
+            crate::references::apply(tensors, &mut encoded, base, metadata, policy.zstd_level)
         }
     });
     Ok((encoded, references))
@@ -809,6 +828,7 @@ mod tests {
             &policy,
             std::slice::from_ref(&t),
             Err(FullReason::First),
+            &[],
             &mut timings,
         )
         .unwrap();
@@ -821,7 +841,7 @@ mod tests {
             state: Arc::new(vec![t]),
             hash: 99,
         };
-        let e = encode_against(&policy, &[t2], Ok(b.clone()), &mut timings).unwrap();
+        let e = encode_against(&policy, &[t2], Ok(b.clone()), &[], &mut timings).unwrap();
         assert!(timings.encode > Duration::ZERO && timings.total() >= timings.encode);
         assert_eq!((e.base, e.full_reason), (Some(b.base_ref()), None));
         assert!(e.tensors[0].0.codec.needs_base());

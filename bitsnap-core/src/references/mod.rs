@@ -10,8 +10,14 @@
 //!   name conventions first ([`cast_sources`]), else from the f32 tensors of the same
 //!   shape whose cast matches a sample of the half tensor.
 //!
+//! * **replay** ([`replay`]): an f32 weight or second moment one optimizer step after
+//!   its base, predicted from the base and the new moments.
+//!
 //! A reference encoding replaces a tensor's encoding only when its payload is smaller,
-//! and only references tensors that decode to exactly what was given (lossless codecs).
+//! and only references tensors that decode to exactly what was given (lossless codecs),
+//! except that replay predicts from moments as they decode (dequantized if lossy).
+
+pub mod replay;
 
 use std::collections::HashMap;
 
@@ -60,10 +66,87 @@ pub struct DeriveRule {
     pub source: String,
 }
 
+/// The `cast:` rules of a snapshot's [`replay::keys::DERIVE`] metadata.
+pub fn cast_rules(metadata: &[(String, String)]) -> Vec<DeriveRule> {
+    replay::derive_entries(metadata)
+        .filter(|(kind, _, _)| *kind == "cast")
+        .map(|(_, half, source)| DeriveRule {
+            half: half.to_string(),
+            source: source.to_string(),
+        })
+        .collect()
+}
+
 /// For each tensor, the reference encoding that beats its current one, if any: replaces
-/// `encoded[i]` and returns the references of each tensor (empty where none). `rules`
-/// pair tensors before the name conventions and the shape search are tried.
+/// `encoded[i]` and returns the references of each tensor (empty where none). Casts and
+/// copies first (`cast:` rules of the metadata's [`replay::keys::DERIVE`] pair tensors
+/// before the name conventions and the shape search are tried), then optimizer replay
+/// against `base` (the base snapshot's decoded tensors by name; empty for a full
+/// snapshot) with the hyperparameters of `metadata` ([`replay::Hyper::from_metadata`]).
 pub fn apply(
+    tensors: &[Tensor],
+    encoded: &mut [(Encoded, Decision)],
+    base: &HashMap<&str, &Tensor>,
+    metadata: &[(String, String)],
+    level: i32,
+) -> Vec<Vec<Reference>> {
+    let rules = cast_rules(metadata);
+    let mut refs = apply_casts(tensors, encoded, level, &rules);
+    apply_replay(tensors, encoded, &mut refs, base, metadata, level);
+    refs
+}
+
+/// Replaces the encodings that optimizer replay beats ([`replay`]).
+fn apply_replay(
+    tensors: &[Tensor],
+    encoded: &mut [(Encoded, Decision)],
+    refs: &mut [Vec<Reference>],
+    base: &HashMap<&str, &Tensor>,
+    metadata: &[(String, String)],
+    level: i32,
+) {
+    if base.is_empty() {
+        return;
+    }
+    let found = {
+        let enc: &[(Encoded, Decision)] = encoded;
+        let refs: &[Vec<Reference>] = refs;
+        let decoded = |i: usize| -> &[u8] {
+            enc[i]
+                .0
+                .lossy
+                .as_ref()
+                .map_or(tensors[i].data.as_slice(), |l| l.0.as_slice())
+        };
+        let current = |i: usize| enc[i].0.payload.len() as u64;
+        let lossless = |i: usize| enc[i].0.lossy.is_none();
+        let free = |i: usize| refs[i].is_empty();
+        replay::find(
+            tensors,
+            base,
+            metadata,
+            &decoded,
+            &current,
+            &lossless,
+            &free,
+            REFERENCE_RECORD_BYTES as u64,
+            level,
+        )
+    };
+    for (i, enc, r, predictor) in found.replaced {
+        tracing::debug!(tensor = %tensors[i].name, %predictor, bytes = enc.payload.len(), "optimizer replay");
+        if let (Some((e, d)), Some(slot)) = (encoded.get_mut(i), refs.get_mut(i)) {
+            d.candidates
+                .insert(0, (CodecId::Replay, enc.payload.len() as u64));
+            *e = enc;
+            *slot = r;
+        }
+    }
+}
+
+/// Casts and copies ([`CodecId::Cast`], [`CodecId::Identical`]) that beat the current
+/// encodings.
+fn apply_casts(
     tensors: &[Tensor],
     encoded: &mut [(Encoded, Decision)],
     level: i32,
@@ -232,7 +315,7 @@ mod tests {
             .iter()
             .map(|t| p.encode_tensor(t, None).unwrap())
             .collect();
-        let refs = apply(tensors, &mut enc, 1, &[]);
+        let refs = apply(tensors, &mut enc, &HashMap::new(), &[], 1);
         (enc, refs)
     }
 
