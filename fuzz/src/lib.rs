@@ -36,7 +36,7 @@ pub const MAX_FUZZ_ELEMS: u64 = 1 << 34;
 pub const MAX_FUZZ_BYTES: u64 = 8 << 20;
 
 /// The fuzz targets, by name (the names of `fuzz_targets/*.rs` and `corpus/*`).
-pub const TARGETS: [&str; 10] = [
+pub const TARGETS: [&str; 11] = [
     "snapshot_header",
     "decode_planes",
     "decode_xor",
