@@ -97,6 +97,9 @@ pub struct SaveStats {
     pub readback: Duration,
     /// Time to encode, write and commit the snapshot (zero when it was only held).
     pub encode_write: Duration,
+    /// The store's stages of `encode_write` (base, encode, references, checksum, write,
+    /// sync, commit); all zero when the snapshot was only held.
+    pub stages: bitsnap_core::SaveTimings,
     /// Time to apply `keep_last` after the commit.
     pub retention: Duration,
     /// Decoded size of the snapshot.

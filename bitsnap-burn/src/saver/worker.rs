@@ -114,6 +114,7 @@ pub(super) struct Persisted {
     pub stored_bytes: u64,
     pub full: bool,
     pub store: Duration,
+    pub stages: bitsnap_core::SaveTimings,
     pub retention: Duration,
 }
 
@@ -149,6 +150,7 @@ pub(super) fn persist(
         stored_bytes: report.info.stored_bytes,
         full: report.info.base.is_none(),
         store: stored,
+        stages: report.timings,
         retention: t1.elapsed(),
     })
 }
@@ -192,6 +194,7 @@ pub(super) fn run(rx: Receiver<Job>, shared: Arc<Shared>, config: WorkerConfig) 
                     wait: job.wait,
                     readback,
                     encode_write: Duration::ZERO,
+                    stages: Default::default(),
                     retention: Duration::ZERO,
                     raw_bytes: raw,
                     stored_bytes: 0,
@@ -206,6 +209,7 @@ pub(super) fn run(rx: Receiver<Job>, shared: Arc<Shared>, config: WorkerConfig) 
                     wait: job.wait,
                     readback,
                     encode_write: done.store,
+                    stages: done.stages,
                     retention: done.retention,
                     raw_bytes: done.raw_bytes,
                     stored_bytes: done.stored_bytes,
@@ -224,6 +228,7 @@ pub(super) fn run(rx: Receiver<Job>, shared: Arc<Shared>, config: WorkerConfig) 
                     wait: job.wait,
                     readback,
                     encode_write: Duration::ZERO,
+                    stages: Default::default(),
                     retention: Duration::ZERO,
                     raw_bytes: raw,
                     stored_bytes: 0,
