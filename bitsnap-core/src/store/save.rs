@@ -348,7 +348,13 @@ impl Store {
                     // is dropped unfinished (its temporary file removed).
                     Some(reason) if verdict == DeltaVerdict::WouldNotPay => {
                         drop(writer);
-                        return self.write_unstreamed(plan, tensors, metadata, Err(reason), timings);
+                        return self.write_unstreamed(
+                            plan,
+                            tensors,
+                            metadata,
+                            Err(reason),
+                            timings,
+                        );
                     }
                     // No tensor used a delta codec: already full.
                     Some(reason) => (None, Some(reason)),

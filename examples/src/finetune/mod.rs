@@ -190,14 +190,12 @@ impl RunConfig {
     pub fn bitsnap_policy(&self) -> Policy {
         match self.policy {
             PolicyChoice::Lossless => Policy::default(),
-            PolicyChoice::LossyOptimizer => {
-                Policy::default().with_lossiness(match self.bits {
-                    Some(bits) => Lossiness::LossyOptimizer { bits },
-                    None => Lossiness::LossyOptimizerBudget {
-                        max_error: self.max_error,
-                    },
-                })
-            }
+            PolicyChoice::LossyOptimizer => Policy::default().with_lossiness(match self.bits {
+                Some(bits) => Lossiness::LossyOptimizer { bits },
+                None => Lossiness::LossyOptimizerBudget {
+                    max_error: self.max_error,
+                },
+            }),
         }
     }
 
