@@ -789,6 +789,16 @@ pub(crate) fn unique_token() -> u64 {
     h.finish()
 }
 
+/// Whether the references pass (casts, copies) may run under `policy`: always, unless
+/// the policy admits only codecs with a device form and a reference codec has none.
+pub(crate) fn references_allowed(policy: &Policy) -> bool {
+    use crate::codec::CodecId;
+    !policy.device_forms_only
+        || [CodecId::Cast, CodecId::Identical]
+            .iter()
+            .all(|c| c.has_device_form())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -869,14 +879,4 @@ mod tests {
             Err(Error::InputLimit { what, .. }) if what.contains("metadata `k`")
         ));
     }
-}
-
-/// Whether the references pass (casts, copies) may run under `policy`: always, unless
-/// the policy admits only codecs with a device form and a reference codec has none.
-pub(crate) fn references_allowed(policy: &Policy) -> bool {
-    use crate::codec::CodecId;
-    !policy.device_forms_only
-        || [CodecId::Cast, CodecId::Identical]
-            .iter()
-            .all(|c| c.has_device_form())
 }
