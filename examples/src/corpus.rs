@@ -16,6 +16,14 @@ pub struct Corpus {
     valid: Vec<u8>,
 }
 
+/// SplitMix64's finalizer: a stateless hash of `z` (offsets that depend on the step alone).
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 impl Corpus {
     /// Splits `text`: the last `valid_fraction` is held out for evaluation.
     pub fn new(text: &str, valid_fraction: f64) -> Corpus {
@@ -33,6 +41,28 @@ impl Corpus {
     /// Training bytes.
     pub fn train_len(&self) -> usize {
         self.train.len()
+    }
+
+    /// Batch of `step`: `batch` windows of `context + 1` bytes at offsets drawn from `seed`
+    /// and `step` alone, so a resumed run sees exactly the batches it would have seen
+    /// without carrying a loader's state (the fidelity benchmark's data order; the
+    /// training examples shuffle with [`crate::loader::Loader`]).
+    pub fn batch(
+        &self,
+        seed: u64,
+        step: u64,
+        batch: usize,
+        context: usize,
+        device: &Device,
+    ) -> (Tensor<2, Int>, Tensor<2, Int>) {
+        let span = self.train.len().saturating_sub(context + 1).max(1) as u64;
+        let offsets: Vec<usize> = (0..batch as u64)
+            .map(|i| {
+                let key = seed ^ mix(step.wrapping_mul(1_000_003).wrapping_add(i));
+                (mix(key) % span) as usize
+            })
+            .collect();
+        windows(&self.train, &offsets, context, device)
     }
 
     /// Inputs and targets `[offsets.len(), context]` of the training windows of
