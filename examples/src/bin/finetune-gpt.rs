@@ -246,6 +246,7 @@ fn run(args: Args) -> Result<(), bitsnap_examples::Error> {
         preset,
         policy: args.policy,
         bits,
+        max_error,
         crash_at,
         resume: args.resume,
         out: args.out.clone(),
