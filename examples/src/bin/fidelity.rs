@@ -39,8 +39,6 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    // SAFETY: first thing in `main`: no other thread exists yet.
-    unsafe { device::default_device_cpu() };
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -18,6 +18,7 @@ mod report;
 
 use std::path::PathBuf;
 
+use bitsnap_burn::OptimizerSpec;
 use bitsnap_burn::bridge::{self, Metadata, RecordKind};
 use bitsnap_core::codec::QuantBits;
 use bitsnap_core::{ErrorBudget, Lossiness, Policy, Store, Tensor, stage_keys};
@@ -259,8 +260,10 @@ struct State {
     optim: ModuleOptimizer,
 }
 
-fn optimizer() -> ModuleOptimizer {
-    AdamWConfig::new().init()
+/// AdamW whose restored state lives on `device` (Burn's `load_record` alone would put it
+/// on the default device: the GPU of a wgpu build).
+fn optimizer(device: &Device) -> ModuleOptimizer {
+    AdamWConfig::new().init_on(device)
 }
 
 fn scalar(t: BurnTensor<1>) -> f32 {
@@ -281,7 +284,7 @@ impl Trainer<'_> {
         State {
             step: 0,
             model: self.cfg.gpt.init(self.device),
-            optim: optimizer(),
+            optim: optimizer(self.device),
         }
     }
 
@@ -383,7 +386,7 @@ impl Trainer<'_> {
         Ok(State {
             step,
             model,
-            optim: optimizer().load_record(optim),
+            optim: optimizer(self.device).load_record(optim),
         })
     }
 }
