@@ -901,7 +901,9 @@ mod tests {
     fn under_a_lossy_policy_weights_replay_from_dequantized_moments_and_stay_exact() {
         let policy =
             crate::Policy::default().with_lossiness(crate::Lossiness::LossyOptimizerBudget {
-                max_error: crate::ErrorBudget::DEFAULT,
+                // The budget the measurement below was taken at (at the 0.12 default the
+                // coarser moments leave 400_513 bytes: 0.91x the integer delta).
+                max_error: crate::ErrorBudget::new(0.03).unwrap(),
             });
         let (header, back, want) = save_pair(policy);
         let w = header
