@@ -56,7 +56,6 @@
 //! ```
 
 mod config;
-mod derive;
 mod optim;
 mod readback;
 mod request;
