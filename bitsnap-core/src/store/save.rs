@@ -12,7 +12,7 @@ use super::manifest::MANIFEST_FILE;
 use super::stream::{self, BaseTensors, Streamed};
 use super::{Cached, SaveReport, SnapshotInfo, Store};
 use crate::codec::Encoded;
-use crate::format::{BaseRef, Decision, Entry, Header, Reference, SnapshotWriter};
+use crate::format::{BaseRef, Decision, Header, Reference, SnapshotWriter};
 use crate::policy::DeltaVerdict;
 use crate::{Error, Policy, Tensor};
 
@@ -373,18 +373,17 @@ impl Store {
         let write_start = Instant::now();
         let rest = tensors.iter().zip(&encoded).zip(&hashes).zip(&references);
         for (((t, e), &(raw_hash, payload_hash)), r) in rest.skip(written) {
-            writer.push_hashed(stream::entry(t, e, raw_hash, r), &e.0.payload, payload_hash)?;
+            writer.push_hashed(
+                stream::entry(t, (&e.0, &e.1), raw_hash, r),
+                &e.0.payload,
+                payload_hash,
+            )?;
         }
         writer.set_base(base);
         let (header, out) = writer.finish()?;
         timings.write += write_start.elapsed();
         let stored_bytes = timed(&mut timings.sync, || out.finish())?;
-        let mut state = tensors;
-        for (t, (e, _)) in state.iter_mut().zip(encoded) {
-            if let Some((decoded, _)) = e.lossy {
-                t.data = decoded;
-            }
-        }
+        let state = decoded_state(tensors, encoded);
         Ok(Written {
             header,
             stored_bytes,
@@ -431,12 +430,7 @@ impl Store {
                 .map(|((t, (e, d)), r)| (t, e, d, r.as_slice())),
             &mut timings,
         )?;
-        let mut state = tensors;
-        for (t, (e, _)) in state.iter_mut().zip(encoded) {
-            if let Some((decoded, _)) = e.lossy {
-                t.data = decoded;
-            }
-        }
+        let state = decoded_state(tensors, encoded);
         Ok(Written {
             header,
             stored_bytes,
@@ -601,19 +595,7 @@ impl Store {
         w.set_attempt(attempt);
         w.set_metadata(metadata);
         for ((t, e, d, references), (raw_hash, payload_hash)) in items.into_iter().zip(hashes) {
-            let entry = Entry {
-                name: t.name.clone(),
-                dtype: t.dtype,
-                role: t.role,
-                codec: e.codec,
-                shape: t.shape.clone(),
-                offset: 0,
-                len: 0,
-                payload_hash: 0,
-                raw_hash,
-                decision: d.clone(),
-                references: references.to_vec(),
-            };
+            let entry = stream::entry(t, (e, d), raw_hash, references);
             w.push_hashed(entry, &e.payload, payload_hash)?;
         }
         let (header, out) = w.finish()?;
@@ -787,6 +769,17 @@ pub(crate) fn unique_token() -> u64 {
             .map_or(0, |d| d.as_nanos()),
     );
     h.finish()
+}
+
+/// What a saved snapshot decodes to: `tensors`, with each lossy encoding's dequantized
+/// data in place of the original.
+fn decoded_state(mut tensors: Vec<Tensor>, encoded: Vec<EncodedTensor>) -> Vec<Tensor> {
+    for (t, (e, _)) in tensors.iter_mut().zip(encoded) {
+        if let Some((decoded, _)) = e.lossy {
+            t.data = decoded;
+        }
+    }
+    tensors
 }
 
 /// Whether the references pass (casts, copies) may run under `policy`: always, unless

@@ -21,7 +21,8 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::save::{EncodedTensor, Plan, SaveTimings, timed};
 use super::{State, Store};
 use crate::backend::ObjectWriter;
-use crate::format::{Entry, Reference, SnapshotWriter};
+use crate::codec::Encoded;
+use crate::format::{Decision, Entry, Reference, SnapshotWriter};
 use crate::{DType, Error, Policy, Tensor};
 
 /// The tensors of a save's base, handed to the encoder one at a time.
@@ -153,7 +154,12 @@ impl Store {
                     }
                     while failed.is_none() && written < n && !held[written] {
                         let Some(item) = &slots[written] else { break };
-                        let entry = entry(&tensors[written], &item.encoded, item.raw_hash, &[]);
+                        let entry = entry(
+                            &tensors[written],
+                            (&item.encoded.0, &item.encoded.1),
+                            item.raw_hash,
+                            &[],
+                        );
                         match writer.push_hashed(entry, &item.encoded.0.payload, item.payload_hash)
                         {
                             Ok(()) => written += 1,
@@ -218,11 +224,10 @@ impl Store {
 /// `raw_hash`, referencing `references`.
 pub(crate) fn entry(
     t: &Tensor,
-    encoded: &EncodedTensor,
+    (e, d): (&Encoded, &Decision),
     raw_hash: u64,
     references: &[Reference],
 ) -> Entry {
-    let (e, d) = encoded;
     Entry {
         name: t.name.clone(),
         dtype: t.dtype,
