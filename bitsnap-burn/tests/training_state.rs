@@ -190,8 +190,18 @@ impl Run {
     }
 }
 
+/// Every test here trains with dropout, seeding the CPU device's one random generator
+/// each step (`device.seed`): tests running at the same time on that shared device would
+/// draw each other's masks. Each test holds this lock while it trains.
+static DEVICE_RNG: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    DEVICE_RNG.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[test]
 fn dropout_shuffled_loader_and_schedule_resume_bit_exactly() {
+    let _serial = serial();
     let device = Device::flex().autodiff();
     let dir = tempfile::tempdir().unwrap();
     let config = StepSaverConfig::default()
@@ -231,6 +241,17 @@ fn dropout_shuffled_loader_and_schedule_resume_bit_exactly() {
     assert_eq!(meta("bitsnap.optimizer"), adamw().replay_rule());
     assert_eq!(meta("bitsnap.peak_lr").as_deref(), Some("0.01"));
     assert_eq!(meta("bitsnap.warmup_steps").as_deref(), Some("0"));
+    // The replay codec pairs each parameter with its Adam moments by these rules.
+    let derive = meta("bitsnap.derive").expect("replay pairing rules");
+    let rules: Vec<&str> = derive.split(';').collect();
+    assert!(rules.len() >= 2, "{derive}");
+    assert!(
+        rules.iter().all(|r| r.starts_with("replay:model/")
+            && r.contains("=optim/")
+            && r.contains(".moment_1,optim/")
+            && r.ends_with(".moment_2")),
+        "{derive}"
+    );
     let user: serde_json::Value = r.user_metadata().unwrap().unwrap();
     assert_eq!(user["step"], 14);
     let mut resumed = Run::resumed(r, &device);
@@ -277,6 +298,7 @@ impl Optimizer for Probe {
 /// optimizer state is on the CPU device before the first step, with `BURN_DEVICE` unset.
 #[test]
 fn restored_optimizer_state_is_on_the_models_device_without_burn_device() {
+    let _serial = serial();
     assert!(
         std::env::var_os("BURN_DEVICE").is_none(),
         "this test checks placement without BURN_DEVICE: unset it"
@@ -311,6 +333,7 @@ fn restored_optimizer_state_is_on_the_models_device_without_burn_device() {
 /// restores from memory, and `flush` persists it.
 #[test]
 fn every_step_snapshots_are_held_in_memory_and_persisted_every_nth() {
+    let _serial = serial();
     let device = Device::flex().autodiff();
     let dir = tempfile::tempdir().unwrap();
     let saver = StepSaver::open(
@@ -356,6 +379,7 @@ fn every_step_snapshots_are_held_in_memory_and_persisted_every_nth() {
 /// the disk answers with what the keeper persisted on shutdown.
 #[test]
 fn a_restarted_trainer_restores_from_the_keeper_then_from_disk() {
+    let _serial = serial();
     use bitsnap_core::keeper::{Keeper, KeeperOptions};
     let device = Device::flex().autodiff();
     let dir = tempfile::tempdir().unwrap();
@@ -423,6 +447,7 @@ fn a_restarted_trainer_restores_from_the_keeper_then_from_disk() {
 /// whatever the queue depth: each `submit` returns only once the previous save is done.
 #[test]
 fn a_memory_budget_applies_back_pressure() {
+    let _serial = serial();
     let device = Device::flex().autodiff();
     let dir = tempfile::tempdir().unwrap();
     let saver = StepSaver::open(
