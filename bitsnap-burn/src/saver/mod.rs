@@ -56,6 +56,7 @@
 //! ```
 
 mod config;
+mod derive;
 mod optim;
 mod readback;
 mod request;

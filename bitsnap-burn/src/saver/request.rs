@@ -8,6 +8,7 @@ use burn::optim::ModuleOptimizer;
 use burn::train::checkpoint::Checkpoint;
 use serde::Serialize;
 
+use super::derive;
 use super::state::{self, MODEL_PREFIX, OPTIM_PREFIX, SCHEDULER_PREFIX};
 use super::worker::{Job, ReadBack};
 use super::{StepSaver, readback};
@@ -136,6 +137,9 @@ impl<M: Module + 'static> SnapshotRequest<'_, M> {
                 meta.extend(m);
             }
             meta.extend(metadata);
+            if let Some(rules) = derive::replay_rules(&tensors, &meta) {
+                meta.push((derive::DERIVE.into(), rules));
+            }
             Ok((tensors, meta))
         });
         saver.enqueue(Job {
