@@ -402,18 +402,7 @@ impl StepSaver {
             );
         }
         if let Some(snap) = self.keeper_latest(Some(step)) {
-            let from = if snap.from_memory {
-                RestoredFrom::Keeper
-            } else {
-                RestoredFrom::Disk
-            };
-            return Restored::from_tensors(
-                step,
-                &snap.tensors,
-                snap.metadata,
-                from,
-                started.elapsed(),
-            );
+            return Restored::from_keeper(step, snap, started.elapsed());
         }
         self.refresh_view()?;
         let store = self.shared.store();
@@ -462,19 +451,7 @@ impl StepSaver {
         if let Some(snap) = self.keeper_latest(None)
             && let Some(step) = parse_step(&snap.info.name)
         {
-            let from = if snap.from_memory {
-                RestoredFrom::Keeper
-            } else {
-                RestoredFrom::Disk
-            };
-            return Restored::from_tensors(
-                step,
-                &snap.tensors,
-                snap.metadata,
-                from,
-                started.elapsed(),
-            )
-            .map(Some);
+            return Restored::from_keeper(step, snap, started.elapsed()).map(Some);
         }
         match self.steps().last() {
             Some(&step) => self.restore(step).map(Some),

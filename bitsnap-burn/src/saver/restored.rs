@@ -52,6 +52,21 @@ pub struct Restored {
 }
 
 impl Restored {
+    /// Rebuilds Burn's records from a snapshot the keeper answered with: from its memory
+    /// ([`RestoredFrom::Keeper`]) or, after a keeper restart, from its store.
+    pub(crate) fn from_keeper(
+        step: u64,
+        snap: bitsnap_core::Snapshot,
+        took: Duration,
+    ) -> Result<Restored, Error> {
+        let from = if snap.from_memory {
+            RestoredFrom::Keeper
+        } else {
+            RestoredFrom::Disk
+        };
+        Restored::from_tensors(step, &snap.tensors, snap.metadata, from, took)
+    }
+
     /// Rebuilds Burn's records from a decoded step snapshot.
     pub(crate) fn from_tensors(
         step: u64,
