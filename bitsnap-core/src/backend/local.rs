@@ -251,9 +251,14 @@ impl Backend for LocalDir {
 
     fn read(&self, name: &str, limit: u64) -> Result<Option<Vec<u8>>, Error> {
         let path = self.dir.join(name);
-        let Some(len) = self.size(name)? else {
-            return Ok(None);
+        // The length of the file opened, not of the path: a manifest commit renames a new
+        // file over the path, and a length taken before the open would cut the new one.
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&path, e)),
         };
+        let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
         if len > limit {
             return Err(Error::Limit {
                 file: path,
@@ -262,11 +267,6 @@ impl Backend for LocalDir {
                 limit,
             });
         }
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(&path, e)),
-        };
         let mut buf = buffer(len, || path.display().to_string())?;
         read_exact_at_parallel(&file, &path, 0, &mut buf)?;
         Ok(Some(buf))
