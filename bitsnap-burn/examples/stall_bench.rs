@@ -15,7 +15,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bitsnap_burn::{BitSnapCheckpointer, StepSaver, StepSaverConfig};
+use bitsnap_burn::{BitSnapCheckpointer, OptimizerSpec, StepSaver, StepSaverConfig};
 use bitsnap_core::Policy;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
@@ -114,7 +114,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect(),
     };
     let params = n_layers * (WIDTH * WIDTH + WIDTH);
-    let mut optim: ModuleOptimizer = AdamWConfig::new().init();
+    // `init_on`: the saver reads the AdamW state in the model's read-back transaction
+    // (Burn's checkpointers see the same records either way).
+    let mut optim: ModuleOptimizer = AdamWConfig::new().init_on(&device);
     model = train_step(model, &mut optim, &device, 0);
     let raw = (params * 4 * 3) as u64;
     println!(
@@ -200,11 +202,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let _trained = train_for(between, model, &mut optim, &device, &mut step, &mut steps);
         saver.flush()?;
         for s in saver.stats() {
+            let gb = s.raw_bytes as f64 / 1e9;
             println!(
-                "  async save of step {}: read-back {:.0} ms, encode+write {:.0} ms in the background, {:.1} MB -> {:.1} MB{}",
+                "  async save of step {}: read-back {:.0} ms (transaction {:.0} ms for {:.1} MB model + {:.1} MB optimizer, {} optimizer tensors in it), encode+write {:.0} ms in the background: {:.3} s/GB, {:.1} MB -> {:.1} MB{}",
                 s.step,
                 ms(s.readback),
+                ms(s.read.device),
+                s.read.model_bytes as f64 / 1e6,
+                s.read.optimizer_bytes as f64 / 1e6,
+                s.read.optimizer_in_transaction,
                 ms(s.encode_write),
+                (s.readback + s.encode_write).as_secs_f64() / gb.max(1e-12),
                 s.raw_bytes as f64 / 1e6,
                 s.stored_bytes as f64 / 1e6,
                 if s.full { " (full)" } else { "" }

@@ -29,6 +29,6 @@ pub use checkpointer::{BitSnapCheckpointer, BurnRecord};
 pub use error::Error;
 pub use module_store::{BitSnapModuleStore, MODULE_SERIES};
 pub use saver::{
-    OptimizerSpec, Restored, RestoredFrom, SaveStats, SnapshotRequest, StepSaver, StepSaverConfig,
-    optimizer_on,
+    OptimizerSpec, ReadBackStats, Restored, RestoredFrom, SaveStats, SnapshotRequest, StepSaver,
+    StepSaverConfig, optimizer_on,
 };

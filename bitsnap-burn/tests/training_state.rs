@@ -219,6 +219,19 @@ fn dropout_shuffled_loader_and_schedule_resume_bit_exactly() {
             run.snapshot(&saver, lr);
         }
     }
+    saver.flush().unwrap();
+    // `init_on`'s optimizer hands its AdamW moments to the read-back transaction: this
+    // resume goes through that path (two moments for each of the four parameters, none
+    // read the Burn way).
+    for s in saver.stats() {
+        assert_eq!(s.read.optimizer_in_transaction, 2 * 4, "step {}", s.step);
+        assert_eq!(
+            s.read.optimizer_bytes,
+            2 * s.read.model_bytes,
+            "{:?}",
+            s.read
+        );
+    }
     saver.close().unwrap();
 
     // Dropout is on: the same step with another seed gives another loss.

@@ -26,11 +26,24 @@ pub struct StepSaverConfig {
     /// optimizer state, scheduler), the previous snapshot's size standing in for the new
     /// one's until it is read back.
     pub memory_budget: Option<u64>,
-    /// Persist every N-th snapshot handed over (default 1: every one). The others are read
-    /// back and held in memory, replacing the previous one, so that a restore in the same
-    /// process (after an error in the training loop) loses at most the steps since the
-    /// latest snapshot; `flush` and `close` persist the one held.
+    /// Persist every N-th snapshot handed over (default 1: every one). Every snapshot is
+    /// read back and held in memory, replacing the previous one, so that a restore in the
+    /// same process (after an error in the training loop) gets the latest snapshot handed
+    /// over; every N-th is also written to the store by a second background thread while
+    /// the next ones are read back and held; `flush` and `close` persist the one held.
     pub persist_every: u64,
+    /// Whether a snapshot due for the disk may replace one still waiting for the persist
+    /// thread (default `false`). Snapshots due for the disk are written by their own
+    /// thread while later ones are read back and held; when one is due while the previous
+    /// is still being written and another already waits, `false` makes the read-back
+    /// thread wait (and, once the queue is full, `submit`), so that every
+    /// `persist_every`-th snapshot reaches the disk; `true` lets the newer one take the
+    /// waiting one's place (counted in [`SaveStats::replaced`](super::SaveStats::replaced)),
+    /// so that a disk slower than training never stalls it. Either way a restore in this
+    /// process gets the latest snapshot handed over; with `true`, a killed process may find
+    /// on disk a snapshot up to two write-times older than with `false`. With a keeper every
+    /// snapshot goes to the keeper and this does not apply.
+    pub latest_wins: bool,
     /// Unix socket of a running keeper (`bitsnap keep STORE --socket PATH`, on the same
     /// store): every snapshot is handed to it, and it persists them (its own
     /// `persist_every`; this saver's `persist_every` and `keep_last` then do not apply);
@@ -55,6 +68,7 @@ impl Default for StepSaverConfig {
             keep_last: None,
             memory_budget: None,
             persist_every: 1,
+            latest_wins: false,
             keeper: None,
             optimizer_rule: None,
             peak_lr: None,
@@ -91,6 +105,12 @@ impl StepSaverConfig {
     /// Sets [`StepSaverConfig::persist_every`] (at least 1).
     pub fn with_persist_every(mut self, n: u64) -> Self {
         self.persist_every = n.max(1);
+        self
+    }
+
+    /// Sets [`StepSaverConfig::latest_wins`].
+    pub fn with_latest_wins(mut self, latest_wins: bool) -> Self {
+        self.latest_wins = latest_wins;
         self
     }
 

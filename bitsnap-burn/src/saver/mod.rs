@@ -4,12 +4,34 @@
 //! The training thread only clones the model and the optimizer (reference-counted tensor
 //! handles: no copy, no device sync), serializes the small values it hands over (scheduler
 //! record, RNG states, data position, user metadata) and queues them. A background thread
-//! reads the tensors back from the device, and the store compresses them on all cores and
-//! writes them. The queue is bounded ([`StepSaverConfig::queue_depth`], and optionally by
-//! bytes, [`StepSaverConfig::memory_budget`]): when the disk or the encoder cannot keep
-//! up, `submit` waits instead of piling up memory. An error in the background is never
-//! lost: each failed save's error is returned by one later call to `submit`, `flush` or
-//! `restore`, oldest first.
+//! reads the tensors back from the device — the model's parameters and, for an optimizer
+//! built by [`OptimizerSpec::init_on`] or [`optimizer_on`] (Adam, AdamW), its state tensors
+//! too, in one Burn `Transaction` — and holds the snapshot in memory; a second thread has
+//! the store compress on all cores and write the snapshots due for the disk
+//! ([`StepSaverConfig::persist_every`]) while later ones are read back. The queue is
+//! bounded ([`StepSaverConfig::queue_depth`], and optionally by bytes,
+//! [`StepSaverConfig::memory_budget`]): when the device read-back cannot keep up, `submit`
+//! waits instead of piling up memory; when the disk cannot keep up, the read-back waits
+//! for it, or with [`StepSaverConfig::latest_wins`] the newest snapshot due for the disk
+//! replaces the one waiting. An error in the background is never lost: each failed save's
+//! error is returned by one later call to `submit`, `flush` or `restore`, oldest first.
+//!
+//! # What a crash loses
+//!
+//! - An error in the training loop (the process lives on): nothing handed over.
+//!   [`StepSaver::latest`] waits for the snapshots handed over to be read back (never for
+//!   a write) and returns the newest, from memory.
+//! - A killed process, without a keeper: the snapshots not yet on disk — those since the
+//!   latest `persist_every`-th, plus any being written. With `latest_wins`, a snapshot due
+//!   for the disk that was replaced is not written either: the disk may lag by up to two
+//!   write times instead of one.
+//! - A killed process, with a keeper ([`StepSaverConfig::keeper`]): every snapshot is
+//!   handed to the keeper right after its read-back, so at most the snapshot being read
+//!   back and the one queued (`queue_depth`).
+//!
+//! Readers ([`StepSaver::steps`], [`StepSaver::restore`], [`StepSaver::latest`]) never take
+//! the lock a save holds: they read the held snapshot, or open their own read-only view of
+//! the store.
 //!
 //! # Resuming bit for bit
 //!
@@ -55,6 +77,7 @@
 //! # Ok(()) }
 //! ```
 
+mod capture;
 mod config;
 mod derive;
 mod optim;
@@ -73,7 +96,6 @@ use bitsnap_core::Store;
 use bitsnap_core::keeper::KeeperClient;
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
-use crossbeam::channel::{Sender, unbounded};
 
 pub use config::StepSaverConfig;
 pub use optim::{OptimizerSpec, optimizer_on};
@@ -81,12 +103,34 @@ pub use request::SnapshotRequest;
 pub use restored::{Restored, RestoredFrom};
 
 use crate::Error;
-use worker::{Job, Shared, WorkerConfig};
+use worker::{Job, Shared, Snap, WorkerConfig};
 
 /// Series name of step snapshots in the store.
 pub const STEP_SERIES: &str = "steps";
 
-/// What one background save did. Times are of the background thread unless named.
+/// How one snapshot was read back from the device.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct ReadBackStats {
+    /// Registering the tensors and building the optimizer's record: its scalars, and the
+    /// state of optimizers not built by [`OptimizerSpec::init_on`]/[`optimizer_on`], which
+    /// Burn reads here one tensor at a time.
+    pub record: Duration,
+    /// The one transaction that reads the model's parameters and (with
+    /// [`OptimizerSpec::init_on`]) the optimizer's state tensors back together.
+    pub device: Duration,
+    /// Turning the read buffers into bitsnap tensors and metadata.
+    pub convert: Duration,
+    /// Bytes of the model's parameters.
+    pub model_bytes: u64,
+    /// Bytes of the optimizer's state.
+    pub optimizer_bytes: u64,
+    /// Optimizer state tensors read in the transaction (0: the whole state went through
+    /// Burn's record path).
+    pub optimizer_in_transaction: usize,
+}
+
+/// What one background save did. Times are of the background threads unless named.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SaveStats {
     /// Training step.
@@ -94,8 +138,10 @@ pub struct SaveStats {
     /// Time the training thread waited in `submit` for room in the queue or the memory
     /// budget.
     pub wait: Duration,
-    /// Time to read every tensor back from the device.
+    /// Time to read every tensor back from the device (all of [`SaveStats::read`]).
     pub readback: Duration,
+    /// The read-back's parts: model and optimizer bytes, device and conversion times.
+    pub read: ReadBackStats,
     /// Time to encode, write and commit the snapshot (zero when it was only held).
     pub encode_write: Duration,
     /// The store's stages of `encode_write` (base, encode, references, checksum, write,
@@ -112,6 +158,9 @@ pub struct SaveStats {
     /// Whether it was persisted, rather than held in memory
     /// ([`StepSaverConfig::persist_every`]).
     pub persisted: bool,
+    /// Snapshots due for the disk that this one replaced while they waited for the persist
+    /// thread ([`StepSaverConfig::latest_wins`]).
+    pub replaced: u64,
 }
 
 /// Asynchronous step snapshots of the whole training state (see the
@@ -133,8 +182,8 @@ pub struct SaveStats {
 /// # Ok(()) }
 /// ```
 pub struct StepSaver {
-    tx: Option<Sender<Job>>,
-    worker: Option<JoinHandle<()>>,
+    reader: Option<JoinHandle<()>>,
+    persister: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
     dir: PathBuf,
     config: StepSaverConfig,
@@ -147,7 +196,7 @@ impl std::fmt::Debug for StepSaver {
 }
 
 impl StepSaver {
-    /// Opens (or creates) a step store in `dir` and starts its background thread.
+    /// Opens (or creates) a step store in `dir` and starts its background threads.
     pub fn open(dir: impl AsRef<Path>, config: StepSaverConfig) -> Result<StepSaver, Error> {
         let dir = dir.as_ref().to_path_buf();
         let keeper =
@@ -171,25 +220,28 @@ impl StepSaver {
             changed: Default::default(),
             held: Default::default(),
             keeper: std::sync::Mutex::new(keeper),
-            wrote: Default::default(),
         });
-        let (tx, rx) = unbounded::<Job>();
-        let worker_shared = shared.clone();
-        let worker_config = WorkerConfig {
+        let worker_config = Arc::new(WorkerConfig {
             keep_last: config.keep_last,
             persist_every: config.persist_every.max(1),
+            latest_wins: config.latest_wins,
             dir: dir.clone(),
+        });
+        let spawn = |name: &str, f: fn(Arc<Shared>, &WorkerConfig)| {
+            let (shared, config) = (shared.clone(), worker_config.clone());
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || f(shared, &config))
+                .map_err(|e| bitsnap_core::Error::Io {
+                    path: dir.clone(),
+                    source: e,
+                })
         };
-        let worker = std::thread::Builder::new()
-            .name("bitsnap-saver".into())
-            .spawn(move || worker::run(rx, worker_shared, worker_config))
-            .map_err(|e| bitsnap_core::Error::Io {
-                path: dir.clone(),
-                source: e,
-            })?;
+        let reader = spawn("bitsnap-readback", worker::read_loop)?;
+        let persister = spawn("bitsnap-persist", worker::persist_loop)?;
         Ok(StepSaver {
-            tx: Some(tx),
-            worker: Some(worker),
+            reader: Some(reader),
+            persister: Some(persister),
             shared,
             dir,
             config,
@@ -228,6 +280,13 @@ impl StepSaver {
             .unwrap_or_else(|| model.num_params() as u64 * 4 * 3)
     }
 
+    /// Whether a background thread has ended (they end only when the saver shuts down).
+    fn threads_ended(&self) -> bool {
+        [&self.reader, &self.persister]
+            .iter()
+            .any(|t| t.as_ref().is_none_or(|w| w.is_finished()))
+    }
+
     /// Waits for room (queue depth, memory budget), then queues `job`.
     fn enqueue(&self, mut job: Job) -> Result<(), Error> {
         self.take_error()?;
@@ -235,18 +294,18 @@ impl StepSaver {
         let budget = self.config.memory_budget;
         let mut p = self.shared.progress();
         loop {
-            let queued = p.submitted - p.started;
+            let queued = p.queue.len() as u64;
             let room = queued < depth.max(1) && (depth > 0 || p.started == p.done);
             let fits = budget.is_none_or(|b| p.in_flight == 0 || p.in_flight + job.estimate <= b);
             if (room && fits) || p.stopped.is_some() {
                 break;
             }
-            if self.worker.as_ref().is_none_or(|w| w.is_finished()) {
+            if self.threads_ended() {
                 p.stopped
                     .get_or_insert_with(|| "the saver thread ended with saves pending".into());
                 break;
             }
-            p = self.wait(p);
+            p = self.shared.wait(p);
         }
         if let Some(why) = &p.stopped {
             return Err(Error::SaverStopped {
@@ -254,34 +313,20 @@ impl StepSaver {
                 reason: why.clone(),
             });
         }
-        job.wait = job.queued.elapsed();
-        let estimate = job.estimate;
-        p.submitted += 1;
-        p.in_flight += estimate;
-        let sent = self.tx.as_ref().map(|tx| tx.send(job));
-        if !matches!(sent, Some(Ok(()))) {
-            p.submitted -= 1;
-            p.in_flight -= estimate;
+        if p.closed {
             return Err(Error::SaverStopped {
                 store: self.dir.clone(),
-                reason: p
-                    .stopped
-                    .clone()
-                    .unwrap_or_else(|| "the saver is closed".into()),
+                reason: "the saver is closed".into(),
             });
         }
+        job.wait = job.queued.elapsed();
+        p.submitted += 1;
+        job.seq = p.submitted;
+        p.in_flight += job.estimate;
+        p.queue.push_back(job);
+        drop(p);
+        self.shared.changed.notify_all();
         Ok(())
-    }
-
-    fn wait<'a>(
-        &self,
-        p: std::sync::MutexGuard<'a, worker::Progress>,
-    ) -> std::sync::MutexGuard<'a, worker::Progress> {
-        self.shared
-            .changed
-            .wait_timeout(p, Duration::from_millis(200))
-            .map(|(g, _)| g)
-            .unwrap_or_else(|e| e.into_inner().0)
     }
 
     fn take_error(&self) -> Result<(), Error> {
@@ -298,21 +343,28 @@ impl StepSaver {
         Ok(())
     }
 
-    /// Waits until every snapshot handed over has been read back and saved or held.
-    fn drain(&self) {
+    /// Waits until `done` holds (or a background thread died).
+    fn wait_for(&self, done: impl Fn(&worker::Progress) -> bool) {
         let mut p = self.shared.progress();
-        while p.done < p.submitted && p.stopped.is_none() {
-            // A worker that died outside its panic guard would never signal: notice it.
-            if self.worker.as_ref().is_none_or(|w| w.is_finished()) {
+        while !done(&p) && p.stopped.is_none() {
+            // A thread that died outside its panic guard would never signal: notice it.
+            if self.threads_ended() {
                 p.stopped
                     .get_or_insert_with(|| "the saver thread ended with saves pending".into());
                 break;
             }
-            p = self.wait(p);
+            p = self.shared.wait(p);
         }
     }
 
-    /// Persists the snapshot held in memory, if any (a keeper that holds it persists it).
+    /// Waits until every snapshot handed over has been read back (and held, or handed to
+    /// the keeper or the persist thread); never for an encode or a write.
+    fn drain(&self) {
+        self.wait_for(worker::Progress::read_back);
+    }
+
+    /// Persists the snapshot held in memory unless it is on disk already (a keeper that
+    /// holds it persists it).
     fn persist_held(&self) -> Result<(), Error> {
         let mut held = self.shared.held();
         if held.as_ref().is_some_and(|h| h.kept) {
@@ -322,14 +374,12 @@ impl StepSaver {
             }
             return Ok(());
         }
-        if let Some(h) = held.take() {
-            worker::persist(
-                &self.shared,
-                h.step,
-                h.tensors,
-                h.metadata,
-                self.config.keep_last,
-            )?;
+        let settled = self.shared.progress().settled;
+        if let Some(h) = held.take_if(|h| Some(h.step) != settled) {
+            drop(held);
+            let (step, tensors, metadata) = worker::owned(h);
+            worker::persist(&self.shared, step, tensors, metadata, self.config.keep_last)?;
+            self.shared.progress().settled = Some(step);
         }
         Ok(())
     }
@@ -338,40 +388,32 @@ impl StepSaver {
     /// ([`StepSaverConfig::persist_every`]), and returns the oldest background error not
     /// yet reported (call again for the next one).
     pub fn flush(&self) -> Result<(), Error> {
-        self.drain();
+        self.wait_for(|p| p.read_back() && p.persisted());
         self.take_error()?;
         self.persist_held()
     }
 
-    /// Statistics of every completed background save, oldest first.
+    /// Statistics of every completed background save, in the order they completed.
     pub fn stats(&self) -> Vec<SaveStats> {
         self.shared.progress().stats.clone()
     }
 
-    /// With a keeper writing the store, re-reads its manifest (this saver's view is
-    /// otherwise the one it opened).
-    fn refresh_view(&self) -> Result<(), Error> {
-        if self.config.keeper.is_some() {
-            let mut store = self.shared.store();
-            if !self.shared.wrote.load(std::sync::atomic::Ordering::Acquire) {
-                *store = Store::open(&self.dir)?;
-            }
-        }
-        Ok(())
+    /// A read-only view of the store as it is on disk now: readers never wait for the
+    /// save the background may be making.
+    fn view(&self) -> Result<Store, Error> {
+        Ok(Store::open(&self.dir)?)
     }
 
-    /// Steps with a snapshot persisted in the store, oldest first.
+    /// Steps with a snapshot persisted in the store, oldest first. Reads the store's
+    /// manifest (another process, such as a keeper, may write it); never waits for a save.
     pub fn steps(&self) -> Vec<u64> {
-        if let Err(e) = self.refresh_view() {
-            tracing::warn!(error = %e, "the store's manifest could not be re-read");
+        match self.view() {
+            Ok(view) => step_list(&view),
+            Err(e) => {
+                tracing::warn!(error = %e, "the store's manifest could not be read");
+                step_list(&self.shared.store())
+            }
         }
-        self.shared
-            .store()
-            .snapshots()
-            .iter()
-            .filter(|s| s.series == STEP_SERIES)
-            .filter_map(|s| parse_step(&s.name))
-            .collect()
     }
 
     /// The store directory.
@@ -385,18 +427,19 @@ impl StepSaver {
         Ok(f(&self.shared.store()))
     }
 
-    /// Restores the snapshot of `step`, after the snapshots handed over were read back:
-    /// from memory when it is the latest (held, or the store's cached latest save), else
-    /// from disk.
+    /// Restores the snapshot of `step`, once the snapshots handed over were read back
+    /// (never waiting for a save, except for a snapshot being written that is no longer
+    /// held): from memory when it is held, waits for the disk, or is the store's cached
+    /// latest save; else from the keeper, else from disk.
     pub fn restore(&self, step: u64) -> Result<Restored, Error> {
         let started = Instant::now();
         self.drain();
         self.take_error()?;
-        if let Some(h) = self.shared.held().as_ref().filter(|h| h.step == step) {
+        if let Some(snap) = self.in_memory(step) {
             return Restored::from_tensors(
                 step,
-                &h.tensors,
-                h.metadata.clone(),
+                &snap.tensors,
+                snap.metadata.clone(),
                 RestoredFrom::Memory,
                 started.elapsed(),
             );
@@ -404,23 +447,48 @@ impl StepSaver {
         if let Some(snap) = self.keeper_latest(Some(step)) {
             return Restored::from_keeper(step, snap, started.elapsed());
         }
-        self.refresh_view()?;
-        let store = self.shared.store();
-        let info = store
-            .find(STEP_SERIES, &step_name(step))
-            .ok_or_else(|| Error::NotFound {
-                store: self.dir.clone(),
-                what: "step",
-                step,
-            })?;
-        let snap = store.load(info.id)?;
-        drop(store);
+        let name = step_name(step);
+        // The saver's own store serves its latest save from memory, when no save holds it.
+        let cached = self.shared.store_if_free().and_then(|store| {
+            let info = store.latest_in(STEP_SERIES).filter(|s| s.name == name)?;
+            Some(store.load(info.id))
+        });
+        let snap = match cached {
+            Some(snap) => snap?,
+            None => {
+                let view = self.view()?;
+                let info = view
+                    .find(STEP_SERIES, &name)
+                    .ok_or_else(|| Error::NotFound {
+                        store: self.dir.clone(),
+                        what: "step",
+                        step,
+                    })?;
+                view.load(info.id)?
+            }
+        };
         let from = if snap.from_memory {
             RestoredFrom::Memory
         } else {
             RestoredFrom::Disk
         };
         Restored::from_tensors(step, &snap.tensors, snap.metadata, from, started.elapsed())
+    }
+
+    /// The snapshot of `step` if this process holds it: the latest read back, or one
+    /// waiting for the persist thread. One the persist thread is writing (and no longer
+    /// holds) is waited for: it is then on disk.
+    fn in_memory(&self, step: u64) -> Option<Arc<Snap>> {
+        if let Some(h) = self.shared.held().as_ref().filter(|h| h.step == step) {
+            return Some(h.clone());
+        }
+        let p = self.shared.progress();
+        if let Some(pending) = p.slot.as_ref().filter(|s| s.snap.step == step) {
+            return Some(pending.snap.clone());
+        }
+        drop(p);
+        self.wait_for(|p| p.persisting != Some(step));
+        None
     }
 
     /// The keeper's latest step snapshot, if a keeper answers and has one (of `step`, when
@@ -439,14 +507,22 @@ impl StepSaver {
     }
 
     /// Restores the latest snapshot handed over: held in this process's memory, else the
-    /// keeper's, else the latest persisted one; `None` if there is none.
+    /// keeper's, else the latest persisted one; `None` if there is none. Waits for the
+    /// snapshots handed over to be read back, never for a save.
     pub fn latest(&self) -> Result<Option<Restored>, Error> {
         let started = Instant::now();
         self.drain();
         self.take_error()?;
-        let held = self.shared.held().as_ref().map(|h| h.step);
-        if let Some(step) = held {
-            return self.restore(step).map(Some);
+        let held = self.shared.held().clone();
+        if let Some(h) = held {
+            return Restored::from_tensors(
+                h.step,
+                &h.tensors,
+                h.metadata.clone(),
+                RestoredFrom::Memory,
+                started.elapsed(),
+            )
+            .map(Some);
         }
         if let Some(snap) = self.keeper_latest(None)
             && let Some(step) = parse_step(&snap.info.name)
@@ -460,7 +536,7 @@ impl StepSaver {
     }
 
     /// Finishes every queued save, persists the snapshot held in memory, stops the
-    /// background thread and returns the first error, if any. Dropping a `StepSaver` does
+    /// background threads and returns the first error, if any. Dropping a `StepSaver` does
     /// the same but can only log the error.
     pub fn close(mut self) -> Result<(), Error> {
         self.shutdown();
@@ -469,10 +545,15 @@ impl StepSaver {
     }
 
     fn shutdown(&mut self) {
-        self.tx.take();
-        if let Some(w) = self.worker.take()
-            && w.join().is_err()
-        {
+        self.shared.progress().closed = true;
+        self.shared.changed.notify_all();
+        let reader = self.reader.take().map(|w| w.join().is_ok());
+        // The read-back thread opens the way out for the persist thread as it ends; if it
+        // panicked outside its guard, open it here.
+        self.shared.progress().persist_closed = true;
+        self.shared.changed.notify_all();
+        let persister = self.persister.take().map(|w| w.join().is_ok());
+        if reader == Some(false) || persister == Some(false) {
             self.shared
                 .progress()
                 .stopped
@@ -498,6 +579,16 @@ impl Drop for StepSaver {
     }
 }
 
+/// The steps of the step series in `store`, oldest first.
+fn step_list(store: &Store) -> Vec<u64> {
+    store
+        .snapshots()
+        .iter()
+        .filter(|s| s.series == STEP_SERIES)
+        .filter_map(|s| parse_step(&s.name))
+        .collect()
+}
+
 fn step_name(step: u64) -> String {
     format!("step-{step}")
 }
@@ -516,6 +607,14 @@ mod tests {
         a: Linear,
     }
 
+    fn net() -> (Net, ModuleOptimizer) {
+        let device = burn::tensor::Device::flex();
+        let net = Net {
+            a: LinearConfig::new(2, 2).init(&device),
+        };
+        (net, burn::optim::AdamWConfig::new().init_on(&device))
+    }
+
     /// A closed saver (only reachable from inside: `close` consumes it) refuses further
     /// snapshots with an error that names its store.
     #[test]
@@ -523,16 +622,76 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut saver = StepSaver::open(dir.path(), StepSaverConfig::default()).unwrap();
         saver.shutdown();
-        let device = burn::tensor::Device::flex();
-        let net = Net {
-            a: LinearConfig::new(2, 2).init(&device),
-        };
-        let optim: ModuleOptimizer = burn::optim::AdamWConfig::new().init();
+        let (net, optim) = net();
         let err = saver.snapshot(1, &net, &optim).submit().unwrap_err();
         assert!(
             matches!(&err, Error::SaverStopped { store, .. } if store == dir.path()),
             "{err:?}"
         );
         assert!(err.to_string().contains(&dir.path().display().to_string()));
+    }
+
+    /// While a save holds the store (here the test holds the writer's lock, as a save to a
+    /// slow disk does for its whole duration), `steps`, `latest` and `restore` answer: from
+    /// the disk as it is, and from the snapshot held in memory.
+    #[test]
+    fn readers_do_not_wait_for_a_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let saver = StepSaver::open(dir.path(), StepSaverConfig::default()).unwrap();
+        let (net, optim) = net();
+        saver.snapshot(1, &net, &optim).submit().unwrap();
+        saver.flush().unwrap();
+        let writing = saver.shared.store();
+        saver.snapshot(2, &net, &optim).submit().unwrap();
+        saver.wait_for(|p| p.persisting == Some(2));
+        assert_eq!(saver.steps(), vec![1]);
+        let latest = saver.latest().unwrap().expect("held");
+        assert_eq!((latest.step, latest.from), (2, RestoredFrom::Memory));
+        let one = saver.restore(1).unwrap();
+        assert_eq!((one.step, one.from), (1, RestoredFrom::Disk));
+        let two = saver.restore(2).unwrap();
+        assert_eq!((two.step, two.from), (2, RestoredFrom::Memory));
+        assert_eq!(saver.shared.progress().persisting, Some(2), "still saving");
+        drop(writing);
+        saver.flush().unwrap();
+        assert_eq!(saver.steps(), vec![1, 2]);
+    }
+
+    /// Snapshots due for the disk while one is being written and another waits: by
+    /// default each is written in turn (the read-back waits); with `latest_wins` the newest
+    /// replaces the waiting one, and `submit` never waits for the disk.
+    #[test]
+    fn snapshots_due_while_the_disk_is_busy_wait_or_are_replaced() {
+        for latest_wins in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let config = StepSaverConfig::default().with_latest_wins(latest_wins);
+            let saver = StepSaver::open(dir.path(), config).unwrap();
+            let (net, optim) = net();
+            let writing = saver.shared.store();
+            saver.snapshot(1, &net, &optim).submit().unwrap();
+            saver.wait_for(|p| p.persisting == Some(1));
+            // 2 waits in the slot; 3 waits for the slot (or replaces 2); 4 is queued (or
+            // replaces 3): none of these submits waits.
+            for step in 2..=4 {
+                saver.snapshot(step, &net, &optim).submit().unwrap();
+            }
+            if latest_wins {
+                let latest = saver.latest().unwrap().expect("held");
+                assert_eq!((latest.step, latest.from), (4, RestoredFrom::Memory));
+            }
+            drop(writing);
+            saver.flush().unwrap();
+            let stats = saver.stats();
+            if latest_wins {
+                assert_eq!(saver.steps(), vec![1, 4]);
+                let four = stats.iter().find(|s| s.step == 4).unwrap();
+                assert_eq!((four.persisted, four.replaced), (true, 2));
+                assert!(stats.iter().filter(|s| s.persisted).count() == 2);
+            } else {
+                assert_eq!(saver.steps(), vec![1, 2, 3, 4]);
+                assert!(stats.iter().all(|s| s.persisted && s.replaced == 0));
+            }
+            assert_eq!(stats.len(), 4);
+        }
     }
 }

@@ -8,8 +8,11 @@
 //! gives the optimizer one extra parameter group, matching every parameter, whose optimizer
 //! is the configured one except that it rebuilds state on a chosen device. Steps, saves and
 //! moves delegate to the configured optimizer, so training is bit for bit the same.
+//! The same group lets a [`StepSaver`](super::StepSaver) read Adam and AdamW state tensors
+//! in its one read-back transaction instead of one by one ([`capture`](super::capture)).
 //! Upstream, Burn would need `ModuleOptimizer::load_record_on(record, &Device)` (or a
-//! device argument to `load_record`) to make this wrapper unnecessary.
+//! device argument to `load_record`) and public access to the state's tensors (a
+//! `ModuleOptimizer::visit_state`) to make this wrapper unnecessary.
 
 use burn::grad_clipping::{GradientClipping, GradientClippingConfig};
 use burn::module::ParamGroup;
@@ -148,13 +151,14 @@ pub fn optimizer_on<O: Optimizer>(
     )
 }
 
-/// A Burn optimizer whose state is rebuilt on `device` when loaded from a record.
+/// A Burn optimizer whose state is rebuilt on `device` when loaded from a record, and
+/// whose Adam state tensors a saver's read-back registers in its one transaction.
 struct OnDevice<O> {
     inner: O,
     device: Device,
 }
 
-impl<O: DynOptimizer> DynOptimizer for OnDevice<O> {
+impl<O: Optimizer> DynOptimizer for OnDevice<O> {
     fn step_dyn(
         &self,
         rank: usize,
@@ -170,8 +174,13 @@ impl<O: DynOptimizer> DynOptimizer for OnDevice<O> {
         self.inner.to_device_dyn(state, device)
     }
 
+    /// During a [`StepSaver`](super::StepSaver) read-back, Adam states hand their tensors
+    /// to the read-back transaction ([`capture`](super::capture)); otherwise (and for other
+    /// optimizers) Burn flattens the state.
     fn state_flatten(&self, prefix: &str, state: &DynState, out: &mut StateSink) {
-        self.inner.state_flatten(prefix, state, out)
+        if !super::capture::offer::<O>(prefix, state, out) {
+            self.inner.state_flatten(prefix, state, out)
+        }
     }
 
     fn state_unflatten(

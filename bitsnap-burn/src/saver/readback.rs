@@ -1,4 +1,5 @@
-//! Reading a model back from its device in one batched transaction.
+//! Reading a model (and, through [`capture`](super::capture), its optimizer's state) back
+//! from its device in one batched transaction.
 //!
 //! `Module::into_record` reads each parameter with its own synchronous `into_data`, and
 //! the record then goes through burnpack bytes (a second copy) before bitsnap's tensors
@@ -11,67 +12,127 @@
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::store::burn_pack;
-use burn::tensor::{Bool, Int, Tensor, Transaction};
+use burn::tensor::kind::{Autodiff, Transaction};
+use burn::tensor::{Bool, Int, Tensor};
 
 use crate::Error;
-use crate::bridge::{self, Metadata, RecordKind};
 
-/// The module's parameters, named by module path as `ModuleRecord` names them, read back
-/// in one transaction; tensor names get `prefix`.
-pub(crate) fn module_tensors<M: Module>(
-    module: &M,
-    prefix: &str,
-) -> Result<(Vec<bitsnap_core::Tensor>, Metadata), Error> {
-    let mut collector = Collector {
-        path: Vec::new(),
-        params: Vec::new(),
-        transaction: Some(Transaction::default()),
-    };
-    module.visit(&mut collector);
-    let Collector {
-        params,
-        transaction,
-        ..
-    } = collector;
-    let data = match transaction {
-        Some(t) if !params.is_empty() => t.try_execute().map_err(|e| Error::Device {
-            operation: format!("reading {} model tensors back", params.len()),
-            source: Box::new(e),
-        })?,
-        _ => Vec::new(),
-    };
-    let mut pack: Vec<burn_pack::Tensor> = params
-        .into_iter()
-        .zip(data)
-        .map(|((path, id), data)| {
+/// Which record a tensor registered in a [`Batch`] belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Part {
+    /// A model parameter, named by module path.
+    Model,
+    /// An optimizer state tensor, named `<param id>.<field path>` as Burn's
+    /// `OptimizerRecord` names it.
+    Optimizer,
+}
+
+/// Tensors registered for one read-back: every one goes into the same Burn
+/// `Transaction`, so a GPU reads them all in one submission.
+#[derive(Default)]
+pub(crate) struct Batch {
+    transaction: burn::tensor::Transaction,
+    entries: Vec<(Part, String, u64)>,
+}
+
+/// What a [`Batch`] read back, each part sorted by name (the order burnpack lists them).
+pub(crate) struct BatchData {
+    pub model: Vec<burn_pack::Tensor>,
+    pub optimizer: Vec<burn_pack::Tensor>,
+}
+
+impl BatchData {
+    /// Bytes read back for `part`.
+    pub fn bytes(&self, part: Part) -> u64 {
+        let list = match part {
+            Part::Model => &self.model,
+            Part::Optimizer => &self.optimizer,
+        };
+        list.iter().map(|t| t.byte_len() as u64).sum()
+    }
+}
+
+impl Batch {
+    /// Registers every parameter of `module` (in its saved form), named by module path.
+    pub fn add_module<M: Module>(&mut self, module: &M) {
+        let mut collector = Collector {
+            path: Vec::new(),
+            batch: self,
+        };
+        module.visit(&mut collector);
+    }
+
+    /// Registers `tensor` as `name` of `part`, with parameter id `param_id`. It is read
+    /// without its autodiff association: a transaction takes tensors of one backend, and
+    /// an autodiff model's parameters are wrapped while its optimizer's state is not.
+    pub fn register<const D: usize, K: Transaction + Autodiff>(
+        &mut self,
+        part: Part,
+        name: String,
+        param_id: u64,
+        tensor: Tensor<D, K>,
+    ) {
+        self.entries.push((part, name, param_id));
+        self.transaction =
+            std::mem::take(&mut self.transaction).register(tensor.without_autodiff());
+    }
+
+    /// Tensors registered for `part`.
+    pub fn count(&self, part: Part) -> usize {
+        self.entries.iter().filter(|(p, ..)| *p == part).count()
+    }
+
+    /// Reads every registered tensor back in one transaction.
+    pub fn execute(self) -> Result<BatchData, Error> {
+        let Batch {
+            transaction,
+            entries,
+        } = self;
+        let data = if entries.is_empty() {
+            Vec::new()
+        } else {
+            transaction.try_execute().map_err(|e| Error::Device {
+                operation: format!("reading {} tensors back", entries.len()),
+                source: Box::new(e),
+            })?
+        };
+        let mut out = BatchData {
+            model: Vec::new(),
+            optimizer: Vec::new(),
+        };
+        for ((part, name, id), data) in entries.into_iter().zip(data) {
             let (bytes, shape, dtype) = data.into_parts();
-            burn_pack::Tensor::new(path, dtype, shape.to_vec(), Some(id.val()), bytes)
-        })
-        .collect();
-    // Burnpack lists tensors by name: the same order as snapshots taken from records.
-    pack.sort_by(|a, b| a.name.cmp(&b.name));
-    bridge::from_pack_tensors(pack, RecordKind::Module, prefix)
+            let t = burn_pack::Tensor::new(name, dtype, shape.to_vec(), Some(id), bytes);
+            match part {
+                Part::Model => out.model.push(t),
+                Part::Optimizer => out.optimizer.push(t),
+            }
+        }
+        // Burnpack lists tensors by name: the same order as snapshots taken from records.
+        out.model.sort_by(|a, b| a.name.cmp(&b.name));
+        out.optimizer.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
 }
 
-/// Registers every parameter (in its saved form) in one transaction, in visiting order.
-struct Collector {
+/// Registers every parameter (in its saved form) in a batch, in visiting order.
+struct Collector<'a> {
     path: Vec<String>,
-    params: Vec<(String, ParamId)>,
-    transaction: Option<Transaction>,
+    batch: &'a mut Batch,
 }
 
-impl Collector {
-    fn register<const D: usize, K: burn::tensor::kind::Transaction>(
+impl Collector<'_> {
+    fn register<const D: usize, K: Transaction + Autodiff>(
         &mut self,
         id: ParamId,
         tensor: Tensor<D, K>,
     ) {
-        self.params.push((self.path.join("."), id));
-        self.transaction = self.transaction.take().map(|t| t.register(tensor));
+        let name = self.path.join(".");
+        self.batch.register(Part::Model, name, id.val(), tensor);
     }
 }
 
-impl ModuleVisitor for Collector {
+impl ModuleVisitor for Collector<'_> {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.path.push(name.to_string());
     }
@@ -96,7 +157,21 @@ impl ModuleVisitor for Collector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bridge::{self, Metadata, RecordKind};
     use burn::nn::{Linear, LinearConfig};
+
+    /// The module's parameters, named by module path as `ModuleRecord` names them, read back
+    /// in one transaction; tensor names get `prefix`.
+    fn module_tensors<M: Module>(
+        module: &M,
+        prefix: &str,
+    ) -> Result<(Vec<bitsnap_core::Tensor>, Metadata), Error> {
+        let mut batch = Batch::default();
+        batch.add_module(module);
+        let read = batch.execute()?;
+        bridge::from_pack_tensors(read.model, RecordKind::Module, prefix)
+    }
+
     use burn::train::checkpoint::Checkpoint;
 
     #[derive(Module, Debug)]

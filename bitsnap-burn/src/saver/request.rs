@@ -8,10 +8,10 @@ use burn::optim::ModuleOptimizer;
 use burn::train::checkpoint::Checkpoint;
 use serde::Serialize;
 
-use super::derive;
+use super::readback::{Batch, Part};
 use super::state::{self, MODEL_PREFIX, OPTIM_PREFIX, SCHEDULER_PREFIX};
 use super::worker::{Job, ReadBack};
-use super::{StepSaver, readback};
+use super::{ReadBackStats, StepSaver, capture, derive};
 use crate::Error;
 use crate::bridge::{self, Metadata, RecordKind};
 
@@ -120,15 +120,9 @@ impl<M: Module + 'static> SnapshotRequest<'_, M> {
                         source,
                     })
                 };
-            let (mut tensors, mut meta) = readback::module_tensors(&model, MODEL_PREFIX)?;
-            drop(model);
-            let optim_bytes = record(
-                RecordKind::Optimizer,
-                optimizer.to_record().checkpoint_into_bytes(),
-            )?;
-            let (t, m) = bridge::from_burnpack(optim_bytes, RecordKind::Optimizer, OPTIM_PREFIX)?;
-            tensors.extend(t);
-            meta.extend(m);
+            let (mut tensors, mut meta, mut stats) = read_state(&model, &optimizer)?;
+            drop((model, optimizer));
+            let t = Instant::now();
             if let Some(s) = scheduler {
                 let bytes = record(RecordKind::LrScheduler, s.checkpoint_into_bytes())?;
                 let (t, m) =
@@ -140,7 +134,8 @@ impl<M: Module + 'static> SnapshotRequest<'_, M> {
             if let Some(rules) = derive::replay_rules(&tensors, &meta) {
                 meta.push((derive::DERIVE.into(), rules));
             }
-            Ok((tensors, meta))
+            stats.convert += t.elapsed();
+            Ok((tensors, meta, stats))
         });
         saver.enqueue(Job {
             step,
@@ -148,6 +143,52 @@ impl<M: Module + 'static> SnapshotRequest<'_, M> {
             estimate,
             queued: Instant::now(),
             wait: Default::default(),
+            seq: 0,
         })
     }
+}
+
+/// Reads `model`'s parameters and `optimizer`'s state back: the tensors and metadata the
+/// record path gives (`model/<path>`, `optim/<param id>.<field>`, parameter ids, Burn
+/// dtypes, the optimizer's scalars and paths), the model's and (for optimizers built by
+/// [`OptimizerSpec::init_on`](super::OptimizerSpec::init_on)) the optimizer's tensors in
+/// one transaction.
+pub(super) fn read_state<M: Module>(
+    model: &M,
+    optimizer: &ModuleOptimizer,
+) -> Result<(Vec<bitsnap_core::Tensor>, Metadata, ReadBackStats), Error> {
+    let mut stats = ReadBackStats::default();
+    let t = Instant::now();
+    let mut batch = Batch::default();
+    batch.add_module(model);
+    // Adam states of an optimizer built by `init_on` register their tensors in the same
+    // batch; the record keeps the scalars (and any state read the Burn way).
+    let record = capture::optimizer_record(&mut batch, optimizer);
+    stats.optimizer_in_transaction = batch.count(Part::Optimizer);
+    let record_bytes = record
+        .checkpoint_into_bytes()
+        .map_err(|source| Error::Record {
+            what: RecordKind::Optimizer.name(),
+            source,
+        })?;
+    stats.record = t.elapsed();
+    let t = Instant::now();
+    let read = batch.execute()?;
+    stats.device = t.elapsed();
+    stats.model_bytes = read.bytes(Part::Model);
+    let t = Instant::now();
+    let (mut tensors, mut meta) =
+        bridge::from_pack_tensors(read.model, RecordKind::Module, MODEL_PREFIX)?;
+    let (mut optim, m) = bridge::from_burnpack(record_bytes, RecordKind::Optimizer, OPTIM_PREFIX)?;
+    meta.extend(m);
+    let (captured, m) =
+        bridge::from_pack_tensors(read.optimizer, RecordKind::Optimizer, OPTIM_PREFIX)?;
+    meta.extend(m);
+    optim.extend(captured);
+    // Burnpack lists tensors by name: the order the record path gives.
+    optim.sort_by(|a, b| a.name.cmp(&b.name));
+    stats.optimizer_bytes = optim.iter().map(|t| t.data.len() as u64).sum();
+    tensors.extend(optim);
+    stats.convert = t.elapsed();
+    Ok((tensors, meta, stats))
 }

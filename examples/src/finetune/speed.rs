@@ -73,6 +73,65 @@ pub struct SpeedRow {
     pub checkpoints: u64,
     /// Of bitsnap's snapshots, how many were persisted (the others were held in memory).
     pub persisted: u64,
+    /// bitsnap's background work during the measured steps (zero for the others).
+    #[serde(default)]
+    pub background: Background,
+}
+
+/// What bitsnap's background threads did for the snapshots of the measured steps.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Background {
+    /// Raw bytes read back (model and optimizer state), all snapshots.
+    pub read_bytes: u64,
+    /// Of them, the optimizer's state.
+    pub optimizer_bytes: u64,
+    /// Whole read-backs (record, transaction, conversion), seconds, all snapshots.
+    pub readback_seconds: f64,
+    /// The transactions alone (the device's reads), seconds.
+    pub device_seconds: f64,
+    /// Raw bytes of the persisted snapshots.
+    pub persisted_bytes: u64,
+    /// Encoding and writing them, seconds.
+    pub encode_write_seconds: f64,
+    /// Snapshots due for the disk that a newer one replaced (`latest_wins`).
+    pub replaced: u64,
+    /// Of the stall, the training thread's waits for room in the queue or the memory
+    /// budget, seconds.
+    pub wait_seconds: f64,
+}
+
+impl Background {
+    fn of(stats: &[bitsnap_burn::SaveStats]) -> Background {
+        let mut b = Background::default();
+        for s in stats {
+            b.read_bytes += s.read.model_bytes + s.read.optimizer_bytes;
+            b.optimizer_bytes += s.read.optimizer_bytes;
+            b.readback_seconds += s.readback.as_secs_f64();
+            b.device_seconds += s.read.device.as_secs_f64();
+            if s.persisted {
+                b.persisted_bytes += s.raw_bytes;
+                b.encode_write_seconds += s.encode_write.as_secs_f64();
+            }
+            b.replaced += s.replaced;
+            b.wait_seconds += s.wait.as_secs_f64();
+        }
+        b
+    }
+
+    /// Read-back seconds per GB of state.
+    pub fn readback_s_per_gb(&self) -> f64 {
+        self.readback_seconds / (self.read_bytes as f64 / 1e9).max(1e-12)
+    }
+
+    /// Encode and write seconds per GB of persisted state.
+    pub fn write_s_per_gb(&self) -> f64 {
+        self.encode_write_seconds / (self.persisted_bytes as f64 / 1e9).max(1e-12)
+    }
+
+    /// Background seconds per GB of one persisted save: its read-back and its write.
+    pub fn save_s_per_gb(&self) -> f64 {
+        self.readback_s_per_gb() + self.write_s_per_gb()
+    }
 }
 
 impl SpeedRow {
@@ -128,8 +187,8 @@ impl SpeedReport {
     pub fn table(&self) -> String {
         let mut t = format!(
             "{}, {:.2}M parameters; {} warm-up steps not counted\n\n\
-             | checkpointing | steps | steps/s | slowdown | stall in save calls | drain after | checkpoints (persisted) |\n\
-             |---|---|---|---|---|---|---|\n",
+             | checkpointing | steps | steps/s | slowdown | stall in save calls (waiting for the queue) | drain after | checkpoints (persisted) | read-back s/GB (device) | write s/GB | background s/GB per persisted save |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n",
             self.device,
             self.params as f64 / 1e6,
             self.warmup
@@ -139,15 +198,36 @@ impl SpeedReport {
                 Saving::Bitsnap { .. } => format!("{} ({})", r.checkpoints, r.persisted),
                 _ => r.checkpoints.to_string(),
             };
+            let b = &r.background;
+            let background = match r.saving {
+                Saving::Bitsnap { .. } if b.read_bytes > 0 => format!(
+                    "{:.3} ({:.3}) | {} | {}",
+                    b.readback_s_per_gb(),
+                    b.device_seconds / (b.read_bytes as f64 / 1e9),
+                    if b.persisted_bytes > 0 {
+                        format!("{:.3}", b.write_s_per_gb())
+                    } else {
+                        "-".into()
+                    },
+                    if b.persisted_bytes > 0 {
+                        format!("{:.3}", b.save_s_per_gb())
+                    } else {
+                        "-".into()
+                    },
+                ),
+                _ => "- | - | -".into(),
+            };
             t.push_str(&format!(
-                "| {} | {} | {:.2} | {:+.1}% | {:.2} s | {:.2} s | {} |\n",
+                "| {} | {} | {:.2} | {:+.1}% | {:.2} s ({:.2} s) | {:.2} s | {} | {} |\n",
                 r.saving.label(),
                 r.steps,
                 r.steps_per_s(),
                 self.slowdown_pct(r),
                 r.stall_seconds,
+                b.wait_seconds,
                 r.drain_seconds,
-                persisted
+                persisted,
+                background
             ));
         }
         t
@@ -248,17 +328,15 @@ pub fn measure(
     }
     let seconds = started.elapsed().as_secs_f64();
     let drain = Instant::now();
+    let mut background = Background::default();
     let persisted = match saver {
         Saver::None => 0,
         Saver::Bitsnap(s) => {
             s.flush()?;
-            let n = s
-                .stats()
-                .iter()
-                .filter(|x| x.persisted && x.step > warmup)
-                .count() as u64;
+            let measured: Vec<_> = s.stats().into_iter().filter(|x| x.step > warmup).collect();
+            background = Background::of(&measured);
             s.close()?;
-            n
+            measured.iter().filter(|x| x.persisted).count() as u64
         }
         // Dropping an AsyncCheckpointer waits for its thread to finish the queued save.
         Saver::Burn { model, optim } => {
@@ -279,6 +357,7 @@ pub fn measure(
         drain_seconds,
         checkpoints,
         persisted,
+        background,
     })
 }
 
