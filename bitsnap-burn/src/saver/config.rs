@@ -40,9 +40,11 @@ pub struct StepSaverConfig {
     /// `persist_every`-th snapshot reaches the disk; `true` lets the newer one take the
     /// waiting one's place (counted in [`SaveStats::replaced`](super::SaveStats::replaced)),
     /// so that a disk slower than training never stalls it. Either way a restore in this
-    /// process gets the latest snapshot handed over; with `true`, a killed process may find
-    /// on disk a snapshot up to two write-times older than with `false`. With a keeper every
-    /// snapshot goes to the keeper and this does not apply.
+    /// process gets the latest snapshot handed over, and a killed process finds on disk the
+    /// last snapshot whose write completed; with `false` training slows to the disk's pace,
+    /// so that one is at most about `2 × persist_every` steps old, with `true` it is as many
+    /// steps older as training runs during one write. With a keeper every snapshot goes to
+    /// the keeper and this does not apply.
     pub latest_wins: bool,
     /// Unix socket of a running keeper (`bitsnap keep STORE --socket PATH`, on the same
     /// store): every snapshot is handed to it, and it persists them (its own

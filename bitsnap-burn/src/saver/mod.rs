@@ -22,9 +22,10 @@
 //!   [`StepSaver::latest`] waits for the snapshots handed over to be read back (never for
 //!   a write) and returns the newest, from memory.
 //! - A killed process, without a keeper: the snapshots not yet on disk — those since the
-//!   latest `persist_every`-th, plus any being written. With `latest_wins`, a snapshot due
-//!   for the disk that was replaced is not written either: the disk may lag by up to two
-//!   write times instead of one.
+//!   latest `persist_every`-th whose write completed. By default training slows to the
+//!   disk's pace when writes take longer than `persist_every` steps; with `latest_wins` it
+//!   does not, and a snapshot due for the disk that a newer one replaced is never written:
+//!   the disk lags by as many steps as training runs during one write.
 //! - A killed process, with a keeper ([`StepSaverConfig::keeper`]): every snapshot is
 //!   handed to the keeper right after its read-back, so at most the snapshot being read
 //!   back and the one queued (`queue_depth`).
