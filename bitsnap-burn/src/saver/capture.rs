@@ -186,7 +186,8 @@ mod tests {
     #[test]
     fn optimizer_state_read_in_the_transaction_equals_the_record_path() {
         let device = Device::flex().autodiff();
-        let cases: [(&str, Box<dyn Fn() -> ModuleOptimizer>, usize); 4] = [
+        type Build<'a> = Box<dyn Fn() -> ModuleOptimizer + 'a>;
+        let cases: [(&str, Build, usize); 4] = [
             (
                 "adamw init_on",
                 Box::new(|| AdamWConfig::new().init_on(&device)),
