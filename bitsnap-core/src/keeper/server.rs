@@ -153,17 +153,18 @@ impl std::fmt::Debug for Keeper {
 }
 
 impl Keeper {
-    /// Starts a keeper of `store` on `socket`: takes the store's write lock (so no other
-    /// writer, and no second keeper, runs on it), binds the socket (replacing a stale
-    /// socket file left by a keeper that died; refusing if a live keeper answers there)
-    /// and returns once clients can connect.
+    /// Starts a keeper of `store` on `socket`: becomes one of the store's writers (a
+    /// lease, and the debris of dead writers removed; other writers, `bitsnap prune` for
+    /// one, may commit beside it), binds the socket (replacing a stale socket file left
+    /// by a keeper that died; refusing if a live keeper answers there) and returns once
+    /// clients can connect.
     pub fn spawn(
         mut store: Store,
         socket: impl AsRef<Path>,
         options: KeeperOptions,
     ) -> Result<Keeper, Error> {
         let socket = socket.as_ref().to_path_buf();
-        store.take_lock()?;
+        store.become_writer()?;
         let listener = bind(&socket)?;
         let backend = store.backend().clone();
         let persister = Persister::start(store).map_err(|e| Error::io(&socket, e))?;
@@ -215,7 +216,7 @@ impl Keeper {
     }
 
     /// Stops accepting, closes every connection, persists the latest snapshot of every
-    /// series not persisted yet, ends the persistence thread (releasing the store's lock)
+    /// series not persisted yet, ends the persistence thread (ending its writer lease)
     /// and removes the socket file. Returns the final counters, or the error of a save
     /// that failed.
     pub fn shutdown(mut self) -> Result<KeeperStats, Error> {

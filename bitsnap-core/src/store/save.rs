@@ -8,16 +8,12 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::manifest::MANIFEST_FILE;
 use super::stream::{self, BaseTensors, Streamed};
 use super::{Cached, SaveReport, SnapshotInfo, Store};
 use crate::codec::Encoded;
 use crate::format::{BaseRef, Decision, Header, Reference, SnapshotWriter};
 use crate::policy::DeltaVerdict;
 use crate::{Error, Policy, Tensor};
-
-/// Attempts at committing a snapshot while other writers keep changing a remote manifest.
-const COMMIT_ATTEMPTS: u32 = 8;
 
 /// Why a snapshot was stored full rather than as a delta. `Display` gives the text the
 /// CLI prints (`full (first snapshot)`).
@@ -214,7 +210,7 @@ impl Store {
         tensors: Vec<Tensor>,
         metadata: Vec<(String, String)>,
     ) -> Result<SaveReport, Error> {
-        self.take_lock()?;
+        self.become_writer()?;
         validate(&tensors, name)?;
         validate_metadata(&metadata)?;
         let mut base_time = Duration::ZERO;
@@ -241,9 +237,11 @@ impl Store {
                 }
             }
         });
-        let id = self.manifest.next_id;
+        // Reserved after the base is chosen, so the id is above the base's.
+        let reservation = self.reserve_snapshot()?;
+        let id = reservation.id;
         let plan = Plan {
-            file: self.snapshot_file_name(id),
+            file: reservation.file.clone(),
             id,
             name,
             attempt: 0,
@@ -265,7 +263,7 @@ impl Store {
             shards: Vec::new(),
         };
         timed(&mut w.timings.commit, || {
-            self.commit_new(info.clone(), &[file])
+            self.commit_new(info.clone(), &[file], reservation.reserved)
         })?;
         // Keep what this snapshot decodes to: the base of the next delta, and the answer
         // to a restore in this process.
@@ -443,83 +441,6 @@ impl Store {
             },
             timings,
         })
-    }
-
-    /// The file name of a new snapshot `id`: `snap-<id>.bsnap` under the writer lock;
-    /// with a random suffix on remote stores, where writers are not excluded and must
-    /// not overwrite each other's objects.
-    fn snapshot_file_name(&self, id: u64) -> String {
-        if self.backend.exclusive() {
-            format!("snap-{id:020}.bsnap")
-        } else {
-            format!("snap-{id:020}-{:016x}.bsnap", unique_token())
-        }
-    }
-
-    /// Commits `info` as a new snapshot: appends it to the manifest and replaces the
-    /// manifest. When another writer changed a remote manifest first, re-reads it and
-    /// tries again, as long as `info`'s id is still free and its bases still listed;
-    /// otherwise removes `files` (what this save wrote) and fails with
-    /// [`Error::Conflict`].
-    pub(crate) fn commit_new(&mut self, info: SnapshotInfo, files: &[String]) -> Result<(), Error> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let bases: Vec<u64> = info
-                .base
-                .into_iter()
-                .chain(info.shards.iter().filter_map(|s| s.base))
-                .collect();
-            let stale = if info.id < self.manifest.next_id {
-                Some(format!(
-                    "snapshot id {} was taken (the store's next id is {})",
-                    info.id, self.manifest.next_id
-                ))
-            } else {
-                bases
-                    .iter()
-                    .find(|b| self.get(**b).is_none())
-                    .map(|b| format!("base snapshot {b} was deleted"))
-            };
-            let result = match stale {
-                Some(reason) => Err(Error::Conflict {
-                    file: self.backend.path_of(MANIFEST_FILE),
-                    reason,
-                }),
-                None => {
-                    let mut next = self.manifest.clone();
-                    next.next_id = info.id + 1;
-                    next.snapshots.push(info.clone());
-                    self.write_manifest(next)
-                }
-            };
-            match result {
-                Err(Error::Conflict { .. })
-                    if !self.backend.exclusive() && attempt < COMMIT_ATTEMPTS =>
-                {
-                    tracing::info!(
-                        id = info.id,
-                        attempt,
-                        "manifest changed underneath; retrying the commit"
-                    );
-                    self.refresh()?;
-                    if info.id < self.manifest.next_id
-                        || bases.iter().any(|b| self.get(*b).is_none())
-                    {
-                        attempt = COMMIT_ATTEMPTS - 1;
-                    }
-                }
-                Err(e) => {
-                    if matches!(e, Error::Conflict { .. }) {
-                        for f in files {
-                            let _ = self.backend.remove(f);
-                        }
-                    }
-                    return Err(e);
-                }
-                Ok(()) => return Ok(()),
-            }
-        }
     }
 
     /// The decoded state of snapshot `id` and its state hash, from memory if possible.
