@@ -299,9 +299,18 @@ fn a_parked_save_blocks_neither_readers_nor_another_writer() {
     let (a, saved) = parked.finish();
     let saved = saved.unwrap();
     // Its id was reserved before b's saves: below theirs, committed after them.
-    assert!(saved.info.id < b3.info.id, "{} vs {}", saved.info.id, b3.info.id);
+    assert!(
+        saved.info.id < b3.info.id,
+        "{} vs {}",
+        saved.info.id,
+        b3.info.id
+    );
     assert_eq!(a.latest().map(|s| s.id), Some(saved.info.id));
-    assert_eq!(saved.info.base, Some(2), "a delta on the latest when it began");
+    assert_eq!(
+        saved.info.base,
+        Some(2),
+        "a delta on the latest when it began"
+    );
     let store = check_clean(dir.path());
     assert_eq!(store.load(saved.info.id).unwrap().tensors, vec![weight(2)]);
     assert_eq!(store.load(b3.info.id).unwrap().tensors, vec![weight(3)]);
@@ -325,7 +334,11 @@ fn two_writers_saving_at_once_both_commit() {
                 start.wait();
                 let mut saved = Vec::new();
                 for k in 0..6u64 {
-                    let series = if k % 2 == 0 { "shared" } else { ["a", "b"][w as usize] };
+                    let series = if k % 2 == 0 {
+                        "shared"
+                    } else {
+                        ["a", "b"][w as usize]
+                    };
                     let t = weight(1 + w * 100 + k);
                     let r = store
                         .save_in(series, &format!("w{w}-{k}"), vec![t.clone()], Vec::new())
@@ -366,13 +379,19 @@ fn a_save_commits_onto_a_base_retired_meanwhile_and_keeps_it() {
     let other = b.save("b", vec![weight(3)]).unwrap();
     assert_eq!(other.info.base, Some(2));
     b.delete(2).unwrap();
-    assert_eq!(b.retired().iter().map(|s| s.id).collect::<Vec<_>>(), vec![2]);
+    assert_eq!(
+        b.retired().iter().map(|s| s.id).collect::<Vec<_>>(),
+        vec![2]
+    );
     let (_a, saved) = parked.finish();
     let saved = saved.unwrap();
     assert_eq!(saved.info.base, Some(2));
     // Nothing listed but the parked save reads 2 now: it stays retired.
     b.delete(other.info.id).unwrap();
-    assert_eq!(b.retired().iter().map(|s| s.id).collect::<Vec<_>>(), vec![2]);
+    assert_eq!(
+        b.retired().iter().map(|s| s.id).collect::<Vec<_>>(),
+        vec![2]
+    );
     let store = check_clean(dir.path());
     assert_eq!(store.load(saved.info.id).unwrap().tensors, vec![weight(2)]);
 }
@@ -474,7 +493,12 @@ fn a_dead_writers_leftovers_go_a_live_writers_stay() {
     store.save("good", vec![weight(0)]).unwrap();
     drop(store);
     let status = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "crash_child_entry", "--test-threads=1"])
+        .args([
+            "--ignored",
+            "--exact",
+            "crash_child_entry",
+            "--test-threads=1",
+        ])
         .env(CRASH_CHILD_ENV, dir.path())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -486,7 +510,11 @@ fn a_dead_writers_leftovers_go_a_live_writers_stay() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("snap-") || n.starts_with("writer-"))
         .collect();
-    assert_eq!(left.len(), 3, "good snapshot, crashed snapshot, dead lease: {left:?}");
+    assert_eq!(
+        left.len(),
+        3,
+        "good snapshot, crashed snapshot, dead lease: {left:?}"
+    );
     // The last good checkpoint is intact, and the dead writer's files are orphans.
     let reader = Store::open(dir.path()).unwrap();
     assert_eq!(reader.load(1).unwrap().tensors, vec![weight(0)]);

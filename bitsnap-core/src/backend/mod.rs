@@ -37,8 +37,8 @@ mod local;
 mod object;
 
 pub use local::{
-    DEFAULT_LOCK_WAIT, LEASE_PREFIX, LEASE_SUFFIX, LOCK_FILE, LocalDir, PARALLEL_READ_BYTES, READ_PIECE_BYTES, WRITEBACK_AFTER_BYTES,
-    WRITEBACK_INTERVAL, Writeback, read_exact_at_parallel,
+    DEFAULT_LOCK_WAIT, LEASE_PREFIX, LEASE_SUFFIX, LOCK_FILE, LocalDir, PARALLEL_READ_BYTES,
+    READ_PIECE_BYTES, WRITEBACK_AFTER_BYTES, WRITEBACK_INTERVAL, Writeback, read_exact_at_parallel,
 };
 #[cfg(feature = "remote")]
 pub use object::{MULTIPART_PART_BYTES, ObjectBackend};

@@ -35,8 +35,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::manifest::{
-    MANIFEST_FILE, ManifestBody, SnapshotName, pending_shard, rebased_generation,
-    snapshot_name_id,
+    MANIFEST_FILE, ManifestBody, SnapshotName, pending_shard, rebased_generation, snapshot_name_id,
 };
 use super::save::unique_token;
 use super::{SnapshotInfo, Store};
@@ -299,15 +298,14 @@ impl Store {
                 out.push(name);
                 continue;
             }
-            if leases
-                && let Some(nonce) = lease_nonce(&name)
-            {
+            if leases && let Some(nonce) = lease_nonce(&name) {
                 if !is_alive(nonce)? {
                     out.push(name);
                 }
                 continue;
             }
-            let ours = name.starts_with("snap-") && (name.ends_with(".bsnap") || name.ends_with(".tmp"));
+            let ours =
+                name.starts_with("snap-") && (name.ends_with(".bsnap") || name.ends_with(".tmp"));
             if !ours
                 || listed.contains(name.as_str())
                 || pending_shard(&name, self.manifest.next_id)
@@ -330,7 +328,9 @@ impl Store {
 
 /// The nonce of lease file `writer-<16 hex>.lease`.
 fn lease_nonce(name: &str) -> Option<u64> {
-    let hex = name.strip_prefix(LEASE_PREFIX)?.strip_suffix(LEASE_SUFFIX)?;
+    let hex = name
+        .strip_prefix(LEASE_PREFIX)?
+        .strip_suffix(LEASE_SUFFIX)?;
     (hex.len() == 16 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
         .then(|| u64::from_str_radix(hex, 16).ok())
         .flatten()
@@ -350,10 +350,7 @@ mod tests {
 
     #[test]
     fn lease_names() {
-        assert_eq!(
-            lease_nonce("writer-00000000000000ff.lease"),
-            Some(255)
-        );
+        assert_eq!(lease_nonce("writer-00000000000000ff.lease"), Some(255));
         assert_eq!(lease_nonce("writer-00000000000000ff.lease.tmp"), None);
         assert_eq!(lease_nonce("writer-00000000000000FF.lease"), None);
         assert_eq!(lease_nonce("writer-ff.lease"), None);

@@ -416,7 +416,10 @@ mod tests {
     fn reservation_sees_every_id_a_file_carries() {
         for (name, id) in [
             ("snap-00000000000000000007.bsnap", Some(7)),
-            ("snap-00000000000000000008-0123456789abcdef.bsnap.tmp", Some(8)),
+            (
+                "snap-00000000000000000008-0123456789abcdef.bsnap.tmp",
+                Some(8),
+            ),
             ("snap-00000000000000000009-s00001.bsnap", Some(9)),
             ("snap-00000000000000000003-r12.bsnap", Some(3)),
             ("snap-7.bsnap", None),
@@ -424,8 +427,14 @@ mod tests {
         ] {
             assert_eq!(snapshot_name_id(name), id, "{name}");
         }
-        assert_eq!(rebased_generation("snap-00000000000000000003-r12.bsnap"), Some(12));
-        assert_eq!(rebased_generation("snap-00000000000000000003-r12.bsnap.tmp"), Some(12));
+        assert_eq!(
+            rebased_generation("snap-00000000000000000003-r12.bsnap"),
+            Some(12)
+        );
+        assert_eq!(
+            rebased_generation("snap-00000000000000000003-r12.bsnap.tmp"),
+            Some(12)
+        );
         assert_eq!(rebased_generation("snap-00000000000000000003.bsnap"), None);
     }
 

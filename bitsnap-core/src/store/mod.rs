@@ -56,8 +56,8 @@ mod stream;
 mod verify;
 
 pub use crate::backend::LOCK_FILE;
-pub(crate) use commit::Writer;
 pub use budget::{FALLBACK_DECODE_BUDGET, check_decode_budget, default_decode_budget};
+pub(crate) use commit::Writer;
 pub use load::{ChainLink, RestoreChain};
 pub(crate) use manifest::ManifestBody;
 use manifest::ShardInfo;
@@ -488,6 +488,22 @@ impl Store {
     /// Re-reads the committed manifest: picks up what other writers committed since
     /// this `Store` last read it (every change re-reads it anyway, under the commit
     /// lock). The decoded state kept of this `Store`'s latest saves stays.
+    ///
+    /// ```
+    /// use bitsnap_core::{Policy, Role, Store, Tensor};
+    /// let dir = tempfile::tempdir()?;
+    /// let mut a = Store::open_or_create(dir.path(), Policy::default())?;
+    /// let mut b = Store::open(dir.path())?;
+    /// let t = Tensor::from_f32("w", &[2], Role::Weight, &[1.0, 2.0])?;
+    /// a.save("from-a", vec![t.clone()])?;
+    /// assert!(b.snapshots().is_empty()); // the manifest as b opened it
+    /// b.refresh()?;
+    /// assert_eq!(b.snapshots().len(), 1);
+    /// b.save("from-b", vec![t])?; // both write: the lock covers each commit only
+    /// a.refresh()?;
+    /// assert_eq!(a.snapshots().len(), 2);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn refresh(&mut self) -> Result<(), Error> {
         if let Some((m, v)) = manifest::read_manifest(self.backend.as_ref())? {
             self.manifest = m;
