@@ -212,7 +212,9 @@ fn check_clean(dir: &Path) -> Store {
         .snapshots()
         .iter()
         .chain(store.retired())
-        .map(|s| s.file.clone())
+        .flat_map(|s| {
+            std::iter::once(s.file.clone()).chain(s.shards.iter().map(|h| h.file.clone()))
+        })
         .collect();
     for f in snapshot_files(dir) {
         assert!(listed.contains(&f), "{f} is not listed");
@@ -533,5 +535,30 @@ fn a_dead_writers_leftovers_go_a_live_writers_stay() {
     let live = live.unwrap();
     let store = check_clean(dir.path());
     assert_eq!(store.load(live.info.id).unwrap().tensors, vec![weight(1)]);
+    assert_eq!(store.snapshots().len(), 3);
+}
+
+/// Ranks write the shards of snapshot 10 while another writer saves: the save reserves
+/// an id below the shards' (shard files do not count), so `next_id` stays at or below 10
+/// and the sharded commit still succeeds. Counting them, the save took id 11 and the
+/// sharded commit then failed: "snapshot id 10 was taken".
+#[test]
+fn a_save_beside_pending_shards_leaves_their_id_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open_or_create(dir.path(), Policy::default()).unwrap();
+    store.save("first", vec![weight(0)]).unwrap();
+    for rank in 0..2u32 {
+        let mut r = Store::open(dir.path()).unwrap();
+        let t = random_tensor(&format!("part{rank}"), DType::F32, &[256], Role::Weight, 5);
+        r.save_shard("model", 10, "step-10", rank, 2, vec![t], Vec::new())
+            .unwrap();
+    }
+    let saved = store.save("beside", vec![weight(1)]).unwrap();
+    assert!(saved.info.id < 10, "{}", saved.info.id);
+    let info = store
+        .commit_sharded("model", 10, "step-10", 2, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(info.id, 10);
+    let store = check_clean(dir.path());
     assert_eq!(store.snapshots().len(), 3);
 }

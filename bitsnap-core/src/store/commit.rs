@@ -168,11 +168,16 @@ impl Store {
 
     /// The lowest id at or above `next_id` above every id and rebased generation a file
     /// in the store carries (local stores; call under the commit lock). Remote stores:
-    /// `next_id`.
+    /// `next_id`. Shard files are not counted: their ids are the ranks' choice, and a
+    /// reservation above them would raise `next_id` past a sharded snapshot still being
+    /// written (a save that takes the same id as one is refused at the later commit).
     pub(crate) fn next_free_id(&self) -> Result<u64, Error> {
         let mut id = self.manifest.next_id;
         if self.backend.exclusive() {
             for name in self.backend.list()? {
+                if pending_shard(&name, 0) {
+                    continue;
+                }
                 for n in [snapshot_name_id(&name), rebased_generation(&name)]
                     .into_iter()
                     .flatten()
