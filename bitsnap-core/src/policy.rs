@@ -171,8 +171,7 @@ impl Policy {
             if !self.device_forms_only || CodecId::IntDelta.has_device_form() {
                 v.push(Box::new(IntDelta { level: l }));
             }
-            let sparse =
-                changed.is_none_or(|c| (c as f64) <= BITMASK_MAX_CHANGED * numel as f64);
+            let sparse = changed.is_none_or(|c| (c as f64) <= BITMASK_MAX_CHANGED * numel as f64);
             if sparse {
                 v.push(Box::new(BitmaskDelta { level: l }));
             }
@@ -257,7 +256,9 @@ impl Policy {
             if let Some(enc) = a.trial(&sample).map_err(wrap)? {
                 let est = sample.estimate(enc.payload.len());
                 // Listed first: the references they name are the first thing to explain.
-                decision.candidates.insert(i.min(decision.candidates.len()), (a.codec(), est));
+                decision
+                    .candidates
+                    .insert(i.min(decision.candidates.len()), (a.codec(), est));
                 consider(est.saturating_add(a.overhead()), Pick::Alternative(i), enc);
             }
         }
@@ -521,7 +522,9 @@ mod tests {
             assert_eq!(alt.encodes.load(Relaxed), usize::from(!exact));
         }
         // A losing alternative never encodes the whole tensor.
-        let data: Vec<u8> = (0..200_000u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let data: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| (i as f32).to_le_bytes())
+            .collect();
         let t = tensor("x", DType::F32, data, Role::Weight);
         let alt = Constant {
             data: &t.data,

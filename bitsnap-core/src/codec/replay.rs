@@ -33,7 +33,6 @@
 use rayon::prelude::*;
 
 use super::{CodecError, Cursor, alloc, chunks, intdelta, planes};
-use crate::DType;
 
 /// Most constants a predictor carries.
 pub const MAX_CONSTANTS: usize = 6;
@@ -443,6 +442,7 @@ pub(crate) fn decode_into(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::DType;
     use crate::codec::testing::{finite_bytes, mutate, tensor_bytes};
     use crate::codec::{CodecId, decode_with_references};
     use proptest::prelude::*;
@@ -526,7 +526,6 @@ mod tests {
             assert_eq!(&payload[at..], whole.payload.as_slice());
         }
     }
-
 
     #[test]
     fn torch_adamw_replays_a_step_exactly_and_generic_does_not() {

@@ -164,10 +164,18 @@ mod tests {
         ] {
             let s = TrialSample::of(len, w);
             assert!(!s.is_exact());
-            assert!(s.ranges.iter().all(|r| r.start % w == 0 && r.len() % w == 0));
+            assert!(
+                s.ranges
+                    .iter()
+                    .all(|r| r.start % w == 0 && r.len() % w == 0)
+            );
             assert!(s.ranges.iter().all(|r| r.end <= len));
             assert!(s.ranges.windows(2).all(|p| p[0].end <= p[1].start));
-            assert!(s.ranges.last().is_some_and(|r| r.end + s.ranges[0].len() * 2 > len));
+            assert!(
+                s.ranges
+                    .last()
+                    .is_some_and(|r| r.end + s.ranges[0].len() * 2 > len)
+            );
             assert!(s.len() <= TRIAL_WINDOWS * TRIAL_WINDOW_BYTES);
         }
         let exact = TrialSample::of(100, 4);

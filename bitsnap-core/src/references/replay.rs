@@ -540,7 +540,10 @@ impl Alternative for ReplayAlternative<'_> {
         let Some(r) = self.chosen.get() else {
             return Ok(None);
         };
-        Ok(replay::encode(r, self.actual, self.base, self.a, self.b, self.level)?.map(Self::encoded))
+        Ok(
+            replay::encode(r, self.actual, self.base, self.a, self.b, self.level)?
+                .map(Self::encoded),
+        )
     }
 }
 
@@ -1097,14 +1100,28 @@ mod tests {
             weight_decay: 0.1,
             step: Some(11),
         };
-        let g = |k: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * 0.007 + k).sin() * 1e-3).collect() };
+        let g = |k: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| (i as f32 * 0.007 + k).sin() * 1e-3)
+                .collect()
+        };
         let w0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 0.02).collect();
         let m0: Vec<f32> = g(0.5).iter().map(|x| x * 0.3).collect();
         let v0: Vec<f32> = g(1.5).iter().map(|x| x * x + 1e-9).collect();
         let (w1, m1, v1) = torch_step(&h, &w0, &m0, &v0, &g(2.5));
         let with_half = |w: &[f32], m: &[f32], v: &[f32]| {
-            let half: Vec<u8> = w.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect();
-            let model = Tensor::new("model.fc.weight", DType::BF16, vec![n as u64], crate::Role::Weight, half).unwrap();
+            let half: Vec<u8> = w
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect();
+            let model = Tensor::new(
+                "model.fc.weight",
+                DType::BF16,
+                vec![n as u64],
+                crate::Role::Weight,
+                half,
+            )
+            .unwrap();
             let mut all = vec![model];
             all.extend(snapshot(w, m, v));
             all
@@ -1113,14 +1130,21 @@ mod tests {
         let mut store = crate::Store::open_or_create(dir.path(), crate::Policy::default()).unwrap();
         let mut prev = h;
         prev.step = Some(10);
-        store.save_with_metadata("a", with_half(&w0, &m0, &v0), metadata(&prev)).unwrap();
-        let rep = store.save_with_metadata("b", with_half(&w1, &m1, &v1), metadata(&h)).unwrap();
+        store
+            .save_with_metadata("a", with_half(&w0, &m0, &v0), metadata(&prev))
+            .unwrap();
+        let rep = store
+            .save_with_metadata("b", with_half(&w1, &m1, &v1), metadata(&h))
+            .unwrap();
         let codecs: Vec<CodecId> = rep.header.entries.iter().map(|e| e.codec).collect();
         // model (cast), master (replay), exp_avg (a delta codec), exp_avg_sq (replay).
         assert_eq!(codecs[0], CodecId::Cast);
         assert_eq!((codecs[1], codecs[3]), (CodecId::Replay, CodecId::Replay));
         let store = crate::Store::open_or_create(dir.path(), crate::Policy::default()).unwrap();
-        assert_eq!(store.load(rep.info.id).unwrap().tensors, with_half(&w1, &m1, &v1));
+        assert_eq!(
+            store.load(rep.info.id).unwrap().tensors,
+            with_half(&w1, &m1, &v1)
+        );
     }
 
     #[test]

@@ -10,11 +10,11 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::manifest::MANIFEST_FILE;
 use super::stream::{self, BaseTensors, Streamed};
-use crate::references::replay::Unit;
 use super::{Cached, SaveReport, SnapshotInfo, Store};
 use crate::codec::Encoded;
 use crate::format::{BaseRef, Decision, Header, Reference, SnapshotWriter};
 use crate::policy::DeltaVerdict;
+use crate::references::replay::Unit;
 use crate::{Error, Policy, Tensor};
 
 /// Attempts at committing a snapshot while other writers keep changing a remote manifest.
@@ -337,9 +337,7 @@ impl Store {
         // Copies of earlier tensors, among those not written yet.
         let changed = timed(&mut timings.references, || {
             if references_allowed(&policy) {
-                crate::references::apply(&tensors, &mut encoded, &mut references, &|i| {
-                    i >= written
-                })
+                crate::references::apply(&tensors, &mut encoded, &mut references, &|i| i >= written)
             } else {
                 vec![false; tensors.len()]
             }
