@@ -52,7 +52,7 @@ impl TrialSample {
         let width = width.max(1);
         if len <= TRIAL_EXACT_BYTES {
             return TrialSample {
-                ranges: vec![0..len],
+                ranges: std::iter::once(0..len).collect(),
                 total: len,
                 exact: true,
             };
