@@ -160,6 +160,10 @@ impl Policy {
                 v.push(Box::new(IntDelta { level: l }));
             }
             v.push(Box::new(BitmaskDelta { level: l }));
+            // Engineer C (#12): the exponent-grouped integer delta, host-decoded only.
+            if !self.device_forms_only {
+                v.push(Box::new(codec::GroupedDelta { level: l }));
+            }
         }
         v
     }
