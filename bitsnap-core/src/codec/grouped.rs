@@ -160,43 +160,64 @@ impl Groups {
     fn of(base: &[u8], width: usize, field: (u32, u64), order: &mut Vec<u32>) -> Groups {
         let (shift, mask) = field;
         let n = base.len() / width;
-        let key = |e: &[u8]| -> usize {
-            let mut b = [0u8; 8];
-            b[..e.len()].copy_from_slice(e);
-            ((u64::from_le_bytes(b) >> shift) & mask) as usize
-        };
         let values = mask as usize + 1;
-        let mut counts = vec![0usize; values];
-        for e in base.chunks_exact(width) {
-            counts[key(e)] += 1;
+        // The exponent field of every element, read at its width (one pass, no per-element
+        // copies: this runs for every chunk on both sides).
+        order.clear();
+        order.resize(n, 0);
+        macro_rules! keys {
+            ($u:ty) => {{
+                const W: usize = std::mem::size_of::<$u>();
+                for (k, e) in order.iter_mut().zip(base.chunks_exact(W)) {
+                    let v = <$u>::from_le_bytes(e.try_into().unwrap_or_default());
+                    *k = ((v >> shift) as u64 & mask) as u32;
+                }
+            }};
+        }
+        match width {
+            2 => keys!(u16),
+            4 => keys!(u32),
+            _ => keys!(u64),
+        }
+        let mut counts = vec![0u32; values];
+        for &k in order.iter() {
+            counts[k as usize & (values - 1)] += 1;
         }
         // Group 0 holds the rare values; groups 1.. the frequent ones, ascending.
-        let mut group_of = vec![0usize; values];
+        let mut group_of = vec![0u32; values];
         let mut sizes = vec![0usize];
         for (v, &c) in counts.iter().enumerate() {
-            if c >= MIN_GROUP {
-                group_of[v] = sizes.len();
-                sizes.push(c);
+            if c as usize >= MIN_GROUP {
+                group_of[v] = sizes.len() as u32;
+                sizes.push(c as usize);
             } else {
-                sizes[0] += c;
+                sizes[0] += c as usize;
             }
         }
         let mut next = Vec::with_capacity(sizes.len());
-        let mut at = 0;
+        let mut at = 0u32;
         for &s in &sizes {
             next.push(at);
-            at += s;
+            at += s as u32;
         }
-        order.clear();
-        order.resize(n, 0);
-        for (i, e) in base.chunks_exact(width).enumerate() {
-            let g = group_of[key(e)];
-            order[next[g]] = i as u32;
-            next[g] += 1;
+        // Keys to positions in place would need a second buffer; the keys are cheap to
+        // read again.
+        let mut positions = KEYS.with(|k| std::mem::take(&mut *k.borrow_mut()));
+        positions.clear();
+        positions.extend(order.iter().map(|&k| group_of[k as usize & (values - 1)]));
+        for (i, &g) in positions.iter().enumerate() {
+            let slot = &mut next[g as usize];
+            order[*slot as usize] = i as u32;
+            *slot += 1;
         }
+        KEYS.with(|k| *k.borrow_mut() = positions);
         sizes.retain(|&s| s > 0);
         Groups { sizes }
     }
+}
+
+thread_local! {
+    static KEYS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Writes the elements of `src` (element order) into `dst` in the order of `order`.
