@@ -25,7 +25,35 @@ Usage (numpy + zstandard)::
         /var/tmp/predict-ms/series/step-*.safetensors
 
 Prints, per role, the bytes of every form over the whole series (first file included: its
-forms have no base) and the gain of the best context form over ``now``.
+forms have no base; every candidate counted as per tensor min(now, candidate), as a policy
+trying it beside today's codecs would get) and, with ``--entropy``, each key's order-0
+entropy per byte plane (bits per element) unconditioned and conditioned on the key.
+
+Measured (session 5, 2-core dev box, /var/tmp/predict-ms small preset, f32 tensors only),
+gain over ``now`` per role:
+
+=========================  ===============  ===============
+form                       series (5 x 100)  fine-tune (4 x 50)
+=========================  ===============  ===============
+masters  split:eb/int      +2.70%           +1.94%
+masters  sort:eb/int       +1.91%           +0.96%
+masters  split:eb-estep    +1.08%           +0.91%
+exp_avg  split:ev/planes   +0.32%           +0.38%
+exp_avg  sort:ev+sdw       +0.19%           +0.32%
+exp_avg_sq  rot/int        +0.29%           +0.20%
+exp_avg_sq  split:eb/int   +0.11%           +0.04%
+=========================  ===============  ===============
+
+What bounds the rest: the conditional entropies are within 0.5-4% of the unconditioned
+ones on the two low planes of every role (masters' int residual, series: H0 per plane
+[7.84 7.86 6.95 0.77] bits, H|base exponent [7.81 7.83 6.59 0.51]; exp_avg planes
+[7.86 7.86 7.83 2.84] vs H|exp(v) [7.81 7.81 7.78 2.60]; exp_avg_sq int [7.73 7.86 7.77
+0.85] vs [7.63 7.81 7.72 0.79]): at 50-100 step intervals the two low bytes of every f32
+element are fresh random mantissa, and no key the decoder has makes them predictable. A
+3-term least-squares predictor of the masters' change from (m/sqrt(v) of base and new, w)
+explains R^2 = 0.46 (fine-tune) and 0.09-0.47 (series) of its variance: 0.1-0.45 bits of
+~21 per element. The split form was built as codec ``grouped`` (bitsnap-core
+codec/grouped.rs, FORMAT.md 3.10).
 """
 
 import argparse
