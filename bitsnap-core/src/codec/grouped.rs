@@ -161,16 +161,20 @@ impl Groups {
         let (shift, mask) = field;
         let n = base.len() / width;
         let values = mask as usize + 1;
-        // The exponent field of every element, read at its width (one pass, no per-element
-        // copies: this runs for every chunk on both sides).
-        order.clear();
-        order.resize(n, 0);
+        // The exponent field of every element, read at its width and counted in one pass
+        // (this runs for every chunk on both sides).
+        let mut keys = KEYS.with(|k| std::mem::take(&mut *k.borrow_mut()));
+        keys.clear();
+        keys.resize(n, 0);
+        let mut counts = vec![0u32; values];
         macro_rules! keys {
             ($u:ty) => {{
                 const W: usize = std::mem::size_of::<$u>();
-                for (k, e) in order.iter_mut().zip(base.chunks_exact(W)) {
+                for (k, e) in keys.iter_mut().zip(base.chunks_exact(W)) {
                     let v = <$u>::from_le_bytes(e.try_into().unwrap_or_default());
-                    *k = ((v >> shift) as u64 & mask) as u32;
+                    let key = ((v >> shift) as u64 & mask) as usize;
+                    counts[key] += 1;
+                    *k = key as u32;
                 }
             }};
         }
@@ -179,11 +183,8 @@ impl Groups {
             4 => keys!(u32),
             _ => keys!(u64),
         }
-        let mut counts = vec![0u32; values];
-        for &k in order.iter() {
-            counts[k as usize & (values - 1)] += 1;
-        }
-        // Group 0 holds the rare values; groups 1.. the frequent ones, ascending.
+        // Group 0 holds the rare values; groups 1.. the frequent ones, ascending. Each
+        // value maps to the next free slot of its group.
         let mut group_of = vec![0u32; values];
         let mut sizes = vec![0usize];
         for (v, &c) in counts.iter().enumerate() {
@@ -200,17 +201,14 @@ impl Groups {
             next.push(at);
             at += s as u32;
         }
-        // Keys to positions in place would need a second buffer; the keys are cheap to
-        // read again.
-        let mut positions = KEYS.with(|k| std::mem::take(&mut *k.borrow_mut()));
-        positions.clear();
-        positions.extend(order.iter().map(|&k| group_of[k as usize & (values - 1)]));
-        for (i, &g) in positions.iter().enumerate() {
-            let slot = &mut next[g as usize];
+        order.clear();
+        order.resize(n, 0);
+        for (i, &k) in keys.iter().enumerate() {
+            let slot = &mut next[group_of[k as usize & (values - 1)] as usize];
             order[*slot as usize] = i as u32;
             *slot += 1;
         }
-        KEYS.with(|k| *k.borrow_mut() = positions);
+        KEYS.with(|k| *k.borrow_mut() = keys);
         sizes.retain(|&s| s > 0);
         Groups { sizes }
     }
@@ -228,11 +226,28 @@ fn gather(src: &[u8], order: &[u32], width: usize, dst: &mut [u8]) {
     }
 }
 
-/// Writes the elements of `src` (grouped order) back to their places in `dst`.
-fn scatter(src: &[u8], order: &[u32], width: usize, dst: &mut [u8]) {
-    for (s, &i) in src.chunks_exact(width).zip(order) {
-        let i = i as usize * width;
-        dst[i..i + width].copy_from_slice(s);
+/// Writes `base + difference` for the zigzag differences of `src` (grouped order) to
+/// their places in `dst` (one pass: the scatter and `intdelta::inverse` fused).
+fn scatter_add(src: &[u8], order: &[u32], base: &[u8], width: usize, dst: &mut [u8]) {
+    macro_rules! run {
+        ($u:ty) => {{
+            const W: usize = std::mem::size_of::<$u>();
+            for (s, &i) in src.chunks_exact(W).zip(order) {
+                let i = i as usize * W;
+                let (Some(d), Some(b)) = (dst.get_mut(i..i + W), base.get(i..i + W)) else {
+                    continue;
+                };
+                let z = <$u>::from_le_bytes(s.try_into().unwrap_or_default());
+                let b = <$u>::from_le_bytes(b.try_into().unwrap_or_default());
+                let diff = (z >> 1) ^ (z & 1).wrapping_neg();
+                d.copy_from_slice(&b.wrapping_add(diff).to_le_bytes());
+            }
+        }};
+    }
+    match width {
+        2 => run!(u16),
+        4 => run!(u32),
+        _ => run!(u64),
     }
 }
 
@@ -299,8 +314,7 @@ pub(crate) fn decode_into(
                 cur.finish("grouped planes")
                     .map_err(|e| e.shifted(chunk.offset))
             })?;
-            scatter(&s.grouped, &s.order, width, part);
-            intdelta::inverse(part, base, width);
+            scatter_add(&s.grouped, &s.order, base, width, part);
             Ok(())
         })
     })
