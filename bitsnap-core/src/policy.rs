@@ -175,6 +175,10 @@ impl Policy {
             if sparse {
                 v.push(Box::new(BitmaskDelta { level: l }));
             }
+            // The exponent-grouped integer delta (#12): host-decoded only.
+            if !self.device_forms_only {
+                v.push(Box::new(codec::GroupedDelta { level: l }));
+            }
         }
         v
     }

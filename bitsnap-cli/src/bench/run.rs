@@ -905,11 +905,12 @@ fn run_baseline(
 }
 
 /// What `e` saved against the best candidate of `d` of another kind: for reference
-/// codecs the best codec reading no other tensor, for `intdelta` the best of the others;
+/// codecs the best codec reading no other tensor, for `intdelta` and `grouped` the best
+/// of the others;
 /// `None` for the rest (or when no such candidate was tried).
 fn saved_against_others(e: &Encoded, d: &bitsnap_core::Decision) -> Option<i64> {
     let other = |c: &CodecId| match e.codec {
-        CodecId::IntDelta => *c != CodecId::IntDelta && !c.needs_reference(),
+        CodecId::IntDelta | CodecId::GroupedDelta => *c != e.codec && !c.needs_reference(),
         c0 if c0.needs_reference() => !c.needs_reference(),
         _ => false,
     };
