@@ -9,9 +9,9 @@
 //! ```
 //!
 //! The read-back thread never waits for an encode or a write, except when a snapshot due
-//! for the disk finds the slot still taken (the persist thread is writing one and another
-//! is waiting): then it waits, unless [`StepSaverConfig::latest_wins`](super::StepSaverConfig::latest_wins)
-//! lets the newer snapshot replace the waiting one.
+//! for the disk arrives while the previous one is still being written: then it waits,
+//! unless [`StepSaverConfig::latest_wins`](super::StepSaverConfig::latest_wins) lets the
+//! newer snapshot take the slot (replacing one already waiting there).
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -357,6 +357,12 @@ fn read_one(shared: &Shared, config: &WorkerConfig, job: Job, last_seq: &mut u64
             stats,
             accounted: raw,
         };
+        // Without `latest_wins` a snapshot due for the disk waits until the previous one is
+        // written: at most one snapshot waits for the disk beyond the one being written
+        // and the one queued, as when one thread did both.
+        while !config.latest_wins && p.persisting.is_some() && p.stopped.is_none() {
+            p = shared.wait(p);
+        }
         while let Some(waiting) = p.slot.take() {
             if config.latest_wins {
                 // The newer snapshot takes the place of the one not yet started: it stays
