@@ -212,8 +212,8 @@ impl StepSaver {
                         None
                     }
                 });
-        // An existing store is opened without its write lock (a keeper may hold it); the
-        // lock is taken by the first save this saver makes itself.
+        // Opening takes no lock: each save takes the store's lock only for its commit, so
+        // a keeper, `bitsnap prune` or another writer may work on the same store.
         let store = Store::open_or_create(&dir, config.policy)?;
         let shared = Arc::new(Shared {
             store: std::sync::Mutex::new(store),

@@ -104,8 +104,9 @@ impl Progress {
 }
 
 pub(super) struct Shared {
-    /// The store the saver writes (its write lock is taken by the first save). Readers use
-    /// it only when it is free; otherwise they open their own read-only view.
+    /// The store the saver writes (each commit takes the store's lock only while it
+    /// commits). Readers use it only when it is free; otherwise they open their own
+    /// read-only view.
     pub store: Mutex<Store>,
     pub progress: Mutex<Progress>,
     pub changed: Condvar,
@@ -209,15 +210,12 @@ pub(super) fn persist(
     let stored = t0.elapsed();
     let t1 = Instant::now();
     if let Some(n) = keep_last {
-        let steps: Vec<u64> = store
-            .snapshots()
-            .iter()
-            .filter(|s| s.series == STEP_SERIES)
-            .map(|s| s.id)
-            .collect();
-        for id in steps.iter().take(steps.len().saturating_sub(n)) {
-            store.delete(*id)?;
-        }
+        // Planned against the manifest as it is at commit time: another writer (a
+        // `bitsnap prune` or `rm`) may have deleted some of them meanwhile.
+        store.prune(
+            Some(STEP_SERIES),
+            &bitsnap_core::Retention::default().with_keep_last(n),
+        )?;
     }
     Ok(Persisted {
         raw_bytes: report.info.raw_bytes,

@@ -245,7 +245,9 @@ impl Backend for LocalDir {
     }
 
     fn lock(&self) -> Result<Option<Box<dyn Any + Send + Sync>>, Error> {
-        fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        // The directory is created once, when a writer takes its lease: a store directory
+        // that vanished later (an unmounted disk) fails the commit instead of being
+        // silently recreated empty.
         let path = self.dir.join(LOCK_FILE);
         let f = File::options()
             .create(true)
