@@ -301,6 +301,7 @@ impl Store {
             return self.write_unstreamed(plan, tensors, metadata, base, SaveTimings::default());
         }
         // The stage signals in the metadata scale a lossy error budget (policy/budget.rs).
+        let metadata = self.with_base_lr(metadata, plan.base.as_ref().ok().map(|b| b.id));
         let (policy, metadata) = self.policy.staged(metadata);
         let mut timings = SaveTimings::default();
         // The base is moved out of the plan, which keeps no reference to its tensors: a
@@ -409,6 +410,7 @@ impl Store {
         base: Result<BaseState, FullReason>,
         mut timings: SaveTimings,
     ) -> Result<Written, Error> {
+        let metadata = self.with_base_lr(metadata, base.as_ref().ok().map(|b| b.id));
         let (policy, metadata) = self.policy.staged(metadata);
         let Encoding {
             tensors: encoded,
@@ -557,6 +559,18 @@ impl Store {
             })?
             .state_hash;
         Ok(BaseState { id, state, hash })
+    }
+
+    /// `metadata` with the base snapshot's learning rate (the stage rule's lr-change
+    /// signal, policy/budget.rs), when the policy has an error budget.
+    fn with_base_lr(&self, metadata: Vec<(String, String)>, base: Option<u64>) -> Vec<(String, String)> {
+        match base.filter(|_| self.policy.wants_base_lr()) {
+            Some(id) => match self.header(id) {
+                Ok(h) => self.policy.with_base_lr(metadata, &h.metadata),
+                Err(_) => metadata,
+            },
+            None => metadata,
+        }
     }
 
     pub(crate) fn depth(&self, id: u64) -> u32 {
