@@ -17,6 +17,11 @@
 //!    `x − base` clustered linearly (never for non-negative ones: base + delta can fall
 //!    below zero, a second moment below zero makes `√v` NaN). The first width at which
 //!    some candidate meets the budget wins, the smallest payload of its candidates.
+//!    That candidate is then tried with fewer codebook entries than its width holds (a
+//!    binary search between the narrower width's `2^b + 1` and `2^bits − 1`): the codes
+//!    keep their width, but a skewed code distribution is what zstd's entropy coding
+//!    shrinks, so the fewest entries that still meet the budget usually give the
+//!    smallest payload (kept only if smaller; a width "between" 3 and 4 bits, say).
 //!    Tensors over [`super::EXACT_TRIAL_BYTES`] are tried on the policy's sample windows
 //!    (of the tensor and its base) and the winner is then encoded whole and checked again
 //!    (a failure moves on to the next width).
@@ -259,7 +264,10 @@ impl super::Policy {
     /// Whether [`Policy::with_base_lr`](super::Policy::with_base_lr) reads anything: only
     /// an error budget has a stage rule.
     pub fn wants_base_lr(&self) -> bool {
-        matches!(self.lossiness, super::Lossiness::LossyOptimizerBudget { .. })
+        matches!(
+            self.lossiness,
+            super::Lossiness::LossyOptimizerBudget { .. }
+        )
     }
 
     /// A save's `metadata` with [`stage_keys::BASE_LR`] set to the [`stage_keys::LR`] of
@@ -297,12 +305,20 @@ const WIDTHS: [QuantBits; 6] = QuantBits::ALL;
 /// The encodings tried at one width: linear and log codebooks, and with a base the ratio
 /// residual for a non-negative tensor, the delta residual for a signed one (a delta could
 /// take a second moment below zero, and `√v` to NaN: measured in the fidelity benchmark).
-fn candidates(bits: QuantBits, level: i32, with_base: bool, signed: bool) -> Vec<Box<dyn Codec>> {
+/// `entries` caps the codebook below `2^bits` (see [`fewer_entries`]).
+fn candidates(
+    bits: QuantBits,
+    level: i32,
+    with_base: bool,
+    signed: bool,
+    entries: Option<usize>,
+) -> Vec<Box<dyn Codec>> {
     let mut v: Vec<Box<dyn Codec>> = [ClusterMode::Linear, ClusterMode::Log]
         .into_iter()
         .map(|mode| -> Box<dyn Codec> {
             Box::new(ClusterQuantizer {
                 level,
+                entries,
                 ..ClusterQuantizer::new(bits).with_mode(mode)
             })
         })
@@ -312,14 +328,66 @@ fn candidates(bits: QuantBits, level: i32, with_base: bool, signed: bool) -> Vec
             true => ResidualKind::Delta,
             false => ResidualKind::Ratio,
         };
-        {
-            v.push(Box::new(ResidualQuantizer {
-                level,
-                ..ResidualQuantizer::new(bits, kind)
-            }));
-        }
+        v.push(Box::new(ResidualQuantizer {
+            level,
+            entries,
+            ..ResidualQuantizer::new(bits, kind)
+        }));
     }
     v
+}
+
+/// The trial that won a width: which candidate, with how many entries, its payload.
+struct Pick {
+    index: usize,
+    entries: Option<usize>,
+    enc: Encoded,
+}
+
+impl Pick {
+    fn len(&self) -> usize {
+        self.enc.payload.len()
+    }
+}
+
+/// Between the narrower width that missed the budget and the width that met it, the
+/// fewest codebook entries (a binary search over `2^narrower + 1 .. 2^bits − 1`) with
+/// which the winning candidate still meets `limit` on `input`, if its payload is
+/// smaller: its codes, skewed, cost fewer bits after zstd than `bits` each.
+#[allow(clippy::too_many_arguments)]
+fn fewer_entries(
+    pick: Pick,
+    narrower: Option<QuantBits>,
+    bits: QuantBits,
+    limit: f64,
+    input: &EncodeInput<'_>,
+    level: i32,
+    with_base: bool,
+    signed: bool,
+) -> Result<Pick, CodecError> {
+    let Some(narrower) = narrower else {
+        return Ok(pick);
+    };
+    let (mut lo, mut hi) = ((1usize << narrower.bits()) + 1, (1usize << bits.bits()) - 1);
+    let mut best = pick;
+    while lo <= hi {
+        let mid = lo + (hi - lo) / 2;
+        let q = candidates(bits, level, with_base, signed, Some(mid)).swap_remove(best.index);
+        match q.encode(input)? {
+            Some(enc) if enc.lossy.as_ref().is_some_and(|l| l.1.rel_l2 <= limit) => {
+                if enc.payload.len() < best.len() {
+                    best = Pick {
+                        index: best.index,
+                        entries: Some(mid),
+                        enc,
+                    };
+                }
+                hi = mid - 1;
+            }
+            _ => lo = mid + 1,
+        }
+    }
+    Ok(best)
 }
 
 /// Encodes a moment tensor within `limit` (relative L2) as cheaply as the module
@@ -359,26 +427,68 @@ pub(super) fn encode_within(
         ..*input
     };
     let input = &EncodeInput { base, ..*input };
-    let signed = base.is_some() && cluster::has_negative(input.dtype, input.data);
+    let with_base = base.is_some();
+    let signed = cluster::has_negative(input.dtype, input.data);
+    let mut narrower = None;
     for bits in WIDTHS {
         // The smallest passing payload of the candidates at this width.
-        let mut pick: Option<(usize, Box<dyn Codec>, Encoded)> = None;
-        for q in candidates(bits, level, base.is_some(), signed) {
+        let mut pick: Option<Pick> = None;
+        for (index, q) in candidates(bits, level, with_base, signed, None)
+            .into_iter()
+            .enumerate()
+        {
             let Some(enc) = q.encode(&trial_input)? else {
                 continue;
             };
             let passes = enc.lossy.as_ref().is_some_and(|l| l.1.rel_l2 <= limit);
-            if passes && pick.as_ref().is_none_or(|p| enc.payload.len() < p.0) {
-                pick = Some((enc.payload.len(), q, enc));
+            if passes && pick.as_ref().is_none_or(|p| enc.payload.len() < p.len()) {
+                pick = Some(Pick {
+                    index,
+                    entries: None,
+                    enc,
+                });
             }
         }
-        let Some((_, q, enc)) = pick else { continue };
+        let Some(pick) = pick else {
+            narrower = Some(bits);
+            continue;
+        };
+        let pick = fewer_entries(
+            pick,
+            narrower,
+            bits,
+            limit,
+            &trial_input,
+            level,
+            with_base,
+            signed,
+        )?;
         let enc = match sampled {
-            None => enc,
-            Some(_) => match q.encode(input)? {
-                Some(full) if full.lossy.as_ref().is_some_and(|l| l.1.rel_l2 <= limit) => full,
-                _ => continue,
-            },
+            None => pick.enc,
+            Some(_) => {
+                // Checked whole: with the entries chosen on the samples, else (the samples
+                // sat closer to the budget than the tensor) with the whole width.
+                let mut whole = None;
+                for entries in [pick.entries, None]
+                    .into_iter()
+                    .take(1 + usize::from(pick.entries.is_some()))
+                {
+                    let q =
+                        candidates(bits, level, with_base, signed, entries).swap_remove(pick.index);
+                    match q.encode(input)? {
+                        Some(full) if full.lossy.as_ref().is_some_and(|l| l.1.rel_l2 <= limit) => {
+                            whole = Some(full);
+                            break;
+                        }
+                        _ => continue,
+                    }
+                }
+                let Some(full) = whole else {
+                    narrower = Some(bits);
+                    continue;
+                };
+                full
+            }
         };
         decision
             .candidates
@@ -462,6 +572,42 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn fewer_entries_at_the_winning_width_shrink_the_payload() {
+        for (second, e) in [(false, 0.1), (true, 0.05), (false, 0.03)] {
+            let role = Role::OptimizerMoment(if second { 2 } else { 1 });
+            let t = tensor(moments(60_000, second, 9), role);
+            let (enc, d) = budget_policy(e).encode_tensor(&t, None).unwrap();
+            let layout = ClusterLayout::parse(&enc.payload, DType::F32).unwrap();
+            let full = 1u32 << layout.bits.bits();
+            assert!(layout.entries < full, "{second} {e}: {layout:?}");
+            assert!(measured(&t, &enc, None).rel_l2 <= e);
+            assert_eq!(d.error.unwrap().rel_l2, measured(&t, &enc, None).rel_l2);
+            // The whole codebook of that width and domain: more bytes.
+            let mode = match layout.log {
+                true => ClusterMode::Log,
+                false => ClusterMode::Linear,
+            };
+            let input = EncodeInput {
+                dtype: DType::F32,
+                role,
+                data: &t.data,
+                base: None,
+            };
+            let whole = ClusterQuantizer::new(layout.bits)
+                .with_mode(mode)
+                .encode(&input)
+                .unwrap()
+                .unwrap();
+            assert!(
+                enc.payload.len() < whole.payload.len(),
+                "{second} {e}: {} vs {}",
+                enc.payload.len(),
+                whole.payload.len()
+            );
         }
     }
 
@@ -681,8 +827,12 @@ mod tests {
             ]
         };
         let v = tensor(moments(4096, true, 5), Role::OptimizerMoment(2));
-        store.save_with_metadata("a", vec![v.clone()], meta("0.002")).unwrap();
-        let r = store.save_with_metadata("b", vec![v], meta("0.0002")).unwrap();
+        store
+            .save_with_metadata("a", vec![v.clone()], meta("0.002"))
+            .unwrap();
+        let r = store
+            .save_with_metadata("b", vec![v], meta("0.0002"))
+            .unwrap();
         let get = |k: &str| {
             r.header
                 .metadata
@@ -697,9 +847,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = crate::Store::open_or_create(dir.path(), Policy::default()).unwrap();
         let w = tensor(moments(64, false, 1), Role::Weight);
-        store.save_with_metadata("a", vec![w.clone()], meta("0.002")).unwrap();
-        let r = store.save_with_metadata("b", vec![w], meta("0.0002")).unwrap();
-        assert!(r.header.metadata.iter().all(|(k, _)| k != stage_keys::BASE_LR));
+        store
+            .save_with_metadata("a", vec![w.clone()], meta("0.002"))
+            .unwrap();
+        let r = store
+            .save_with_metadata("b", vec![w], meta("0.0002"))
+            .unwrap();
+        assert!(
+            r.header
+                .metadata
+                .iter()
+                .all(|(k, _)| k != stage_keys::BASE_LR)
+        );
     }
 
     #[test]

@@ -563,7 +563,11 @@ impl Store {
 
     /// `metadata` with the base snapshot's learning rate (the stage rule's lr-change
     /// signal, policy/budget.rs), when the policy has an error budget.
-    fn with_base_lr(&self, metadata: Vec<(String, String)>, base: Option<u64>) -> Vec<(String, String)> {
+    fn with_base_lr(
+        &self,
+        metadata: Vec<(String, String)>,
+        base: Option<u64>,
+    ) -> Vec<(String, String)> {
         match base.filter(|_| self.policy.wants_base_lr()) {
             Some(id) => match self.header(id) {
                 Ok(h) => self.policy.with_base_lr(metadata, &h.metadata),
