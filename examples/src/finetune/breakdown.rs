@@ -132,7 +132,8 @@ impl Breakdown {
                 .iter()
                 .filter(|r| &r.phase == phase && &r.kind == kind)
             {
-                let codecs: Vec<String> = r.codecs.iter().map(|(c, n)| format!("{c} {n}")).collect();
+                let codecs: Vec<String> =
+                    r.codecs.iter().map(|(c, n)| format!("{c} {n}")).collect();
                 let _ = writeln!(
                     t,
                     "| | {} | {:.1}% | {} → {} | {} | {:.2} | {} |",
