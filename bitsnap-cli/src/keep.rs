@@ -23,8 +23,9 @@ memory without touching disk. Trainers connect to --socket (bitsnap_core::keeper
 KeeperClient: put, latest, flush); a put returns once the keeper holds the snapshot. \
 The keeper persists to STORE_DIR in the background, every --persist-every N-th snapshot \
 of each series (0: only on flush and shutdown), and always the latest of each series \
-on a client's flush and on SIGTERM or SIGINT, then exits 0. It holds the store's write \
-lock while it runs (readers may open the store: ls, unpack, verify). A keeper restarted \
+on a client's flush and on SIGTERM or SIGINT, then exits 0. Other writers (prune, rm, \
+pack) may change the store while it runs: each holds the store's lock only to commit; \
+readers (ls, unpack, verify) never wait. A keeper restarted \
 after a crash starts empty and answers `latest` from the store. Prints one line when \
 ready (`keeping STORE on SOCKET ...`) and one when stopped. The wire protocol is in \
 FORMAT.md, \"Keeper protocol\"."

@@ -8,15 +8,25 @@ use crate::format::Decision;
 use crate::{Error, Tensor};
 
 mod budget;
+mod trial;
 pub use budget::{ErrorBudget, Stage, StageRule, stage_keys};
+pub use trial::{Alternative, TRIAL_EXACT_BYTES, TRIAL_WINDOW_BYTES, TRIAL_WINDOWS, TrialSample};
 
-/// Tensors up to this size are trial-encoded whole with every candidate; larger ones on a
-/// sample of [`SAMPLE_WINDOWS`] windows of [`SAMPLE_WINDOW_BYTES`].
+/// Under an error budget, tensors up to this size are trial-quantized whole; larger ones
+/// on a sample of [`SAMPLE_WINDOWS`] windows of [`SAMPLE_WINDOW_BYTES`]. (Lossless
+/// trials use [`TrialSample`].)
 pub const EXACT_TRIAL_BYTES: usize = 2 << 20;
 /// Windows sampled from a large tensor to estimate each candidate's size.
 pub const SAMPLE_WINDOWS: usize = 8;
 /// Bytes per sample window.
 pub const SAMPLE_WINDOW_BYTES: usize = 128 << 10;
+
+/// The bitmask delta is tried only on tensors where at most this fraction of the
+/// elements changed: above it, it stores most elements behind a mask that barely
+/// compresses, and the XOR and integer deltas win. Measured on the small Megatron
+/// series (pair, 100-step series, fine-tune): skipping it above one half changed no
+/// stored byte and made the adaptive encode 1.1–1.2x faster (it is the slowest trial).
+pub const BITMASK_MAX_CHANGED: f64 = 0.5;
 
 /// What may be lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -150,8 +160,10 @@ impl Policy {
         self
     }
 
-    /// The lossless codecs considered for a tensor, with or without a base.
-    fn lossless(&self, with_base: bool) -> Vec<Box<dyn Codec>> {
+    /// The lossless codecs tried on a tensor of `numel` elements, with or without a
+    /// base (`changed` of its elements differ from the base's). The list is the one
+    /// place a new lossless codec joins the trials.
+    fn lossless(&self, with_base: bool, numel: usize, changed: Option<u64>) -> Vec<Box<dyn Codec>> {
         let l = self.zstd_level;
         let mut v: Vec<Box<dyn Codec>> = vec![Box::new(Planes { level: l })];
         if with_base {
@@ -159,7 +171,14 @@ impl Policy {
             if !self.device_forms_only || CodecId::IntDelta.has_device_form() {
                 v.push(Box::new(IntDelta { level: l }));
             }
-            v.push(Box::new(BitmaskDelta { level: l }));
+            let sparse = changed.is_none_or(|c| (c as f64) <= BITMASK_MAX_CHANGED * numel as f64);
+            if sparse {
+                v.push(Box::new(BitmaskDelta { level: l }));
+            }
+            // The exponent-grouped integer delta (#12): host-decoded only.
+            if !self.device_forms_only {
+                v.push(Box::new(codec::GroupedDelta { level: l }));
+            }
         }
         v
     }
@@ -173,6 +192,19 @@ impl Policy {
         t: &Tensor,
         base: Option<&Tensor>,
     ) -> Result<(Encoded, Decision), Error> {
+        self.encode_tensor_with(t, base, &[])
+            .map(|(enc, decision, _)| (enc, decision))
+    }
+
+    /// [`Policy::encode_tensor`] with `alternatives` weighed beside the codecs: each is
+    /// tried on the same [`TrialSample`] (its [`Alternative::overhead`] counted), and only
+    /// the winner encodes the whole tensor. Returns which alternative won, if one did.
+    pub fn encode_tensor_with(
+        &self,
+        t: &Tensor,
+        base: Option<&Tensor>,
+        alternatives: &[&dyn Alternative],
+    ) -> Result<(Encoded, Decision, Option<usize>), Error> {
         let base = base
             .filter(|b| b.dtype == t.dtype && b.shape == t.shape && b.data.len() == t.data.len());
         let w = t.dtype.size();
@@ -197,38 +229,41 @@ impl Policy {
                     payload: Vec::new(),
                     lossy: None,
                 };
-                return Ok((enc, decision));
+                return Ok((enc, decision, None));
             }
         }
         let raw_len = t.data.len() as u64;
-        let candidates = self.lossless(base.is_some());
-        let mut best: Option<(u64, usize, Option<Encoded>)> = None;
-        if t.data.len() <= EXACT_TRIAL_BYTES {
-            for (i, c) in candidates.iter().enumerate() {
-                if let Some(enc) = c.encode(&input).map_err(wrap)? {
-                    let size = enc.payload.len() as u64;
-                    decision.candidates.push((c.id(), size));
-                    if best.as_ref().is_none_or(|b| size < b.0) {
-                        best = Some((size, i, Some(enc)));
-                    }
-                }
+        let candidates = self.lossless(base.is_some(), t.data.len() / w.max(1), decision.changed);
+        let sample = TrialSample::of(t.data.len(), w);
+        let data = sample.gather(&t.data);
+        let base_sample = base.map(|b| sample.gather(&b.data));
+        let sample_input = EncodeInput {
+            data: &data,
+            base: base_sample.as_deref(),
+            ..input
+        };
+        // (estimated size, which candidate, its encoding when the trial was exact).
+        let mut best: Option<(u64, Pick, Option<Encoded>)> = None;
+        let mut consider = |est: u64, pick: Pick, enc: Encoded| {
+            if best.as_ref().is_none_or(|b| est < b.0) {
+                best = Some((est, pick, sample.is_exact().then_some(enc)));
             }
-        } else {
-            let (data, base_sample) = sample(&t.data, base.map(|b| b.data.as_slice()), w);
-            let sample_input = EncodeInput {
-                data: &data,
-                base: base_sample.as_deref(),
-                ..input
-            };
-            for (i, c) in candidates.iter().enumerate() {
-                if let Some(enc) = c.encode(&sample_input).map_err(wrap)? {
-                    let est = (enc.payload.len() as f64 / data.len() as f64 * raw_len as f64).ceil()
-                        as u64;
-                    decision.candidates.push((c.id(), est));
-                    if best.as_ref().is_none_or(|b| est < b.0) {
-                        best = Some((est, i, None));
-                    }
-                }
+        };
+        for (i, c) in candidates.iter().enumerate() {
+            if let Some(enc) = c.encode(&sample_input).map_err(wrap)? {
+                let est = sample.estimate(enc.payload.len());
+                decision.candidates.push((c.id(), est));
+                consider(est, Pick::Codec(i), enc);
+            }
+        }
+        for (i, a) in alternatives.iter().enumerate() {
+            if let Some(enc) = a.trial(&sample).map_err(wrap)? {
+                let est = sample.estimate(enc.payload.len());
+                // Listed first: the references they name are the first thing to explain.
+                decision
+                    .candidates
+                    .insert(i.min(decision.candidates.len()), (a.codec(), est));
+                consider(est.saturating_add(a.overhead()), Pick::Alternative(i), enc);
             }
         }
         decision.candidates.push((CodecId::Raw, raw_len));
@@ -251,7 +286,7 @@ impl Policy {
                         .push((CodecId::Cluster, enc.payload.len() as u64));
                     if enc.payload.len() as u64 <= raw_len {
                         decision.error = enc.lossy.as_ref().map(|l| l.1);
-                        return Ok((enc, decision));
+                        return Ok((enc, decision, None));
                     }
                 }
             }
@@ -271,19 +306,33 @@ impl Policy {
             )
             .map_err(wrap)?
             {
-                return Ok((enc, decision));
+                return Ok((enc, decision, None));
             }
         }
-        let enc = match best {
-            Some((_, _, Some(enc))) => enc,
-            Some((_, i, None)) => candidates[i]
-                .encode(&input)
-                .map_err(wrap)?
-                .ok_or_else(|| wrap(codec::CodecError::new(0, "codec refused its own input")))?,
-            None => Raw
-                .encode(&input)
-                .map_err(wrap)?
-                .ok_or_else(|| wrap(codec::CodecError::new(0, "raw codec failed")))?,
+        let refused = || wrap(codec::CodecError::new(0, "codec refused its own input"));
+        let (enc, won) = match best {
+            Some((_, Pick::Codec(_), Some(enc))) => (enc, None),
+            Some((_, Pick::Alternative(i), Some(enc))) => (enc, Some(i)),
+            Some((_, Pick::Codec(i), None)) => (
+                candidates[i]
+                    .encode(&input)
+                    .map_err(wrap)?
+                    .ok_or_else(refused)?,
+                None,
+            ),
+            Some((_, Pick::Alternative(i), None)) => (
+                alternatives[i]
+                    .encode()
+                    .map_err(wrap)?
+                    .ok_or_else(refused)?,
+                Some(i),
+            ),
+            None => (
+                Raw.encode(&input)
+                    .map_err(wrap)?
+                    .ok_or_else(|| wrap(codec::CodecError::new(0, "raw codec failed")))?,
+                None,
+            ),
         };
         if enc.payload.len() as u64 >= raw_len && enc.codec != CodecId::Raw {
             return Ok((
@@ -293,10 +342,20 @@ impl Policy {
                     lossy: None,
                 },
                 decision,
+                None,
             ));
         }
-        Ok((enc, decision))
+        Ok((enc, decision, won))
     }
+}
+
+/// The candidate a trial picked.
+#[derive(Debug, Clone, Copy)]
+enum Pick {
+    /// The policy's codec at this index.
+    Codec(usize),
+    /// The caller's alternative at this index.
+    Alternative(usize),
 }
 
 /// What [`Policy::judge_delta`] decided about a snapshot encoded against a base.
@@ -410,6 +469,75 @@ mod tests {
         let (enc, d) = device.encode_tensor(&dense, Some(&base)).unwrap();
         assert_eq!(enc.codec, CodecId::IntDelta);
         assert!(d.candidates.iter().all(|c| c.0.has_device_form()));
+    }
+
+    /// An alternative that stores the tensor as a constant when it is one, counting its
+    /// calls.
+    struct Constant<'a> {
+        data: &'a [u8],
+        trials: std::sync::atomic::AtomicUsize,
+        encodes: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Alternative for Constant<'_> {
+        fn codec(&self) -> CodecId {
+            CodecId::Raw
+        }
+        fn overhead(&self) -> u64 {
+            3
+        }
+        fn trial(&self, sample: &TrialSample) -> Result<Option<Encoded>, codec::CodecError> {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.trials.fetch_add(1, Relaxed);
+            let s = sample.gather(self.data);
+            Ok(s.iter().all(|&b| b == s[0]).then(|| Encoded {
+                codec: CodecId::Raw,
+                payload: vec![s[0]],
+                lossy: None,
+            }))
+        }
+        fn encode(&self) -> Result<Option<Encoded>, codec::CodecError> {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.encodes.fetch_add(1, Relaxed);
+            Ok(Some(Encoded {
+                codec: CodecId::Raw,
+                payload: vec![self.data[0]],
+                lossy: None,
+            }))
+        }
+    }
+
+    #[test]
+    fn an_alternative_is_tried_on_the_sample_and_encodes_whole_only_when_it_wins() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let p = Policy::default();
+        for (n, exact) in [(1000usize, true), (1 << 20, false)] {
+            let t = tensor("c", DType::F32, vec![9u8; 4 * n], Role::Weight);
+            let alt = Constant {
+                data: &t.data,
+                trials: 0.into(),
+                encodes: 0.into(),
+            };
+            let (enc, d, won) = p.encode_tensor_with(&t, None, &[&alt]).unwrap();
+            assert_eq!((won, enc.payload.as_slice()), (Some(0), &[9u8][..]));
+            assert_eq!(d.candidates[0].0, CodecId::Raw, "alternatives listed first");
+            // An exact trial is the payload: no second encode.
+            assert_eq!(alt.trials.load(Relaxed), 1);
+            assert_eq!(alt.encodes.load(Relaxed), usize::from(!exact));
+        }
+        // A losing alternative never encodes the whole tensor.
+        let data: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| (i as f32).to_le_bytes())
+            .collect();
+        let t = tensor("x", DType::F32, data, Role::Weight);
+        let alt = Constant {
+            data: &t.data,
+            trials: 0.into(),
+            encodes: 0.into(),
+        };
+        let (enc, _, won) = p.encode_tensor_with(&t, None, &[&alt]).unwrap();
+        assert_eq!((won, enc.codec), (None, CodecId::Planes));
+        assert_eq!(alt.encodes.load(Relaxed), 0);
     }
 
     #[test]

@@ -67,14 +67,14 @@ fn keep_last_n_deletes_keep_every_kept_snapshot_readable() {
         files.sort();
         files
     };
-    // Manifest, lock, four retired and two kept snapshots.
-    assert_eq!(files(dir.path()).len(), 8, "{:?}", files(dir.path()));
+    // Manifest, lock, the writer's lease, four retired and two kept snapshots.
+    assert_eq!(files(dir.path()).len(), 9, "{:?}", files(dir.path()));
     // Compacting rewrites the oldest kept one as a full snapshot; the newest is still a
-    // delta on it; no stray files: manifest, lock and two snapshots.
+    // delta on it; no stray files: manifest, lock, lease and two snapshots.
     store.compact().unwrap();
     assert_eq!(store.snapshots()[0].base, None);
     assert_eq!(store.snapshots()[1].base, Some(saved[4].0));
-    assert_eq!(files(dir.path()).len(), 4, "{:?}", files(dir.path()));
+    assert_eq!(files(dir.path()).len(), 5, "{:?}", files(dir.path()));
     let reopened = Store::open(dir.path()).unwrap();
     for (id, tensors) in &saved[4..] {
         assert_eq!(&reopened.load(*id).unwrap().tensors, tensors);

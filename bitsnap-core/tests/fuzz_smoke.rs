@@ -212,6 +212,7 @@ fn regression_tiny_payloads_declaring_huge_tensors_are_not_allocated() {
         ("decode_planes", CodecId::Planes),
         ("decode_xor", CodecId::XorDelta),
         ("decode_intdelta", CodecId::IntDelta),
+        ("decode_grouped", CodecId::GroupedDelta),
         ("decode_bitmask", CodecId::BitmaskDelta),
         ("decode_cluster", CodecId::Cluster),
         ("decode_residual", CodecId::ClusterResidual),
@@ -243,6 +244,7 @@ fn every_target_has_a_smoke_test() {
         "decode_planes",
         "decode_xor",
         "decode_intdelta",
+        "decode_grouped",
         "decode_reference",
         "decode_replay",
         "decode_bitmask",
@@ -278,6 +280,11 @@ fn smoke_decode_xor() {
 #[test]
 fn smoke_decode_intdelta() {
     smoke("decode_intdelta");
+}
+
+#[test]
+fn smoke_decode_grouped() {
+    smoke("decode_grouped");
 }
 
 #[test]

@@ -36,11 +36,12 @@ pub const MAX_FUZZ_ELEMS: u64 = 1 << 34;
 pub const MAX_FUZZ_BYTES: u64 = 8 << 20;
 
 /// The fuzz targets, by name (the names of `fuzz_targets/*.rs` and `corpus/*`).
-pub const TARGETS: [&str; 11] = [
+pub const TARGETS: [&str; 12] = [
     "snapshot_header",
     "decode_planes",
     "decode_xor",
     "decode_intdelta",
+    "decode_grouped",
     "decode_reference",
     "decode_replay",
     "decode_bitmask",
@@ -113,8 +114,9 @@ pub fn decode(codec: CodecId, data: &[u8]) -> Option<Vec<u8>> {
             assert!(into.is_ok(), "decode_into refused what decode accepted");
             assert!(dirty == *out, "decode_into differs from decode");
             match codec::decode_for_device(codec, payload, dtype, numel) {
-                // Residual codebooks have no device form: hosts decode them.
-                Err(e) if matches!(codec, CodecId::ClusterResidual) => {
+                // Residual codebooks and grouped deltas have no device form: hosts
+                // decode them.
+                Err(e) if matches!(codec, CodecId::ClusterResidual | CodecId::GroupedDelta) => {
                     assert!(e.reason.contains("no device form"), "{e}")
                 }
                 Ok(form) => match codec::apply_device_form(&form, dtype, numel, base, None) {
@@ -423,6 +425,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
         "decode_planes" => codec_seeds(CodecId::Planes),
         "decode_xor" => codec_seeds(CodecId::XorDelta),
         "decode_intdelta" => codec_seeds(CodecId::IntDelta),
+        "decode_grouped" => codec_seeds(CodecId::GroupedDelta),
         "decode_reference" => reference_seeds(),
         "decode_replay" => replay_seeds(),
         "decode_bitmask" => codec_seeds(CodecId::BitmaskDelta),
@@ -452,6 +455,9 @@ pub fn run(target: &str, scratch: &Scratch, data: &[u8]) {
         }
         "decode_intdelta" => {
             let _ = decode(CodecId::IntDelta, data);
+        }
+        "decode_grouped" => {
+            let _ = decode(CodecId::GroupedDelta, data);
         }
         "decode_reference" => {
             let _ = decode_reference(data);
@@ -698,6 +704,7 @@ fn codec_seeds(id: CodecId) -> Vec<Vec<u8>> {
             CodecId::Planes => vec![Box::new(codec::Planes::default())],
             CodecId::XorDelta => vec![Box::new(codec::XorDelta::default())],
             CodecId::IntDelta => vec![Box::new(codec::IntDelta::default())],
+            CodecId::GroupedDelta => vec![Box::new(codec::GroupedDelta::default())],
             CodecId::BitmaskDelta => vec![Box::new(codec::BitmaskDelta::default())],
             CodecId::ClusterResidual => codec::QuantBits::ALL
                 .into_iter()

@@ -25,7 +25,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bitsnap_core::{Policy, Store, Tensor};
-use rayon::prelude::*;
 
 use crate::error::CliError;
 use crate::pipeline::{self, StageTotals, gbps};
@@ -219,7 +218,8 @@ impl Drop for WorkDir {
 }
 
 /// Seconds to encode the last file (against the one before it, if any) with the policy,
-/// as `pack` does, on 1, 2, 4, … and `threads` threads.
+/// as `pack` does (casts, copies and optimizer replay weighed beside the codecs), on 1,
+/// 2, 4, … and `threads` threads.
 fn encode_scaling(
     files: &[PathBuf],
     roles: &Roles,
@@ -229,7 +229,7 @@ fn encode_scaling(
     let Some(last) = files.last() else {
         return Ok((Vec::new(), 0));
     };
-    let (tensors, _) = pipeline::read_tensors(last, |n| roles.role(n))?;
+    let (tensors, metadata) = pipeline::read_tensors(last, |n| roles.role(n))?;
     let base: Vec<Tensor> = match files.len() {
         0 | 1 => Vec::new(),
         n => pipeline::read_tensors(&files[n - 2], |n| roles.role(n))?.0,
@@ -249,10 +249,7 @@ fn encode_scaling(
             .map_err(|e| CliError::Failed(format!("cannot start {n} threads: {e}")))?;
         let t = pool.install(|| {
             let start = Instant::now();
-            tensors
-                .par_iter()
-                .map(|t| policy.encode_tensor(t, by_name.get(t.name.as_str()).copied()))
-                .collect::<Result<Vec<_>, _>>()
+            bitsnap_core::references::encode_snapshot(&policy, &tensors, &by_name, &metadata, true)
                 .map(|_| start.elapsed())
         })?;
         out.push((n, t));

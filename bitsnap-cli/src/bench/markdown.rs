@@ -114,7 +114,7 @@ impl BenchReport {
             .collect();
         writeln!(
             s,
-            "bytes saved per codec against the best candidate of another kind (references: vs codecs reading no other tensor; intdelta: vs xor/planes/bitmask): {}",
+            "bytes saved per codec against the best candidate of another kind (references: vs codecs reading no other tensor; intdelta: vs xor/planes/bitmask/grouped; grouped: vs xor/planes/bitmask/intdelta): {}",
             saved.join(", ")
         )?;
         writeln!(s)?;

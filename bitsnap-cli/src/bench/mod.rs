@@ -13,7 +13,7 @@
 //! | `planes` | [`Planes`](bitsnap_core::codec::Planes): byte planes + zstd, no base |
 //! | `xor` | [`XorDelta`](bitsnap_core::codec::XorDelta) against the previous file (`planes` where there is no base) |
 //! | `bitmask` | [`BitmaskDelta`](bitsnap_core::codec::BitmaskDelta) against the previous file (`planes` where there is no base) |
-//! | `bitsnap` | [`Policy::encode_tensor`](bitsnap_core::Policy::encode_tensor) as the [`Store`](bitsnap_core::Store) calls it: against what the previous snapshot decodes to, with the store's full-snapshot interval and "delta would not pay" rule |
+//! | `bitsnap` | [`references::encode_units`](bitsnap_core::references::encode_units) and [`references::apply`](bitsnap_core::references::apply) as the [`Store`](bitsnap_core::Store) calls them (the policy's trials with casts and optimizer replay weighed beside the codecs, then copies): against what the previous snapshot decodes to, with the store's full-snapshot interval and "delta would not pay" rule |
 //!
 //! plus the bitmask-only size bound: a 1-bit-per-element mask and the changed elements
 //! stored raw, `(numel + bits × changed) / 8` bytes per tensor, i.e. a ratio of

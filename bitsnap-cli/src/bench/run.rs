@@ -756,18 +756,22 @@ fn encode_groups(
     metadata: &[(String, String)],
     accs: &mut BTreeMap<u8, Acc>,
 ) -> Result<(Vec<EncodedTensor>, Vec<Vec<Reference>>), Error> {
+    // The references the store plans (copies, casts), in the store's time.
+    let start = Instant::now();
+    let plan = bitsnap_core::references::ReferencePlan::of(policy, tensors, metadata);
+    let mut plan_secs = start.elapsed().as_secs_f64();
     let mut out: Vec<Option<EncodedTensor>> = (0..tensors.len()).map(|_| None).collect();
+    let mut refs: Vec<Vec<Reference>> = vec![Vec::new(); tensors.len()];
+    // Each dtype group as the store encodes it: weights with their moments as units
+    // (optimizer replay beside the codecs), every other tensor alone.
     for (tag, g) in groups {
         let start = Instant::now();
-        let enc: Vec<EncodedTensor> = g
-            .par_iter()
-            .map(|&i| {
-                policy.encode_tensor(&tensors[i], base_map.get(tensors[i].name.as_str()).copied())
-            })
-            .collect::<Result<_, _>>()?;
+        let enc =
+            bitsnap_core::references::encode_units(policy, &plan, tensors, g, base_map, metadata)?;
         accs.entry(*tag).or_default().enc += start.elapsed().as_secs_f64();
-        for (&i, e) in g.iter().zip(enc) {
-            out[i] = Some(e);
+        for (i, (e, d, r)) in enc {
+            out[i] = Some((e, d));
+            refs[i] = r;
         }
     }
     let mut encoded = out
@@ -780,17 +784,12 @@ fn encode_groups(
             })
         })
         .collect::<Result<Vec<_>, Error>>()?;
-    // References to other tensors of the snapshot and optimizer replay, as the store
-    // finds them; their time is shared among the dtype groups by raw bytes.
+    // Copies of other tensors of the snapshot, as the store finds them; their time and
+    // the plan's is shared among the dtype groups by raw bytes.
     let start = Instant::now();
-    let refs = bitsnap_core::references::apply(
-        tensors,
-        &mut encoded,
-        base_map,
-        metadata,
-        policy.zstd_level,
-    );
-    let secs = start.elapsed().as_secs_f64();
+    bitsnap_core::references::apply(tensors, &mut encoded, &mut refs, &|_| true);
+    plan_secs += start.elapsed().as_secs_f64();
+    let secs = plan_secs;
     let total: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
     for (tag, g) in groups {
         let raw: u64 = g.iter().map(|&i| tensors[i].data.len() as u64).sum();
@@ -906,11 +905,12 @@ fn run_baseline(
 }
 
 /// What `e` saved against the best candidate of `d` of another kind: for reference
-/// codecs the best codec reading no other tensor, for `intdelta` the best of the others;
+/// codecs the best codec reading no other tensor, for `intdelta` and `grouped` the best
+/// of the others;
 /// `None` for the rest (or when no such candidate was tried).
 fn saved_against_others(e: &Encoded, d: &bitsnap_core::Decision) -> Option<i64> {
     let other = |c: &CodecId| match e.codec {
-        CodecId::IntDelta => *c != CodecId::IntDelta && !c.needs_reference(),
+        CodecId::IntDelta | CodecId::GroupedDelta => *c != e.codec && !c.needs_reference(),
         c0 if c0.needs_reference() => !c.needs_reference(),
         _ => false,
     };

@@ -1,5 +1,6 @@
 //! The local-directory backend: temporary file, fsync, rename, directory fsync; an
-//! advisory `flock` on `LOCK` keeps one writer per store.
+//! advisory `flock` on `LOCK` is the commit lock (held around each manifest replace), and
+//! one on `writer-<nonce>.lease` per writer tells live writers' files from debris.
 
 use std::any::Any;
 use std::fs::{self, File};
@@ -15,8 +16,18 @@ use std::time::Duration;
 use super::{Backend, ObjectVersion, ObjectWriter};
 use crate::Error;
 
-/// File name of the writer lock, which this backend owns (FORMAT.md 1).
+/// File name of the commit lock, which this backend owns (FORMAT.md 1).
 pub const LOCK_FILE: &str = "LOCK";
+/// A writer's lease file is `writer-<nonce, 16 lowercase hex>.lease` (FORMAT.md 1).
+pub const LEASE_PREFIX: &str = "writer-";
+/// See [`LEASE_PREFIX`].
+pub const LEASE_SUFFIX: &str = ".lease";
+/// How long [`Backend::lock`] waits for another writer's commit by default (10 min: a
+/// commit takes milliseconds, but [`Store::compact`](crate::Store::compact) holds the
+/// lock while it rewrites).
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(600);
+/// Longest sleep between two attempts at the commit lock.
+const LOCK_POLL_MAX: Duration = Duration::from_millis(20);
 
 /// Reads of at least this many bytes are split into pieces read by all rayon threads at
 /// once ([`read_exact_at_parallel`]): one thread copies from the page cache at 2-6 GB/s,
@@ -183,6 +194,7 @@ fn buffer(len: u64, what: impl Fn() -> String) -> Result<Vec<u8>, Error> {
 #[derive(Debug, Clone)]
 pub struct LocalDir {
     dir: PathBuf,
+    lock_wait: Duration,
 }
 
 impl LocalDir {
@@ -190,7 +202,33 @@ impl LocalDir {
     pub fn new(dir: impl AsRef<Path>) -> LocalDir {
         LocalDir {
             dir: dir.as_ref().to_path_buf(),
+            lock_wait: DEFAULT_LOCK_WAIT,
         }
+    }
+
+    /// Sets how long [`Backend::lock`] waits for another writer's commit before it fails.
+    /// Default: [`DEFAULT_LOCK_WAIT`].
+    pub fn with_lock_wait(mut self, wait: Duration) -> LocalDir {
+        self.lock_wait = wait;
+        self
+    }
+
+    fn lease_path(&self, nonce: u64) -> PathBuf {
+        self.dir
+            .join(format!("{LEASE_PREFIX}{nonce:016x}{LEASE_SUFFIX}"))
+    }
+}
+
+/// A writer's lease: its file, locked, removed when the writer is done.
+struct Lease {
+    _file: File,
+    path: PathBuf,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // Removed while still locked; the lock goes with the file handle after this.
+        let _ = fs::remove_file(&self.path);
     }
 }
 
@@ -215,17 +253,86 @@ impl Backend for LocalDir {
             .write(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
+        // Commits take milliseconds: poll, sleeping a little longer each time.
+        let deadline = std::time::Instant::now() + self.lock_wait;
+        let mut pause = Duration::from_micros(200);
+        loop {
+            match f.try_lock() {
+                Ok(()) => return Ok(Some(Box::new(f))),
+                Err(fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+                Err(fs::TryLockError::WouldBlock) => {}
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Err(Error::io(
+                    &path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::WouldBlock,
+                        format!(
+                            "another writer held the store's commit lock for more than {:.1} s",
+                            self.lock_wait.as_secs_f64()
+                        ),
+                    ),
+                ));
+            }
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(LOCK_POLL_MAX);
+        }
+    }
+
+    fn lease(&self, nonce: u64) -> Result<Option<Box<dyn Any + Send + Sync>>, Error> {
+        fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        let path = self.lease_path(nonce);
+        // Locked under a temporary name, then renamed: whoever opens the lease by its
+        // name finds it locked.
+        let tmp = path.with_extension("lease.tmp");
+        let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         f.try_lock().map_err(|e| match e {
             fs::TryLockError::WouldBlock => Error::io(
-                &path,
-                std::io::Error::new(
-                    std::io::ErrorKind::WouldBlock,
-                    "another process is writing to this store",
-                ),
+                &tmp,
+                std::io::Error::new(std::io::ErrorKind::WouldBlock, "lease already held"),
             ),
-            fs::TryLockError::Error(e) => Error::io(&path, e),
+            fs::TryLockError::Error(e) => Error::io(&tmp, e),
         })?;
-        Ok(Some(Box::new(f)))
+        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        Ok(Some(Box::new(Lease { _file: f, path })))
+    }
+
+    fn lease_alive(&self, nonce: u64) -> Result<bool, Error> {
+        let path = self.lease_path(nonce);
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        match f.try_lock() {
+            Err(fs::TryLockError::WouldBlock) => Ok(true),
+            Err(fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+            // Nobody holds it: its writer is gone. Removed while this handle holds it.
+            Ok(()) => {
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(Error::io(&path, e));
+                    }
+                    _ => {}
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    fn reserve(&self, name: &str) -> Result<(), Error> {
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        Ok(())
+    }
+
+    fn unreserve(&self, name: &str) -> Result<(), Error> {
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&tmp, e)),
+            _ => Ok(()),
+        }
     }
 
     fn list(&self) -> Result<Vec<String>, Error> {
@@ -314,8 +421,9 @@ impl Backend for LocalDir {
             .map(|b| (b, ObjectVersion::default())))
     }
 
-    /// The writer lock is what makes the replace conditional here: `expected` is not
-    /// checked. The rename commits; call [`Backend::sync`] after it.
+    /// The commit lock, held by the caller from reading the manifest to this replace, is
+    /// what makes the replace conditional here: `expected` is not checked. The rename
+    /// commits; call [`Backend::sync`] after it.
     fn commit_manifest(
         &self,
         name: &str,

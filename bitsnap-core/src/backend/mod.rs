@@ -8,8 +8,9 @@
 //!   temporary file, fsync, rename, directory fsync; remote: one PUT or a completed
 //!   multipart upload), and is never modified afterwards;
 //! - the manifest is replaced in one step, last, and only if nobody replaced it since it
-//!   was read ([`Backend::commit_manifest`]: the local backend's writer lock makes that
-//!   true; remote backends use a conditional PUT on the manifest's e-tag).
+//!   was read ([`Backend::commit_manifest`]: the local backend's commit lock, held by
+//!   the writer from the re-read to the replace, makes that true; remote backends use a
+//!   conditional PUT on the manifest's e-tag).
 //!
 //! ```
 //! use bitsnap_core::backend::{Backend, LocalDir};
@@ -36,8 +37,8 @@ mod local;
 mod object;
 
 pub use local::{
-    LOCK_FILE, LocalDir, PARALLEL_READ_BYTES, READ_PIECE_BYTES, WRITEBACK_AFTER_BYTES,
-    WRITEBACK_INTERVAL, Writeback, read_exact_at_parallel,
+    DEFAULT_LOCK_WAIT, LEASE_PREFIX, LEASE_SUFFIX, LOCK_FILE, LocalDir, PARALLEL_READ_BYTES,
+    READ_PIECE_BYTES, WRITEBACK_AFTER_BYTES, WRITEBACK_INTERVAL, Writeback, read_exact_at_parallel,
 };
 #[cfg(feature = "remote")]
 pub use object::{MULTIPART_PART_BYTES, ObjectBackend};
@@ -68,14 +69,43 @@ pub trait Backend: Send + Sync + Debug {
         self.location().join(name)
     }
 
-    /// Whether [`Backend::lock`] excludes every other writer: then files the manifest
-    /// does not list are debris a writer may remove. Remote backends say `false`: another
-    /// process may be uploading them.
+    /// Whether [`Backend::lock`] excludes every other committer and writers hold
+    /// [leases](Backend::lease): then files the manifest does not list, of no live
+    /// writer, are debris a writer may remove. Remote backends say `false`: another
+    /// process may be uploading them, and nothing tells.
     fn exclusive(&self) -> bool;
 
-    /// Takes the store's writer lock, held until the returned guard is dropped
-    /// (`None` where the backend has no lock: see [`Backend::exclusive`]).
+    /// Takes the store's commit lock, held until the returned guard is dropped (`None`
+    /// where the backend has no lock: see [`Backend::exclusive`]). Writers hold it only
+    /// around a commit (re-read the manifest, check, replace it) and an id reservation,
+    /// so it waits for another writer's commit rather than failing; it fails (an I/O
+    /// error of kind `WouldBlock` naming the lock file) only after a bounded wait.
     fn lock(&self) -> Result<Option<Box<dyn Any + Send + Sync>>, Error>;
+
+    /// Announces a live writer whose objects carry `nonce` in their names, until the
+    /// returned guard is dropped (or the process dies). `None` where the backend has no
+    /// leases (then [`Backend::lease_alive`] says `true` for every nonce).
+    fn lease(&self, _nonce: u64) -> Result<Option<Box<dyn Any + Send + Sync>>, Error> {
+        Ok(None)
+    }
+
+    /// Whether the writer of `nonce` is alive (its lease is held). A lease that is not
+    /// held any more is removed by the caller that found it so.
+    fn lease_alive(&self, _nonce: u64) -> Result<bool, Error> {
+        Ok(true)
+    }
+
+    /// Claims object name `name` for a write that will follow (local: creates its empty
+    /// temporary file, so that writers choosing names under the commit lock see it).
+    fn reserve(&self, _name: &str) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// Removes the claim [`Backend::reserve`] made on `name`, if the write did not
+    /// consume it (a no-op where it did, or where nothing was claimed).
+    fn unreserve(&self, _name: &str) -> Result<(), Error> {
+        Ok(())
+    }
 
     /// Names of the objects in the store.
     fn list(&self) -> Result<Vec<String>, Error>;

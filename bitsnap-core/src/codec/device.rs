@@ -158,7 +158,7 @@ pub fn decode_for_device(
             intdelta::decode_differences_into(payload, w, &mut out)?;
             DeviceForm::IntDelta(out)
         }
-        CodecId::ClusterResidual | CodecId::Replay => {
+        CodecId::ClusterResidual | CodecId::Replay | CodecId::GroupedDelta => {
             return Err(CodecError::new(
                 0,
                 format!(

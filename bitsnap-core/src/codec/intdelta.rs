@@ -81,7 +81,7 @@ thread_local! {
 }
 
 /// Writes `zigzag(new − base)` of each element of `width` bytes into `out`.
-fn forward(new: &[u8], base: &[u8], width: usize, out: &mut [u8]) {
+pub(crate) fn forward(new: &[u8], base: &[u8], width: usize, out: &mut [u8]) {
     macro_rules! run {
         ($u:ty, $i:ty) => {{
             const W: usize = std::mem::size_of::<$u>();

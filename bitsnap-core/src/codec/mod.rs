@@ -7,6 +7,7 @@
 //! | [`Planes`] | yes | no | first snapshots, tensors without a usable base |
 //! | [`XorDelta`] | yes | yes | tensors where most elements changed |
 //! | [`IntDelta`] | yes | yes | tensors where most elements moved by a few ulps (integer difference) |
+//! | [`GroupedDelta`] (`grouped`) | yes | yes | float tensors whose steps in ulps depend on the magnitude (integer difference grouped by the base's exponent) |
 //! | [`BitmaskDelta`] | yes | yes | tensors where few elements changed |
 //! | `Unchanged` | yes | yes | tensors identical to their base (empty payload) |
 //! | [`ClusterQuantizer`] | no | no | optimizer moments under a lossy policy |
@@ -45,6 +46,7 @@ mod chunks;
 pub mod cluster;
 mod cursor;
 pub mod device;
+pub mod grouped;
 mod intdelta;
 pub mod planes;
 pub mod replay;
@@ -67,6 +69,7 @@ pub use device::{
     CastPatch, DeviceForm, QuantCodes, RANK_BLOCK, SparseDelta, apply_device_form,
     decode_for_device,
 };
+pub use grouped::GroupedDelta;
 pub use intdelta::IntDelta;
 pub use planes::Planes;
 pub use replay::{Predictor, Replay};
@@ -105,11 +108,14 @@ pub enum CodecId {
     /// A cluster codebook of residuals against the base tensor (`base + delta` or
     /// `base × ratio`) plus packed codes. Lossy.
     ClusterResidual = 10,
+    /// Integer difference against the base, each chunk's elements grouped by the base
+    /// element's exponent, each group in byte planes. Float dtypes only.
+    GroupedDelta = 11,
 }
 
 impl CodecId {
     /// Every codec id.
-    pub const ALL: [CodecId; 11] = [
+    pub const ALL: [CodecId; 12] = [
         CodecId::Raw,
         CodecId::Planes,
         CodecId::XorDelta,
@@ -121,6 +127,7 @@ impl CodecId {
         CodecId::Identical,
         CodecId::Replay,
         CodecId::ClusterResidual,
+        CodecId::GroupedDelta,
     ];
 
     /// The on-disk tag.
@@ -143,6 +150,7 @@ impl CodecId {
                 | CodecId::IntDelta
                 | CodecId::Replay
                 | CodecId::ClusterResidual
+                | CodecId::GroupedDelta
         )
     }
 
@@ -186,7 +194,7 @@ impl CodecId {
     }
 
     /// Short name (`raw`, `planes`, `xor`, `bitmask`, `unchanged`, `cluster`, `intdelta`,
-    /// `cast`, `identical`, `replay`, `residual`).
+    /// `cast`, `identical`, `replay`, `residual`, `grouped`).
     pub const fn name(self) -> &'static str {
         match self {
             CodecId::Raw => "raw",
@@ -200,6 +208,7 @@ impl CodecId {
             CodecId::Identical => "identical",
             CodecId::Replay => "replay",
             CodecId::ClusterResidual => "residual",
+            CodecId::GroupedDelta => "grouped",
         }
     }
 }
@@ -403,6 +412,7 @@ fn precheck(
             format!("a {dtype} tensor cannot be replayed (f32 only)"),
         )),
         CodecId::Replay => replay::check(payload, numel),
+        CodecId::GroupedDelta => grouped::check(payload, dtype, numel),
         CodecId::Planes | CodecId::XorDelta | CodecId::IntDelta => {
             let w = dtype.size();
             chunks::parse(&mut Cursor::new(payload), numel)?
@@ -462,6 +472,7 @@ pub fn decode_into(
         (CodecId::Planes, _) => planes::decode_into(payload, dtype.size(), out),
         (CodecId::XorDelta, Some(base)) => xor::decode_into(payload, dtype.size(), base, out),
         (CodecId::IntDelta, Some(base)) => intdelta::decode_into(payload, dtype.size(), base, out),
+        (CodecId::GroupedDelta, Some(base)) => grouped::decode_into(payload, dtype, base, out),
         (CodecId::BitmaskDelta, Some(base)) => {
             bitmask::decode_into(payload, dtype.size(), base, out)
         }

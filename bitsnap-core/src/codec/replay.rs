@@ -32,8 +32,7 @@
 
 use rayon::prelude::*;
 
-use super::{Codec, CodecError, Cursor, EncodeInput, IntDelta, alloc, intdelta};
-use crate::{DType, Role};
+use super::{CodecError, Cursor, alloc, chunks, intdelta, planes};
 
 /// Most constants a predictor carries.
 pub const MAX_CONSTANTS: usize = 6;
@@ -204,18 +203,56 @@ impl Replay {
         out.par_chunks_mut(block)
             .zip(base.par_chunks(block))
             .zip(a.par_chunks(block).zip(b.par_chunks(block)))
-            .for_each(|((o, x), (a, b))| {
-                for (((o, x), a), b) in o
-                    .chunks_exact_mut(4)
-                    .zip(x.chunks_exact(4))
-                    .zip(a.chunks_exact(4))
-                    .zip(b.chunks_exact(4))
-                {
-                    let f = |s: &[u8]| f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
-                    o.copy_from_slice(&predict_one(p, &k, &kf, f(x), f(a), f(b)).to_le_bytes());
-                }
-            });
+            .for_each(|((o, x), (a, b))| predict_block(p, &k, &kf, x, a, b, o));
     }
+}
+
+/// Predicts one block: the predictor is matched once, outside the element loop, so that
+/// each predictor's loop is compiled on its own (and vectorized where the operations
+/// allow: the same IEEE operations on every lane, so the same bits as one at a time).
+fn predict_block(
+    p: Predictor,
+    k: &[f64; MAX_CONSTANTS],
+    kf: &[f32; MAX_CONSTANTS],
+    x: &[u8],
+    a: &[u8],
+    b: &[u8],
+    out: &mut [u8],
+) {
+    #[inline(always)]
+    fn run(x: &[u8], a: &[u8], b: &[u8], out: &mut [u8], f: impl Fn(f32, f32, f32) -> f32) {
+        let get = |s: &[u8]| f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+        for (((o, x), a), b) in out
+            .chunks_exact_mut(4)
+            .zip(x.chunks_exact(4))
+            .zip(a.chunks_exact(4))
+            .zip(b.chunks_exact(4))
+        {
+            o.copy_from_slice(&f(get(x), get(a), get(b)).to_le_bytes());
+        }
+    }
+    macro_rules! each {
+        ($($pred:ident),*) => {
+            match p {
+                $(Predictor::$pred => run(x, a, b, out, |x, a, b| {
+                    predict_one(Predictor::$pred, k, kf, x, a, b)
+                }),)*
+            }
+        };
+    }
+    each!(
+        TorchAdamW,
+        TorchAdamWFma,
+        TorchAdamWCpu,
+        TorchAdamWFused,
+        TorchAdamWFusedF32,
+        BurnAdamW,
+        BurnAdam,
+        Generic,
+        MomentF64,
+        MomentF32,
+        MomentBurn
+    );
 }
 
 /// `x·d`, skipped when `d` is 1 (the trainers skip the decay when it is 0).
@@ -224,7 +261,7 @@ fn decay(x: f32, d: f32) -> f32 {
     if d == 1.0 { x } else { x * d }
 }
 
-#[inline]
+#[inline(always)]
 fn predict_one(
     p: Predictor,
     k: &[f64; MAX_CONSTANTS],
@@ -302,20 +339,38 @@ pub fn encode(
     if !n.is_multiple_of(4) || base.len() != n || a.len() != n || b.len() != n {
         return Ok(None);
     }
-    let mut predicted = alloc::zeroed(n, "the replay prediction")?;
-    replay.predict_into(base, a, b, &mut predicted);
-    let input = EncodeInput {
-        dtype: DType::F32,
-        role: Role::Weight,
-        data: actual,
-        base: Some(&predicted),
-    };
-    let Some(residual) = IntDelta { level }.encode(&input)? else {
-        return Ok(None);
-    };
+    // The integer-delta payload of `actual` against the prediction, chunk by chunk: each
+    // chunk is predicted into a scratch buffer and turned into zigzag differences there,
+    // so no tensor-sized prediction is ever held (the same bytes as `IntDelta` over a
+    // whole prediction; the round-trip tests decode them with its decoder).
     let mut payload = replay.header();
-    payload.extend_from_slice(&residual.payload);
+    let k = replay.k;
+    let kf = k.map(|v| v as f32);
+    chunks::encode(n / 4, chunks::chunk_elems(4), &mut payload, |elems| {
+        let range = elems.start * 4..elems.end * 4;
+        let mut body = Vec::with_capacity(range.len() + planes::PLANE_OVERHEAD * 4);
+        RESIDUAL.with(|r| {
+            let mut r = r.borrow_mut();
+            r.clear();
+            r.resize(range.len(), 0);
+            let (x, ra, rb) = (&base[range.clone()], &a[range.clone()], &b[range.clone()]);
+            predict_block(replay.predictor, &k, &kf, x, ra, rb, &mut r);
+            for (p, v) in r.chunks_exact_mut(4).zip(actual[range].chunks_exact(4)) {
+                let want = u32::from_le_bytes([v[0], v[1], v[2], v[3]]);
+                let got = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
+                let d = want.wrapping_sub(got) as i32;
+                p.copy_from_slice(&(((d << 1) ^ (d >> 31)) as u32).to_le_bytes());
+            }
+            super::with_compressor(level, |c| planes::encode(&r, 4, c, &mut body))
+        })?;
+        Ok(body)
+    })?;
     Ok(Some(payload))
+}
+
+thread_local! {
+    /// Per thread: one chunk's prediction, then its zigzag residual.
+    static RESIDUAL: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Reads a replay payload's header: the predictor and constants, and where the residual
@@ -387,6 +442,7 @@ pub(crate) fn decode_into(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::DType;
     use crate::codec::testing::{finite_bytes, mutate, tensor_bytes};
     use crate::codec::{CodecId, decode_with_references};
     use proptest::prelude::*;
@@ -439,6 +495,35 @@ mod tests {
             // Measured: 100-odd bytes for 80 KB (one chunk of constant planes).
             prop_assert!(payload.len() < 400, "{}", payload.len());
             prop_assert_eq!(round_trip(&r, &actual, &base, &a, &b), actual);
+        }
+    }
+
+    #[test]
+    fn the_residual_is_the_integer_delta_against_the_whole_prediction() {
+        use crate::codec::{Codec, EncodeInput, IntDelta};
+        // Over several chunks, the last one short: the chunked encode must give exactly
+        // the bytes `IntDelta` gives against a prediction held whole.
+        let n = 3 * crate::codec::chunks::chunk_elems(4) + 1234;
+        let base = finite_bytes(DType::F32, n, 7);
+        let a = finite_bytes(DType::F32, n, 8);
+        let b = finite_bytes(DType::F32, n, 9);
+        let actual = finite_bytes(DType::F32, n, 10);
+        for r in [
+            Replay::new(Predictor::TorchAdamW, &[0.9999, 0.3, 1e-8, -1e-3]),
+            Replay::new(Predictor::MomentF64, &[0.9, 0.1, 0.95, 0.05]),
+        ] {
+            let payload = encode(&r, &actual, &base, &a, &b, 1).unwrap().unwrap();
+            let mut predicted = vec![0u8; actual.len()];
+            r.predict_into(&base, &a, &b, &mut predicted);
+            let input = EncodeInput {
+                dtype: DType::F32,
+                role: crate::Role::Weight,
+                data: &actual,
+                base: Some(&predicted),
+            };
+            let whole = IntDelta { level: 1 }.encode(&input).unwrap().unwrap();
+            let (_, at) = parse_header(&payload).unwrap();
+            assert_eq!(&payload[at..], whole.payload.as_slice());
         }
     }
 

@@ -33,5 +33,5 @@ mod wire;
 
 pub use client::{KeeperClient, KeeperInfo, PutReceipt};
 pub use persist::PersistCounts;
-pub use server::{Keeper, KeeperOptions, KeeperStats};
+pub use server::{KEEPER_LOCK_FILE, Keeper, KeeperOptions, KeeperStats};
 pub use wire::{FRAME_HEADER_BYTES, FRAME_MAGIC, MAX_HEAD_BYTES, PROTOCOL_VERSION};

@@ -141,6 +141,35 @@ fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Keeper {
     shared: Arc<Shared>,
     accept: Option<JoinHandle<()>>,
+    /// [`KEEPER_LOCK_FILE`], held while it runs (local stores).
+    _one_per_store: Option<std::fs::File>,
+}
+
+/// File in a local store that its keeper holds locked (`flock`) while it runs, so that a
+/// second keeper of the store is refused (FORMAT.md 1). Writers do not look at it.
+pub const KEEPER_LOCK_FILE: &str = "KEEPER";
+
+/// Takes [`KEEPER_LOCK_FILE`] of a local store (`None` for remote stores, which have no
+/// locks); fails with `WouldBlock` naming it while another keeper holds it.
+fn one_keeper_per_store(store: &Store) -> Result<Option<std::fs::File>, Error> {
+    if !store.backend().exclusive() {
+        return Ok(None);
+    }
+    let path = store.backend().path_of(KEEPER_LOCK_FILE);
+    let f = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    f.try_lock().map_err(|e| match e {
+        std::fs::TryLockError::WouldBlock => Error::io(
+            &path,
+            std::io::Error::new(ErrorKind::WouldBlock, "another keeper keeps this store"),
+        ),
+        std::fs::TryLockError::Error(e) => Error::io(&path, e),
+    })?;
+    Ok(Some(f))
 }
 
 impl std::fmt::Debug for Keeper {
@@ -153,17 +182,20 @@ impl std::fmt::Debug for Keeper {
 }
 
 impl Keeper {
-    /// Starts a keeper of `store` on `socket`: takes the store's write lock (so no other
-    /// writer, and no second keeper, runs on it), binds the socket (replacing a stale
-    /// socket file left by a keeper that died; refusing if a live keeper answers there)
-    /// and returns once clients can connect.
+    /// Starts a keeper of `store` on `socket`: refuses a store another keeper keeps
+    /// ([`KEEPER_LOCK_FILE`]), becomes one of the store's writers (a lease, and the debris
+    /// of dead writers removed; other writers, `bitsnap prune` for one, may commit beside
+    /// it), binds the socket (replacing a stale socket file left
+    /// by a keeper that died; refusing if a live keeper answers there) and returns once
+    /// clients can connect.
     pub fn spawn(
         mut store: Store,
         socket: impl AsRef<Path>,
         options: KeeperOptions,
     ) -> Result<Keeper, Error> {
         let socket = socket.as_ref().to_path_buf();
-        store.take_lock()?;
+        let one_per_store = one_keeper_per_store(&store)?;
+        store.become_writer()?;
         let listener = bind(&socket)?;
         let backend = store.backend().clone();
         let persister = Persister::start(store).map_err(|e| Error::io(&socket, e))?;
@@ -189,6 +221,7 @@ impl Keeper {
         Ok(Keeper {
             shared,
             accept: Some(accept),
+            _one_per_store: one_per_store,
         })
     }
 
@@ -215,7 +248,7 @@ impl Keeper {
     }
 
     /// Stops accepting, closes every connection, persists the latest snapshot of every
-    /// series not persisted yet, ends the persistence thread (releasing the store's lock)
+    /// series not persisted yet, ends the persistence thread (ending its writer lease)
     /// and removes the socket file. Returns the final counters, or the error of a save
     /// that failed.
     pub fn shutdown(mut self) -> Result<KeeperStats, Error> {

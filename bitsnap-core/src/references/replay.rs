@@ -21,12 +21,13 @@
 
 use std::collections::HashMap;
 
-use rayon::prelude::*;
+use std::sync::OnceLock;
 
-use crate::codec::replay::{self, Predictor, Replay, TRIAL_ELEMS};
-use crate::codec::{CodecId, Encoded};
-use crate::format::{RefScope, Reference};
-use crate::{DType, Tensor};
+use crate::codec::replay::{self, Predictor, Replay};
+use crate::codec::{CodecError, CodecId, Encoded};
+use crate::format::{Decision, RefScope, Reference};
+use crate::policy::{Alternative, TRIAL_WINDOWS, TrialSample};
+use crate::{DType, Error, Policy, Tensor};
 
 /// Snapshot metadata keys that carry the optimizer (preamble interface 1).
 pub mod keys {
@@ -444,169 +445,317 @@ struct Group {
     v: usize,
 }
 
-/// One tensor replay replaced: its index, encoding, references and predictor (described).
-pub(crate) type Replacement = (usize, Encoded, Vec<Reference>, String);
+/// Elements per trial window on which the predictors are ranked (the first of each of
+/// the [`TrialSample`]'s windows): ranking needs far fewer elements than sizing.
+const SELECT_ELEMS_PER_WINDOW: usize = 512;
 
-/// What replay changed in a snapshot's encodings.
-#[derive(Debug, Default)]
-pub(crate) struct Replayed {
-    /// Each replaced tensor.
-    pub(crate) replaced: Vec<Replacement>,
+/// Optimizer replay of one tensor as an [`Alternative`] to the policy's codecs: the
+/// candidate predictor leaving the smallest residual on a small part of the trial sample
+/// is chosen (the first exact one ends the search), its residual on the sample sizes it,
+/// and, if it wins, its residual on the whole tensor is the payload.
+pub(crate) struct ReplayAlternative<'a> {
+    /// Predictors to rank, the likeliest first.
+    candidates: &'a [Replay],
+    /// Fit the generic predictor with this ε on the sample and rank it too.
+    generic_eps: Option<f64>,
+    /// The tensor, its base tensor and the two references (module table of
+    /// [`crate::codec::replay`]).
+    actual: &'a [u8],
+    base: &'a [u8],
+    a: &'a [u8],
+    b: &'a [u8],
+    level: i32,
+    overhead: u64,
+    chosen: OnceLock<Replay>,
 }
 
-/// Finds the replay encodings that beat the current ones: for every weight/moments group
-/// whose tensors the base has, the new second moment (if its encoding is lossless) and
-/// the new weight. `decoded(i)` is what tensor `i` decodes to; `current(i)` its current
-/// payload size, `free(i)` whether it may be referenced by a replay (it references
-/// nothing itself). Returns the replacements.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn find<'a>(
+impl<'a> ReplayAlternative<'a> {
+    /// `None` when the inputs are not f32 tensors of one length or nothing can predict.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        candidates: &'a [Replay],
+        generic_eps: Option<f64>,
+        actual: &'a [u8],
+        base: &'a [u8],
+        a: &'a [u8],
+        b: &'a [u8],
+        level: i32,
+        overhead: u64,
+    ) -> Option<Self> {
+        let n = actual.len();
+        let fits = n.is_multiple_of(4) && base.len() == n && a.len() == n && b.len() == n;
+        let any = !candidates.is_empty() || generic_eps.is_some();
+        (fits && any).then(|| ReplayAlternative {
+            candidates,
+            generic_eps,
+            actual,
+            base,
+            a,
+            b,
+            level,
+            overhead,
+            chosen: OnceLock::new(),
+        })
+    }
+
+    /// The predictor the trial chose.
+    pub(crate) fn chosen(&self) -> Option<&Replay> {
+        self.chosen.get()
+    }
+
+    fn encoded(payload: Vec<u8>) -> Encoded {
+        Encoded {
+            codec: CodecId::Replay,
+            payload,
+            lossy: None,
+        }
+    }
+}
+
+impl Alternative for ReplayAlternative<'_> {
+    fn codec(&self) -> CodecId {
+        CodecId::Replay
+    }
+
+    fn overhead(&self) -> u64 {
+        self.overhead
+    }
+
+    fn trial(&self, sample: &TrialSample) -> Result<Option<Encoded>, CodecError> {
+        let [sx, sb, sa, sbb] = [self.actual, self.base, self.a, self.b].map(|s| sample.gather(s));
+        let mut cands = self.candidates.to_vec();
+        if let Some(eps) = self.generic_eps
+            && let Some(c) = fit_generic(&sx, &sb, &sa, &sbb, eps)
+        {
+            cands.push(c);
+        }
+        let Some(r) = best(&cands, [&sx, &sb, &sa, &sbb]) else {
+            return Ok(None);
+        };
+        let _ = self.chosen.set(r);
+        Ok(replay::encode(&r, &sx, &sb, &sa, &sbb, self.level)?.map(Self::encoded))
+    }
+
+    fn encode(&self) -> Result<Option<Encoded>, CodecError> {
+        let Some(r) = self.chosen.get() else {
+            return Ok(None);
+        };
+        Ok(
+            replay::encode(r, self.actual, self.base, self.a, self.b, self.level)?
+                .map(Self::encoded),
+        )
+    }
+}
+
+/// How a save's tensors are encoded: a weight with its two moments as one unit (first
+/// moment, then second moment, then weight, each predicted from what the unit encoded
+/// before it and from the base), every other tensor alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unit {
+    /// One tensor, by index.
+    One(usize),
+    /// A weight and its moments, by index.
+    Group {
+        /// The weight.
+        w: usize,
+        /// Its first moment.
+        m: usize,
+        /// Its second moment.
+        v: usize,
+    },
+}
+
+impl Unit {
+    /// The tensors of the unit, in the order they are encoded.
+    pub(crate) fn members(self) -> Vec<usize> {
+        match self {
+            Unit::One(i) => vec![i],
+            Unit::Group { w, m, v } => vec![m, v, w],
+        }
+    }
+}
+
+/// The encode units of `tensors` saved against `base` (by name; empty for a full
+/// snapshot): each weight/moments group the base has too, and every other tensor alone,
+/// in the order of each unit's first tensor.
+pub(crate) fn units(
     tensors: &[Tensor],
     base: &HashMap<&str, &Tensor>,
     metadata: &[(String, String)],
-    decoded: &(dyn Fn(usize) -> &'a [u8] + Sync),
-    current: &(dyn Fn(usize) -> u64 + Sync),
-    lossless: &(dyn Fn(usize) -> bool + Sync),
-    free: &(dyn Fn(usize) -> bool + Sync),
-    record: u64,
-    level: i32,
-) -> Replayed {
-    let hyper = Hyper::from_metadata(metadata);
-    let groups = groups(tensors, base, metadata);
-    let weight_candidates = hyper.map(|h| h.weight_candidates()).unwrap_or_default();
-    let moment_candidates = match hyper {
-        Some(h) => h.moment_candidates(),
-        None => [0.95, 0.98, 0.99, 0.999]
-            .into_iter()
-            .flat_map(|b2| moment_replays(0.9, b2))
-            .collect(),
-    };
-    let eps = hyper.map_or(1e-8, |h| h.eps);
-    let results: Vec<Vec<Replacement>> = groups
-        .par_iter()
+) -> Vec<Unit> {
+    let mut grouped = vec![false; tensors.len()];
+    let mut out: Vec<Unit> = groups(tensors, base, metadata)
+        .into_iter()
         .map(|g| {
-            let mut out = Vec::new();
-            let (w, m, v) = (&tensors[g.w], &tensors[g.m], &tensors[g.v]);
-            let (Some(bw), Some(bm), Some(bv)) = (
-                base.get(w.name.as_str()),
-                base.get(m.name.as_str()),
-                base.get(v.name.as_str()),
-            ) else {
-                return out;
-            };
-            if !free(g.m) {
-                return out;
+            for i in [g.w, g.m, g.v] {
+                grouped[i] = true;
             }
-            // The second moment: from v, m (base) and m' (this snapshot).
-            let mut v_replayed = false;
-            if lossless(g.v) && current(g.v) > 0 {
-                let found = best(
-                    &moment_candidates,
-                    decoded(g.v),
-                    &bv.data,
-                    &bm.data,
-                    decoded(g.m),
-                )
-                .and_then(|r| {
-                    let p =
-                        replay::encode(&r, decoded(g.v), &bv.data, &bm.data, decoded(g.m), level)
-                            .ok()
-                            .flatten()?;
-                    Some((r, p))
-                });
-                if let Some((r, payload)) = found
-                    && ((payload.len() + 2 * m.name.len()) as u64 + record) < current(g.v)
-                {
-                    out.push((
-                        g.v,
-                        Encoded {
-                            codec: CodecId::Replay,
-                            payload,
-                            lossy: None,
-                        },
-                        vec![
-                            Reference {
-                                scope: RefScope::Base,
-                                name: m.name.clone(),
-                            },
-                            Reference {
-                                scope: RefScope::Snapshot,
-                                name: m.name.clone(),
-                            },
-                        ],
-                        r.describe(),
-                    ));
-                    v_replayed = true;
-                }
+            Unit::Group {
+                w: g.w,
+                m: g.m,
+                v: g.v,
             }
-            // The weight: from w (base), m' and v' (this snapshot).
-            if lossless(g.w) && current(g.w) > 0 && (v_replayed || free(g.v)) {
-                let mut cands = weight_candidates.clone();
-                if let Some(c) =
-                    fit_generic(decoded(g.w), &bw.data, decoded(g.m), decoded(g.v), eps)
-                {
-                    cands.push(c);
-                }
-                let found = best(&cands, decoded(g.w), &bw.data, decoded(g.m), decoded(g.v))
-                    .and_then(|r| {
-                        let p = replay::encode(
-                            &r,
-                            decoded(g.w),
-                            &bw.data,
-                            decoded(g.m),
-                            decoded(g.v),
-                            level,
-                        )
-                        .ok()
-                        .flatten()?;
-                        Some((r, p))
-                    });
-                if let Some((r, payload)) = found
-                    && ((payload.len() + m.name.len() + v.name.len()) as u64 + record)
-                        < current(g.w)
-                {
-                    out.push((
-                        g.w,
-                        Encoded {
-                            codec: CodecId::Replay,
-                            payload,
-                            lossy: None,
-                        },
-                        vec![
-                            Reference {
-                                scope: RefScope::Snapshot,
-                                name: m.name.clone(),
-                            },
-                            Reference {
-                                scope: RefScope::Snapshot,
-                                name: v.name.clone(),
-                            },
-                        ],
-                        r.describe(),
-                    ));
-                }
-            }
-            out
         })
         .collect();
-    Replayed {
-        replaced: results.into_iter().flatten().collect(),
+    out.extend((0..tensors.len()).filter(|&i| !grouped[i]).map(Unit::One));
+    out.sort_by_key(|u| u.members().into_iter().min().unwrap_or(usize::MAX));
+    out
+}
+
+/// What replay needs for one save: the candidate predictors from its hyperparameters.
+#[derive(Debug, Clone)]
+pub(crate) struct Context {
+    weight: Vec<Replay>,
+    moment: Vec<Replay>,
+    eps: f64,
+    level: i32,
+}
+
+impl Context {
+    /// From the save's metadata ([`Hyper::from_metadata`]) and zstd level.
+    pub(crate) fn new(metadata: &[(String, String)], level: i32) -> Context {
+        let hyper = Hyper::from_metadata(metadata);
+        let mut weight = hyper.map(|h| h.weight_candidates()).unwrap_or_default();
+        // The kernels of the rule the metadata names first: an exact replay ends the
+        // search.
+        if let Some(rule) = hyper.and_then(|h| h.rule) {
+            weight.sort_by_key(|r| !rule_matches(rule, r.predictor));
+        }
+        let moment = match hyper {
+            Some(h) => h.moment_candidates(),
+            None => [0.95, 0.98, 0.99, 0.999]
+                .into_iter()
+                .flat_map(|b2| moment_replays(0.9, b2))
+                .collect(),
+        };
+        Context {
+            weight,
+            moment,
+            eps: hyper.map_or(1e-8, |h| h.eps),
+            level,
+        }
+    }
+}
+
+/// Whether `p` is one of the kernels of `rule`.
+fn rule_matches(rule: Rule, p: Predictor) -> bool {
+    matches!(
+        (rule, p),
+        (Rule::AdamWBurn, Predictor::BurnAdamW)
+            | (Rule::AdamBurn, Predictor::BurnAdam)
+            | (
+                Rule::AdamWTorch,
+                Predictor::TorchAdamW | Predictor::TorchAdamWFma | Predictor::TorchAdamWCpu
+            )
+            | (
+                Rule::AdamWTorchFused,
+                Predictor::TorchAdamWFused | Predictor::TorchAdamWFusedF32
+            )
+    )
+}
+
+/// One encoded tensor of a unit: its index, encoding, decision and the tensors its
+/// payload references.
+pub(crate) type UnitTensor = (usize, Encoded, Decision, Vec<Reference>);
+
+/// Encodes one unit with `policy`. A lone tensor as the policy would, against `base[0]`.
+/// A group's first moment likewise (against `base[1]`), then its second moment and its
+/// weight with optimizer replay weighed beside the codecs, predicting from the base
+/// tensors (`base`: weight, first moment, second moment) and from what the unit's
+/// earlier tensors decode to. `record` is the header bytes a reference record costs
+/// beside its name.
+pub(crate) fn encode_unit(
+    policy: &Policy,
+    ctx: &Context,
+    tensors: &[Tensor],
+    unit: Unit,
+    base: [Option<&Tensor>; 3],
+    record: u64,
+) -> Result<Vec<UnitTensor>, Error> {
+    let Unit::Group { w, m, v } = unit else {
+        let i = unit.members()[0];
+        let (e, d) = policy.encode_tensor(&tensors[i], base[0])?;
+        return Ok(vec![(i, e, d, Vec::new())]);
+    };
+    let [bw, bm, bv] = base;
+    let (tw, tm, tv) = (&tensors[w], &tensors[m], &tensors[v]);
+    let (em, dm) = policy.encode_tensor(tm, bm)?;
+    let m_dec: &[u8] = em.lossy.as_ref().map_or(&tm.data, |l| &l.0);
+    // The second moment: from v, m (base) and m' (this snapshot).
+    let v_alt = match (bv, bm) {
+        (Some(bv), Some(bm)) => ReplayAlternative::new(
+            &ctx.moment,
+            None,
+            &tv.data,
+            &bv.data,
+            &bm.data,
+            m_dec,
+            ctx.level,
+            record + 2 * tm.name.len() as u64,
+        ),
+        _ => None,
+    };
+    let alts: Vec<&dyn Alternative> = v_alt.iter().map(|a| a as &dyn Alternative).collect();
+    let (ev, dv, v_won) = policy.encode_tensor_with(tv, bv, &alts)?;
+    let v_refs = match v_won {
+        Some(_) => vec![
+            Reference {
+                scope: RefScope::Base,
+                name: tm.name.clone(),
+            },
+            Reference {
+                scope: RefScope::Snapshot,
+                name: tm.name.clone(),
+            },
+        ],
+        None => Vec::new(),
+    };
+    trace_replay(tv, v_won.and(v_alt.as_ref()), &ev);
+    let v_dec: &[u8] = ev.lossy.as_ref().map_or(&tv.data, |l| &l.0);
+    // The weight: from w (base), m' and v' (this snapshot).
+    let w_alt = bw.and_then(|bw| {
+        ReplayAlternative::new(
+            &ctx.weight,
+            Some(ctx.eps),
+            &tw.data,
+            &bw.data,
+            m_dec,
+            v_dec,
+            ctx.level,
+            record + (tm.name.len() + tv.name.len()) as u64,
+        )
+    });
+    let alts: Vec<&dyn Alternative> = w_alt.iter().map(|a| a as &dyn Alternative).collect();
+    let (ew, dw, w_won) = policy.encode_tensor_with(tw, bw, &alts)?;
+    let w_refs = match w_won {
+        Some(_) => vec![
+            Reference {
+                scope: RefScope::Snapshot,
+                name: tm.name.clone(),
+            },
+            Reference {
+                scope: RefScope::Snapshot,
+                name: tv.name.clone(),
+            },
+        ],
+        None => Vec::new(),
+    };
+    trace_replay(tw, w_won.and(w_alt.as_ref()), &ew);
+    Ok(vec![
+        (m, em, dm, Vec::new()),
+        (v, ev, dv, v_refs),
+        (w, ew, dw, w_refs),
+    ])
+}
+
+fn trace_replay(t: &Tensor, won: Option<&ReplayAlternative<'_>>, e: &Encoded) {
+    if let Some(r) = won.and_then(ReplayAlternative::chosen) {
+        tracing::debug!(tensor = %t.name, predictor = %r.describe(), bytes = e.payload.len(), "optimizer replay");
     }
 }
 
 /// The weight/moments groups of a snapshot: f32 tensors of one shape, found by rule or
 /// by name, whose names the base has too.
-/// Whether optimizer replay may replace a tensor of `tensors` saved against `base`: some
-/// f32 weight has both moments (by `metadata`'s rules or by name) in the snapshot and
-/// the base. Names and shapes only: cheap.
-pub(crate) fn may_replay(
-    tensors: &[Tensor],
-    base: &HashMap<&str, &Tensor>,
-    metadata: &[(String, String)],
-) -> bool {
-    !groups(tensors, base, metadata).is_empty()
-}
-
 fn groups(
     tensors: &[Tensor],
     base: &HashMap<&str, &Tensor>,
@@ -658,52 +807,58 @@ fn groups(
     out
 }
 
-/// Evenly spaced windows of at most [`TRIAL_ELEMS`] f32 elements of each slice (all of
-/// the same length), concatenated.
-fn sample<const N: usize>(slices: [&[u8]; N]) -> [Vec<u8>; N] {
+/// The first [`SELECT_ELEMS_PER_WINDOW`] elements of each of the [`TRIAL_WINDOWS`] equal
+/// parts of a sampled f32 slice (all of it when that is not smaller), concatenated.
+fn select<const N: usize>(slices: [&[u8]; N]) -> [std::borrow::Cow<'_, [u8]>; N] {
+    use std::borrow::Cow;
     let n = slices[0].len() / 4;
-    if n <= TRIAL_ELEMS {
-        return slices.map(<[u8]>::to_vec);
+    let part = n / TRIAL_WINDOWS;
+    if part <= SELECT_ELEMS_PER_WINDOW || slices.iter().any(|s| s.len() != slices[0].len()) {
+        return slices.map(Cow::Borrowed);
     }
-    const WINDOWS: usize = 8;
-    let win = TRIAL_ELEMS / WINDOWS;
-    let stride = (n - win) / (WINDOWS - 1);
     slices.map(|s| {
-        (0..WINDOWS)
-            .flat_map(|i| s[4 * i * stride..4 * (i * stride + win)].iter().copied())
-            .collect()
+        Cow::Owned(
+            (0..TRIAL_WINDOWS)
+                .flat_map(|i| {
+                    s[4 * i * part..4 * (i * part + SELECT_ELEMS_PER_WINDOW)]
+                        .iter()
+                        .copied()
+                })
+                .collect(),
+        )
     })
 }
 
-/// The candidate whose prediction of `actual` from `base`, `a`, `b` leaves the smallest
-/// residual on a sample.
-fn best(cands: &[Replay], actual: &[u8], base: &[u8], a: &[u8], b: &[u8]) -> Option<Replay> {
-    if cands.is_empty()
-        || actual.len() != base.len()
-        || a.len() != base.len()
-        || b.len() != base.len()
-    {
+/// The candidate whose prediction of `actual` from `base`, `a`, `b` (samples of one
+/// length) leaves the smallest residual on a part of them; an exact one ends the search.
+fn best(cands: &[Replay], [actual, base, a, b]: [&[u8]; 4]) -> Option<Replay> {
+    let n = actual.len();
+    if cands.is_empty() || base.len() != n || a.len() != n || b.len() != n {
         return None;
     }
-    let [sx, sb, sa, sbb] = sample([actual, base, a, b]);
+    let [sx, sb, sa, sbb] = select([actual, base, a, b]);
     let mut pred = vec![0u8; sx.len()];
-    cands
-        .iter()
-        .map(|r| {
-            r.predict_into(&sb, &sa, &sbb, &mut pred);
-            (replay::residual_bits(&sx, &pred), *r)
-        })
-        .min_by_key(|(bits, _)| *bits)
-        .map(|(_, r)| r)
+    let mut best: Option<(u64, Replay)> = None;
+    for r in cands {
+        r.predict_into(&sb, &sa, &sbb, &mut pred);
+        let bits = replay::residual_bits(&sx, &pred);
+        if best.is_none_or(|(b, _)| bits < b) {
+            best = Some((bits, *r));
+        }
+        if bits == 0 {
+            break;
+        }
+    }
+    best.map(|(_, r)| r)
 }
 
-/// The generic predictor `w − c·m'/(√v' + ε)` with `c` fitted by least squares on a
-/// sample (`None` when nothing can be fitted).
+/// The generic predictor `w − c·m'/(√v' + ε)` with `c` fitted by least squares on (a
+/// part of) the samples given (`None` when nothing can be fitted).
 fn fit_generic(actual: &[u8], base: &[u8], m: &[u8], v: &[u8], eps: f64) -> Option<Replay> {
     if actual.len() != base.len() || m.len() != base.len() || v.len() != base.len() {
         return None;
     }
-    let [sx, sb, sm, sv] = sample([actual, base, m, v]);
+    let [sx, sb, sm, sv] = select([actual, base, m, v]);
     let f = |s: &[u8], i: usize| {
         f64::from(f32::from_le_bytes([
             s[4 * i],
@@ -927,6 +1082,68 @@ mod tests {
             w.len * 10 < intdelta * 9,
             "replay {} vs intdelta {intdelta}",
             w.len
+        );
+    }
+
+    #[test]
+    fn a_megatron_layout_save_streams_casts_and_replays_and_restores_exactly() {
+        // The bf16 model copy comes first in the header, as in Megatron files: it is
+        // coded as a cast while it is encoded (it used to hold the writer back until
+        // the end), and the weight and its moments as one replay unit.
+        let n = 100_000usize;
+        let h = Hyper {
+            rule: Some(Rule::AdamWTorch),
+            lr: Some(6e-4),
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step: Some(11),
+        };
+        let g = |k: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| (i as f32 * 0.007 + k).sin() * 1e-3)
+                .collect()
+        };
+        let w0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 0.02).collect();
+        let m0: Vec<f32> = g(0.5).iter().map(|x| x * 0.3).collect();
+        let v0: Vec<f32> = g(1.5).iter().map(|x| x * x + 1e-9).collect();
+        let (w1, m1, v1) = torch_step(&h, &w0, &m0, &v0, &g(2.5));
+        let with_half = |w: &[f32], m: &[f32], v: &[f32]| {
+            let half: Vec<u8> = w
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect();
+            let model = Tensor::new(
+                "model.fc.weight",
+                DType::BF16,
+                vec![n as u64],
+                crate::Role::Weight,
+                half,
+            )
+            .unwrap();
+            let mut all = vec![model];
+            all.extend(snapshot(w, m, v));
+            all
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = crate::Store::open_or_create(dir.path(), crate::Policy::default()).unwrap();
+        let mut prev = h;
+        prev.step = Some(10);
+        store
+            .save_with_metadata("a", with_half(&w0, &m0, &v0), metadata(&prev))
+            .unwrap();
+        let rep = store
+            .save_with_metadata("b", with_half(&w1, &m1, &v1), metadata(&h))
+            .unwrap();
+        let codecs: Vec<CodecId> = rep.header.entries.iter().map(|e| e.codec).collect();
+        // model (cast), master (replay), exp_avg (a delta codec), exp_avg_sq (replay).
+        assert_eq!(codecs[0], CodecId::Cast);
+        assert_eq!((codecs[1], codecs[3]), (CodecId::Replay, CodecId::Replay));
+        let store = crate::Store::open_or_create(dir.path(), crate::Policy::default()).unwrap();
+        assert_eq!(
+            store.load(rep.info.id).unwrap().tensors,
+            with_half(&w1, &m1, &v1)
         );
     }
 

@@ -44,7 +44,7 @@ impl Store {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn delete(&mut self, id: u64) -> Result<(), Error> {
-        self.take_lock()?;
+        self.become_writer()?;
         let victim = self.info(id)?;
         if !victim.shards.is_empty() {
             self.refuse_pinned(id)?;
@@ -64,53 +64,42 @@ impl Store {
         Ok(())
     }
 
-    /// Retires the unsharded snapshots `ids` in one manifest commit, then removes the
-    /// files nothing listed needs. Returns the ids whose files were removed.
+    /// Retires the unsharded snapshots `ids` in one manifest commit (checked against the
+    /// manifest as it is at the commit), then removes the files nothing listed needs.
+    /// Returns the ids whose files were removed.
     pub(crate) fn retire(&mut self, ids: &[u64]) -> Result<Vec<u64>, Error> {
-        self.take_lock()?;
-        let mut next = self.manifest.clone();
-        for &id in ids {
-            self.refuse_pinned(id)?;
-            let pos = next
-                .snapshots
-                .iter()
-                .position(|s| s.id == id)
-                .ok_or_else(|| Error::UnknownSnapshot {
-                    store: self.dir.clone(),
-                    snapshot: id.to_string(),
-                })?;
-            let victim = next.snapshots.remove(pos);
-            if !victim.shards.is_empty() {
-                return Err(Error::WrongKind {
-                    store: self.dir.clone(),
-                    snapshot: id,
-                    reason: "is sharded: delete it on its own with Store::delete".into(),
-                });
+        self.become_writer()?;
+        let removed = self.commit_with(|store| {
+            let mut next = store.manifest.clone();
+            for &id in ids {
+                store.refuse_pinned(id)?;
+                let pos = next
+                    .snapshots
+                    .iter()
+                    .position(|s| s.id == id)
+                    .ok_or_else(|| Error::UnknownSnapshot {
+                        store: store.dir.clone(),
+                        snapshot: id.to_string(),
+                    })?;
+                let victim = next.snapshots.remove(pos);
+                if !victim.shards.is_empty() {
+                    return Err(Error::WrongKind {
+                        store: store.dir.clone(),
+                        snapshot: id,
+                        reason: "is sharded: delete it on its own with Store::delete".into(),
+                    });
+                }
+                next.retired.push(victim);
             }
-            next.retired.push(victim);
-        }
-        next.retired.sort_by_key(|s| s.id);
-        let removed = collect(&mut next);
-        self.commit_and_remove(next, &removed)?;
+            next.retired.sort_by_key(|s| s.id);
+            let removed = collect(&mut next);
+            Ok((Some(next), removed))
+        })?;
         for id in ids {
             self.last.retain(|_, c| c.id != *id);
         }
+        self.remove_files(&removed)?;
         Ok(removed.iter().map(|s| s.id).collect())
-    }
-
-    /// Commits `next`, then removes the files of `removed` (a crash in between leaves
-    /// them as orphans for the next writer).
-    pub(crate) fn commit_and_remove(
-        &mut self,
-        next: ManifestBody,
-        removed: &[SnapshotInfo],
-    ) -> Result<(), Error> {
-        self.write_manifest(next)?;
-        for s in removed {
-            tracing::debug!(snapshot = s.id, file = %s.file, "removing a deleted snapshot");
-            self.backend.remove(&s.file)?;
-        }
-        self.backend.sync()
     }
 
     /// Rewrites listed snapshot `dep` as a delta on `new_base` (or as a full snapshot):

@@ -90,10 +90,13 @@ struct ManifestFile {
 /// list no other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SnapshotName {
-    /// `snap-<id:020>.bsnap`: a snapshot saved under the writer lock.
+    /// `snap-<id:020>.bsnap`: a snapshot saved by a writer that held the store's lock
+    /// for its whole life (bitsnap before commit-only locking).
     Plain { id: u64 },
-    /// `snap-<id:020>-<16 hex>.bsnap`: a snapshot saved to object storage.
-    Unique { id: u64 },
+    /// `snap-<id:020>-<16 hex>.bsnap`: a snapshot saved by the writer whose nonce is the
+    /// hex (local stores; its lease tells whether it is alive), or with a random suffix
+    /// (object storage).
+    Unique { id: u64, nonce: u64 },
     /// `snap-<id:020>-r<n>.bsnap`: a snapshot rewritten by a deletion.
     Rebased { id: u64 },
     /// `snap-<id:020>-s<rank:05>.bsnap`: rank `rank`'s shard.
@@ -122,18 +125,33 @@ impl SnapshotName {
             });
         }
         (tail.len() == 16 && tail.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
-            .then_some(SnapshotName::Unique { id })
+            .then(|| u64::from_str_radix(tail, 16).ok())
+            .flatten()
+            .map(|nonce| SnapshotName::Unique { id, nonce })
     }
 
     /// The snapshot id the name carries.
     pub(crate) fn id(self) -> u64 {
         match self {
             SnapshotName::Plain { id }
-            | SnapshotName::Unique { id }
+            | SnapshotName::Unique { id, .. }
             | SnapshotName::Rebased { id }
             | SnapshotName::Shard { id, .. } => id,
         }
     }
+}
+
+/// The id of any name that starts `snap-<20 digits>` (snapshot files, shards, rebased
+/// files, their temporaries): what id reservation must stay above.
+pub(crate) fn snapshot_name_id(name: &str) -> Option<u64> {
+    digits(name.strip_prefix("snap-")?.get(..20)?)
+}
+
+/// The generation `n` of a rebased file name `snap-<id>-r<n>.bsnap` (or its temporary).
+pub(crate) fn rebased_generation(name: &str) -> Option<u64> {
+    let rest = name.strip_prefix("snap-")?.get(20..)?.strip_prefix("-r")?;
+    let rest = rest.strip_suffix(".tmp").unwrap_or(rest);
+    digits(rest.strip_suffix(".bsnap")?)
 }
 
 /// A non-empty run of ASCII digits as a `u64`.
@@ -379,7 +397,10 @@ mod tests {
         );
         assert_eq!(
             id("snap-00000000000000000007-0123456789abcdef.bsnap"),
-            Some(SnapshotName::Unique { id: 7 })
+            Some(SnapshotName::Unique {
+                id: 7,
+                nonce: 0x0123_4567_89ab_cdef
+            })
         );
         assert_eq!(
             id("snap-00000000000000000007-r12.bsnap"),
@@ -389,6 +410,32 @@ mod tests {
             id("snap-00000000000000000007-s00003.bsnap"),
             Some(SnapshotName::Shard { id: 7, rank: 3 })
         );
+    }
+
+    #[test]
+    fn reservation_sees_every_id_a_file_carries() {
+        for (name, id) in [
+            ("snap-00000000000000000007.bsnap", Some(7)),
+            (
+                "snap-00000000000000000008-0123456789abcdef.bsnap.tmp",
+                Some(8),
+            ),
+            ("snap-00000000000000000009-s00001.bsnap", Some(9)),
+            ("snap-00000000000000000003-r12.bsnap", Some(3)),
+            ("snap-7.bsnap", None),
+            (MANIFEST_FILE, None),
+        ] {
+            assert_eq!(snapshot_name_id(name), id, "{name}");
+        }
+        assert_eq!(
+            rebased_generation("snap-00000000000000000003-r12.bsnap"),
+            Some(12)
+        );
+        assert_eq!(
+            rebased_generation("snap-00000000000000000003-r12.bsnap.tmp"),
+            Some(12)
+        );
+        assert_eq!(rebased_generation("snap-00000000000000000003.bsnap"), None);
     }
 
     #[test]

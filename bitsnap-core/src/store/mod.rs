@@ -3,15 +3,18 @@
 //! ```text
 //! store/
 //!   MANIFEST                       the committed list of snapshots (JSON, checksummed)
-//!   LOCK                           held by the one writer
-//!   snap-00000000000000000001.bsnap
-//!   snap-00000000000000000002.bsnap   (a delta on 1)
+//!   LOCK                           the commit lock, held around each manifest replace
+//!   writer-3f9c…e1.lease           one per live writer
+//!   snap-00000000000000000001-3f9c…e1.bsnap
+//!   snap-00000000000000000002-3f9c…e1.bsnap   (a delta on 1)
 //! ```
 //!
 //! Every change is atomic: a snapshot file is written under a temporary name, fsynced,
 //! renamed into place and the directory fsynced; only then is the manifest rewritten the
 //! same way. A crash at any point leaves the previous manifest, and every snapshot it
-//! lists, intact; files it does not list are removed by the next writer.
+//! lists, intact; files it does not list are removed by a later writer once their
+//! writer's lease is gone. Several writers may work on one store at once: the lock
+//! covers each commit only, and readers take no lock (`commit`).
 //!
 //! The same rules hold on object storage ([`backend`](crate::backend)): snapshot objects
 //! are immutable once written, and the manifest is replaced last, with a conditional PUT,
@@ -19,7 +22,8 @@
 //! writer rank, committed together) are in [`shard`].
 //!
 //! One job per module: this one holds [`Store`], its constructors and queries;
-//! `manifest` reads and writes the manifest and the file names it may list; `save` is
+//! `manifest` reads and writes the manifest and the file names it may list; `commit` is
+//! the one commit path (commit lock, id reservation, leases, debris); `save` is
 //! the one save routine (full, delta and shard saves); `load` the one checked chain
 //! reader ([`RestoreChain`]) used by load, verify, delete and the GPU loader; `delete`
 //! and `verify` their operations; `retention` pins, [`Retention`] policies
@@ -29,7 +33,6 @@
 //! *retired* (gone from every query, its file kept) and removed, with any retired
 //! ancestors, by the deletion that leaves nothing listed depending on it.
 
-use std::any::Any;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,6 +44,7 @@ use crate::format::{Header, SnapshotFile};
 use crate::{Error, Policy, Tensor};
 
 mod budget;
+mod commit;
 mod delete;
 mod load;
 mod manifest;
@@ -53,6 +57,7 @@ mod verify;
 
 pub use crate::backend::LOCK_FILE;
 pub use budget::{FALLBACK_DECODE_BUDGET, check_decode_budget, default_decode_budget};
+pub(crate) use commit::Writer;
 pub use load::{ChainLink, RestoreChain};
 pub(crate) use manifest::ManifestBody;
 use manifest::ShardInfo;
@@ -156,6 +161,28 @@ pub(crate) struct Cached {
 
 /// A checkpoint store: a directory of snapshots and their manifest.
 ///
+/// # Several writers
+///
+/// Any number of `Store`s, in any processes, may read and write one store at once.
+/// Readers take no lock and never wait. A writer encodes and writes its snapshot files
+/// without any lock and holds the store's commit lock only to commit: re-read the
+/// manifest, check the change against it, replace it. So:
+///
+/// - two saves at once both commit, with distinct ids (local stores reserve an id per
+///   save; on object storage the second to commit the same id gets [`Error::Conflict`]);
+///   the manifest lists snapshots in commit order, and a save's base is the latest
+///   snapshot of its series when the save began;
+/// - a save whose base another writer deleted meanwhile still commits while that base is
+///   kept retired ([`Store::delete`]), and keeps it so; if the base left the store
+///   altogether, the save fails with [`Error::Conflict`] naming the base, removing what
+///   it wrote (the next save starts from the store's latest snapshot);
+/// - deletes, prunes and pins re-plan against the manifest as it is at their commit;
+///   [`Store::compact`] holds the commit lock while it rewrites;
+/// - a `Store`'s view of the manifest is refreshed by each of its own changes, or by
+///   [`Store::refresh`];
+/// - a writer that dies leaves its files in progress; the next writer to start removes
+///   them (each writer holds a lease; a live writer's files are never removed).
+///
 /// ```
 /// use bitsnap_core::{Policy, Role, Store, Tensor};
 /// let dir = tempfile::tempdir().unwrap();
@@ -186,7 +213,8 @@ pub struct Store {
     pub(crate) shard_last: HashMap<(String, u32), Cached>,
     /// Most bytes one restore may decode ([`Store::with_decode_budget`]).
     pub(crate) decode_budget: u64,
-    lock: Option<Box<dyn Any + Send + Sync>>,
+    /// Its nonce and lease once it writes (`commit`).
+    pub(crate) writer: Writer,
 }
 
 impl std::fmt::Debug for Store {
@@ -199,8 +227,8 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens an existing store for reading (and writing, once a save takes the lock).
-    /// Fails if `dir` holds no manifest.
+    /// Opens an existing store for reading and writing (readers take no lock; writers
+    /// take the commit lock around each commit only). Fails if `dir` holds no manifest.
     pub fn open(dir: impl AsRef<Path>) -> Result<Store, Error> {
         Store::open_backend(Arc::new(LocalDir::new(dir)))
     }
@@ -247,7 +275,7 @@ impl Store {
             last: HashMap::new(),
             shard_last: HashMap::new(),
             decode_budget: default_decode_budget(),
-            lock: None,
+            writer: Writer::default(),
         })
     }
 
@@ -266,7 +294,7 @@ impl Store {
                 last: HashMap::new(),
                 shard_last: HashMap::new(),
                 decode_budget: default_decode_budget(),
-                lock: None,
+                writer: Writer::default(),
             },
             None => {
                 let mut s = Store {
@@ -284,7 +312,7 @@ impl Store {
                     last: HashMap::new(),
                     shard_last: HashMap::new(),
                     decode_budget: default_decode_budget(),
-                    lock: None,
+                    writer: Writer::default(),
                 };
                 // A directory holding snapshots but no manifest is not an empty store:
                 // taking the lock would remove them as debris.
@@ -294,15 +322,9 @@ impl Store {
                         file: s.backend.path_of(f),
                     });
                 }
-                s.take_lock()?;
-                if s.version.is_none() {
-                    let body = s.manifest.clone();
-                    match s.write_manifest(body) {
-                        // Another process created it first: use theirs.
-                        Err(Error::Conflict { .. }) => s.refresh()?,
-                        r => r?,
-                    }
-                }
+                s.become_writer()?;
+                // Written unless another process created it first (then: theirs).
+                s.commit_with(|now| Ok((now.version.is_none().then(|| now.manifest.clone()), ())))?;
                 s
             }
         };
@@ -463,69 +485,31 @@ impl Store {
         Ok(file)
     }
 
-    /// Becomes a writer. Local stores: takes the writer lock (once); the manifest on
-    /// disk is then the truth and files it does not list were left by a crash. Remote
-    /// stores have no lock: the manifest is re-read before every change and committed
-    /// conditionally.
-    pub(crate) fn take_lock(&mut self) -> Result<(), Error> {
-        if self.lock.is_some() {
-            return Ok(());
-        }
-        self.lock = self.backend.lock()?;
-        self.refresh()?;
-        if self.backend.exclusive() {
-            for orphan in self.orphan_names()? {
-                tracing::info!(file = %self.backend.path_of(&orphan).display(),
-                    "removing a file left by an interrupted save");
-                self.backend.remove(&orphan)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Re-reads the committed manifest.
-    pub(crate) fn refresh(&mut self) -> Result<(), Error> {
+    /// Re-reads the committed manifest: picks up what other writers committed since
+    /// this `Store` last read it (every change re-reads it anyway, under the commit
+    /// lock). The decoded state kept of this `Store`'s latest saves stays.
+    ///
+    /// ```
+    /// use bitsnap_core::{Policy, Role, Store, Tensor};
+    /// let dir = tempfile::tempdir()?;
+    /// let mut a = Store::open_or_create(dir.path(), Policy::default())?;
+    /// let mut b = Store::open(dir.path())?;
+    /// let t = Tensor::from_f32("w", &[2], Role::Weight, &[1.0, 2.0])?;
+    /// a.save("from-a", vec![t.clone()])?;
+    /// assert!(b.snapshots().is_empty()); // the manifest as b opened it
+    /// b.refresh()?;
+    /// assert_eq!(b.snapshots().len(), 1);
+    /// b.save("from-b", vec![t])?; // both write: the lock covers each commit only
+    /// a.refresh()?;
+    /// assert_eq!(a.snapshots().len(), 2);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn refresh(&mut self) -> Result<(), Error> {
         if let Some((m, v)) = manifest::read_manifest(self.backend.as_ref())? {
             self.manifest = m;
             self.version = Some(v);
         }
         Ok(())
-    }
-
-    /// Files in the directory that look like snapshots or temporaries but are not listed.
-    fn orphans(&self) -> Result<Vec<PathBuf>, Error> {
-        Ok(self
-            .orphan_names()?
-            .iter()
-            .map(|n| self.backend.path_of(n))
-            .collect())
-    }
-
-    /// Names of the objects that look like snapshots or temporaries but are not listed.
-    /// Shard files of snapshot ids not committed yet are not orphans: their writer may
-    /// still be at work ([`crate::shard`]).
-    fn orphan_names(&self) -> Result<Vec<String>, Error> {
-        let listed: std::collections::HashSet<&str> = self
-            .manifest
-            .snapshots
-            .iter()
-            .chain(&self.manifest.retired)
-            .flat_map(|s| {
-                std::iter::once(s.file.as_str()).chain(s.shards.iter().map(|h| h.file.as_str()))
-            })
-            .collect();
-        let mut out = Vec::new();
-        for name in self.backend.list()? {
-            let ours = name.starts_with("snap-")
-                && (name.ends_with(".bsnap") || name.ends_with(".tmp"))
-                || name.starts_with("MANIFEST.") && name.ends_with(".tmp");
-            let pending = manifest::pending_shard(&name, self.manifest.next_id);
-            if ours && !pending && !listed.contains(name.as_str()) {
-                out.push(name);
-            }
-        }
-        out.sort();
-        Ok(out)
     }
 }
 

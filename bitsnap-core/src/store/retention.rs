@@ -102,26 +102,34 @@ impl Store {
     /// Pins snapshot `id`: [`Store::prune`] keeps it and [`Store::delete`] refuses it
     /// until [`Store::unpin`]. One manifest commit; pinning a pinned snapshot is a no-op.
     pub fn pin(&mut self, id: u64) -> Result<(), Error> {
-        self.take_lock()?;
-        self.info(id)?;
-        let mut next = self.manifest.clone();
-        if let Err(at) = next.pinned.binary_search(&id) {
-            next.pinned.insert(at, id);
-            self.write_manifest(next)?;
-        }
-        Ok(())
+        self.become_writer()?;
+        self.commit_with(|store| {
+            store.info(id)?;
+            let mut next = store.manifest.clone();
+            Ok(match next.pinned.binary_search(&id) {
+                Ok(_) => (None, ()),
+                Err(at) => {
+                    next.pinned.insert(at, id);
+                    (Some(next), ())
+                }
+            })
+        })
     }
 
     /// Unpins snapshot `id` (a no-op if it is not pinned).
     pub fn unpin(&mut self, id: u64) -> Result<(), Error> {
-        self.take_lock()?;
-        self.info(id)?;
-        let mut next = self.manifest.clone();
-        if let Ok(at) = next.pinned.binary_search(&id) {
-            next.pinned.remove(at);
-            self.write_manifest(next)?;
-        }
-        Ok(())
+        self.become_writer()?;
+        self.commit_with(|store| {
+            store.info(id)?;
+            let mut next = store.manifest.clone();
+            Ok(match next.pinned.binary_search(&id) {
+                Err(_) => (None, ()),
+                Ok(at) => {
+                    next.pinned.remove(at);
+                    (Some(next), ())
+                }
+            })
+        })
     }
 
     /// What [`Store::prune`] would do, changing nothing.
@@ -153,15 +161,17 @@ impl Store {
         series: Option<&str>,
         retention: &Retention,
     ) -> Result<PruneReport, Error> {
-        self.take_lock()?;
-        let (report, next, removed) = self.prune_plan(series, retention);
-        if report.deleted.is_empty() && removed.is_empty() {
-            return Ok(report);
-        }
-        self.commit_and_remove(next, &removed)?;
+        self.become_writer()?;
+        // Planned against the manifest as it is at the commit.
+        let (report, removed) = self.commit_with(|store| {
+            let (report, next, removed) = store.prune_plan(series, retention);
+            let changed = !report.deleted.is_empty() || !removed.is_empty();
+            Ok((changed.then_some(next), (report, removed)))
+        })?;
         for id in &report.deleted {
             self.last.retain(|_, c| c.id != *id);
         }
+        self.remove_files(&removed)?;
         Ok(report)
     }
 
@@ -221,11 +231,26 @@ impl Store {
     /// payloads are copied), so it belongs off the save path; every snapshot decodes to
     /// exactly what it did before (checked against its state hash).
     pub fn compact(&mut self) -> Result<CompactReport, Error> {
-        self.take_lock()?;
+        self.become_writer()?;
+        // Rewritten and committed under the commit lock: other writers' commits wait.
+        let (report, replaced) = self.commit_with(|store| store.compact_plan())?;
+        self.remove_files(&replaced)?;
+        Ok(report)
+    }
+
+    /// [`Store::compact`]'s rewrites (files written, nothing committed): the next
+    /// manifest (`None`: nothing to do), the report and the snapshots whose files the
+    /// commit frees.
+    #[allow(clippy::type_complexity)]
+    fn compact_plan(
+        &self,
+    ) -> Result<(Option<ManifestBody>, (CompactReport, Vec<SnapshotInfo>)), Error> {
         let mut next = self.manifest.clone();
         let mut replaced = Vec::new();
         let mut rewritten = Vec::new();
-        let mut generation = next.next_id;
+        // Above every id and generation a file carries, so no rewrite's name is
+        // another's; `next_id` stays (a pending shard's id must stay pending).
+        let mut generation = self.next_free_id()?;
         let retired: HashSet<u64> = next.retired.iter().map(|s| s.id).collect();
         for i in 0..next.snapshots.len() {
             let dep = next.snapshots[i].clone();
@@ -252,7 +277,6 @@ impl Store {
             rewritten.push(info.id);
             next.snapshots[i] = info;
         }
-        next.next_id = generation;
         let removed = collect(&mut next);
         let written: u64 = next
             .snapshots
@@ -272,10 +296,9 @@ impl Store {
             freed_bytes: freed,
         };
         if report.rewritten.is_empty() && removed.is_empty() {
-            return Ok(report);
+            return Ok((None, (report, Vec::new())));
         }
         replaced.extend(removed);
-        self.commit_and_remove(next, &replaced)?;
-        Ok(report)
+        Ok((Some(next), (report, replaced)))
     }
 }

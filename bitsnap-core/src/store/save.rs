@@ -8,16 +8,13 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::manifest::MANIFEST_FILE;
 use super::stream::{self, BaseTensors, Streamed};
 use super::{Cached, SaveReport, SnapshotInfo, Store};
 use crate::codec::Encoded;
 use crate::format::{BaseRef, Decision, Header, Reference, SnapshotWriter};
 use crate::policy::DeltaVerdict;
+use crate::references::replay::Unit;
 use crate::{Error, Policy, Tensor};
-
-/// Attempts at committing a snapshot while other writers keep changing a remote manifest.
-const COMMIT_ATTEMPTS: u32 = 8;
 
 /// Why a snapshot was stored full rather than as a delta. `Display` gives the text the
 /// CLI prints (`full (first snapshot)`).
@@ -78,11 +75,12 @@ pub struct SaveTimings {
     /// Taking the base state: from memory (the latest save of this `Store`), else by
     /// reading and decoding its chain.
     pub base: Duration,
-    /// Choosing each tensor's codec (trial encodes on samples) and encoding it, all
-    /// tensors in parallel, with each payload's checksum; payloads are written to the
-    /// file meanwhile, as they come out in order.
+    /// Choosing each tensor's codec (trial encodes on samples, casts and optimizer
+    /// replay weighed beside the codecs) and encoding it, a weight with its moments as
+    /// one unit, all units in parallel, with each payload's checksum; payloads are
+    /// written to the file meanwhile, as they come out in order.
     pub encode: Duration,
-    /// Finding tensors that reference others (identical copies, casts).
+    /// Finding tensors that are bit-identical copies of earlier ones.
     pub references: Duration,
     /// xxh3 of every tensor's raw bytes before the encode, and of the payloads the
     /// references pass replaced, in parallel.
@@ -214,7 +212,7 @@ impl Store {
         tensors: Vec<Tensor>,
         metadata: Vec<(String, String)>,
     ) -> Result<SaveReport, Error> {
-        self.take_lock()?;
+        self.become_writer()?;
         validate(&tensors, name)?;
         validate_metadata(&metadata)?;
         let mut base_time = Duration::ZERO;
@@ -241,9 +239,11 @@ impl Store {
                 }
             }
         });
-        let id = self.manifest.next_id;
+        // Reserved after the base is chosen, so the id is above the base's.
+        let reservation = self.reserve_snapshot()?;
+        let id = reservation.id;
         let plan = Plan {
-            file: self.snapshot_file_name(id),
+            file: reservation.file.clone(),
             id,
             name,
             attempt: 0,
@@ -265,7 +265,7 @@ impl Store {
             shards: Vec::new(),
         };
         timed(&mut w.timings.commit, || {
-            self.commit_new(info.clone(), &[file])
+            self.commit_new(info.clone(), &[file], reservation.reserved)
         })?;
         // Keep what this snapshot decodes to: the base of the next delta, and the answer
         // to a restore in this process.
@@ -283,62 +283,64 @@ impl Store {
     /// the snapshot decodes to. Commits nothing.
     ///
     /// Payloads are streamed to the file while other tensors still encode, and a base
-    /// that only this save holds is freed tensor by tensor ([`super::stream`]); a delta
-    /// that would not pay is re-encoded full and written again.
+    /// that only this save holds is freed unit by unit ([`super::stream`]; a weight and
+    /// its moments are one unit, so optimizer replay saves stream too); a delta that
+    /// would not pay is re-encoded full and written again.
     pub(crate) fn write_save(
         &self,
         mut plan: Plan<'_>,
         tensors: Vec<Tensor>,
         metadata: Vec<(String, String)>,
     ) -> Result<Written, Error> {
-        // Optimizer replay predicts tensors from the base after every tensor is encoded:
-        // it needs the whole base then, and may replace any weight or second moment, so
-        // such a save is encoded first and written after.
-        if let Ok(b) = &plan.base
-            && crate::references::replay::may_replay(&tensors, &b.by_name(), &metadata)
-        {
-            let base = std::mem::replace(&mut plan.base, Err(FullReason::First));
-            return self.write_unstreamed(plan, tensors, metadata, base, SaveTimings::default());
-        }
         // The stage signals in the metadata scale a lossy error budget (policy/budget.rs).
         let metadata = self.with_base_lr(metadata, plan.base.as_ref().ok().map(|b| b.id));
         let (policy, metadata) = self.policy.staged(metadata);
         let mut timings = SaveTimings::default();
+        let all: Vec<usize> = (0..tensors.len()).collect();
         // The base is moved out of the plan, which keeps no reference to its tensors: a
-        // base only this save holds is then freed tensor by tensor as it is used.
-        let (base_ref, base, first_reason) =
+        // base only this save holds is then freed unit by unit as it is used (a weight
+        // and its moments together: optimizer replay predicts from all three).
+        let (base_ref, base, first_reason, units) =
             match std::mem::replace(&mut plan.base, Err(FullReason::First)) {
-                Ok(b) => (Some(b.base_ref()), BaseTensors::of(b.state), None),
-                Err(reason) => (None, BaseTensors::None, Some(reason)),
+                Ok(b) => {
+                    let units = crate::references::units_of(
+                        &policy,
+                        &tensors,
+                        &all,
+                        &b.by_name(),
+                        &metadata,
+                    );
+                    (Some(b.base_ref()), BaseTensors::of(b.state), None, units)
+                }
+                Err(reason) => {
+                    let units = all.iter().map(|&i| Unit::One(i)).collect();
+                    (None, BaseTensors::None, Some(reason), units)
+                }
             };
         let Streamed {
             mut writer,
             mut encoded,
             mut hashes,
+            mut references,
             written,
         } = self.encode_streamed(
             &plan,
             &policy,
             &tensors,
+            &units,
             &base,
             metadata.clone(),
             &mut timings,
         )?;
         drop(base);
-        let references = timed(&mut timings.references, || {
-            if !references_allowed(&policy) {
-                vec![Vec::new(); encoded.len()]
+        // Copies of earlier tensors, among those not written yet.
+        let changed = timed(&mut timings.references, || {
+            if references_allowed(&policy) {
+                crate::references::apply(&tensors, &mut encoded, &mut references, &|i| i >= written)
             } else {
-                crate::references::apply(
-                    &tensors,
-                    &mut encoded,
-                    &HashMap::new(),
-                    &metadata,
-                    policy.zstd_level,
-                )
+                vec![false; tensors.len()]
             }
         });
-        debug_assert!(references[..written].iter().all(Vec::is_empty));
         let (base, full_reason) = match base_ref {
             None => (None, first_reason),
             Some(b) => {
@@ -362,13 +364,13 @@ impl Store {
                 }
             }
         };
-        // The payloads the references pass replaced get new checksums.
+        // The payloads the copies pass replaced get new checksums.
         timed(&mut timings.checksum, || {
             hashes[written..]
                 .par_iter_mut()
                 .zip(&encoded[written..])
-                .zip(&references[written..])
-                .filter(|(_, r)| !r.is_empty())
+                .zip(&changed[written..])
+                .filter(|(_, c)| **c)
                 .for_each(|((h, (e, _)), _)| h.1 = xxh3_64(&e.payload));
         });
         let write_start = Instant::now();
@@ -401,7 +403,7 @@ impl Store {
 
     /// Encodes `tensors` against `base` (all at once, a full snapshot if it is `Err` or
     /// the delta would not pay) and writes them after: the save of a delta that would
-    /// not pay, and of one that optimizer replay may shorten.
+    /// not pay.
     fn write_unstreamed(
         &self,
         plan: Plan<'_>,
@@ -445,83 +447,6 @@ impl Store {
             },
             timings,
         })
-    }
-
-    /// The file name of a new snapshot `id`: `snap-<id>.bsnap` under the writer lock;
-    /// with a random suffix on remote stores, where writers are not excluded and must
-    /// not overwrite each other's objects.
-    fn snapshot_file_name(&self, id: u64) -> String {
-        if self.backend.exclusive() {
-            format!("snap-{id:020}.bsnap")
-        } else {
-            format!("snap-{id:020}-{:016x}.bsnap", unique_token())
-        }
-    }
-
-    /// Commits `info` as a new snapshot: appends it to the manifest and replaces the
-    /// manifest. When another writer changed a remote manifest first, re-reads it and
-    /// tries again, as long as `info`'s id is still free and its bases still listed;
-    /// otherwise removes `files` (what this save wrote) and fails with
-    /// [`Error::Conflict`].
-    pub(crate) fn commit_new(&mut self, info: SnapshotInfo, files: &[String]) -> Result<(), Error> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let bases: Vec<u64> = info
-                .base
-                .into_iter()
-                .chain(info.shards.iter().filter_map(|s| s.base))
-                .collect();
-            let stale = if info.id < self.manifest.next_id {
-                Some(format!(
-                    "snapshot id {} was taken (the store's next id is {})",
-                    info.id, self.manifest.next_id
-                ))
-            } else {
-                bases
-                    .iter()
-                    .find(|b| self.get(**b).is_none())
-                    .map(|b| format!("base snapshot {b} was deleted"))
-            };
-            let result = match stale {
-                Some(reason) => Err(Error::Conflict {
-                    file: self.backend.path_of(MANIFEST_FILE),
-                    reason,
-                }),
-                None => {
-                    let mut next = self.manifest.clone();
-                    next.next_id = info.id + 1;
-                    next.snapshots.push(info.clone());
-                    self.write_manifest(next)
-                }
-            };
-            match result {
-                Err(Error::Conflict { .. })
-                    if !self.backend.exclusive() && attempt < COMMIT_ATTEMPTS =>
-                {
-                    tracing::info!(
-                        id = info.id,
-                        attempt,
-                        "manifest changed underneath; retrying the commit"
-                    );
-                    self.refresh()?;
-                    if info.id < self.manifest.next_id
-                        || bases.iter().any(|b| self.get(*b).is_none())
-                    {
-                        attempt = COMMIT_ATTEMPTS - 1;
-                    }
-                }
-                Err(e) => {
-                    if matches!(e, Error::Conflict { .. }) {
-                        for f in files {
-                            let _ = self.backend.remove(f);
-                        }
-                    }
-                    return Err(e);
-                }
-                Ok(()) => return Ok(()),
-            }
-        }
     }
 
     /// The decoded state of snapshot `id` and its state hash, from memory if possible.
@@ -678,10 +603,9 @@ pub(crate) fn encode_against(
     }
 }
 
-/// Encodes each tensor with the policy, then replaces encodings that a reference to
-/// another tensor of the snapshot, or an optimizer replay from the base, beats
-/// ([`crate::references`], with the save's `metadata`); returns the encodings and each
-/// tensor's references.
+/// Encodes every tensor as [`crate::references::encode_snapshot`] does (casts and
+/// optimizer replay from the base weighed beside the codecs, then copies), with the
+/// save's `metadata`; returns the encodings and each tensor's references.
 pub(crate) fn encode_all(
     policy: &Policy,
     tensors: &[Tensor],
@@ -689,20 +613,15 @@ pub(crate) fn encode_all(
     metadata: &[(String, String)],
     timings: &mut SaveTimings,
 ) -> Result<(Vec<EncodedTensor>, Vec<Vec<Reference>>), Error> {
-    let mut encoded = timed(&mut timings.encode, || {
-        tensors
-            .par_iter()
-            .map(|t| policy.encode_tensor(t, base.get(t.name.as_str()).copied()))
-            .collect::<Result<Vec<_>, Error>>()
-    })?;
-    let references = timed(&mut timings.references, || {
-        if !references_allowed(policy) {
-            vec![Vec::new(); encoded.len()]
-        } else {
-            crate::references::apply(tensors, &mut encoded, base, metadata, policy.zstd_level)
-        }
-    });
-    Ok((encoded, references))
+    timed(&mut timings.encode, || {
+        crate::references::encode_snapshot(
+            policy,
+            tensors,
+            base,
+            metadata,
+            references_allowed(policy),
+        )
+    })
 }
 
 pub(crate) fn validate_metadata(metadata: &[(String, String)]) -> Result<(), Error> {

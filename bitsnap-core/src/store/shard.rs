@@ -240,7 +240,7 @@ impl Store {
         wait: Duration,
     ) -> Result<SnapshotInfo, Error> {
         check_rank(0, world)?;
-        self.take_lock()?;
+        self.become_writer()?;
         let files: Vec<String> = (0..world).map(|r| shard_file_name(id, r)).collect();
         let deadline = Instant::now() + wait;
         // Headers of the shards of this attempt found so far, by rank.
@@ -335,7 +335,8 @@ impl Store {
             stored_bytes: shards.iter().map(|s| s.stored_bytes).sum(),
             shards,
         };
-        self.commit_new(info.clone(), &[])?;
+        // Shard ids are the caller's, not reserved: they must be at or above `next_id`.
+        self.commit_new(info.clone(), &[], false)?;
         Ok(info)
     }
 
@@ -403,30 +404,30 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes sharded snapshot `id`, which no shard may use as its base.
+    /// Deletes sharded snapshot `id`, which no shard may use as its base (checked
+    /// against the manifest as it is at the commit).
     pub(crate) fn delete_sharded(&mut self, id: u64) -> Result<(), Error> {
-        if let Some(d) = self
-            .manifest
-            .snapshots
-            .iter()
-            .find(|s| s.shards.iter().any(|h| h.base == Some(id)))
-        {
-            return Err(Error::InUse {
-                store: self.dir.clone(),
-                snapshot: id,
-                user: d.id,
-            });
-        }
-        let victim = self.info(id)?.clone();
-        let mut next = self.manifest.clone();
-        next.snapshots.retain(|s| s.id != id);
-        self.write_manifest(next)?;
-        for h in &victim.shards {
-            self.backend.remove(&h.file)?;
-        }
-        self.backend.sync()?;
+        let victim = self.commit_with(|store| {
+            if let Some(d) = store
+                .manifest
+                .snapshots
+                .iter()
+                .find(|s| s.shards.iter().any(|h| h.base == Some(id)))
+            {
+                return Err(Error::InUse {
+                    store: store.dir.clone(),
+                    snapshot: id,
+                    user: d.id,
+                });
+            }
+            store.refuse_pinned(id)?;
+            let victim = store.info(id)?.clone();
+            let mut next = store.manifest.clone();
+            next.snapshots.retain(|s| s.id != id);
+            Ok((Some(next), victim))
+        })?;
         self.shard_last.retain(|_, c| c.id != id);
-        Ok(())
+        self.remove_files(std::slice::from_ref(&victim))
     }
 
     fn cached_shard(&self, id: u64, rank: u32) -> Option<&Cached> {

@@ -3,15 +3,19 @@
 //! during the encode instead of after it; and a base held only by this save is freed
 //! tensor by tensor as the new snapshot's tensors are encoded.
 //!
-//! A payload is written before the save's last decisions only when neither can change
-//! it: the references pass ([`crate::references`]) only ever replaces the encoding of a
-//! tensor that has an earlier bit-identical twin, or that is a half-precision tensor
-//! with an f32 tensor of its shape ([`reference_candidates`]); the writer stops at the
+//! The tensors are encoded in units ([`crate::references::encode_units`]): a weight
+//! with its two moments together, so that optimizer replay predicts from the base
+//! tensors of the unit, which are freed when the unit is done, and from the unit's
+//! tensors as they decode; casts of f32 tensors are weighed as each half tensor is
+//! encoded. A payload is written before the save's last decision only when that cannot
+//! change it: the copies pass ([`crate::references::apply`]) only ever replaces the
+//! encoding of a tensor with an earlier bit-identical twin
+//! ([`ReferencePlan::twin`](crate::references::ReferencePlan)); the writer stops at the
 //! first such tensor and the rest is written once the pass ran. If the policy then
 //! finds that the delta would not pay, the streamed file is dropped (its temporary file
 //! removed) and the caller re-encodes the snapshot full.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -23,7 +27,9 @@ use super::{State, Store};
 use crate::backend::ObjectWriter;
 use crate::codec::Encoded;
 use crate::format::{Decision, Entry, Reference, SnapshotWriter};
-use crate::{DType, Error, Policy, Tensor};
+use crate::references::replay::{self, Unit};
+use crate::references::{self, ReferencePlan};
+use crate::{Error, Policy, Tensor};
 
 /// The tensors of a save's base, handed to the encoder one at a time.
 pub(crate) enum BaseTensors {
@@ -76,31 +82,11 @@ impl BaseTensors {
     }
 }
 
-/// Which tensors the references pass may re-encode: those with an earlier tensor of
-/// the same dtype, shape and content hash, and the half-precision ones with an f32
-/// tensor of the same shape. A superset of what [`crate::references::apply`] changes.
-pub(crate) fn reference_candidates(tensors: &[Tensor], hashes: &[u64]) -> Vec<bool> {
-    let f32_shapes: HashSet<&[u64]> = tensors
-        .iter()
-        .filter(|t| t.dtype == DType::F32)
-        .map(|t| t.shape.as_slice())
-        .collect();
-    let mut seen = HashSet::new();
-    tensors
-        .iter()
-        .zip(hashes)
-        .map(|(t, &h)| {
-            let twin = !seen.insert((t.dtype, t.shape.as_slice(), h));
-            let cast = crate::codec::cast::applies(t.dtype, DType::F32)
-                && f32_shapes.contains(t.shape.as_slice());
-            twin || cast
-        })
-        .collect()
-}
-
 /// One encoded tensor and its checksums (raw bytes as decoded, payload).
 pub(crate) struct Item {
     pub(crate) encoded: EncodedTensor,
+    /// The tensors its payload references.
+    pub(crate) references: Vec<Reference>,
     pub(crate) raw_hash: u64,
     pub(crate) payload_hash: u64,
 }
@@ -112,18 +98,23 @@ pub(crate) struct Streamed {
     pub(crate) encoded: Vec<EncodedTensor>,
     /// Every tensor's (raw, payload) checksums, in order.
     pub(crate) hashes: Vec<(u64, u64)>,
+    /// Every tensor's references, in order.
+    pub(crate) references: Vec<Vec<Reference>>,
     pub(crate) written: usize,
 }
 
 impl Store {
-    /// Encodes `tensors` against `base` with `policy` on all threads, writing each
-    /// payload that no later decision can change to `plan.file` as soon as it and all
-    /// before it are encoded. Returns the file being written and every encoding.
+    /// Encodes `tensors` in `units` against `base` with `policy` on all threads,
+    /// writing each payload that no later decision can change to `plan.file` as soon as
+    /// it and all before it are encoded. Returns the file being written and every
+    /// encoding.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn encode_streamed(
         &self,
         plan: &Plan<'_>,
         policy: &Policy,
         tensors: &[Tensor],
+        units: &[Unit],
         base: &BaseTensors,
         metadata: Vec<(String, String)>,
         timings: &mut SaveTimings,
@@ -131,11 +122,13 @@ impl Store {
         let hashes: Vec<u64> = timed(&mut timings.checksum, || {
             tensors.par_iter().map(|t| xxh3_64(&t.data)).collect()
         });
-        let held = if !super::save::references_allowed(policy) {
-            vec![false; tensors.len()]
+        let ref_plan = if super::save::references_allowed(policy) {
+            ReferencePlan::new(policy, tensors, &hashes, &metadata)
         } else {
-            reference_candidates(tensors, &hashes)
+            ReferencePlan::none(tensors.len())
         };
+        let held = &ref_plan.twin;
+        let ctx = replay::Context::new(&metadata, policy.zstd_level);
         let path = self.backend.path_of(&plan.file);
         let out = self.backend.create(&plan.file)?;
         let mut writer = SnapshotWriter::new(out, &path, plan.id, plan.name, None)?;
@@ -158,7 +151,7 @@ impl Store {
                             &tensors[written],
                             (&item.encoded.0, &item.encoded.1),
                             item.raw_hash,
-                            &[],
+                            &item.references,
                         );
                         match writer.push_hashed(entry, &item.encoded.0.payload, item.payload_hash)
                         {
@@ -170,23 +163,27 @@ impl Store {
                 (writer, slots, written, failed)
             });
             let encoded = timed(&mut timings.encode, || {
-                tensors.par_iter().enumerate().try_for_each(|(i, t)| {
-                    let encoded = base.with(&t.name, |b| policy.encode_tensor(t, b))?;
-                    let e = &encoded.0;
-                    let raw_hash = match &e.lossy {
-                        Some((decoded, _)) => xxh3_64(decoded),
-                        None => hashes[i],
-                    };
-                    let payload_hash = xxh3_64(&e.payload);
-                    // The streamer ends only when every sender is gone.
-                    let _ = tx.send((
-                        i,
-                        Item {
-                            encoded,
-                            raw_hash,
-                            payload_hash,
-                        },
-                    ));
+                units.par_iter().try_for_each(|&unit| {
+                    let done = with_unit_base(base, tensors, unit, |b| {
+                        references::encode_unit(policy, &ctx, &ref_plan, tensors, unit, b)
+                    })?;
+                    for (i, (e, d, references)) in done {
+                        let raw_hash = match &e.lossy {
+                            Some((decoded, _)) => xxh3_64(decoded),
+                            None => hashes[i],
+                        };
+                        let payload_hash = xxh3_64(&e.payload);
+                        // The streamer ends only when every sender is gone.
+                        let _ = tx.send((
+                            i,
+                            Item {
+                                encoded: (e, d),
+                                references,
+                                raw_hash,
+                                payload_hash,
+                            },
+                        ));
+                    }
                     Ok::<(), Error>(())
                 })
             });
@@ -202,6 +199,7 @@ impl Store {
             }
             let mut encoded = Vec::with_capacity(n);
             let mut sums = Vec::with_capacity(n);
+            let mut references = Vec::with_capacity(n);
             for (s, t) in slots.into_iter().zip(tensors) {
                 let item = s.ok_or_else(|| Error::InvalidTensor {
                     tensor: t.name.clone(),
@@ -209,14 +207,34 @@ impl Store {
                 })?;
                 encoded.push(item.encoded);
                 sums.push((item.raw_hash, item.payload_hash));
+                references.push(item.references);
             }
             Ok(Streamed {
                 writer,
                 encoded,
                 hashes: sums,
+                references,
                 written,
             })
         })
+    }
+}
+
+/// Calls `f` with the base tensors of `unit` (weight, first moment, second moment; a
+/// lone tensor's first), each freed after the call if only the save held it.
+fn with_unit_base<R>(
+    base: &BaseTensors,
+    tensors: &[Tensor],
+    unit: Unit,
+    f: impl FnOnce([Option<&Tensor>; 3]) -> R,
+) -> R {
+    match unit {
+        Unit::One(i) => base.with(&tensors[i].name, |b| f([b, None, None])),
+        Unit::Group { w, m, v } => base.with(&tensors[w].name, |bw| {
+            base.with(&tensors[m].name, |bm| {
+                base.with(&tensors[v].name, |bv| f([bw, bm, bv]))
+            })
+        }),
     }
 }
 
@@ -246,7 +264,7 @@ pub(crate) fn entry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Role;
+    use crate::{DType, Role};
 
     fn t(name: &str, dtype: DType, n: usize, fill: u8) -> Tensor {
         Tensor::new(
@@ -257,22 +275,6 @@ mod tests {
             vec![fill; n * dtype.size()],
         )
         .unwrap()
-    }
-
-    #[test]
-    fn candidates_are_twins_and_halves_with_an_f32_of_their_shape() {
-        let ts = vec![
-            t("a", DType::F32, 8, 1),
-            t("b", DType::F32, 8, 1),  // twin of a
-            t("c", DType::F32, 8, 2),  // unique
-            t("h", DType::BF16, 8, 3), // an f32 of shape [8] exists
-            t("k", DType::BF16, 4, 3), // no f32 of shape [4]
-        ];
-        let hashes: Vec<u64> = ts.iter().map(|t| xxh3_64(&t.data)).collect();
-        assert_eq!(
-            reference_candidates(&ts, &hashes),
-            vec![false, true, false, true, false]
-        );
     }
 
     #[test]
