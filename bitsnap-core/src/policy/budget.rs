@@ -17,6 +17,11 @@
 //!    `x − base` clustered linearly (never for non-negative ones: base + delta can fall
 //!    below zero, a second moment below zero makes `√v` NaN). The first width at which
 //!    some candidate meets the budget wins, the smallest payload of its candidates.
+//!    That candidate is then tried with fewer codebook entries than its width holds (a
+//!    binary search between the narrower width's `2^b + 1` and `2^bits − 1`): the codes
+//!    keep their width, but a skewed code distribution is what zstd's entropy coding
+//!    shrinks, so the fewest entries that still meet the budget usually give the
+//!    smallest payload (kept only if smaller; a width "between" 3 and 4 bits, say).
 //!    Tensors over [`super::EXACT_TRIAL_BYTES`] are tried on the policy's sample windows
 //!    (of the tensor and its base) and the winner is then encoded whole and checked again
 //!    (a failure moves on to the next width).
@@ -34,6 +39,13 @@
 //! - right after it (`step ≤ SETTLE_FACTOR × warmup_steps`), when the learning rate has
 //!   just reached its peak, the budget stays halved: the lr change is the largest of the
 //!   run and the moments still carry the warm-up's large early gradients;
+//! - right after any other learning-rate change: when the lr of the save and the lr of
+//!   its base snapshot ([`stage_keys::BASE_LR`], which the store copies from the base's
+//!   [`stage_keys::LR`]) differ by [`LR_CHANGE_RATIO`] or more either way, the budget is
+//!   halved ([`LR_CHANGE_FACTOR`]) and the late relaxation below does not apply: a new
+//!   phase (a fine-tune that freezes layers and starts a fresh optimizer at a tenth of
+//!   the pretraining lr) has young moments, and `peak / lr` would otherwise loosen the
+//!   budget fourfold exactly there;
 //! - after it, the budget is multiplied by `peak_lr / lr`, at most [`MAX_LATE_FACTOR`]:
 //!   late in a decayed schedule an error moves the weights less;
 //! - without signals the base budget applies. The result is capped at [`MAX_BUDGET`].
@@ -107,6 +119,9 @@ pub mod stage_keys {
     pub const PEAK_LR: &str = "bitsnap.peak_lr";
     /// Input: the number of warm-up steps (`u64`).
     pub const WARMUP_STEPS: &str = "bitsnap.warmup_steps";
+    /// Input: the learning rate of the base snapshot's save (`f64`), copied by the
+    /// store from the base's [`LR`] under an error budget.
+    pub const BASE_LR: &str = "bitsnap.base_lr";
     /// Output: the relative-L2 budget applied to each moment tensor of the save.
     pub const MAX_ERROR: &str = "bitsnap.max_error";
     /// Output: why that budget (the stage rule's reason).
@@ -117,6 +132,11 @@ pub mod stage_keys {
 pub const WARMUP_FACTOR: f64 = 0.5;
 /// "Right after warm-up" lasts until `SETTLE_FACTOR × warmup_steps`.
 pub const SETTLE_FACTOR: u64 = 2;
+/// The learning rate changed "much" since the base snapshot when the larger of the two
+/// lrs is at least this many times the smaller.
+pub const LR_CHANGE_RATIO: f64 = 2.0;
+/// Budget factor right after such a change.
+pub const LR_CHANGE_FACTOR: f64 = 0.5;
 /// Largest budget factor late in training (`peak_lr / lr` is capped at this).
 pub const MAX_LATE_FACTOR: f64 = 4.0;
 /// Largest budget the stage rule produces.
@@ -133,6 +153,8 @@ pub struct Stage {
     pub peak_lr: Option<f64>,
     /// Warm-up steps.
     pub warmup_steps: Option<u64>,
+    /// Learning rate of the base snapshot's save.
+    pub base_lr: Option<f64>,
 }
 
 /// The budget a [`Stage`] gives a save, and why.
@@ -166,7 +188,20 @@ impl Stage {
             lr: float(stage_keys::LR),
             peak_lr: float(stage_keys::PEAK_LR),
             warmup_steps: int(stage_keys::WARMUP_STEPS),
+            base_lr: float(stage_keys::BASE_LR),
         }
+    }
+
+    /// How many times larger the larger of this save's lr and its base's is than the
+    /// smaller, if both are known (infinite when exactly one is 0, 1 when both are).
+    pub fn lr_change(&self) -> Option<f64> {
+        let (lr, base) = (self.lr?, self.base_lr?);
+        let (lo, hi) = (lr.min(base), lr.max(base));
+        Some(match (lo, hi) {
+            (_, 0.0) => 1.0,
+            (0.0, _) => f64::INFINITY,
+            _ => hi / lo,
+        })
     }
 
     /// The documented rule (see the module documentation): the budget for this stage
@@ -177,8 +212,11 @@ impl Stage {
     /// let base = ErrorBudget::new(0.04).unwrap();
     /// let warm = Stage { step: Some(5), warmup_steps: Some(100), ..Stage::default() };
     /// assert_eq!(warm.rule(base).budget, 0.02);
-    /// let late = Stage { step: Some(900), warmup_steps: Some(100), lr: Some(1e-4), peak_lr: Some(2e-4) };
+    /// let late = Stage { step: Some(900), warmup_steps: Some(100), lr: Some(1e-4), peak_lr: Some(2e-4), base_lr: None };
     /// assert_eq!(late.rule(base).budget, 0.08);
+    /// // A new phase at a tenth of the lr: halved, not relaxed.
+    /// let phase = Stage { base_lr: Some(1e-3), ..late };
+    /// assert_eq!(phase.rule(base).budget, 0.02);
     /// assert_eq!(Stage::default().rule(base).budget, 0.04);
     /// ```
     pub fn rule(&self, base: ErrorBudget) -> StageRule {
@@ -192,6 +230,15 @@ impl Stage {
                 WARMUP_FACTOR,
                 format!("just after warm-up (step {s} <= {SETTLE_FACTOR}x{w}): x{WARMUP_FACTOR}"),
             ),
+            _ if self.lr_change().is_some_and(|c| c >= LR_CHANGE_RATIO) => {
+                let (lr, base_lr) = (self.lr.unwrap_or(0.0), self.base_lr.unwrap_or(0.0));
+                (
+                    LR_CHANGE_FACTOR,
+                    format!(
+                        "lr changed since the base ({base_lr:e} -> {lr:e}, >= x{LR_CHANGE_RATIO}): x{LR_CHANGE_FACTOR}"
+                    ),
+                )
+            }
             (_, _, Some(lr), Some(peak)) if lr > 0.0 && lr < peak => {
                 let f = (peak / lr).min(MAX_LATE_FACTOR);
                 (f, format!("lr {lr:e} below peak {peak:e}: x{f:.3}"))
@@ -213,18 +260,65 @@ impl Stage {
     }
 }
 
+impl super::Policy {
+    /// Whether [`Policy::with_base_lr`](super::Policy::with_base_lr) reads anything: only
+    /// an error budget has a stage rule.
+    pub fn wants_base_lr(&self) -> bool {
+        matches!(
+            self.lossiness,
+            super::Lossiness::LossyOptimizerBudget { .. }
+        )
+    }
+
+    /// A save's `metadata` with [`stage_keys::BASE_LR`] set to the [`stage_keys::LR`] of
+    /// its base snapshot's metadata `base` (any earlier value replaced), under an error
+    /// budget; other policies, or a base without an lr, leave it as it is.
+    ///
+    /// ```
+    /// use bitsnap_core::{ErrorBudget, Lossiness, Policy, stage_keys};
+    /// let p = Policy::default().with_lossiness(Lossiness::LossyOptimizerBudget {
+    ///     max_error: ErrorBudget::DEFAULT,
+    /// });
+    /// let base = vec![(stage_keys::LR.to_string(), "0.002".to_string())];
+    /// let meta = p.with_base_lr(vec![(stage_keys::LR.into(), "0.0002".into())], &base);
+    /// assert!(meta.contains(&(stage_keys::BASE_LR.to_string(), "0.002".to_string())));
+    /// let (p, _) = p.staged(meta);
+    /// assert_eq!(p.stage.lr_change(), Some(10.0));
+    /// ```
+    pub fn with_base_lr(
+        &self,
+        mut metadata: Vec<(String, String)>,
+        base: &[(String, String)],
+    ) -> Vec<(String, String)> {
+        let lr = base.iter().rev().find(|(k, _)| k == stage_keys::LR);
+        if let (true, Some((_, lr))) = (self.wants_base_lr(), lr) {
+            metadata.retain(|(k, _)| k != stage_keys::BASE_LR);
+            metadata.push((stage_keys::BASE_LR.to_string(), lr.clone()));
+        }
+        metadata
+    }
+}
+
 /// The widths tried, narrowest first (16 bits last: it is nearly lossless).
 const WIDTHS: [QuantBits; 6] = QuantBits::ALL;
 
 /// The encodings tried at one width: linear and log codebooks, and with a base the ratio
 /// residual for a non-negative tensor, the delta residual for a signed one (a delta could
 /// take a second moment below zero, and `√v` to NaN: measured in the fidelity benchmark).
-fn candidates(bits: QuantBits, level: i32, with_base: bool, signed: bool) -> Vec<Box<dyn Codec>> {
+/// `entries` caps the codebook below `2^bits` (see [`fewer_entries`]).
+fn candidates(
+    bits: QuantBits,
+    level: i32,
+    with_base: bool,
+    signed: bool,
+    entries: Option<usize>,
+) -> Vec<Box<dyn Codec>> {
     let mut v: Vec<Box<dyn Codec>> = [ClusterMode::Linear, ClusterMode::Log]
         .into_iter()
         .map(|mode| -> Box<dyn Codec> {
             Box::new(ClusterQuantizer {
                 level,
+                entries,
                 ..ClusterQuantizer::new(bits).with_mode(mode)
             })
         })
@@ -234,14 +328,66 @@ fn candidates(bits: QuantBits, level: i32, with_base: bool, signed: bool) -> Vec
             true => ResidualKind::Delta,
             false => ResidualKind::Ratio,
         };
-        {
-            v.push(Box::new(ResidualQuantizer {
-                level,
-                ..ResidualQuantizer::new(bits, kind)
-            }));
-        }
+        v.push(Box::new(ResidualQuantizer {
+            level,
+            entries,
+            ..ResidualQuantizer::new(bits, kind)
+        }));
     }
     v
+}
+
+/// The trial that won a width: which candidate, with how many entries, its payload.
+struct Pick {
+    index: usize,
+    entries: Option<usize>,
+    enc: Encoded,
+}
+
+impl Pick {
+    fn len(&self) -> usize {
+        self.enc.payload.len()
+    }
+}
+
+/// Between the narrower width that missed the budget and the width that met it, the
+/// fewest codebook entries (a binary search over `2^narrower + 1 .. 2^bits − 1`) with
+/// which the winning candidate still meets `limit` on `input`, if its payload is
+/// smaller: its codes, skewed, cost fewer bits after zstd than `bits` each.
+#[allow(clippy::too_many_arguments)]
+fn fewer_entries(
+    pick: Pick,
+    narrower: Option<QuantBits>,
+    bits: QuantBits,
+    limit: f64,
+    input: &EncodeInput<'_>,
+    level: i32,
+    with_base: bool,
+    signed: bool,
+) -> Result<Pick, CodecError> {
+    let Some(narrower) = narrower else {
+        return Ok(pick);
+    };
+    let (mut lo, mut hi) = ((1usize << narrower.bits()) + 1, (1usize << bits.bits()) - 1);
+    let mut best = pick;
+    while lo <= hi {
+        let mid = lo + (hi - lo) / 2;
+        let q = candidates(bits, level, with_base, signed, Some(mid)).swap_remove(best.index);
+        match q.encode(input)? {
+            Some(enc) if enc.lossy.as_ref().is_some_and(|l| l.1.rel_l2 <= limit) => {
+                if enc.payload.len() < best.len() {
+                    best = Pick {
+                        index: best.index,
+                        entries: Some(mid),
+                        enc,
+                    };
+                }
+                hi = mid - 1;
+            }
+            _ => lo = mid + 1,
+        }
+    }
+    Ok(best)
 }
 
 /// Encodes a moment tensor within `limit` (relative L2) as cheaply as the module
@@ -281,26 +427,68 @@ pub(super) fn encode_within(
         ..*input
     };
     let input = &EncodeInput { base, ..*input };
-    let signed = base.is_some() && cluster::has_negative(input.dtype, input.data);
+    let with_base = base.is_some();
+    let signed = cluster::has_negative(input.dtype, input.data);
+    let mut narrower = None;
     for bits in WIDTHS {
         // The smallest passing payload of the candidates at this width.
-        let mut pick: Option<(usize, Box<dyn Codec>, Encoded)> = None;
-        for q in candidates(bits, level, base.is_some(), signed) {
+        let mut pick: Option<Pick> = None;
+        for (index, q) in candidates(bits, level, with_base, signed, None)
+            .into_iter()
+            .enumerate()
+        {
             let Some(enc) = q.encode(&trial_input)? else {
                 continue;
             };
             let passes = enc.lossy.as_ref().is_some_and(|l| l.1.rel_l2 <= limit);
-            if passes && pick.as_ref().is_none_or(|p| enc.payload.len() < p.0) {
-                pick = Some((enc.payload.len(), q, enc));
+            if passes && pick.as_ref().is_none_or(|p| enc.payload.len() < p.len()) {
+                pick = Some(Pick {
+                    index,
+                    entries: None,
+                    enc,
+                });
             }
         }
-        let Some((_, q, enc)) = pick else { continue };
+        let Some(pick) = pick else {
+            narrower = Some(bits);
+            continue;
+        };
+        let pick = fewer_entries(
+            pick,
+            narrower,
+            bits,
+            limit,
+            &trial_input,
+            level,
+            with_base,
+            signed,
+        )?;
         let enc = match sampled {
-            None => enc,
-            Some(_) => match q.encode(input)? {
-                Some(full) if full.lossy.as_ref().is_some_and(|l| l.1.rel_l2 <= limit) => full,
-                _ => continue,
-            },
+            None => pick.enc,
+            Some(_) => {
+                // Checked whole: with the entries chosen on the samples, else (the samples
+                // sat closer to the budget than the tensor) with the whole width.
+                let mut whole = None;
+                for entries in [pick.entries, None]
+                    .into_iter()
+                    .take(1 + usize::from(pick.entries.is_some()))
+                {
+                    let q =
+                        candidates(bits, level, with_base, signed, entries).swap_remove(pick.index);
+                    match q.encode(input)? {
+                        Some(full) if full.lossy.as_ref().is_some_and(|l| l.1.rel_l2 <= limit) => {
+                            whole = Some(full);
+                            break;
+                        }
+                        _ => continue,
+                    }
+                }
+                let Some(full) = whole else {
+                    narrower = Some(bits);
+                    continue;
+                };
+                full
+            }
         };
         decision
             .candidates
@@ -384,6 +572,42 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn fewer_entries_at_the_winning_width_shrink_the_payload() {
+        for (second, e) in [(false, 0.1), (true, 0.05), (false, 0.03)] {
+            let role = Role::OptimizerMoment(if second { 2 } else { 1 });
+            let t = tensor(moments(60_000, second, 9), role);
+            let (enc, d) = budget_policy(e).encode_tensor(&t, None).unwrap();
+            let layout = ClusterLayout::parse(&enc.payload, DType::F32).unwrap();
+            let full = 1u32 << layout.bits.bits();
+            assert!(layout.entries < full, "{second} {e}: {layout:?}");
+            assert!(measured(&t, &enc, None).rel_l2 <= e);
+            assert_eq!(d.error.unwrap().rel_l2, measured(&t, &enc, None).rel_l2);
+            // The whole codebook of that width and domain: more bytes.
+            let mode = match layout.log {
+                true => ClusterMode::Log,
+                false => ClusterMode::Linear,
+            };
+            let input = EncodeInput {
+                dtype: DType::F32,
+                role,
+                data: &t.data,
+                base: None,
+            };
+            let whole = ClusterQuantizer::new(layout.bits)
+                .with_mode(mode)
+                .encode(&input)
+                .unwrap()
+                .unwrap();
+            assert!(
+                enc.payload.len() < whole.payload.len(),
+                "{second} {e}: {} vs {}",
+                enc.payload.len(),
+                whole.payload.len()
+            );
         }
     }
 
@@ -508,7 +732,8 @@ mod tests {
                 step: Some(1200),
                 lr: Some(1.5e-4),
                 peak_lr: Some(6e-4),
-                warmup_steps: Some(100)
+                warmup_steps: Some(100),
+                base_lr: None,
             }
         );
         let r = s.rule(ErrorBudget::new(0.03).unwrap());
@@ -527,6 +752,7 @@ mod tests {
                 warmup_steps: Some(100),
                 lr: Some(5e-4),
                 peak_lr: Some(1e-3),
+                base_lr: None,
             }
             .rule(base)
         };
@@ -547,6 +773,92 @@ mod tests {
         let r = s.rule(ErrorBudget::new(0.1).unwrap());
         assert_eq!(r.budget, MAX_BUDGET);
         assert!(r.reason.contains("capped"), "{r:?}");
+    }
+
+    #[test]
+    fn an_lr_change_since_the_base_halves_the_budget() {
+        let base = ErrorBudget::new(0.12).unwrap();
+        let at = |lr: f64, base_lr: Option<f64>| {
+            Stage {
+                step: Some(500),
+                warmup_steps: Some(20),
+                lr: Some(lr),
+                peak_lr: Some(2e-3),
+                base_lr,
+            }
+            .rule(base)
+        };
+        // finetune-gpt's phase change: 2e-3 -> 2e-4. Without the base's lr the late
+        // relaxation would give 0.48, capped at 0.25.
+        assert_eq!(at(2e-4, None).budget, MAX_BUDGET);
+        let r = at(2e-4, Some(2e-3));
+        assert_eq!(r.budget, 0.06);
+        assert!(r.reason.contains("lr changed since the base"), "{r:?}");
+        // Upwards too, and from 0; a schedule's small steps are no change.
+        assert_eq!(at(2e-3, Some(5e-4)).budget, 0.06);
+        assert_eq!(at(1e-3, Some(0.0)).budget, 0.06);
+        assert_eq!(at(1e-3, Some(1.2e-3)).budget, 0.24);
+        assert_eq!(at(0.0, Some(0.0)).budget, MAX_BUDGET);
+        // Warm-up takes precedence (same factor, its own reason).
+        let warm = Stage {
+            step: Some(10),
+            ..Stage::default()
+        };
+        let r = Stage {
+            lr: Some(1e-4),
+            base_lr: Some(1e-3),
+            warmup_steps: Some(20),
+            ..warm
+        }
+        .rule(base);
+        assert!(r.reason.contains("warm-up"), "{r:?}");
+    }
+
+    #[test]
+    fn the_store_passes_the_base_lr_and_inspect_sees_the_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = crate::Store::open_or_create(dir.path(), budget_policy(0.12)).unwrap();
+        let meta = |lr: &str| {
+            vec![
+                (stage_keys::STEP.to_string(), "400".to_string()),
+                (stage_keys::LR.to_string(), lr.to_string()),
+                (stage_keys::PEAK_LR.to_string(), "0.002".to_string()),
+                (stage_keys::WARMUP_STEPS.to_string(), "20".to_string()),
+            ]
+        };
+        let v = tensor(moments(4096, true, 5), Role::OptimizerMoment(2));
+        store
+            .save_with_metadata("a", vec![v.clone()], meta("0.002"))
+            .unwrap();
+        let r = store
+            .save_with_metadata("b", vec![v], meta("0.0002"))
+            .unwrap();
+        let get = |k: &str| {
+            r.header
+                .metadata
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(get(stage_keys::BASE_LR).as_deref(), Some("0.002"));
+        assert_eq!(get(stage_keys::MAX_ERROR).as_deref(), Some("0.06"));
+        assert!(get(stage_keys::BUDGET_RULE).unwrap().contains("lr changed"));
+        // A lossless store reads no base metadata.
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = crate::Store::open_or_create(dir.path(), Policy::default()).unwrap();
+        let w = tensor(moments(64, false, 1), Role::Weight);
+        store
+            .save_with_metadata("a", vec![w.clone()], meta("0.002"))
+            .unwrap();
+        let r = store
+            .save_with_metadata("b", vec![w], meta("0.0002"))
+            .unwrap();
+        assert!(
+            r.header
+                .metadata
+                .iter()
+                .all(|(k, _)| k != stage_keys::BASE_LR)
+        );
     }
 
     #[test]

@@ -293,6 +293,7 @@ impl Store {
         metadata: Vec<(String, String)>,
     ) -> Result<Written, Error> {
         // The stage signals in the metadata scale a lossy error budget (policy/budget.rs).
+        let metadata = self.with_base_lr(metadata, plan.base.as_ref().ok().map(|b| b.id));
         let (policy, metadata) = self.policy.staged(metadata);
         let mut timings = SaveTimings::default();
         let all: Vec<usize> = (0..tensors.len()).collect();
@@ -411,6 +412,7 @@ impl Store {
         base: Result<BaseState, FullReason>,
         mut timings: SaveTimings,
     ) -> Result<Written, Error> {
+        let metadata = self.with_base_lr(metadata, base.as_ref().ok().map(|b| b.id));
         let (policy, metadata) = self.policy.staged(metadata);
         let Encoding {
             tensors: encoded,
@@ -482,6 +484,22 @@ impl Store {
             })?
             .state_hash;
         Ok(BaseState { id, state, hash })
+    }
+
+    /// `metadata` with the base snapshot's learning rate (the stage rule's lr-change
+    /// signal, policy/budget.rs), when the policy has an error budget.
+    fn with_base_lr(
+        &self,
+        metadata: Vec<(String, String)>,
+        base: Option<u64>,
+    ) -> Vec<(String, String)> {
+        match base.filter(|_| self.policy.wants_base_lr()) {
+            Some(id) => match self.header(id) {
+                Ok(h) => self.policy.with_base_lr(metadata, &h.metadata),
+                Err(_) => metadata,
+            },
+            None => metadata,
+        }
     }
 
     pub(crate) fn depth(&self, id: u64) -> u32 {

@@ -2,6 +2,7 @@
 //! the lower half frozen, checkpoint every N steps through [`StepSaver`], crash, restore
 //! from disk, and check that the restored run continues as the lost one did.
 
+mod breakdown;
 mod log;
 mod speed;
 mod summary;
@@ -19,6 +20,7 @@ use burn::tensor::{Device, Int, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
+pub use breakdown::{Breakdown, BreakdownRow};
 pub use log::LossLog;
 pub use speed::{Saving, SpeedReport, SpeedRow, compare, measure};
 pub use summary::{CrashReport, Summary};
@@ -621,6 +623,7 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
     };
     let report = StoreReport::read(&ckpt_dir)?;
     let frozen = frozen_unchanged(&ckpt_dir, &preset)?;
+    let breakdown = Breakdown::read(&ckpt_dir, &preset)?;
     let summary = Summary {
         device: chosen.name.clone(),
         device_reason: chosen.reason.clone(),
@@ -648,6 +651,7 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
         crash,
         frozen_unchanged: frozen,
         store: report,
+        breakdown,
         wall_seconds: started.elapsed().as_secs_f64(),
         steps_per_s: timed_steps as f64 / timed.as_secs_f64().max(1e-9),
         timed_steps,

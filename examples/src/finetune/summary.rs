@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{PolicyChoice, Preset};
+use super::{Breakdown, PolicyChoice, Preset};
 use crate::Error;
 use crate::report::{StoreReport, human};
 use bitsnap_core::fmt::Ratio;
@@ -81,6 +81,9 @@ pub struct Summary {
     pub frozen_unchanged: (u64, u64),
     /// The store, measured.
     pub store: StoreReport,
+    /// What the store's ratio is made of, per phase, kind of save and part of the state.
+    #[serde(default)]
+    pub breakdown: Breakdown,
     /// Wall-clock time of the run (after the build).
     pub wall_seconds: f64,
     /// Training steps per second (with the snapshot calls), over `timed_steps` steps: the
@@ -287,7 +290,10 @@ impl Summary {
             ),
         );
         row("wall time", format!("{:.1} s", self.wall_seconds));
-        format!("| | |\n|---|---|\n{t}")
+        format!(
+            "| | |\n|---|---|\n{t}\nWhat the ratio is made of (payload bytes; file bytes for whole files):\n\n{}",
+            self.breakdown.table()
+        )
     }
 
     /// Writes `summary.json` and `summary.md` into `dir`.

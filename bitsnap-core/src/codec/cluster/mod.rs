@@ -209,6 +209,10 @@ pub struct ClusterQuantizer {
     pub level: i32,
     /// Lloyd iterations at most; default 12.
     pub iterations: usize,
+    /// Codebook entries at most, below `2^bits` (default `None`: `2^bits`): fewer
+    /// entries at the same width leave the codes' distribution skewed, which zstd's
+    /// entropy coding turns into fewer bytes (a width between two of [`QuantBits`]).
+    pub entries: Option<usize>,
     /// Clustering domain; default [`ClusterMode::Auto`].
     pub mode: ClusterMode,
 }
@@ -221,6 +225,7 @@ impl ClusterQuantizer {
             level: super::DEFAULT_ZSTD_LEVEL,
             iterations: 12,
             mode: ClusterMode::Auto,
+            entries: None,
         }
     }
 
@@ -278,7 +283,9 @@ impl Codec for ClusterQuantizer {
             ClusterMode::Log => return Ok(None),
         };
 
-        let k_max = 1usize << self.bits.bits();
+        let k_max = self.entries.map_or(1usize << self.bits.bits(), |e| {
+            e.clamp(2, 1usize << self.bits.bits())
+        });
         let sample = sample_sorted(n, k_max, |i| {
             let v = value_at(dtype, data, i);
             match log {
@@ -488,6 +495,24 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn fewer_entries_round_trip_and_stay_under_the_cap(
+            bits in prop::sample::select(QuantBits::ALL[1..5].to_vec()),
+            n in 1usize..4000, second in any::<bool>(), seed in any::<u64>(), cut in 1usize..40) {
+            let data = bytes(DType::F32, &moments(n, second, seed));
+            let role = if second { Role::OptimizerMoment(2) } else { Role::OptimizerMoment(1) };
+            let input = EncodeInput { dtype: DType::F32, role, data: &data, base: None };
+            let full = 1usize << bits.bits();
+            let cap = full.saturating_sub(cut).max(2);
+            let q = ClusterQuantizer { entries: Some(cap), ..ClusterQuantizer::new(bits) };
+            let enc = q.encode(&input).unwrap().unwrap();
+            let layout = ClusterLayout::parse(&enc.payload, DType::F32).unwrap();
+            prop_assert_eq!(layout.bits, bits);
+            prop_assert!(layout.entries as usize <= cap, "{} > {cap}", layout.entries);
+            let (decoded, _) = enc.lossy.unwrap();
+            prop_assert_eq!(decode(CodecId::Cluster, &enc.payload, DType::F32, n, None).unwrap(), decoded);
+        }
+
         #[test]
         fn decode_matches_encoder_and_error_is_bounded(
             dtype in prop::sample::select(vec![DType::F32, DType::BF16, DType::F16, DType::F64]),
