@@ -991,10 +991,9 @@ mod tests {
         ]
     }
 
-    /// Two snapshots one AdamW step apart, saved and restored through a store, under
-    /// `policy`; returns the second's header and the weight's decoded bytes check.
-    fn save_pair(policy: crate::Policy) -> (crate::format::Header, Vec<Tensor>, Vec<Tensor>) {
-        let n = 200_000usize;
+    /// A weight of `n` elements and its Adam moments before and after one PyTorch AdamW
+    /// step (the `step`-th), with smooth gradients of spatial frequency `freq`.
+    fn adamw_torch_step(n: usize, step: u64, freq: f32) -> (Hyper, [Vec<f32>; 3], [Vec<f32>; 3]) {
         let h = Hyper {
             rule: Some(Rule::AdamWTorch),
             lr: Some(6e-4),
@@ -1002,17 +1001,22 @@ mod tests {
             beta2: 0.95,
             eps: 1e-8,
             weight_decay: 0.1,
-            step: Some(101),
+            step: Some(step),
         };
-        let g = |k: f32| -> Vec<f32> {
-            (0..n)
-                .map(|i| (i as f32 * 0.013 + k).sin() * 1e-3)
-                .collect()
-        };
+        let g =
+            |k: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * freq + k).sin() * 1e-3).collect() };
         let w0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 0.02).collect();
         let m0: Vec<f32> = g(0.5).iter().map(|x| x * 0.3).collect();
         let v0: Vec<f32> = g(1.5).iter().map(|x| x * x + 1e-9).collect();
         let (w1, m1, v1) = torch_step(&h, &w0, &m0, &v0, &g(2.5));
+        (h, [w0, m0, v0], [w1, m1, v1])
+    }
+
+    /// Two snapshots one AdamW step apart, saved and restored through a store, under
+    /// `policy`; returns the second's header and the weight's decoded bytes check.
+    fn save_pair(policy: crate::Policy) -> (crate::format::Header, Vec<Tensor>, Vec<Tensor>) {
+        let n = 200_000usize;
+        let (h, [w0, m0, v0], [w1, m1, v1]) = adamw_torch_step(n, 101, 0.013);
         let dir = tempfile::tempdir().unwrap();
         let mut store = crate::Store::open_or_create(dir.path(), policy).unwrap();
         let mut prev = h;
@@ -1091,24 +1095,7 @@ mod tests {
         // coded as a cast while it is encoded (it used to hold the writer back until
         // the end), and the weight and its moments as one replay unit.
         let n = 100_000usize;
-        let h = Hyper {
-            rule: Some(Rule::AdamWTorch),
-            lr: Some(6e-4),
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-            step: Some(11),
-        };
-        let g = |k: f32| -> Vec<f32> {
-            (0..n)
-                .map(|i| (i as f32 * 0.007 + k).sin() * 1e-3)
-                .collect()
-        };
-        let w0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 0.02).collect();
-        let m0: Vec<f32> = g(0.5).iter().map(|x| x * 0.3).collect();
-        let v0: Vec<f32> = g(1.5).iter().map(|x| x * x + 1e-9).collect();
-        let (w1, m1, v1) = torch_step(&h, &w0, &m0, &v0, &g(2.5));
+        let (h, [w0, m0, v0], [w1, m1, v1]) = adamw_torch_step(n, 11, 0.007);
         let with_half = |w: &[f32], m: &[f32], v: &[f32]| {
             let half: Vec<u8> = w
                 .iter()
