@@ -952,19 +952,7 @@ fn file_bytes(
     let mut w = SnapshotWriter::new(Counter(0), path, 1, "bench", base)?;
     w.set_metadata(metadata.to_vec());
     for ((t, (e, d)), r) in tensors.iter().zip(encoded).zip(refs) {
-        let entry = Entry {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            role: t.role,
-            codec: e.codec,
-            shape: t.shape.clone(),
-            offset: 0,
-            len: 0,
-            payload_hash: 0,
-            raw_hash: 0,
-            decision: d.clone(),
-            references: r.clone(),
-        };
+        let entry = Entry::of(t, e.codec, d, 0, r);
         w.push(entry, &e.payload)?;
     }
     let (_, counter) = w.finish()?;

@@ -153,6 +153,40 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// The header entry of tensor `t`, its payload coded with `codec` (chosen as
+    /// `decision`), its decoded bytes hashing to `raw_hash` (xxh3-64), referencing
+    /// `references`. The payload's place (offset, length, hash) is set by the
+    /// [`SnapshotWriter`] that takes it.
+    ///
+    /// ```
+    /// use bitsnap_core::format::{Decision, Entry};
+    /// use bitsnap_core::{codec::CodecId, DType, Role, Tensor};
+    /// let t = Tensor::new("w", DType::F32, vec![2], Role::Weight, vec![0; 8]).unwrap();
+    /// let e = Entry::of(&t, CodecId::Planes, &Decision::default(), 7, &[]);
+    /// assert_eq!((e.name.as_str(), e.raw_len(), e.raw_hash), ("w", 8, 7));
+    /// ```
+    pub fn of(
+        t: &crate::Tensor,
+        codec: CodecId,
+        decision: &Decision,
+        raw_hash: u64,
+        references: &[Reference],
+    ) -> Entry {
+        Entry {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            role: t.role,
+            codec,
+            shape: t.shape.clone(),
+            offset: 0,
+            len: 0,
+            payload_hash: 0,
+            raw_hash,
+            decision: decision.clone(),
+            references: references.to_vec(),
+        }
+    }
+
     /// Decoded size in bytes (saturating: parsed headers are checked against
     /// [`crate::MAX_TENSOR_BYTES`], so this only saturates on hand-built entries).
     pub fn raw_len(&self) -> u64 {

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::stream::{self, BaseTensors, Streamed};
+use super::stream::{BaseTensors, Streamed};
 use super::{Cached, SaveReport, SnapshotInfo, Store};
 use crate::codec::Encoded;
-use crate::format::{BaseRef, Decision, Header, Reference, SnapshotWriter};
+use crate::format::{BaseRef, Decision, Entry, Header, Reference, SnapshotWriter};
 use crate::policy::DeltaVerdict;
 use crate::references::replay::Unit;
 use crate::{Error, Policy, Tensor};
@@ -377,7 +377,7 @@ impl Store {
         let rest = tensors.iter().zip(&encoded).zip(&hashes).zip(&references);
         for (((t, e), &(raw_hash, payload_hash)), r) in rest.skip(written) {
             writer.push_hashed(
-                stream::entry(t, (&e.0, &e.1), raw_hash, r),
+                Entry::of(t, e.0.codec, &e.1, raw_hash, r),
                 &e.0.payload,
                 payload_hash,
             )?;
@@ -538,7 +538,7 @@ impl Store {
         w.set_attempt(attempt);
         w.set_metadata(metadata);
         for ((t, e, d, references), (raw_hash, payload_hash)) in items.into_iter().zip(hashes) {
-            let entry = stream::entry(t, (e, d), raw_hash, references);
+            let entry = Entry::of(t, e.codec, d, raw_hash, references);
             w.push_hashed(entry, &e.payload, payload_hash)?;
         }
         let (header, out) = w.finish()?;

@@ -25,8 +25,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::save::{EncodedTensor, Plan, SaveTimings, timed};
 use super::{State, Store};
 use crate::backend::ObjectWriter;
-use crate::codec::Encoded;
-use crate::format::{Decision, Entry, Reference, SnapshotWriter};
+use crate::format::{Entry, Reference, SnapshotWriter};
 use crate::references::replay::{self, Unit};
 use crate::references::{self, ReferencePlan};
 use crate::{Error, Policy, Tensor};
@@ -147,9 +146,10 @@ impl Store {
                     }
                     while failed.is_none() && written < n && !held[written] {
                         let Some(item) = &slots[written] else { break };
-                        let entry = entry(
+                        let entry = Entry::of(
                             &tensors[written],
-                            (&item.encoded.0, &item.encoded.1),
+                            item.encoded.0.codec,
+                            &item.encoded.1,
                             item.raw_hash,
                             &item.references,
                         );
@@ -235,29 +235,6 @@ fn with_unit_base<R>(
                 base.with(&tensors[v].name, |bv| f([bw, bm, bv]))
             })
         }),
-    }
-}
-
-/// The header entry of tensor `t` encoded as `encoded`, whose decoded bytes hash to
-/// `raw_hash`, referencing `references`.
-pub(crate) fn entry(
-    t: &Tensor,
-    (e, d): (&Encoded, &Decision),
-    raw_hash: u64,
-    references: &[Reference],
-) -> Entry {
-    Entry {
-        name: t.name.clone(),
-        dtype: t.dtype,
-        role: t.role,
-        codec: e.codec,
-        shape: t.shape.clone(),
-        offset: 0,
-        len: 0,
-        payload_hash: 0,
-        raw_hash,
-        decision: d.clone(),
-        references: references.to_vec(),
     }
 }
 
