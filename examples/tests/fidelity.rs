@@ -77,3 +77,74 @@ fn resumed_runs_end_near_the_uninterrupted_run() {
     assert_eq!(rows[0]["choices"]["budget"].as_f64(), Some(0.015));
     assert!(rows[1]["choices"]["budget"].as_f64().unwrap() > 0.03);
 }
+
+/// Runs `fidelity` at smoke size with budgets lossless and 0.12 over 2 data orders into
+/// `out`, with `extra` arguments; returns whether it succeeded, and its stderr.
+fn smoke(out: &std::path::Path, extra: &[&str]) -> (bool, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_fidelity"))
+        .args(["--preset", "smoke", "--device", "cpu", "--noise-runs", "2"])
+        .args(["--budgets", "lossless,0.12", "--out"])
+        .arg(out)
+        .args(extra)
+        .env_remove("BURN_DEVICE")
+        .output()
+        .expect("run fidelity");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+fn losses(out: &std::path::Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(out.join("fidelity.json")).unwrap();
+    let report: Value = serde_json::from_str(&text).unwrap();
+    let mut v: Vec<f64> = report["noise_losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_f64().unwrap())
+        .collect();
+    for b in report["budgets"].as_array().unwrap() {
+        for r in b["rows"].as_array().unwrap() {
+            v.push(r["final_loss"].as_f64().unwrap());
+        }
+        v.push(b["moment_stored"].as_f64().unwrap());
+    }
+    v
+}
+
+#[test]
+fn the_benchmark_in_parts_equals_the_benchmark_in_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let (all, parts) = (dir.path().join("all"), dir.path().join("parts"));
+    assert!(smoke(&all, &[]).0);
+    // Resume before the reference run: refused, naming what is missing.
+    let (ok, err) = smoke(&parts, &["--phase", "resume"]);
+    assert!(!ok && err.contains("config.json"), "{err}");
+    for args in [
+        &["--phase", "train"][..],
+        &["--phase", "train", "--data-seed", "1"],
+        &["--phase", "resume", "--only-budget", "0.12"],
+        &["--phase", "resume", "--only-budget", "lossless"],
+        &["--phase", "report"],
+    ] {
+        let (ok, err) = smoke(&parts, args);
+        assert!(ok, "{args:?}: {err}");
+    }
+    // Training is a pure function of the state: the same losses and sizes, bit for bit.
+    let (a, p) = (losses(&all), losses(&parts));
+    assert_eq!(a.len(), 2 + 2 * 3);
+    assert_eq!(a, p);
+    // A part with other settings than the reference run's is refused.
+    let o = Command::new(env!("CARGO_BIN_EXE_fidelity"))
+        .args(["--preset", "smoke", "--device", "cpu", "--noise-runs", "3"])
+        .args(["--budgets", "lossless,0.12", "--phase", "report", "--out"])
+        .arg(&parts)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("settings differ"),
+        "{err}"
+    );
+}

@@ -3,12 +3,18 @@
 //! the uninterrupted run and the run-to-run noise.
 //!
 //! `cargo run --release -p bitsnap-examples --bin fidelity -- --preset cpu`
+//!
+//! Where one process may not run the whole benchmark (a time-limited GPU machine), run it
+//! in parts over the same `--out`, every part with the same settings:
+//! `--phase train` (data order 0: the reference run, which saves the snapshots), then
+//! `--phase train --data-seed 1`, `2`, … and `--phase resume [--only-budget B]` (in
+//! parallel if the device has room), then `--phase report`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use bitsnap_examples::device::{self, DeviceChoice};
-use bitsnap_examples::fidelity::{self, Budget, FidelityPreset};
+use bitsnap_examples::fidelity::{self, Budget, FidelityPreset, Phase};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
@@ -33,9 +39,27 @@ struct Args {
     /// Uninterrupted runs with different data orders (at least 2).
     #[arg(long)]
     noise_runs: Option<u64>,
-    /// Output directory: one store per budget and `fidelity.json`.
+    /// Output directory: one store per budget, a JSON file per run and per budget's
+    /// resumes, and `fidelity.json`.
     #[arg(long, default_value = "runs/fidelity")]
     out: PathBuf,
+    /// The part to run: all, train (one uninterrupted run, `--data-seed`), resume, report.
+    #[arg(long, value_enum, default_value = "all")]
+    phase: PhaseArg,
+    /// With `--phase train`: the run's data order (0: the reference run).
+    #[arg(long, default_value_t = 0)]
+    data_seed: u64,
+    /// With `--phase resume`: only this budget's resumes (one of `--budgets`).
+    #[arg(long)]
+    only_budget: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PhaseArg {
+    All,
+    Train,
+    Resume,
+    Report,
 }
 
 fn main() -> ExitCode {
@@ -81,7 +105,23 @@ fn run(args: Args) -> Result<(), bitsnap_examples::Error> {
         path: args.out.clone(),
         source,
     })?;
-    let report = fidelity::run(&cfg, &chosen.device, &args.out, |line| eprintln!("{line}"))?;
+    let phase = match args.phase {
+        PhaseArg::All => Phase::All,
+        PhaseArg::Train => Phase::Train {
+            data_seed: args.data_seed,
+        },
+        PhaseArg::Resume => Phase::Resume {
+            only: args.only_budget.as_deref().map(Budget::parse).transpose()?,
+        },
+        PhaseArg::Report => Phase::Report,
+    };
+    let report = fidelity::run(&cfg, &chosen.device, &args.out, phase, |line| {
+        eprintln!("{line}")
+    })?;
+    let Some(report) = report else {
+        println!("{:?} done; results in {}", args.phase, args.out.display());
+        return Ok(());
+    };
     println!("\n{}", report.table());
     println!("({:.0} s)", report.seconds);
     let json = args.out.join("fidelity.json");

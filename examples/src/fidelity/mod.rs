@@ -16,7 +16,7 @@
 
 mod report;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use bitsnap_burn::OptimizerSpec;
 use bitsnap_burn::bridge::{self, Metadata, RecordKind};
@@ -249,6 +249,11 @@ impl FidelityConfig {
                 "at least 2 noise runs and one budget are needed".into(),
             ));
         }
+        let mut labels: Vec<String> = self.budgets.iter().map(Budget::label).collect();
+        labels.sort();
+        if let Some(w) = labels.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::Usage(format!("budget {} given twice", w[0])));
+        }
         Ok(())
     }
 }
@@ -395,16 +400,180 @@ fn step_name(step: u64) -> String {
     format!("step-{step}")
 }
 
-/// Runs the benchmark on `device`, writing one store per budget under `out`, and
-/// returns the measurements. `progress` is called with a line after each run.
+/// The final loss of one uninterrupted run (`run-<data_seed>.json` in the output
+/// directory).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunResult {
+    /// Its data order (0: the reference run, which saves the snapshots).
+    pub data_seed: u64,
+    /// Mean validation loss after the last step.
+    pub final_loss: f64,
+    /// Wall time of the run.
+    pub seconds: f64,
+}
+
+/// A part of the benchmark, run as its own process where a machine's calls are
+/// time-limited: every part reads and writes the same output directory.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Phase {
+    /// Everything below in order, in this process.
+    All,
+    /// One uninterrupted run; data order 0 also saves the snapshots into one store per
+    /// budget (and must come first). Writes `run-<seed>.json`.
+    Train {
+        /// The run's data order.
+        data_seed: u64,
+    },
+    /// Restores every resume point of every budget (or of one, for a process per
+    /// budget) and trains it to the end. Needs the reference run; writes
+    /// `resume-<budget>.json` per budget.
+    Resume {
+        /// Only this budget (one of the configuration's).
+        only: Option<Budget>,
+    },
+    /// Collects the runs and resumes present into the report.
+    Report,
+}
+
+/// The directory of a budget's store under `out`.
+fn store_dir(out: &Path, budget: &Budget) -> PathBuf {
+    out.join(budget.label().replace('=', ""))
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), Error> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Usage(format!("{}: {e}", path.display())))?;
+    std::fs::write(path, text).map_err(Error::io(path))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Error> {
+    let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
+    serde_json::from_str(&text).map_err(|e| Error::Usage(format!("{}: {e}", path.display())))
+}
+
+/// Refuses a part run with other settings than the reference run's (`config.json`).
+fn same_config(cfg: &FidelityConfig, out: &Path) -> Result<(), Error> {
+    let path = out.join("config.json");
+    let saved: serde_json::Value = read_json(&path)?;
+    let ours = serde_json::to_value(cfg).map_err(|e| Error::Usage(e.to_string()))?;
+    if saved != ours {
+        return Err(Error::Usage(format!(
+            "the settings differ from the reference run's ({}): give every phase the same \
+             preset, budgets, resume points, steps and noise runs",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+impl Trainer<'_> {
+    /// Phase [`Phase::Train`].
+    fn uninterrupted(&self, out: &Path, data_seed: u64) -> Result<RunResult, Error> {
+        let cfg = self.cfg;
+        let t = std::time::Instant::now();
+        let end = if data_seed == 0 {
+            write_json(&out.join("config.json"), cfg)?;
+            let dirs: Vec<PathBuf> = cfg.budgets.iter().map(|b| store_dir(out, b)).collect();
+            for d in &dirs {
+                if d.exists() {
+                    std::fs::remove_dir_all(d).map_err(Error::io(d))?;
+                }
+            }
+            let mut stores: Vec<Store> = cfg
+                .budgets
+                .iter()
+                .zip(&dirs)
+                .map(|(b, d)| Store::open_or_create(d, b.policy()))
+                .collect::<Result<_, _>>()?;
+            // The same state goes to every store.
+            self.train(self.fresh(), 0, |s| {
+                let (tensors, meta) = self.tensors(s)?;
+                for store in stores.iter_mut() {
+                    store.save_with_metadata(&step_name(s.step), tensors.clone(), meta.clone())?;
+                }
+                Ok(())
+            })?
+        } else {
+            same_config(cfg, out)?;
+            self.train(self.fresh(), data_seed, |_| Ok(()))?
+        };
+        let result = RunResult {
+            data_seed,
+            final_loss: self.evaluate(&end.model),
+            seconds: t.elapsed().as_secs_f64(),
+        };
+        write_json(&out.join(format!("run-{data_seed}.json")), &result)?;
+        Ok(result)
+    }
+
+    /// Phase [`Phase::Resume`]: one budget.
+    fn resumes(&self, out: &Path, budget: Budget, reference: f64) -> Result<BudgetReport, Error> {
+        let store = Store::open(store_dir(out, &budget))?;
+        let mut rows = Vec::new();
+        for &at in &self.cfg.resume_at {
+            let state = self.restore(&store, at)?;
+            let end = self.train(state, 0, |_| Ok(()))?;
+            let loss = self.evaluate(&end.model);
+            rows.push(ResumeRow {
+                step: at,
+                final_loss: loss,
+                gap: loss - reference,
+                choices: report::choices(&store, &step_name(at))?,
+            });
+        }
+        let report = report::budget_report(budget, &store, rows)?;
+        let name = format!("resume-{}.json", budget.label().replace('=', ""));
+        write_json(&out.join(name), &report)?;
+        Ok(report)
+    }
+}
+
+/// Phase [`Phase::Report`]: the runs of data orders `0..noise_runs` and the resumes of
+/// every budget, read from `out`. `seconds` is the benchmark's wall time, or `None` when
+/// it ran in parts (then: the uninterrupted runs' time, summed).
+pub fn report(
+    cfg: &FidelityConfig,
+    out: &Path,
+    seconds: Option<f64>,
+) -> Result<FidelityReport, Error> {
+    same_config(cfg, out)?;
+    let runs: Vec<RunResult> = (0..cfg.noise_runs)
+        .map(|seed| read_json(&out.join(format!("run-{seed}.json"))))
+        .collect::<Result<_, _>>()?;
+    let budgets = cfg
+        .budgets
+        .iter()
+        .map(|b| read_json(&out.join(format!("resume-{}.json", b.label().replace('=', "")))))
+        .collect::<Result<Vec<BudgetReport>, _>>()?;
+    Ok(FidelityReport::new(
+        cfg.clone(),
+        runs[0].final_loss,
+        runs.iter().map(|r| r.final_loss).collect(),
+        budgets,
+        seconds.unwrap_or_else(|| runs.iter().map(|r| r.seconds).sum()),
+    ))
+}
+
+/// Runs `phase` of the benchmark on `device` in `out` (one store per budget, a JSON file
+/// per run and per budget's resumes) and returns the report once every part is there
+/// (`None` after [`Phase::Train`] and [`Phase::Resume`]). `progress` is called with a
+/// line after each run.
+///
+/// [`Phase::All`] is the whole benchmark in one process; on a machine whose calls are
+/// time-limited, `Train { data_seed: 0 }` first, then the other data orders and `Resume`
+/// (in parallel processes if the device has room), then `Report`.
 pub fn run(
     cfg: &FidelityConfig,
     device: &Device,
-    out: &std::path::Path,
+    out: &Path,
+    phase: Phase,
     mut progress: impl FnMut(&str),
-) -> Result<FidelityReport, Error> {
+) -> Result<Option<FidelityReport>, Error> {
     cfg.check()?;
     let started = std::time::Instant::now();
+    if phase == Phase::Report {
+        return report(cfg, out, None).map(Some);
+    }
     let corpus = Corpus::new(TRAGEDIES, 0.1);
     let plain = device.clone().without_autodiff();
     let valid = corpus.valid_batches(cfg.valid_batches, cfg.batch, cfg.gpt.context, &plain);
@@ -414,75 +583,49 @@ pub fn run(
         corpus,
         valid,
     };
-    let dirs: Vec<PathBuf> = cfg
-        .budgets
-        .iter()
-        .enumerate()
-        .map(|(i, b)| out.join(format!("{i}-{}", b.label().replace('=', ""))))
-        .collect();
-    for d in &dirs {
-        if d.exists() {
-            std::fs::remove_dir_all(d).map_err(crate::Error::io(d))?;
-        }
+    let seeds = match phase {
+        Phase::All => (0..cfg.noise_runs).collect(),
+        Phase::Train { data_seed } => vec![data_seed],
+        _ => vec![],
+    };
+    for seed in seeds {
+        let r = trainer.uninterrupted(out, seed)?;
+        progress(&match seed {
+            0 => format!(
+                "reference run: final loss {:.5} ({:.1} s)",
+                r.final_loss, r.seconds
+            ),
+            _ => format!("data order {seed}: final loss {:.5}", r.final_loss),
+        });
     }
-    let mut stores: Vec<Store> = cfg
-        .budgets
-        .iter()
-        .zip(&dirs)
-        .map(|(b, d)| Store::open_or_create(d, b.policy()))
-        .collect::<Result<_, _>>()?;
-
-    // The reference run saves into every store; the same state goes to each.
-    let t = std::time::Instant::now();
-    let reference = trainer.train(trainer.fresh(), 0, |s| {
-        let (tensors, meta) = trainer.tensors(s)?;
-        for store in stores.iter_mut() {
-            store.save_with_metadata(&step_name(s.step), tensors.clone(), meta.clone())?;
-        }
-        Ok(())
-    })?;
-    let reference_loss = trainer.evaluate(&reference.model);
-    let run_seconds = t.elapsed().as_secs_f64();
-    progress(&format!(
-        "reference run: final loss {reference_loss:.5} ({run_seconds:.1} s)"
-    ));
-    let mut noise_losses = vec![reference_loss];
-    for seed in 1..cfg.noise_runs {
-        let s = trainer.train(trainer.fresh(), seed, |_| Ok(()))?;
-        let l = trainer.evaluate(&s.model);
-        progress(&format!("data order {seed}: final loss {l:.5}"));
-        noise_losses.push(l);
+    if matches!(phase, Phase::Train { .. }) {
+        return Ok(None);
     }
-    // Release the writers' locks: the stores are reopened to restore.
-    stores.clear();
-
-    let mut budgets = Vec::with_capacity(cfg.budgets.len());
-    for (budget, dir) in cfg.budgets.iter().zip(&dirs) {
-        let store = Store::open(dir)?;
-        let mut rows = Vec::new();
-        for &at in &cfg.resume_at {
-            let state = trainer.restore(&store, at)?;
-            let end = trainer.train(state, 0, |_| Ok(()))?;
-            let loss = trainer.evaluate(&end.model);
+    same_config(cfg, out)?;
+    let reference: RunResult = read_json(&out.join("run-0.json"))?;
+    let only = match phase {
+        Phase::Resume { only } => only,
+        _ => None,
+    };
+    if let Some(b) = only
+        && !cfg.budgets.contains(&b)
+    {
+        return Err(Error::Usage(format!(
+            "budget {} is not one of the run's",
+            b.label()
+        )));
+    }
+    for budget in cfg.budgets.iter().filter(|b| only.is_none_or(|o| o == **b)) {
+        let b = trainer.resumes(out, *budget, reference.final_loss)?;
+        for r in &b.rows {
             progress(&format!(
-                "{}: resumed at {at}, final loss {loss:.5} (gap {:+.2e})",
-                budget.label(),
-                loss - reference_loss
+                "{}: resumed at {}, final loss {:.5} (gap {:+.2e})",
+                b.label, r.step, r.final_loss, r.gap
             ));
-            rows.push(ResumeRow {
-                step: at,
-                final_loss: loss,
-                gap: loss - reference_loss,
-                choices: report::choices(&store, &step_name(at))?,
-            });
         }
-        budgets.push(report::budget_report(*budget, &store, rows)?);
     }
-    Ok(FidelityReport::new(
-        cfg.clone(),
-        reference_loss,
-        noise_losses,
-        budgets,
-        started.elapsed().as_secs_f64(),
-    ))
+    if matches!(phase, Phase::Resume { .. }) {
+        return Ok(None);
+    }
+    report(cfg, out, Some(started.elapsed().as_secs_f64())).map(Some)
 }
