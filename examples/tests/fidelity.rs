@@ -122,8 +122,8 @@ fn the_benchmark_in_parts_equals_the_benchmark_in_one_process() {
     let (ok, err) = smoke(&parts, &["--phase", "resume"]);
     assert!(!ok && err.contains("config.json"), "{err}");
     for args in [
-        &["--phase", "train"][..],
-        &["--phase", "train", "--data-seed", "1"],
+        &["--phase", "train", "--data-seed", "1"][..],
+        &["--phase", "train"],
         &["--phase", "resume", "--only-budget", "0.12"],
         &["--phase", "resume", "--only-budget", "lossless"],
         &["--phase", "report"],

@@ -6,9 +6,9 @@
 //!
 //! Where one process may not run the whole benchmark (a time-limited GPU machine), run it
 //! in parts over the same `--out`, every part with the same settings:
-//! `--phase train` (data order 0: the reference run, which saves the snapshots), then
-//! `--phase train --data-seed 1`, `2`, … and `--phase resume [--only-budget B]` (in
-//! parallel if the device has room), then `--phase report`.
+//! `--phase train` (data order 0: the reference run, which saves the snapshots) and
+//! `--phase train --data-seed 1`, `2`, … (side by side if the device has room), then
+//! `--phase resume [--only-budget B]`, then `--phase report`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

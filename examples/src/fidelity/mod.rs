@@ -410,6 +410,8 @@ pub struct RunResult {
     pub final_loss: f64,
     /// Wall time of the run.
     pub seconds: f64,
+    /// The settings it ran with (its budgets matter only to data order 0).
+    pub config: FidelityConfig,
 }
 
 /// A part of the benchmark, run as its own process where a machine's calls are
@@ -419,7 +421,8 @@ pub enum Phase {
     /// Everything below in order, in this process.
     All,
     /// One uninterrupted run; data order 0 also saves the snapshots into one store per
-    /// budget (and must come first). Writes `run-<seed>.json`.
+    /// budget and writes the settings (`config.json`). Writes `run-<seed>.json`. The
+    /// runs are independent: they may run side by side.
     Train {
         /// The run's data order.
         data_seed: u64,
@@ -454,12 +457,28 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Error> {
 /// Refuses a part run with other settings than the reference run's (`config.json`).
 fn same_config(cfg: &FidelityConfig, out: &Path) -> Result<(), Error> {
     let path = out.join("config.json");
-    let saved: serde_json::Value = read_json(&path)?;
-    let ours = serde_json::to_value(cfg).map_err(|e| Error::Usage(e.to_string()))?;
-    if saved != ours {
+    let saved: FidelityConfig = read_json(&path)?;
+    same_settings(cfg, &saved, true, &path)
+}
+
+/// Whether `a` and `b` describe the same runs (and, if `budgets`, the same stores).
+fn same_settings(
+    a: &FidelityConfig,
+    b: &FidelityConfig,
+    budgets: bool,
+    path: &Path,
+) -> Result<(), Error> {
+    let value = |c: &FidelityConfig| -> Result<serde_json::Value, Error> {
+        let mut v = serde_json::to_value(c).map_err(|e| Error::Usage(e.to_string()))?;
+        if !budgets && let Some(o) = v.as_object_mut() {
+            o.remove("budgets");
+        }
+        Ok(v)
+    };
+    if value(a)? != value(b)? {
         return Err(Error::Usage(format!(
-            "the settings differ from the reference run's ({}): give every phase the same \
-             preset, budgets, resume points, steps and noise runs",
+            "the settings differ from those of {}: give every phase the same preset, \
+             budgets, resume points, steps and noise runs",
             path.display()
         )));
     }
@@ -494,13 +513,14 @@ impl Trainer<'_> {
                 Ok(())
             })?
         } else {
-            same_config(cfg, out)?;
+            // Independent of the reference run: the two may run side by side.
             self.train(self.fresh(), data_seed, |_| Ok(()))?
         };
         let result = RunResult {
             data_seed,
             final_loss: self.evaluate(&end.model),
             seconds: t.elapsed().as_secs_f64(),
+            config: cfg.clone(),
         };
         write_json(&out.join(format!("run-{data_seed}.json")), &result)?;
         Ok(result)
@@ -538,7 +558,11 @@ pub fn report(
 ) -> Result<FidelityReport, Error> {
     same_config(cfg, out)?;
     let runs: Vec<RunResult> = (0..cfg.noise_runs)
-        .map(|seed| read_json(&out.join(format!("run-{seed}.json"))))
+        .map(|seed| {
+            let path = out.join(format!("run-{seed}.json"));
+            let run: RunResult = read_json(&path)?;
+            same_settings(cfg, &run.config, false, &path).map(|()| run)
+        })
         .collect::<Result<_, _>>()?;
     let budgets = cfg
         .budgets
