@@ -141,8 +141,10 @@ pub enum FidelityPreset {
     /// The CPU benchmark: 2 blocks of width 64, 1000 steps, resumes at 100, 300 and 500
     /// (each followed by at least 500 steps).
     Cpu,
-    /// For a GPU: 8 blocks of width 512 (`gpu-26m`'s model), 1000 steps, one resume
-    /// point at 400.
+    /// For a GPU: 8 blocks of width 512 (`gpu-26m`'s model), batch 8, 600 steps, one
+    /// resume point at 100 (just after the warm-up, 500 steps to go). Sized to a
+    /// session's device time: 3 uninterrupted runs and 2 resumes are ~2,800 steps (at
+    /// batch 32, ~0.32 s a step on an H200 through wgpu, the benchmark did not fit).
     Gpu,
 }
 
@@ -194,12 +196,12 @@ impl FidelityPreset {
                     dropout: 0.0,
                     ..base(PresetName::Gpu26m)
                 },
-                32,
+                8,
                 6e-4,
+                50,
+                600,
                 100,
-                1000,
-                100,
-                vec![400],
+                vec![100],
                 3,
             ),
         };
