@@ -62,37 +62,73 @@ use crate::codec::{
 };
 use crate::format::Decision;
 
-/// A relative-L2 error allowed per tensor: finite, in `(0, 1]`.
+/// A relative-L2 error allowed per moment tensor: the base budget `rel_l2`, finite, in
+/// `(0, 1]`, which second moments get (scaled by the [`Stage`] rule), and a factor on it
+/// for first moments ([`ErrorBudget::first_moment_factor`], default
+/// [`FIRST_MOMENT_FACTOR`]; see the module documentation for why first moments may take
+/// a looser budget).
 ///
 /// ```
 /// use bitsnap_core::ErrorBudget;
 /// assert_eq!(ErrorBudget::new(0.03).unwrap().rel_l2(), 0.03);
 /// assert_eq!(ErrorBudget::DEFAULT.rel_l2(), 0.12);
 /// assert!(ErrorBudget::new(0.0).is_none() && ErrorBudget::new(f64::NAN).is_none());
+/// // First moments: a factor on the base budget (the result is at most 1).
+/// let b = ErrorBudget::new(0.1).unwrap().with_first_moment_factor(4.0).unwrap();
+/// assert_eq!((b.rel_l2(), b.first_moment_factor()), (0.1, 4.0));
+/// assert!(ErrorBudget::DEFAULT.with_first_moment_factor(0.0).is_none());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ErrorBudget(f64);
+pub struct ErrorBudget {
+    rel_l2: f64,
+    first_moment_factor: f64,
+}
 
-// NaN is refused by the constructor, so equality is reflexive.
+// NaN is refused by the constructors, so equality is reflexive.
 impl Eq for ErrorBudget {}
 
 impl ErrorBudget {
-    /// The default budget: 12% relative L2, picked from the fidelity benchmark
-    /// (`examples/src/fidelity`, README "Fidelity"): a GPT trained 1000 steps on the CPU
-    /// and resumed at steps 100, 300 and 500 from moments saved within 0.03, 0.06, 0.12
-    /// and 0.24 ended within 0.25x of the run-to-run noise at every budget (at 0.12 the
-    /// worst gap 2.2e-3, noise 8.8e-3), moments stored 7.2x (0.03), 12.9x (0.12) and
-    /// 15.4x (0.24) smaller: the default is half the largest budget measured safe.
-    pub const DEFAULT: ErrorBudget = ErrorBudget(0.12);
+    /// The default budget: 12% relative L2 for second moments, picked from the fidelity
+    /// benchmark (`examples/src/fidelity`, README "Fidelity"): a GPT trained 1000 steps
+    /// on the CPU and resumed at steps 100, 300 and 500 from moments saved within 0.03,
+    /// 0.06, 0.12 and 0.24 ended within 0.25x of the run-to-run noise at every budget (at
+    /// 0.12 the worst gap 2.2e-3, noise 8.8e-3), moments stored 7.2x (0.03), 12.9x (0.12)
+    /// and 15.4x (0.24) smaller: the default is half the largest budget measured safe.
+    /// First moments get [`FIRST_MOMENT_FACTOR`] times it.
+    pub const DEFAULT: ErrorBudget = ErrorBudget {
+        rel_l2: 0.12,
+        first_moment_factor: FIRST_MOMENT_FACTOR,
+    };
 
-    /// A budget of `rel_l2`, if it is finite and in `(0, 1]`.
+    /// A budget of `rel_l2` (first moments [`FIRST_MOMENT_FACTOR`] times it), if it is
+    /// finite and in `(0, 1]`.
     pub fn new(rel_l2: f64) -> Option<ErrorBudget> {
-        (rel_l2.is_finite() && rel_l2 > 0.0 && rel_l2 <= 1.0).then_some(ErrorBudget(rel_l2))
+        (rel_l2.is_finite() && rel_l2 > 0.0 && rel_l2 <= 1.0).then_some(ErrorBudget {
+            rel_l2,
+            first_moment_factor: FIRST_MOMENT_FACTOR,
+        })
     }
 
-    /// The allowed `‖x − x̂‖₂ / ‖x‖₂`.
+    /// This budget with first moments allowed `factor` times the base budget (after the
+    /// stage rule, the result capped at 1), if `factor` is finite and in `(0, 100]`.
+    /// 1 treats both moments alike.
+    pub fn with_first_moment_factor(self, factor: f64) -> Option<ErrorBudget> {
+        (factor.is_finite() && factor > 0.0 && factor <= 100.0).then_some(ErrorBudget {
+            first_moment_factor: factor,
+            ..self
+        })
+    }
+
+    /// The allowed `‖x − x̂‖₂ / ‖x‖₂` of a second moment (and of any moment tensor that
+    /// is not a first moment), before the stage rule.
     pub fn rel_l2(self) -> f64 {
-        self.0
+        self.rel_l2
+    }
+
+    /// First moments are allowed this many times [`ErrorBudget::rel_l2`] (default
+    /// [`FIRST_MOMENT_FACTOR`]).
+    pub fn first_moment_factor(self) -> f64 {
+        self.first_moment_factor
     }
 }
 
@@ -102,9 +138,14 @@ impl Default for ErrorBudget {
     }
 }
 
+/// `0.12`, or `0.12 (first moments x3)` when the factor is not 1.
 impl fmt::Display for ErrorBudget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
+        write!(f, "{}", self.rel_l2)?;
+        if self.first_moment_factor != 1.0 {
+            write!(f, " (first moments x{})", self.first_moment_factor)?;
+        }
+        Ok(())
     }
 }
 
@@ -122,8 +163,11 @@ pub mod stage_keys {
     /// Input: the learning rate of the base snapshot's save (`f64`), copied by the
     /// store from the base's [`LR`] under an error budget.
     pub const BASE_LR: &str = "bitsnap.base_lr";
-    /// Output: the relative-L2 budget applied to each moment tensor of the save.
+    /// Output: the relative-L2 budget applied to each second moment (and any moment that
+    /// is not a first moment) of the save.
     pub const MAX_ERROR: &str = "bitsnap.max_error";
+    /// Output: the relative-L2 budget applied to each first moment of the save.
+    pub const MAX_ERROR_M1: &str = "bitsnap.max_error_m1";
     /// Output: why that budget (the stage rule's reason).
     pub const BUDGET_RULE: &str = "bitsnap.budget_rule";
 }
@@ -139,8 +183,12 @@ pub const LR_CHANGE_RATIO: f64 = 2.0;
 pub const LR_CHANGE_FACTOR: f64 = 0.5;
 /// Largest budget factor late in training (`peak_lr / lr` is capped at this).
 pub const MAX_LATE_FACTOR: f64 = 4.0;
-/// Largest budget the stage rule produces.
+/// Largest budget the stage rule produces (for second moments; a first moment's is
+/// [`ErrorBudget::first_moment_factor`] times it, at most 1).
 pub const MAX_BUDGET: f64 = 0.25;
+/// The default [`ErrorBudget::first_moment_factor`]: first moments are allowed this many
+/// times the second moments' budget (see the module documentation).
+pub const FIRST_MOMENT_FACTOR: f64 = 3.0;
 
 /// The training stage of one save, as far as the saver told it (every field optional).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -160,8 +208,11 @@ pub struct Stage {
 /// The budget a [`Stage`] gives a save, and why.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StageRule {
-    /// Relative L2 allowed per moment tensor.
+    /// Relative L2 allowed per second moment (and any moment that is not a first one).
     pub budget: f64,
+    /// Relative L2 allowed per first moment: `budget` times the
+    /// [`ErrorBudget::first_moment_factor`], at most 1.
+    pub first_moment_budget: f64,
     /// One line for people: the base budget, the factor and the signal behind it.
     pub reason: String,
 }
@@ -253,11 +304,20 @@ impl Stage {
         } else {
             String::new()
         };
+        let f = base.first_moment_factor();
+        // Six significant digits: `0.06 × 3` is stored and shown as 0.18.
+        let first_moment_budget = round_significant((budget * f).min(1.0));
         StageRule {
             budget,
-            reason: format!("base {b} {why}{capped}"),
+            first_moment_budget,
+            reason: format!("base {b} {why}{capped}; first moments x{f}: {first_moment_budget}"),
         }
     }
+}
+
+/// `x` to six significant digits.
+fn round_significant(x: f64) -> f64 {
+    format!("{x:.5e}").parse().unwrap_or(x)
 }
 
 impl super::Policy {
