@@ -58,7 +58,7 @@ use std::fmt;
 use super::{EXACT_TRIAL_BYTES, sample};
 use crate::codec::{
     ClusterMode, ClusterQuantizer, Codec, CodecError, CodecId, EncodeInput, Encoded, QuantBits,
-    ResidualKind, ResidualQuantizer, cluster,
+    ResidualKind, ResidualQuantizer, UniformQuantizer, cluster,
 };
 use crate::format::Decision;
 
@@ -450,6 +450,42 @@ fn fewer_entries(
     Ok(best)
 }
 
+/// The widths tried for entropy-coded uniform codebooks: byte-aligned, so zstd's
+/// Huffman coding sees whole codes (3- and 6-bit codes straddle bytes).
+const UNIFORM_WIDTHS: [QuantBits; 3] = [QuantBits::B2, QuantBits::B4, QuantBits::B8];
+
+/// `best`, or the smallest [`UniformQuantizer`] encoding of `input` within `limit` (at
+/// the [`UNIFORM_WIDTHS`], linear cells) if one is smaller; each tried one is recorded
+/// in `decision`.
+fn uniform_if_smaller(
+    best: Encoded,
+    input: &EncodeInput<'_>,
+    limit: f64,
+    level: i32,
+    decision: &mut Decision,
+) -> Result<Encoded, CodecError> {
+    let mut best = best;
+    for bits in UNIFORM_WIDTHS {
+        let q = UniformQuantizer {
+            level,
+            ..UniformQuantizer::new(bits, limit)
+        };
+        let Some(enc) = q.encode(input)? else {
+            continue;
+        };
+        if enc.lossy.as_ref().is_none_or(|l| l.1.rel_l2 > limit) {
+            continue;
+        }
+        decision
+            .candidates
+            .push((enc.codec, enc.payload.len() as u64));
+        if enc.payload.len() < best.payload.len() {
+            best = enc;
+        }
+    }
+    Ok(best)
+}
+
 /// Encodes a moment tensor within `limit` (relative L2) as cheaply as the module
 /// documentation describes, or `None` when nothing lossy beats `lossless` bytes. Records
 /// the candidate and the achieved error in `decision`.
@@ -473,6 +509,27 @@ pub(super) fn encode_within(
             }));
         }
     }
+    let Some(enc) = kmeans_within(input, base, limit, level, decision)? else {
+        return Ok(None);
+    };
+    let enc = uniform_if_smaller(enc, &EncodeInput { base, ..*input }, limit, level, decision)?;
+    if enc.payload.len() as u64 >= lossless {
+        return Ok(None);
+    }
+    decision.error = enc.lossy.as_ref().map(|l| l.1);
+    Ok(Some(enc))
+}
+
+/// Step 2 of the module documentation: the k-means codebook (plain or residual) of the
+/// narrowest width within `limit`, with the fewest entries; its size is recorded in
+/// `decision`.
+fn kmeans_within(
+    input: &EncodeInput<'_>,
+    base: Option<&[u8]>,
+    limit: f64,
+    level: i32,
+    decision: &mut Decision,
+) -> Result<Option<Encoded>, CodecError> {
     let w = input.dtype.size();
     let (sampled, sampled_base) = match input.data.len() > EXACT_TRIAL_BYTES {
         true => {
@@ -553,10 +610,6 @@ pub(super) fn encode_within(
         decision
             .candidates
             .push((enc.codec, enc.payload.len() as u64));
-        if enc.payload.len() as u64 >= lossless {
-            return Ok(None);
-        }
-        decision.error = enc.lossy.as_ref().map(|l| l.1);
         return Ok(Some(enc));
     }
     Ok(None)
@@ -591,10 +644,29 @@ mod tests {
         Tensor::new("m", DType::F32, vec![n], role, data).unwrap()
     }
 
+    /// A budget of `e` for both moments (first-moment factor 1).
     fn budget_policy(e: f64) -> Policy {
         Policy::default().with_lossiness(Lossiness::LossyOptimizerBudget {
-            max_error: ErrorBudget::new(e).unwrap(),
+            max_error: ErrorBudget::new(e)
+                .unwrap()
+                .with_first_moment_factor(1.0)
+                .unwrap(),
         })
+    }
+
+    /// The k-means search alone (step 2 before the uniform codebooks), within `e`.
+    fn kmeans(t: &Tensor, base: Option<&Tensor>, e: f64) -> Encoded {
+        let input = EncodeInput {
+            dtype: t.dtype,
+            role: t.role,
+            data: &t.data,
+            base: base.map(|b| b.data.as_slice()),
+        };
+        let base = base.map(|b| b.data.as_slice());
+        let level = codec::DEFAULT_ZSTD_LEVEL;
+        kmeans_within(&input, base, e, level, &mut Decision::default())
+            .unwrap()
+            .unwrap()
     }
 
     fn measured(t: &Tensor, enc: &codec::Encoded, base: Option<&[u8]>) -> Distortion {
@@ -608,11 +680,11 @@ mod tests {
         for (second, e) in [(true, 0.01), (true, 0.05), (false, 0.01), (false, 0.1)] {
             let role = Role::OptimizerMoment(if second { 2 } else { 1 });
             let t = tensor(moments(60_000, second, 7), role);
-            let (enc, d) = budget_policy(e).encode_tensor(&t, None).unwrap();
+            let enc = kmeans(&t, None, e);
             assert_eq!(enc.codec, CodecId::Cluster, "{second} {e}");
             let achieved = measured(&t, &enc, None);
             assert!(achieved.rel_l2 <= e, "{second} {e}: {achieved:?}");
-            assert_eq!(d.error.unwrap().rel_l2, achieved.rel_l2);
+            assert_eq!(enc.lossy.unwrap().1.rel_l2, achieved.rel_l2);
             // Every narrower width misses the budget in both domains.
             let layout = ClusterLayout::parse(&enc.payload, DType::F32).unwrap();
             let input = EncodeInput {
@@ -640,12 +712,13 @@ mod tests {
         for (second, e) in [(false, 0.1), (true, 0.05), (false, 0.03)] {
             let role = Role::OptimizerMoment(if second { 2 } else { 1 });
             let t = tensor(moments(60_000, second, 9), role);
-            let (enc, d) = budget_policy(e).encode_tensor(&t, None).unwrap();
+            let enc = kmeans(&t, None, e);
+            let d = enc.lossy.as_ref().unwrap().1;
             let layout = ClusterLayout::parse(&enc.payload, DType::F32).unwrap();
             let full = 1u32 << layout.bits.bits();
             assert!(layout.entries < full, "{second} {e}: {layout:?}");
             assert!(measured(&t, &enc, None).rel_l2 <= e);
-            assert_eq!(d.error.unwrap().rel_l2, measured(&t, &enc, None).rel_l2);
+            assert_eq!(d.rel_l2, measured(&t, &enc, None).rel_l2);
             // The whole codebook of that width and domain: more bytes.
             let mode = match layout.log {
                 true => ClusterMode::Log,
@@ -669,6 +742,80 @@ mod tests {
                 whole.payload.len()
             );
         }
+    }
+
+    #[test]
+    fn uniform_codebooks_win_where_they_store_less() {
+        // A first moment at budgets up to the stage rule's cap: the policy's pick is
+        // within the budget and never larger than the k-means search's; uniform cells
+        // win at the looser budgets.
+        let t = tensor(moments(60_000, false, 13), Role::OptimizerMoment(1));
+        let mut won = 0;
+        for e in [0.12, 0.18, MAX_BUDGET] {
+            let (enc, d) = budget_policy(e).encode_tensor(&t, None).unwrap();
+            let achieved = measured(&t, &enc, None);
+            assert!(achieved.rel_l2 <= e, "{e}: {achieved:?}");
+            assert_eq!(d.error.unwrap().rel_l2, achieved.rel_l2);
+            let km = kmeans(&t, None, e);
+            assert!(enc.payload.len() <= km.payload.len(), "{e}");
+            won += usize::from(enc.payload.len() < km.payload.len());
+        }
+        assert!(won >= 2, "{won}");
+    }
+
+    #[test]
+    fn first_moments_take_the_factor_on_the_budget() {
+        let m1 = tensor(moments(60_000, false, 17), Role::OptimizerMoment(1));
+        let m2 = tensor(moments(60_000, true, 17), Role::OptimizerMoment(2));
+        let e = 0.05;
+        let p = |f: f64| {
+            Policy::default().with_lossiness(Lossiness::LossyOptimizerBudget {
+                max_error: ErrorBudget::new(e)
+                    .unwrap()
+                    .with_first_moment_factor(f)
+                    .unwrap(),
+            })
+        };
+        let err = |p: &Policy, t: &Tensor| {
+            let (enc, d) = p.encode_tensor(t, None).unwrap();
+            (d.error.unwrap().rel_l2, enc.payload.len())
+        };
+        let (tight, tight_len) = err(&p(1.0), &m1);
+        let (loose, loose_len) = err(&p(4.0), &m1);
+        assert!(tight <= e && loose <= 4.0 * e, "{tight} {loose}");
+        // Measured 0.19 and 16965 vs 31312 bytes.
+        assert!(
+            loose > e && loose_len * 3 < tight_len * 2,
+            "{loose} {loose_len} {tight_len}"
+        );
+        // Second moments keep the base budget.
+        assert_eq!(err(&p(1.0), &m2), err(&p(4.0), &m2));
+        // The rule: factor x the stage's budget, at most 1, six digits; in the reason.
+        let b = ErrorBudget::new(0.12).unwrap();
+        let warm = Stage {
+            step: Some(10),
+            warmup_steps: Some(100),
+            ..Stage::default()
+        };
+        let r = warm.rule(b);
+        assert_eq!((r.budget, r.first_moment_budget), (0.06, 0.18));
+        assert!(r.reason.ends_with("first moments x3: 0.18"), "{r:?}");
+        let late = Stage {
+            lr: Some(0.0),
+            peak_lr: Some(1e-3),
+            ..Stage::default()
+        };
+        let r = late.rule(b.with_first_moment_factor(5.0).unwrap());
+        assert_eq!((r.budget, r.first_moment_budget), (MAX_BUDGET, 1.0));
+        // Written beside bitsnap.max_error for inspect.
+        let (_, meta) = budget_policy(0.1).staged(Vec::new());
+        assert!(meta.contains(&(stage_keys::MAX_ERROR_M1.to_string(), "0.1".to_string())));
+        let (_, meta) = Policy::default()
+            .with_lossiness(Lossiness::LossyOptimizerBudget {
+                max_error: ErrorBudget::DEFAULT,
+            })
+            .staged(Vec::new());
+        assert!(meta.contains(&(stage_keys::MAX_ERROR_M1.to_string(), "0.36".to_string())));
     }
 
     #[test]
@@ -717,8 +864,7 @@ mod tests {
             let base = moments(n, second, 21);
             let next = moved(&base, 0.15, 22);
             let (b, t) = (tensor(base.clone(), role), tensor(next, role));
-            let p = budget_policy(0.03);
-            let (enc, d) = p.encode_tensor(&t, Some(&b)).unwrap();
+            let enc = kmeans(&t, Some(&b), 0.03);
             assert_eq!(enc.codec, CodecId::ClusterResidual, "{second} {big}");
             let layout = ClusterLayout::parse(&enc.payload, DType::F32).unwrap();
             assert_eq!(layout.domain(), if second { "ratio" } else { "delta" });
@@ -729,9 +875,9 @@ mod tests {
             assert!(!second || !negative, "a second moment decoded below zero");
             let achieved = measured(&t, &enc, Some(&base));
             assert!(achieved.rel_l2 <= 0.03, "{achieved:?}");
-            assert_eq!(d.error.unwrap().rel_l2, achieved.rel_l2);
+            assert_eq!(enc.lossy.as_ref().unwrap().1.rel_l2, achieved.rel_l2);
             // Narrower and smaller than the best codebook of values without the base.
-            let (plain, _) = p.encode_tensor(&t, None).unwrap();
+            let plain = kmeans(&t, None, 0.03);
             let plain_bits = ClusterLayout::parse(&plain.payload, DType::F32)
                 .unwrap()
                 .bits;
