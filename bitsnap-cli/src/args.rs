@@ -101,7 +101,7 @@ pub struct PolicyArgs {
     /// First moments may take F times the error budget (after the stage rule, at most 1):
     /// Adam forgets an error in its first moment by beta1 per step, one in its second
     /// moment only by beta2 (with --policy lossy-optimizer, without --bits)
-    /// [default: 3].
+    /// [default: 2].
     #[arg(long, value_name = "F", value_parser = parse_factor, conflicts_with = "bits")]
     pub first_moment_factor: Option<f64>,
     /// A full snapshot at least every N snapshots, bounding restore chains to N files.
