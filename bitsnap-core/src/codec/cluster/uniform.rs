@@ -140,7 +140,7 @@ impl Codec for UniformQuantizer {
 
     fn encode(&self, input: &EncodeInput<'_>) -> Result<Option<Encoded>, CodecError> {
         let dtype = input.dtype;
-        if !dtype.is_quantizable_float() || !(self.max_error > 0.0) {
+        if !dtype.is_quantizable_float() || self.max_error.is_nan() || self.max_error <= 0.0 {
             return Ok(None);
         }
         let data = input.data;
