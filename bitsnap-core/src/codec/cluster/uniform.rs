@@ -177,11 +177,30 @@ impl Codec for UniformQuantizer {
         // the target on the sample, then bisection refines towards the next grid point.
         let (lo_x, hi_x) = (peak * scale * 2f64.powi(-GRID_OCTAVES), 4.0 * peak * scale);
         let target = self.max_error * TARGET_FRACTION;
-        let meets = |delta: f64| estimate(&sorted, &cells(&sorted, delta, cap), norm) <= target;
+        let error = |delta: f64| estimate(&sorted, &cells(&sorted, delta, cap), norm);
+        let meets = |delta: f64| error(delta) <= target;
         let (lo2, hi2) = (lo_x.log2(), hi_x.log2());
         let steps = ((hi2 - lo2) * GRID_PER_OCTAVE as f64).ceil() as usize;
         let at = |i: usize| lo2 + (hi2 - lo2) * i as f64 / steps.max(1) as f64;
-        let Some(best) = (0..=steps).rev().find(|&i| meets(at(i).exp2())) else {
+        // From the widest cells down; past the bottom of the U (three octaves without a
+        // new least error), narrower cells only clip more: give up. (One octave lost
+        // wins on the Megatron pair, whose error curves at 2 bits are not one U; the
+        // whole grid cost 1.45x the time of three octaves there, for the same bytes.)
+        let mut best = None;
+        let mut least = (f64::INFINITY, steps);
+        for i in (0..=steps).rev() {
+            let e = error(at(i).exp2());
+            if e <= target {
+                best = Some(i);
+                break;
+            }
+            if e < least.0 {
+                least = (e, i);
+            } else if least.1 >= i + 3 * GRID_PER_OCTAVE {
+                break;
+            }
+        }
+        let Some(best) = best else {
             return Ok(None);
         };
         let (mut lo, mut hi) = (at(best), at((best + 1).min(steps)));
