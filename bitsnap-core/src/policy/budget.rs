@@ -68,7 +68,7 @@
 //! it lasts ~1000 steps, entering the step as `√v`). Measured on the CPU fidelity
 //! benchmark (README "Fidelity", base budget 0.12, resumed at steps 100, 300 and 500,
 //! ≥ 500 steps each): factors 1, 2, 3 and 4 kept every resumed run within 0.21, 0.18,
-//! 0.15 and 0.12 of the run-to-run noise (moments 15.1x, 19.5x, 22.9x, 27.7x), and 6
+//! 0.16 and 0.12 of the run-to-run noise (moments 15.1x, 19.5x, 22.9x, 27.7x), and 6
 //! (measured with uniform codebooks on second moments too) within 0.15; but the
 //! fidelity smoke test, 20 steps after a resume, ended at 0.61 of its noise with 2 and
 //! 1.17 with 3: the default is 2. The cap [`MAX_BUDGET`] applies to the second
