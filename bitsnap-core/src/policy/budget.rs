@@ -28,8 +28,7 @@
 //! 3. **Uniform codebooks, entropy-coded** ([`UniformQuantizer`], ECSQ), for signed
 //!    tensors (first moments): the widest uniform cells whose means keep the tensor
 //!    within the budget, at 2, 4 and 8 bits per code (byte-aligned: zstd's Huffman coding
-//!    sees whole codes), over the values and, against a base, over the difference to it
-//!    (a delta residual), replace the k-means winner where their payload is smaller. A
+//!    sees whole codes), replace the k-means winner where their payload is smaller. A
 //!    k-means codebook uses its entries about equally, so its codes hardly entropy-code;
 //!    uniform cells leave most elements in the few cells near zero. Not for second
 //!    moments: there the cell next to zero holds most elements at its mean, and every
@@ -483,8 +482,8 @@ fn fewer_entries(
 const UNIFORM_WIDTHS: [QuantBits; 3] = [QuantBits::B2, QuantBits::B4, QuantBits::B8];
 
 /// `best`, or the smallest [`UniformQuantizer`] encoding of `input` within `limit` (at
-/// the [`UNIFORM_WIDTHS`], of the values and, with a base, of the difference to it) if
-/// one is smaller; each tried one is recorded in `decision`.
+/// the [`UNIFORM_WIDTHS`], linear cells) if one is smaller; each tried one is recorded
+/// in `decision`.
 fn uniform_if_smaller(
     best: Encoded,
     input: &EncodeInput<'_>,
@@ -493,17 +492,9 @@ fn uniform_if_smaller(
     decision: &mut Decision,
 ) -> Result<Encoded, CodecError> {
     let mut best = best;
-    let against = match input.base {
-        Some(_) => &[false, true][..],
-        None => &[false][..],
-    };
-    for (bits, &against_base) in UNIFORM_WIDTHS
-        .into_iter()
-        .flat_map(|b| against.iter().map(move |a| (b, a)))
-    {
+    for bits in UNIFORM_WIDTHS {
         let q = UniformQuantizer {
             level,
-            against_base,
             ..UniformQuantizer::new(bits, limit)
         };
         let Some(enc) = q.encode(input)? else {

@@ -165,98 +165,70 @@ impl Codec for ResidualQuantizer {
         });
         let reserved = usize::from(needs_zero);
         let centroids = kmeans_1d(&sample, k_max - reserved, self.iterations);
-        let book: Vec<f64> = centroids
+        let mut book: Vec<f64> = centroids
             .iter()
             .map(|&c| match kind {
                 ResidualKind::Delta => c,
                 ResidualKind::Ratio => c.exp(),
             })
+            .map(|v| round_to(dtype, v))
+            .filter(|v| v.is_finite())
             .collect();
-        encode_with_codebook(input, base, kind, self.bits, self.level, needs_zero, book).map(Some)
+        if needs_zero || book.is_empty() {
+            book.push(match (kind, needs_zero) {
+                (ResidualKind::Ratio, false) => 1.0,
+                _ => 0.0,
+            });
+        }
+        book.sort_by(f64::total_cmp);
+        book.dedup();
+        let mids: Vec<f64> = book.windows(2).map(|p| 0.5 * (p[0] + p[1])).collect();
+        // Codes: the entry nearest to each element's residual (delta) or ratio; a zero
+        // base takes code 0 (it decodes to 0 with any entry).
+        let mut codes = vec![0u16; n];
+        codes
+            .par_chunks_mut(step)
+            .zip(data.par_chunks(step * w))
+            .zip(base.par_chunks(step * w))
+            .for_each(|((codes, xs), bs)| {
+                let bs = with_values(dtype, bs, |v| v.to_vec());
+                with_values(dtype, xs, |xs| {
+                    for ((c, &x), &b) in codes.iter_mut().zip(xs).zip(&bs) {
+                        let r = match kind {
+                            ResidualKind::Delta => x - b,
+                            ResidualKind::Ratio if b == 0.0 => continue,
+                            ResidualKind::Ratio => x / b,
+                        };
+                        *c = mids.partition_point(|&m| m < r) as u16;
+                    }
+                })
+            });
+        let mut payload =
+            Vec::with_capacity(8 + book.len() * w + n * self.bits.bits() as usize / 16);
+        payload.push(self.bits.bits() as u8);
+        payload.push(kind.transform());
+        payload.extend_from_slice(&0u16.to_le_bytes());
+        payload.extend_from_slice(&(book.len() as u32).to_le_bytes());
+        book.iter()
+            .for_each(|&v| push_value(dtype, v, &mut payload));
+        let packed = pack_codes(&codes, self.bits);
+        planes::encode_chunked(
+            &packed,
+            None,
+            code_width(self.bits),
+            self.level,
+            &mut payload,
+        )?;
+        // What the decoder will produce, computed by the decoder itself.
+        let mut decoded = vec![0u8; data.len()];
+        decode_residual_into(&payload, dtype, base, &mut decoded)?;
+        let error = super::distortion(dtype, data, &decoded);
+        Ok(Some(Encoded {
+            codec: CodecId::ClusterResidual,
+            payload,
+            lossy: Some((decoded, error)),
+        }))
     }
-}
-
-/// Encodes `input` (finite, the kind applicable to every element: checked by the caller)
-/// against `base` with the codebook of residuals `book` (any order; rounded to the dtype,
-/// deduplicated, non-finite entries dropped; `needs_zero` or an empty book adds the
-/// entry 0, or 1 for a ratio without zeros): each element coded as the entry nearest to
-/// its residual, codes `bits` wide. The error is measured on what the decoder produces.
-/// A codebook over `2^bits` entries after deduplication is an error.
-pub(super) fn encode_with_codebook(
-    input: &EncodeInput<'_>,
-    base: &[u8],
-    kind: ResidualKind,
-    bits: QuantBits,
-    level: i32,
-    needs_zero: bool,
-    book: Vec<f64>,
-) -> Result<Encoded, CodecError> {
-    let (dtype, data) = (input.dtype, input.data);
-    let w = dtype.size();
-    let n = data.len() / w;
-    let step = chunks::chunk_elems(w);
-    let mut book: Vec<f64> = book
-        .into_iter()
-        .map(|v| round_to(dtype, v))
-        .filter(|v| v.is_finite())
-        .collect();
-    if needs_zero || book.is_empty() {
-        book.push(match (kind, needs_zero) {
-            (ResidualKind::Ratio, false) => 1.0,
-            _ => 0.0,
-        });
-    }
-    book.sort_by(f64::total_cmp);
-    book.dedup();
-    if book.len() > 1 << bits.bits() {
-        return Err(CodecError::new(
-            0,
-            format!(
-                "a codebook of {} entries for {} bits",
-                book.len(),
-                bits.bits()
-            ),
-        ));
-    }
-    let mids: Vec<f64> = book.windows(2).map(|p| 0.5 * (p[0] + p[1])).collect();
-    // Codes: the entry nearest to each element's residual (delta) or ratio; a zero
-    // base takes code 0 (it decodes to 0 with any entry).
-    let mut codes = vec![0u16; n];
-    codes
-        .par_chunks_mut(step)
-        .zip(data.par_chunks(step * w))
-        .zip(base.par_chunks(step * w))
-        .for_each(|((codes, xs), bs)| {
-            let bs = with_values(dtype, bs, |v| v.to_vec());
-            with_values(dtype, xs, |xs| {
-                for ((c, &x), &b) in codes.iter_mut().zip(xs).zip(&bs) {
-                    let r = match kind {
-                        ResidualKind::Delta => x - b,
-                        ResidualKind::Ratio if b == 0.0 => continue,
-                        ResidualKind::Ratio => x / b,
-                    };
-                    *c = mids.partition_point(|&m| m < r) as u16;
-                }
-            })
-        });
-    let mut payload = Vec::with_capacity(8 + book.len() * w + n * bits.bits() as usize / 16);
-    payload.push(bits.bits() as u8);
-    payload.push(kind.transform());
-    payload.extend_from_slice(&0u16.to_le_bytes());
-    payload.extend_from_slice(&(book.len() as u32).to_le_bytes());
-    book.iter()
-        .for_each(|&v| push_value(dtype, v, &mut payload));
-    let packed = pack_codes(&codes, bits);
-    planes::encode_chunked(&packed, None, code_width(bits), level, &mut payload)?;
-    // What the decoder will produce, computed by the decoder itself.
-    let mut decoded = vec![0u8; data.len()];
-    decode_residual_into(&payload, dtype, base, &mut decoded)?;
-    let error = super::distortion(dtype, data, &decoded);
-    Ok(Encoded {
-        codec: CodecId::ClusterResidual,
-        payload,
-        lossy: Some((decoded, error)),
-    })
 }
 
 /// Decodes a residual payload against `base` (the base tensor's decoded bytes, as long as

@@ -5,8 +5,7 @@
 //! rate-distortion bound than a k-means (Lloyd-Max) codebook, whose codes are used
 //! about equally often and so do not entropy-code. The payload is an ordinary cluster
 //! payload (its codebook is arbitrary values): decoders, the GPU loader included, see no
-//! difference. With [`UniformQuantizer::against_base`] the cells cover the difference to
-//! the base instead and the payload is a delta `residual` one.
+//! difference.
 //!
 //! Only linear cells: cells uniform in the logarithm (tried for second moments) stored
 //! 2.3–4.5x more than linear ones at the same relative L2 on synthetic log-normal
@@ -67,11 +66,6 @@ pub struct UniformQuantizer {
     pub max_error: f64,
     /// zstd level for the codes; default [`super::super::DEFAULT_ZSTD_LEVEL`].
     pub level: i32,
-    /// Quantize the difference to the input's base instead (`x̂ = base + delta[code]`,
-    /// a `residual` payload of the delta kind, as [`super::ResidualQuantizer`] writes
-    /// with [`super::ResidualKind::Delta`]); the error is still relative to the tensor.
-    /// Default false; without a base the quantizer then refuses.
-    pub against_base: bool,
 }
 
 impl UniformQuantizer {
@@ -81,7 +75,6 @@ impl UniformQuantizer {
             bits,
             max_error,
             level: super::super::DEFAULT_ZSTD_LEVEL,
-            against_base: false,
         }
     }
 }
@@ -140,140 +133,15 @@ fn estimate(sorted: &[f64], cells: &[(usize, usize)], norm: f64) -> f64 {
     }
 }
 
-impl UniformQuantizer {
-    /// The widest cells within the target on the sorted, scaled sample `sorted` (its
-    /// squared norm for the relative error `norm`, its largest magnitude `peak`), as the
-    /// module documentation describes; `None` if no width on the grid meets it.
-    fn widest_cells(&self, sorted: &[f64], norm: f64, peak: f64) -> Option<f64> {
-        // The error is U-shaped in Δ once the cells are capped (narrow cells clip the
-        // tails, wide ones are coarse): a geometric grid finds the widest cells within
-        // the target on the sample, then bisection refines towards the next grid point.
-        // From the widest cells down; past the bottom of the U (three octaves without a
-        // new least error), narrower cells only clip more: give up. (One octave lost
-        // wins on the Megatron pair, whose error curves at 2 bits are not one U; the
-        // whole grid cost 1.45x the time of three octaves there, for the same bytes.)
-        let cap = 1usize << self.bits.bits();
-        let (lo_x, hi_x) = (peak * 2f64.powi(-GRID_OCTAVES), 4.0 * peak);
-        let target = self.max_error * TARGET_FRACTION;
-        let error = |delta: f64| estimate(sorted, &cells(sorted, delta, cap), norm);
-        let (lo2, hi2) = (lo_x.log2(), hi_x.log2());
-        let steps = ((hi2 - lo2) * GRID_PER_OCTAVE as f64).ceil() as usize;
-        let at = |i: usize| lo2 + (hi2 - lo2) * i as f64 / steps.max(1) as f64;
-        let mut best = None;
-        let mut least = (f64::INFINITY, steps);
-        for i in (0..=steps).rev() {
-            let e = error(at(i).exp2());
-            if e <= target {
-                best = Some(i);
-                break;
-            }
-            if e < least.0 {
-                least = (e, i);
-            } else if least.1 >= i + 3 * GRID_PER_OCTAVE {
-                break;
-            }
-        }
-        let best = best?;
-        let (mut lo, mut hi) = (at(best), at((best + 1).min(steps)));
-        for _ in 0..BISECTIONS {
-            let mid = 0.5 * (lo + hi);
-            match error(mid.exp2()) <= target {
-                true => lo = mid,
-                false => hi = mid,
-            }
-        }
-        Some(lo.exp2())
-    }
-
-    /// [`UniformQuantizer::against_base`]: uniform cells over `x − base`.
-    fn encode_against_base(&self, input: &EncodeInput<'_>) -> Result<Option<Encoded>, CodecError> {
-        let (dtype, data) = (input.dtype, input.data);
-        let Some(base) = input.base.filter(|b| b.len() == data.len()) else {
-            return Ok(None);
-        };
-        let w = dtype.size();
-        let n = data.len() / w;
-        let step = chunks::chunk_elems(w);
-        // One scan: finite?, largest magnitude of x and of x − base.
-        let (finite, peak_x, peak_d) = data
-            .par_chunks(step * w)
-            .zip(base.par_chunks(step * w))
-            .map(|(xs, bs)| {
-                let bs = with_values(dtype, bs, |v| v.to_vec());
-                with_values(dtype, xs, |xs| {
-                    xs.iter()
-                        .zip(&bs)
-                        .fold((true, 0.0f64, 0.0f64), |(f, px, pd), (&x, &b)| {
-                            let d = x - b;
-                            (f && d.is_finite(), px.max(x.abs()), pd.max(d.abs()))
-                        })
-                })
-            })
-            .reduce(
-                || (true, 0.0, 0.0),
-                |a, b| (a.0 && b.0, a.1.max(b.1), a.2.max(b.2)),
-            );
-        if !finite || n == 0 || peak_x == 0.0 || peak_d == 0.0 {
-            return Ok(None);
-        }
-        let scale = error_scale(peak_x.max(peak_d));
-        let norm_x: f64 = data
-            .par_chunks(step * w)
-            .map(|xs| {
-                with_values(dtype, xs, |v| {
-                    v.iter().map(|x| (x * scale).powi(2)).sum::<f64>()
-                })
-            })
-            .sum();
-        let sorted = sample_sorted(n, SAMPLE_CLUSTERS, |i| {
-            Some((value_at(dtype, data, i) - value_at(dtype, base, i)) * scale)
-        });
-        // The sample's share of the tensor's squared norm (the error is relative to x).
-        let norm = norm_x * sorted.len() as f64 / n as f64;
-        let Some(mut delta) = self.widest_cells(&sorted, norm, peak_d * scale) else {
-            return Ok(None);
-        };
-        let cap = 1usize << self.bits.bits();
-        for _ in 0..=RETRIES {
-            let c = cells(&sorted, delta, cap);
-            let book: Vec<f64> = means(&sorted, &c).into_iter().map(|m| m / scale).collect();
-            let enc = super::residual::encode_with_codebook(
-                input,
-                base,
-                super::ResidualKind::Delta,
-                self.bits,
-                self.level,
-                false,
-                book,
-            )?;
-            if enc
-                .lossy
-                .as_ref()
-                .is_some_and(|l| l.1.rel_l2 <= self.max_error)
-            {
-                return Ok(Some(enc));
-            }
-            delta *= SHRINK;
-        }
-        Ok(None)
-    }
-}
-
 impl Codec for UniformQuantizer {
     fn id(&self) -> CodecId {
-        match self.against_base {
-            true => CodecId::ClusterResidual,
-            false => CodecId::Cluster,
-        }
+        CodecId::Cluster
     }
 
     fn encode(&self, input: &EncodeInput<'_>) -> Result<Option<Encoded>, CodecError> {
         let dtype = input.dtype;
         if !dtype.is_quantizable_float() || self.max_error.is_nan() || self.max_error <= 0.0 {
             return Ok(None);
-        }
-        if self.against_base {
-            return self.encode_against_base(input);
         }
         let data = input.data;
         let n = data.len() / dtype.size();
@@ -304,9 +172,46 @@ impl Codec for UniformQuantizer {
             return encode_with_codebook(input, self.bits, self.level, false, vec![0.0], scale)
                 .map(Some);
         }
-        let Some(mut delta) = self.widest_cells(&sorted, norm, peak * scale) else {
+        // The error is U-shaped in Δ once the cells are capped (narrow cells clip the
+        // tails, wide ones are coarse): a geometric grid finds the widest cells within
+        // the target on the sample, then bisection refines towards the next grid point.
+        let (lo_x, hi_x) = (peak * scale * 2f64.powi(-GRID_OCTAVES), 4.0 * peak * scale);
+        let target = self.max_error * TARGET_FRACTION;
+        let error = |delta: f64| estimate(&sorted, &cells(&sorted, delta, cap), norm);
+        let meets = |delta: f64| error(delta) <= target;
+        let (lo2, hi2) = (lo_x.log2(), hi_x.log2());
+        let steps = ((hi2 - lo2) * GRID_PER_OCTAVE as f64).ceil() as usize;
+        let at = |i: usize| lo2 + (hi2 - lo2) * i as f64 / steps.max(1) as f64;
+        // From the widest cells down; past the bottom of the U (three octaves without a
+        // new least error), narrower cells only clip more: give up. (One octave lost
+        // wins on the Megatron pair, whose error curves at 2 bits are not one U; the
+        // whole grid cost 1.45x the time of three octaves there, for the same bytes.)
+        let mut best = None;
+        let mut least = (f64::INFINITY, steps);
+        for i in (0..=steps).rev() {
+            let e = error(at(i).exp2());
+            if e <= target {
+                best = Some(i);
+                break;
+            }
+            if e < least.0 {
+                least = (e, i);
+            } else if least.1 >= i + 3 * GRID_PER_OCTAVE {
+                break;
+            }
+        }
+        let Some(best) = best else {
             return Ok(None);
         };
+        let (mut lo, mut hi) = (at(best), at((best + 1).min(steps)));
+        for _ in 0..BISECTIONS {
+            let mid = 0.5 * (lo + hi);
+            match meets(mid.exp2()) {
+                true => lo = mid,
+                false => hi = mid,
+            }
+        }
+        let mut delta = lo.exp2();
         for _ in 0..=RETRIES {
             let c = cells(&sorted, delta, cap);
             let book: Vec<f64> = means(&sorted, &c).into_iter().map(|m| m / scale).collect();
@@ -421,64 +326,6 @@ mod tests {
         assert!(tight.encode(&input(&signed, false)).unwrap().is_none());
     }
 
-    #[test]
-    fn against_the_base_it_codes_the_difference() {
-        // A first moment that moved ~10% since its base: uniform cells over the
-        // difference store less than over the values, within the same budget.
-        let base = moments(100_000, false, 3);
-        let next: Vec<u8> = base
-            .chunks(4)
-            .zip(moments(100_000, false, 4).chunks(4))
-            .flat_map(|(b, n)| {
-                let (b, n) = (
-                    f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-                    f32::from_le_bytes([n[0], n[1], n[2], n[3]]),
-                );
-                (b + 0.1 * n).to_le_bytes()
-            })
-            .collect();
-        let moved = EncodeInput {
-            base: Some(&base),
-            ..input(&next, false)
-        };
-        let q = UniformQuantizer {
-            against_base: true,
-            ..UniformQuantizer::new(QuantBits::B4, 0.1)
-        };
-        let enc = q.encode(&moved).unwrap().unwrap();
-        assert_eq!(enc.codec, CodecId::ClusterResidual);
-        let (decoded, d) = enc.lossy.clone().unwrap();
-        assert!(d.rel_l2 <= 0.1, "{d:?}");
-        let layout = ClusterLayout::parse(&enc.payload, DType::F32).unwrap();
-        assert_eq!(layout.domain(), "delta");
-        let back = decode(
-            CodecId::ClusterResidual,
-            &enc.payload,
-            DType::F32,
-            100_000,
-            Some(&base),
-        );
-        assert_eq!(back.unwrap(), decoded);
-        // (4-bit cells over the values cannot meet 0.1 here; 8-bit ones can.)
-        let plain = UniformQuantizer::new(QuantBits::B8, 0.1)
-            .encode(&moved)
-            .unwrap()
-            .unwrap();
-        assert!(enc.payload.len() < plain.payload.len());
-        // No base, a base of another length, a tensor equal to its base: refused.
-        assert!(q.encode(&input(&next, false)).unwrap().is_none());
-        let short = EncodeInput {
-            base: Some(&base[4..]),
-            ..input(&next, false)
-        };
-        assert!(q.encode(&short).unwrap().is_none());
-        let same = EncodeInput {
-            base: Some(&next),
-            ..input(&next, false)
-        };
-        assert!(q.encode(&same).unwrap().is_none());
-    }
-
     proptest! {
         #[test]
         fn within_budget_and_decodes_to_what_the_encoder_reports(
@@ -488,16 +335,6 @@ mod tests {
             let data = moments(n, second, seed);
             let q = UniformQuantizer::new(bits, e);
             let input = input(&data, second);
-            // Against a base (another draw): the residual payload decodes to what the
-            // encoder reports, within the budget.
-            let base = moments(n, second, seed ^ 1);
-            let with_base = EncodeInput { base: Some(&base), ..input };
-            let r = UniformQuantizer { against_base: true, ..q };
-            if let Some(enc) = r.encode(&with_base).unwrap() {
-                let (decoded, d) = enc.lossy.unwrap();
-                prop_assert!(d.rel_l2 <= e, "{d:?} > {e}");
-                prop_assert_eq!(decode(CodecId::ClusterResidual, &enc.payload, DType::F32, n, Some(&base)).unwrap(), decoded);
-            }
             if let Some(enc) = q.encode(&input).unwrap() {
                 let (decoded, d) = enc.lossy.unwrap();
                 prop_assert!(d.rel_l2 <= e, "{d:?} > {e}");
