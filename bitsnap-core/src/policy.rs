@@ -9,7 +9,7 @@ use crate::{Error, Tensor};
 
 mod budget;
 mod trial;
-pub use budget::{ErrorBudget, Stage, StageRule, stage_keys};
+pub use budget::{ErrorBudget, FIRST_MOMENT_FACTOR, Stage, StageRule, stage_keys};
 pub use trial::{Alternative, TRIAL_EXACT_BYTES, TRIAL_WINDOW_BYTES, TRIAL_WINDOWS, TrialSample};
 
 /// Under an error budget, tensors up to this size are trial-quantized whole; larger ones
