@@ -98,6 +98,12 @@ pub struct PolicyArgs {
     /// bitsnap.peak_lr, bitsnap.warmup_steps) [default: 0.12].
     #[arg(long, value_name = "E", value_parser = parse_max_error)]
     pub max_error: Option<ErrorBudget>,
+    /// First moments may take F times the error budget (after the stage rule, at most 1):
+    /// Adam forgets an error in its first moment by beta1 per step, one in its second
+    /// moment only by beta2 (with --policy lossy-optimizer, without --bits)
+    /// [default: 2].
+    #[arg(long, value_name = "F", value_parser = parse_factor, conflicts_with = "bits")]
+    pub first_moment_factor: Option<f64>,
     /// A full snapshot at least every N snapshots, bounding restore chains to N files.
     #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub full_every: u32,
@@ -122,21 +128,37 @@ fn parse_max_error(s: &str) -> Result<ErrorBudget, String> {
         .ok_or_else(|| format!("`{s}` is not a relative error in (0, 1]"))
 }
 
+fn parse_factor(s: &str) -> Result<f64, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|f| ErrorBudget::DEFAULT.with_first_moment_factor(*f).is_some())
+        .ok_or_else(|| format!("`{s}` is not a factor in (0, 100]"))
+}
+
 impl PolicyArgs {
     /// The policy these options ask for.
     pub fn policy(&self) -> Result<Policy, CliError> {
-        let lossiness = match (self.policy, self.bits, self.max_error) {
-            (PolicyKind::Lossless, None, None) => Lossiness::Lossless,
+        let budget_flags = self.max_error.is_some() || self.first_moment_factor.is_some();
+        let lossiness = match (self.policy, self.bits, budget_flags) {
+            (PolicyKind::Lossless, None, false) => Lossiness::Lossless,
             (PolicyKind::Lossless, _, _) => {
                 return Err(CliError::Usage(
-                    "--bits and --max-error apply only with --policy lossy-optimizer".into(),
+                    "--bits, --max-error and --first-moment-factor apply only with --policy lossy-optimizer".into(),
                 ));
             }
-            (PolicyKind::LossyOptimizer, Some(bits), None) => Lossiness::LossyOptimizer { bits },
-            (PolicyKind::LossyOptimizer, None, max_error) => Lossiness::LossyOptimizerBudget {
-                max_error: max_error.unwrap_or_default(),
-            },
-            (PolicyKind::LossyOptimizer, Some(_), Some(_)) => {
+            (PolicyKind::LossyOptimizer, Some(bits), false) => Lossiness::LossyOptimizer { bits },
+            (PolicyKind::LossyOptimizer, None, _) => {
+                let max_error = self.max_error.unwrap_or_default();
+                Lossiness::LossyOptimizerBudget {
+                    max_error: match self.first_moment_factor {
+                        Some(f) => max_error.with_first_moment_factor(f).ok_or_else(|| {
+                            CliError::Usage(format!("--first-moment-factor {f}: not in (0, 100]"))
+                        })?,
+                        None => max_error,
+                    },
+                }
+            }
+            (PolicyKind::LossyOptimizer, Some(_), true) => {
                 return Err(CliError::Usage(
                     "--bits and --max-error exclude each other".into(),
                 ));

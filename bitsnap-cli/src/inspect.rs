@@ -50,8 +50,9 @@ With --json, prints one JSON object (fields in this order; sizes in bytes):
                    domain  \"log\", \"linear\", \"ratio\" (codec residual: x = base x
                            ratio[code]), \"delta\" (residual: x = base + delta[code])
                            or \"base\" (reused)
-                   budget  the relative L2 allowed (metadata bitsnap.max_error), or
-                           null under a fixed --bits
+                   budget  the relative L2 allowed (metadata bitsnap.max_error;
+                           for first moments bitsnap.max_error_m1), or null under a
+                           fixed --bits
                    why     one line: what was chosen and the stage rule behind the
                            budget (metadata bitsnap.budget_rule)
     predictor    for codec replay: the update rule that predicted the tensor and its
@@ -160,6 +161,10 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
             .map(|(_, v)| v.clone())
     };
     let budget = meta(stage_keys::MAX_ERROR).and_then(|v| v.parse::<f64>().ok());
+    // First moments have a budget of their own (a factor on the second moments').
+    let budget_m1 = meta(stage_keys::MAX_ERROR_M1)
+        .and_then(|v| v.parse::<f64>().ok())
+        .or(budget);
     let rule = meta(stage_keys::BUDGET_RULE);
     // The width and domain of quantized tensors are in their payloads' own headers.
     let file = match header
@@ -175,6 +180,10 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
         .iter()
         .map(|e| {
             let numel = e.numel();
+            let budget = match e.role {
+                bitsnap_core::Role::OptimizerMoment(1) => budget_m1,
+                _ => budget,
+            };
             let lossy = match (e.codec, &e.decision.error, &file) {
                 (CodecId::Cluster | CodecId::ClusterResidual, _, Some(f)) => {
                     let layout = ClusterLayout::parse(f.payload(e)?, e.dtype).map_err(|c| {
@@ -368,8 +377,9 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
     if let Some(r) = &rule {
         writeln!(
             out,
-            "lossy budget {}: {r}; per tensor the narrowest width (or the base) within it",
-            budget.map_or("-".into(), |b| b.to_string())
+            "lossy budget {} (first moments {}): {r}; per tensor the narrowest width (or the base) within it",
+            budget.map_or("-".into(), |b| b.to_string()),
+            budget_m1.map_or("-".into(), |b| b.to_string())
         )?;
     }
     Ok(())

@@ -420,8 +420,20 @@ fn lossy_optimizer_pack_reports_moment_errors() {
 fn lossy_budget_pack_explains_each_choice() {
     let dir = tempfile::tempdir().unwrap();
     let files = write_series(dir.path());
-    for (flags, budget) in [(vec![], 0.12), (vec!["--max-error", "0.05"], 0.05)] {
-        let store = dir.path().join(format!("store-{budget}"));
+    // First moments get twice the budget by default (--first-moment-factor).
+    for (i, (flags, budget, m1)) in [
+        (vec![], 0.12, 0.24),
+        (vec!["--max-error", "0.05"], 0.05, 0.1),
+        (
+            vec!["--max-error", "0.05", "--first-moment-factor", "1"],
+            0.05,
+            0.05,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let store = dir.path().join(format!("store-{i}"));
         let mut args = vec!["--policy", "lossy-optimizer"];
         args.extend(flags);
         pack(&store, &files, &args);
@@ -432,6 +444,7 @@ fn lossy_budget_pack_explains_each_choice() {
             OsStr::new("--json"),
         ]));
         assert_eq!(insp["metadata"]["bitsnap.max_error"], budget.to_string());
+        assert_eq!(insp["metadata"]["bitsnap.max_error_m1"], m1.to_string());
         let mut lossy = 0;
         for x in insp["tensors"].as_array().unwrap() {
             if x["lossy"].is_null() {
@@ -439,7 +452,9 @@ fn lossy_budget_pack_explains_each_choice() {
                 continue;
             }
             lossy += 1;
-            assert!(x["role"].as_str().unwrap().starts_with("moment"), "{x}");
+            let role = x["role"].as_str().unwrap();
+            assert!(role.starts_with("moment"), "{x}");
+            let budget = if role == "moment1" { m1 } else { budget };
             assert!(x["error"]["rel_l2"].as_f64().unwrap() <= budget, "{x}");
             assert_eq!(x["lossy"]["budget"].as_f64(), Some(budget), "{x}");
             let bits = x["lossy"]["bits"].as_u64().unwrap();
@@ -458,9 +473,13 @@ fn lossy_budget_pack_explains_each_choice() {
             store.as_os_str(),
             OsStr::new("0"),
         ]));
-        assert!(text.contains(&format!("lossy budget {budget}")), "{text}");
+        assert!(
+            text.contains(&format!("lossy budget {budget} (first moments {m1})")),
+            "{text}"
+        );
     }
-    // --bits and --max-error exclude each other; a budget must be in (0, 1].
+    // --bits excludes --max-error and --first-moment-factor; a budget must be in (0, 1],
+    // a factor in (0, 100].
     for bad in [
         vec![
             "--policy",
@@ -473,6 +492,22 @@ fn lossy_budget_pack_explains_each_choice() {
         vec!["--policy", "lossy-optimizer", "--max-error", "0"],
         vec!["--policy", "lossy-optimizer", "--max-error", "nan"],
         vec!["--max-error", "0.1"],
+        vec![
+            "--policy",
+            "lossy-optimizer",
+            "--bits",
+            "8",
+            "--first-moment-factor",
+            "2",
+        ],
+        vec!["--policy", "lossy-optimizer", "--first-moment-factor", "0"],
+        vec![
+            "--policy",
+            "lossy-optimizer",
+            "--first-moment-factor",
+            "101",
+        ],
+        vec!["--first-moment-factor", "2"],
     ] {
         let store = dir.path().join("refused");
         let s = |p: &std::path::Path| p.to_string_lossy().into_owned();

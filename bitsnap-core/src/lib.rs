@@ -77,9 +77,9 @@ pub use dtype::DType;
 pub use error::Error;
 pub use format::{Decision, Header};
 pub use policy::{
-    Alternative, BITMASK_MAX_CHANGED, DeltaVerdict, EXACT_TRIAL_BYTES, ErrorBudget, Lossiness,
-    Policy, SAMPLE_WINDOW_BYTES, SAMPLE_WINDOWS, Stage, StageRule, TRIAL_EXACT_BYTES,
-    TRIAL_WINDOW_BYTES, TRIAL_WINDOWS, TrialSample, stage_keys,
+    Alternative, BITMASK_MAX_CHANGED, DeltaVerdict, EXACT_TRIAL_BYTES, ErrorBudget,
+    FIRST_MOMENT_FACTOR, Lossiness, Policy, SAMPLE_WINDOW_BYTES, SAMPLE_WINDOWS, Stage, StageRule,
+    TRIAL_EXACT_BYTES, TRIAL_WINDOW_BYTES, TRIAL_WINDOWS, TrialSample, stage_keys,
 };
 pub use role::{Role, RoleGuess};
 pub use shard::{ShardInfo, ShardReport};

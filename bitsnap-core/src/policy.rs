@@ -9,7 +9,7 @@ use crate::{Error, Tensor};
 
 mod budget;
 mod trial;
-pub use budget::{ErrorBudget, Stage, StageRule, stage_keys};
+pub use budget::{ErrorBudget, FIRST_MOMENT_FACTOR, Stage, StageRule, stage_keys};
 pub use trial::{Alternative, TRIAL_EXACT_BYTES, TRIAL_WINDOW_BYTES, TRIAL_WINDOWS, TrialSample};
 
 /// Under an error budget, tensors up to this size are trial-quantized whole; larger ones
@@ -44,9 +44,11 @@ pub enum Lossiness {
     /// tensor: the policy picks the smallest of 2, 3, 4, 6, 8 and 16-bit codebooks, log
     /// domain or linear, and reuse of the base's (decoded) tensor when the moment moved
     /// less than the budget since then; everything else is lossless. The budget is
-    /// scaled per save by the [`Stage`] rule.
+    /// scaled per save by the [`Stage`] rule, and first moments get a multiple of it
+    /// ([`ErrorBudget::first_moment_factor`]).
     LossyOptimizerBudget {
-        /// `‖x − x̂‖₂ / ‖x‖₂` allowed per moment tensor (before the stage rule).
+        /// `‖x − x̂‖₂ / ‖x‖₂` allowed per moment tensor (before the stage rule), and the
+        /// first moments' factor on it.
         max_error: ErrorBudget,
     },
 }
@@ -120,8 +122,9 @@ impl Policy {
     }
 
     /// This policy for one save: [`Policy::stage`] read from the save's metadata (the
-    /// [`stage_keys`]), and, under an error budget, the metadata with the applied budget
-    /// and its reason appended ([`stage_keys::MAX_ERROR`], [`stage_keys::BUDGET_RULE`]),
+    /// [`stage_keys`]), and, under an error budget, the metadata with the applied budgets
+    /// and their reason appended ([`stage_keys::MAX_ERROR`], [`stage_keys::MAX_ERROR_M1`],
+    /// [`stage_keys::BUDGET_RULE`]),
     /// so that `bitsnap inspect` can explain every choice. Other policies return the
     /// metadata as it is.
     ///
@@ -141,8 +144,16 @@ impl Policy {
         let policy = self.with_stage(stage);
         if let Lossiness::LossyOptimizerBudget { max_error } = self.lossiness {
             let rule = stage.rule(max_error);
-            metadata.retain(|(k, _)| k != stage_keys::MAX_ERROR && k != stage_keys::BUDGET_RULE);
+            metadata.retain(|(k, _)| {
+                k != stage_keys::MAX_ERROR
+                    && k != stage_keys::MAX_ERROR_M1
+                    && k != stage_keys::BUDGET_RULE
+            });
             metadata.push((stage_keys::MAX_ERROR.into(), format!("{}", rule.budget)));
+            metadata.push((
+                stage_keys::MAX_ERROR_M1.into(),
+                format!("{}", rule.first_moment_budget),
+            ));
             metadata.push((stage_keys::BUDGET_RULE.into(), rule.reason));
         }
         (policy, metadata)
@@ -294,7 +305,11 @@ impl Policy {
         if let Lossiness::LossyOptimizerBudget { max_error } = self.lossiness
             && lossy_moment
         {
-            let limit = self.stage.rule(max_error).budget;
+            let rule = self.stage.rule(max_error);
+            let limit = match t.role {
+                crate::Role::OptimizerMoment(1) => rule.first_moment_budget,
+                _ => rule.budget,
+            };
             let lossless = best.as_ref().map_or(raw_len, |b| b.0.min(raw_len));
             if let Some(enc) = budget::encode_within(
                 &input,

@@ -11,6 +11,7 @@
 //! | [`BitmaskDelta`] | yes | yes | tensors where few elements changed |
 //! | `Unchanged` | yes | yes | tensors identical to their base (empty payload) |
 //! | [`ClusterQuantizer`] | no | no | optimizer moments under a lossy policy |
+//! | [`UniformQuantizer`] (writes `cluster` payloads) | no | no | optimizer moments within an error budget (uniform cells, entropy-coded) |
 //! | [`ResidualQuantizer`] (`residual`) | no | yes | moments that moved little since the base (lossy) |
 //! | [`CastOf`] (`cast`) | yes | a referenced f32 tensor | bf16/f16 copies of f32 master weights |
 //! | `Identical` | yes | a referenced tensor | tensors bit-identical to another one (empty payload) |
@@ -62,7 +63,7 @@ pub use chunks::{CHUNK_BYTES, MAX_CHUNK_BYTES};
 pub use cluster::QuantError;
 pub use cluster::{
     ClusterLayout, ClusterMode, ClusterQuantizer, Distortion, QuantBits, ResidualKind,
-    ResidualQuantizer,
+    ResidualQuantizer, UniformQuantizer,
 };
 pub(crate) use cursor::Cursor;
 pub use device::{

@@ -44,21 +44,45 @@ const OPTIM_PREFIX: &str = "optim/";
 pub enum Budget {
     /// Bit for bit (the control: its gap must be exactly 0).
     Lossless,
-    /// An error budget (relative L2 per moment tensor, before the stage rule).
+    /// An error budget (relative L2 per moment tensor, before the stage rule; first
+    /// moments at the default factor on it).
     Error(f64),
+    /// An error budget with first moments allowed `first_moment_factor` times it.
+    Split {
+        /// The base budget (second moments).
+        max_error: f64,
+        /// First moments: this many times the second moments' budget.
+        first_moment_factor: f64,
+    },
     /// A fixed codebook width for every moment tensor.
     Bits(u32),
 }
 
 impl Budget {
     /// Parses `lossless`, `default` (the shipped budget), `2x`/`4x`/`0.5x` (multiples of
-    /// it), a plain number (a budget) or `bits4`/`bits8` (fixed widths).
+    /// it), a plain number (a budget), either followed by `/m` and a first-moment factor
+    /// (`0.12/m3`: first moments within 3 × 0.12 before the stage rule), or
+    /// `bits4`/`bits8` (fixed widths).
     pub fn parse(s: &str) -> Result<Budget, Error> {
         let bad = || {
             Error::Usage(format!(
-                "budget `{s}`: use lossless, default, 2x, 0.05 or bits4"
+                "budget `{s}`: use lossless, default, 2x, 0.05, 0.12/m3 or bits4"
             ))
         };
+        if let Some((e, f)) = s.trim().split_once("/m") {
+            let factor: f64 = f.parse().map_err(|_| bad())?;
+            let max_error = match Budget::parse(e)? {
+                Budget::Error(e) => e,
+                _ => return Err(bad()),
+            };
+            ErrorBudget::new(max_error)
+                .and_then(|b| b.with_first_moment_factor(factor))
+                .ok_or_else(bad)?;
+            return Ok(Budget::Split {
+                max_error,
+                first_moment_factor: factor,
+            });
+        }
         let d = ErrorBudget::DEFAULT.rel_l2();
         match s.trim() {
             "lossless" => Ok(Budget::Lossless),
@@ -81,11 +105,15 @@ impl Budget {
         }
     }
 
-    /// A short label: `lossless`, `e=0.03`, `4-bit`.
+    /// A short label: `lossless`, `e=0.03`, `e=0.12,m1x3`, `4-bit`.
     pub fn label(&self) -> String {
         match self {
             Budget::Lossless => "lossless".into(),
             Budget::Error(e) => format!("e={e}"),
+            Budget::Split {
+                max_error,
+                first_moment_factor,
+            } => format!("e={max_error},m1x{first_moment_factor}"),
             Budget::Bits(b) => format!("{b}-bit"),
         }
     }
@@ -96,6 +124,14 @@ impl Budget {
             Budget::Lossless => Lossiness::Lossless,
             Budget::Error(e) => Lossiness::LossyOptimizerBudget {
                 max_error: ErrorBudget::new(e).unwrap_or_default(),
+            },
+            Budget::Split {
+                max_error,
+                first_moment_factor,
+            } => Lossiness::LossyOptimizerBudget {
+                max_error: ErrorBudget::new(max_error)
+                    .and_then(|b| b.with_first_moment_factor(first_moment_factor))
+                    .unwrap_or_default(),
             },
             Budget::Bits(b) => Lossiness::LossyOptimizer {
                 bits: QuantBits::from_bits(b).unwrap_or_default(),

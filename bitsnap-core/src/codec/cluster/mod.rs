@@ -29,6 +29,7 @@
 mod kmeans;
 mod payload;
 mod residual;
+mod uniform;
 mod values;
 
 use rayon::prelude::*;
@@ -42,6 +43,7 @@ pub(crate) use payload::{
 };
 pub(crate) use residual::decode_residual_into;
 pub use residual::{ResidualKind, ResidualQuantizer};
+pub use uniform::UniformQuantizer;
 pub(crate) use values::floats_to_f64;
 use values::{push_value, round_to, value_at, with_values};
 
@@ -298,89 +300,118 @@ impl Codec for ClusterQuantizer {
 
         // Codebook in the tensor's dtype: centroids back to values, rounded, deduplicated;
         // in log space exact zeros keep an entry of their own.
-        let mut book: Vec<f64> = centroids
+        let book: Vec<f64> = centroids
             .iter()
             .map(|&c| if log { c.exp() } else { c })
-            .map(|v| round_to(dtype, v))
-            .filter(|v| v.is_finite() && (!log || *v > 0.0))
             .collect();
-        if log || book.is_empty() {
-            book.push(0.0);
-        }
-        book.sort_by(f64::total_cmp);
-        book.dedup();
-        let k = book.len();
-        // Decision boundaries in value space: the midpoint between neighbours, in log
-        // space their geometric mean (so no logarithm per element). A value goes to the
-        // first entry whose boundary it does not exceed.
-        let mids: Vec<f64> = book
-            .windows(2)
-            .map(|p| {
-                if log {
-                    (p[0] * p[1]).sqrt()
-                } else {
-                    0.5 * (p[0] + p[1])
-                }
-            })
-            .collect();
-        let book_bytes: Vec<Vec<u8>> = book
-            .iter()
-            .map(|&v| {
-                let mut b = Vec::with_capacity(8);
-                push_value(dtype, v, &mut b);
-                b
-            })
-            .collect();
-        let w = dtype.size();
-        let mut decoded = vec![0u8; data.len()];
-        let mut codes = vec![0u16; n];
-        let (sq_err, sq_norm, max_abs) = decoded
-            .par_chunks_mut(step * w)
-            .zip(codes.par_chunks_mut(step))
-            .zip(data.par_chunks(step * w))
-            .map(|((dec, codes), src)| {
-                with_values(dtype, src, |vals| {
-                    let mut acc = (0.0f64, 0.0f64, 0.0f64);
-                    for ((code, out), &v) in codes.iter_mut().zip(dec.chunks_exact_mut(w)).zip(vals)
-                    {
-                        let q = mids.partition_point(|&m| m < v);
-                        *code = q as u16;
-                        out.copy_from_slice(&book_bytes[q]);
-                        let e = v - book[q];
-                        let (es, vs) = (e * scale, v * scale);
-                        acc = (acc.0 + es * es, acc.1 + vs * vs, acc.2.max(e.abs()));
-                    }
-                    acc
-                })
-            })
-            .reduce(
-                || (0.0, 0.0, 0.0),
-                |a, b| (a.0 + b.0, a.1 + b.1, a.2.max(b.2)),
-            );
-        let error = Distortion {
-            rel_l2: if sq_norm > 0.0 {
-                (sq_err / sq_norm).sqrt()
-            } else {
-                sq_err.sqrt() / scale
-            },
-            max_abs,
-        };
-
-        let packed = pack_codes(&codes, self.bits);
-        let mut payload = Vec::with_capacity(8 + k * w + packed.len() / 2);
-        payload.push(self.bits.bits() as u8);
-        payload.push(if log { TRANSFORM_LOG } else { TRANSFORM_LINEAR });
-        payload.extend_from_slice(&0u16.to_le_bytes());
-        payload.extend_from_slice(&(k as u32).to_le_bytes());
-        book_bytes.iter().for_each(|b| payload.extend_from_slice(b));
-        let cw = code_width(self.bits);
-        planes::encode_chunked(&packed, None, cw, self.level, &mut payload)?;
-        Ok(Some(Encoded {
-            codec: CodecId::Cluster,
-            payload,
-            lossy: Some((decoded, error)),
-        }))
+        encode_with_codebook(input, self.bits, self.level, log, book, scale).map(Some)
     }
+}
+
+/// Encodes `input` (finite values) with the codebook `book` (values, any order; rounded
+/// to the dtype, deduplicated, non-finite entries dropped, and in the log domain
+/// non-positive ones too, zero then getting an entry of its own): each element coded
+/// as its nearest entry (in the log domain, nearest in ratio), codes `bits` wide.
+/// `scale` is [`error_scale`] of the largest magnitude. The codebook must fit the width
+/// after deduplication (at most `2^bits` entries, else an error).
+pub(super) fn encode_with_codebook(
+    input: &EncodeInput<'_>,
+    bits: QuantBits,
+    level: i32,
+    log: bool,
+    book: Vec<f64>,
+    scale: f64,
+) -> Result<Encoded, CodecError> {
+    let dtype = input.dtype;
+    let data = input.data;
+    let n = data.len() / dtype.size();
+    let step = chunks::chunk_elems(dtype.size());
+    let mut book: Vec<f64> = book
+        .into_iter()
+        .map(|v| round_to(dtype, v))
+        .filter(|v| v.is_finite() && (!log || *v > 0.0))
+        .collect();
+    if log || book.is_empty() {
+        book.push(0.0);
+    }
+    book.sort_by(f64::total_cmp);
+    book.dedup();
+    let k = book.len();
+    if k > 1 << bits.bits() {
+        return Err(CodecError::new(
+            0,
+            format!("a codebook of {k} entries for {} bits", bits.bits()),
+        ));
+    }
+    // Decision boundaries in value space: the midpoint between neighbours, in log
+    // space their geometric mean (so no logarithm per element). A value goes to the
+    // first entry whose boundary it does not exceed.
+    let mids: Vec<f64> = book
+        .windows(2)
+        .map(|p| {
+            if log {
+                (p[0] * p[1]).sqrt()
+            } else {
+                0.5 * (p[0] + p[1])
+            }
+        })
+        .collect();
+    let book_bytes: Vec<Vec<u8>> = book
+        .iter()
+        .map(|&v| {
+            let mut b = Vec::with_capacity(8);
+            push_value(dtype, v, &mut b);
+            b
+        })
+        .collect();
+    let w = dtype.size();
+    let mut decoded = vec![0u8; data.len()];
+    let mut codes = vec![0u16; n];
+    let (sq_err, sq_norm, max_abs) = decoded
+        .par_chunks_mut(step * w)
+        .zip(codes.par_chunks_mut(step))
+        .zip(data.par_chunks(step * w))
+        .map(|((dec, codes), src)| {
+            with_values(dtype, src, |vals| {
+                let mut acc = (0.0f64, 0.0f64, 0.0f64);
+                for ((code, out), &v) in codes.iter_mut().zip(dec.chunks_exact_mut(w)).zip(vals) {
+                    let q = mids.partition_point(|&m| m < v);
+                    *code = q as u16;
+                    out.copy_from_slice(&book_bytes[q]);
+                    let e = v - book[q];
+                    let (es, vs) = (e * scale, v * scale);
+                    acc = (acc.0 + es * es, acc.1 + vs * vs, acc.2.max(e.abs()));
+                }
+                acc
+            })
+        })
+        .reduce(
+            || (0.0, 0.0, 0.0),
+            |a, b| (a.0 + b.0, a.1 + b.1, a.2.max(b.2)),
+        );
+    let error = Distortion {
+        rel_l2: if sq_norm > 0.0 {
+            (sq_err / sq_norm).sqrt()
+        } else {
+            sq_err.sqrt() / scale
+        },
+        max_abs,
+    };
+
+    let packed = pack_codes(&codes, bits);
+    let mut payload = Vec::with_capacity(8 + k * w + packed.len() / 2);
+    payload.push(bits.bits() as u8);
+    payload.push(if log { TRANSFORM_LOG } else { TRANSFORM_LINEAR });
+    payload.extend_from_slice(&0u16.to_le_bytes());
+    payload.extend_from_slice(&(k as u32).to_le_bytes());
+    book_bytes.iter().for_each(|b| payload.extend_from_slice(b));
+    let cw = code_width(bits);
+    planes::encode_chunked(&packed, None, cw, level, &mut payload)?;
+    Ok(Encoded {
+        codec: CodecId::Cluster,
+        payload,
+        lossy: Some((decoded, error)),
+    })
 }
 
 /// Whether float `bytes` of `dtype` hold a value below zero (NaN is not).
