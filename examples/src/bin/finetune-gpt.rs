@@ -37,6 +37,10 @@ struct Args {
     /// policy picks, per tensor and save, the cheapest encoding that meets it).
     #[arg(long, default_value_t = bitsnap_core::ErrorBudget::DEFAULT.rel_l2())]
     max_error: f64,
+    /// With `--policy lossy-optimizer`: first moments are allowed this many times
+    /// `--max-error` (Adam forgets their error within tens of steps).
+    #[arg(long, default_value_t = bitsnap_core::FIRST_MOMENT_FACTOR)]
+    first_moment_factor: f64,
     /// Snapshot every N steps (default: the preset's); 1 snapshots every step.
     #[arg(long, alias = "checkpoint-every")]
     snapshot_every: Option<u64>,
@@ -113,6 +117,7 @@ impl Args {
             opt("--bits", b.to_string());
         }
         opt("--max-error", self.max_error.to_string());
+        opt("--first-moment-factor", self.first_moment_factor.to_string());
         opt("--persist-every", self.persist_every.to_string());
         opt("--seed", self.seed.to_string());
         opt("--out", self.out.display().to_string());
@@ -199,12 +204,15 @@ fn run(args: Args) -> Result<(), bitsnap_examples::Error> {
             )));
         }
     };
-    let max_error = bitsnap_core::ErrorBudget::new(args.max_error).ok_or_else(|| {
-        bitsnap_examples::Error::Usage(format!(
-            "--max-error {}: a relative L2 error above 0",
-            args.max_error
-        ))
-    })?;
+    let max_error = bitsnap_core::ErrorBudget::new(args.max_error)
+        .and_then(|b| b.with_first_moment_factor(args.first_moment_factor))
+        .ok_or_else(|| {
+            bitsnap_examples::Error::Usage(format!(
+                "--max-error {} --first-moment-factor {}: a relative L2 error in (0, 1] and \
+                 a factor in (0, 100]",
+                args.max_error, args.first_moment_factor
+            ))
+        })?;
     if args.serve_keeper {
         let cfg_policy = RunConfig {
             preset,
