@@ -117,7 +117,10 @@ impl Args {
             opt("--bits", b.to_string());
         }
         opt("--max-error", self.max_error.to_string());
-        opt("--first-moment-factor", self.first_moment_factor.to_string());
+        opt(
+            "--first-moment-factor",
+            self.first_moment_factor.to_string(),
+        );
         opt("--persist-every", self.persist_every.to_string());
         opt("--seed", self.seed.to_string());
         opt("--out", self.out.display().to_string());
