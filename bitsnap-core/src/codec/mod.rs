@@ -672,12 +672,31 @@ pub(crate) fn with_decompressor<R>(
     })
 }
 
-/// Property-test strategies shared by the codec tests.
+/// Property-test strategies and test data shared by the codec and policy tests.
 #[cfg(test)]
 pub(crate) mod testing {
     use proptest::prelude::*;
 
     use crate::DType;
+
+    /// AdamW-like f32 moments of `n` elements, little-endian: first moments symmetric and
+    /// heavy-tailed around 0, second moments (`second`) log-normal over about four
+    /// decades.
+    pub fn moments(n: usize, second: bool, seed: u64) -> Vec<u8> {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand::rngs::Xoshiro256PlusPlus::seed_from_u64(seed);
+        (0..n)
+            .flat_map(|_| {
+                let g: f64 = (0..4).map(|_| rng.random::<f64>() - 0.5).sum::<f64>() * 1.7;
+                let v = if second {
+                    1e-8 * (2.3 * g).exp()
+                } else {
+                    1e-4 * g * g.abs()
+                };
+                (v as f32).to_le_bytes()
+            })
+            .collect()
+    }
 
     /// Bit patterns of the special values of a float `dtype`: ±0, ±Inf, quiet and
     /// signalling NaNs (with payloads, either sign), the smallest and largest subnormals

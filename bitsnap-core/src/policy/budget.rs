@@ -655,26 +655,9 @@ fn kmeans_within(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::testing::moments;
     use crate::codec::{self, ClusterLayout, Distortion};
     use crate::{DType, Lossiness, Policy, Role, Tensor};
-
-    /// AdamW-like moments of `n` elements: first moments symmetric and heavy-tailed
-    /// around 0, second moments log-normal over about four decades.
-    fn moments(n: usize, second: bool, seed: u64) -> Vec<u8> {
-        use rand::{RngExt, SeedableRng};
-        let mut rng = rand::rngs::Xoshiro256PlusPlus::seed_from_u64(seed);
-        (0..n)
-            .flat_map(|_| {
-                let g: f64 = (0..4).map(|_| rng.random::<f64>() - 0.5).sum::<f64>() * 1.7;
-                let v = if second {
-                    1e-8 * (2.3 * g).exp()
-                } else {
-                    1e-4 * g * g.abs()
-                };
-                (v as f32).to_le_bytes()
-            })
-            .collect()
-    }
 
     fn tensor(data: Vec<u8>, role: Role) -> Tensor {
         let n = (data.len() / 4) as u64;
