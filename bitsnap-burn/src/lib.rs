@@ -30,5 +30,5 @@ pub use error::Error;
 pub use module_store::{BitSnapModuleStore, MODULE_SERIES};
 pub use saver::{
     OptimizerSpec, ReadBackStats, Restored, RestoredFrom, SaveStats, SnapshotRequest, StepSaver,
-    StepSaverConfig, optimizer_on,
+    StepSaverConfig, optimizer_on, snapshot_step,
 };

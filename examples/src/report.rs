@@ -108,11 +108,7 @@ impl StoreReport {
             report.raw_bytes += info.raw_bytes;
             report.disk_bytes += file_bytes;
             report.snapshots.push(SnapshotRow {
-                step: info
-                    .name
-                    .strip_prefix("step-")
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0),
+                step: bitsnap_burn::snapshot_step(&info.name).unwrap_or(0),
                 name: info.name.clone(),
                 series: info.series.clone(),
                 raw_bytes: info.raw_bytes,

@@ -526,7 +526,7 @@ impl StepSaver {
             .map(Some);
         }
         if let Some(snap) = self.keeper_latest(None)
-            && let Some(step) = parse_step(&snap.info.name)
+            && let Some(step) = snapshot_step(&snap.info.name)
         {
             return Restored::from_keeper(step, snap, started.elapsed()).map(Some);
         }
@@ -586,7 +586,7 @@ fn step_list(store: &Store) -> Vec<u64> {
         .snapshots()
         .iter()
         .filter(|s| s.series == STEP_SERIES)
-        .filter_map(|s| parse_step(&s.name))
+        .filter_map(|s| snapshot_step(&s.name))
         .collect()
 }
 
@@ -594,7 +594,14 @@ fn step_name(step: u64) -> String {
     format!("step-{step}")
 }
 
-fn parse_step(name: &str) -> Option<u64> {
+/// The step of a [`StepSaver`] snapshot, read from its name (`step-<N>`); `None` for any
+/// other name.
+///
+/// ```
+/// assert_eq!(bitsnap_burn::snapshot_step("step-120"), Some(120));
+/// assert_eq!(bitsnap_burn::snapshot_step("epoch-3"), None);
+/// ```
+pub fn snapshot_step(name: &str) -> Option<u64> {
     name.strip_prefix("step-")?.parse().ok()
 }
 

@@ -68,11 +68,7 @@ impl Breakdown {
         let mut rows: BTreeMap<(String, String, &'static str), BreakdownRow> = BTreeMap::new();
         let mut files: BTreeMap<(String, String), Bytes> = BTreeMap::new();
         for info in store.snapshots() {
-            let step: u64 = info
-                .name
-                .strip_prefix("step-")
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
+            let step: u64 = bitsnap_burn::snapshot_step(&info.name).unwrap_or(0);
             let fine_tune = step > preset.pretrain_steps;
             let phase = if fine_tune { "fine-tune" } else { "pretrain" }.to_string();
             let kind = if info.base.is_some() { "delta" } else { "full" }.to_string();

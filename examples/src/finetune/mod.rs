@@ -687,11 +687,7 @@ fn frozen_unchanged(dir: &Path, preset: &Preset) -> Result<(u64, u64), Error> {
     let store = Store::open(dir)?;
     let (mut unchanged, mut frozen) = (0, 0);
     for info in store.snapshots() {
-        let step: u64 = info
-            .name
-            .strip_prefix("step-")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let step: u64 = bitsnap_burn::snapshot_step(&info.name).unwrap_or(0);
         if step <= preset.pretrain_steps || info.base.is_none() {
             continue;
         }
