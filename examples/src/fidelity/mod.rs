@@ -476,9 +476,19 @@ pub enum Phase {
     Report,
 }
 
+/// A budget's label as a file name: `e0.12,m1x2`.
+fn file_label(budget: &Budget) -> String {
+    budget.label().replace('=', "")
+}
+
 /// The directory of a budget's store under `out`.
 fn store_dir(out: &Path, budget: &Budget) -> PathBuf {
-    out.join(budget.label().replace('=', ""))
+    out.join(file_label(budget))
+}
+
+/// The file of a budget's resumes under `out`.
+fn resume_file(out: &Path, budget: &Budget) -> PathBuf {
+    out.join(format!("resume-{}.json", file_label(budget)))
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), Error> {
@@ -580,8 +590,7 @@ impl Trainer<'_> {
             });
         }
         let report = report::budget_report(budget, &store, rows)?;
-        let name = format!("resume-{}.json", budget.label().replace('=', ""));
-        write_json(&out.join(name), &report)?;
+        write_json(&resume_file(out, &budget), &report)?;
         Ok(report)
     }
 }
@@ -605,7 +614,7 @@ pub fn report(
     let budgets = cfg
         .budgets
         .iter()
-        .map(|b| read_json(&out.join(format!("resume-{}.json", b.label().replace('=', "")))))
+        .map(|b| read_json(&resume_file(out, b)))
         .collect::<Result<Vec<BudgetReport>, _>>()?;
     Ok(FidelityReport::new(
         cfg.clone(),
