@@ -439,12 +439,15 @@ fn a_commit_waits_for_the_lock_then_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let mut first = Store::open_or_create(dir.path(), Policy::default()).unwrap();
     first.save("a", vec![weight(0)]).unwrap();
-    // Someone holds the commit lock (as a stuck commit would).
+    // Someone holds the commit lock (as a stuck commit would). Taken with a blocking
+    // `lock`: `first`'s own lock can outlive its save for a moment where another test
+    // thread spawns a child process (the child's copy of the descriptor keeps the
+    // flock until it execs), which made a `try_lock` here fail on a loaded CI box.
     let held = std::fs::File::options()
         .write(true)
         .open(dir.path().join(bitsnap_core::LOCK_FILE))
         .unwrap();
-    held.try_lock().unwrap();
+    held.lock().unwrap();
     let backend = LocalDir::new(dir.path()).with_lock_wait(Duration::from_millis(50));
     let mut second = Store::open_backend(Arc::new(backend)).unwrap();
     match second.save("b", vec![weight(1)]) {
@@ -456,6 +459,9 @@ fn a_commit_waits_for_the_lock_then_fails_clearly() {
         other => panic!("expected a lock error, got {other:?}"),
     }
     drop(held);
+    // A writer commits once the lock is free (with the default wait: a child
+    // process spawned meanwhile may hold a copy of `held` for a moment).
+    let mut second = Store::open_backend(Arc::new(LocalDir::new(dir.path()))).unwrap();
     second.save("c", vec![weight(2)]).unwrap();
     let names: Vec<String> = check_clean(dir.path())
         .snapshots()
