@@ -50,6 +50,9 @@ With --json, prints one JSON object (fields in this order; sizes in bytes):
                    domain  \"log\", \"linear\", \"ratio\" (codec residual: x = base x
                            ratio[code]), \"delta\" (residual: x = base + delta[code])
                            or \"base\" (reused)
+                   codes   how the codes are stored: \"planes\" (packed, byte
+                           planes + zstd) or \"context\" (rANS, a frequency table
+                           per row and column scale class); null when reused
                    budget  the relative L2 allowed (metadata bitsnap.max_error;
                            for first moments bitsnap.max_error_m1), or null under a
                            fixed --bits
@@ -131,6 +134,7 @@ struct TensorJson {
 struct LossyJson {
     bits: u32,
     domain: &'static str,
+    codes: Option<&'static str>,
     budget: Option<f64>,
     why: String,
 }
@@ -203,11 +207,13 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
                     Some(LossyJson {
                         bits: layout.bits.bits(),
                         domain,
+                        codes: Some(layout.coding()),
                         budget,
                         why: match budget {
                             Some(b) => format!(
-                                "narrowest width within {b} ({what}, {} entries); {}",
+                                "smallest width within {b} ({what}, {} entries, {} codes); {}",
                                 layout.entries,
+                                layout.coding(),
                                 rule.as_deref().unwrap_or("-")
                             ),
                             None => format!("fixed {}-bit codes", layout.bits.bits()),
@@ -217,6 +223,7 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
                 (CodecId::Unchanged, Some(d), _) => Some(LossyJson {
                     bits: 0,
                     domain: "base",
+                    codes: None,
                     budget,
                     why: format!(
                         "moved {:.2e} since the base, within {}: base reused; {}",
@@ -365,9 +372,14 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
             }),
             e.lossy.as_ref().map_or("-".into(), |l| {
                 format!(
-                    "{} {} / {}",
+                    "{} {}{} / {}",
                     l.bits,
                     l.domain,
+                    if l.codes == Some("context") {
+                        " ctx"
+                    } else {
+                        ""
+                    },
                     l.budget.map_or("fixed".into(), |b| b.to_string())
                 )
             }),
@@ -377,7 +389,7 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
     if let Some(r) = &rule {
         writeln!(
             out,
-            "lossy budget {} (first moments {}): {r}; per tensor the narrowest width (or the base) within it",
+            "lossy budget {} (first moments {}): {r}; per tensor the smallest width (or the base) within it; ctx: codes context-coded",
             budget.map_or("-".into(), |b| b.to_string()),
             budget_m1.map_or("-".into(), |b| b.to_string())
         )?;

@@ -224,6 +224,7 @@ impl Policy {
             reason: format!("encoding failed: {e}"),
         };
         let input = EncodeInput {
+            shape: &t.shape,
             dtype: t.dtype,
             role: t.role,
             data: &t.data,
@@ -424,11 +425,22 @@ impl Policy {
 }
 
 /// [`SAMPLE_WINDOWS`] evenly spaced windows of `data` (and the same windows of `base`),
-/// concatenated, aligned to whole elements.
-fn sample(data: &[u8], base: Option<&[u8]>, w: usize) -> (Vec<u8>, Option<Vec<u8>>) {
-    let win = (SAMPLE_WINDOW_BYTES / w).max(1) * w;
+/// concatenated, aligned to whole elements of `w` bytes, and to whole rows when `shape`'s
+/// last dimension divides the tensor (so a sample keeps the rows and columns that
+/// context-coded codes model; a window is then at least one row).
+fn sample(data: &[u8], base: Option<&[u8]>, w: usize, shape: &[u64]) -> (Vec<u8>, Option<Vec<u8>>) {
+    let row = match shape {
+        [_, .., last] => usize::try_from(*last).unwrap_or(0).saturating_mul(w),
+        _ => 0,
+    };
+    let unit = if row > 0 && data.len().is_multiple_of(row) {
+        row
+    } else {
+        w
+    };
+    let win = (SAMPLE_WINDOW_BYTES / unit).max(1) * unit;
     let n_windows = SAMPLE_WINDOWS.min(data.len() / win).max(1);
-    let stride = ((data.len() - win.min(data.len())) / n_windows.max(1) / w) * w;
+    let stride = ((data.len() - win.min(data.len())) / n_windows.max(1) / unit) * unit;
     let ranges: Vec<_> = (0..n_windows)
         .map(|i| i * stride..(i * stride + win).min(data.len()))
         .collect();

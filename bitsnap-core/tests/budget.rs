@@ -18,6 +18,7 @@ const MAX_CHUNK_ELEMS: u32 = 1 << 26;
 fn constant_planes(chunk_elems: u32, chunks: u32) -> Vec<u8> {
     let zeros = vec![0u8; 4 * 1024];
     let input = EncodeInput {
+        shape: &[],
         dtype: DType::F32,
         role: Role::Weight,
         data: &zeros,

@@ -695,6 +695,7 @@ fn codec_seeds(id: CodecId) -> Vec<Vec<u8>> {
             data[i] ^= 0x10;
         }
         let input = EncodeInput {
+            shape: &[],
             dtype,
             role: Role::OptimizerMoment(2),
             data: &data,

@@ -829,6 +829,7 @@ fn encode_baseline(
         return Ok((CodecId::Raw, frame));
     }
     let input = EncodeInput {
+        shape: &t.shape,
         dtype: t.dtype,
         role: t.role,
         data: &t.data,

@@ -39,7 +39,7 @@ pub const MASK_ALL: u8 = 4;
 /// let base = vec![0u8; 4 * 100_000];
 /// let mut next = base.clone();
 /// for i in (0..100_000).step_by(100) { next[4 * i + 3] = 0x3f; } // 1% changed
-/// let input = EncodeInput { dtype: DType::F32, role: Role::Weight, data: &next, base: Some(&base) };
+/// let input = EncodeInput { shape: &[], dtype: DType::F32, role: Role::Weight, data: &next, base: Some(&base) };
 /// let enc = BitmaskDelta::default().encode(&input).unwrap().unwrap();
 /// assert!(enc.payload.len() * 3000 < next.len()); // measured 64 bytes of 400 000
 /// let back = codec::decode(CodecId::BitmaskDelta, &enc.payload, DType::F32, 100_000, Some(&base)).unwrap();
@@ -517,6 +517,7 @@ mod tests {
 
     fn enc(dtype: DType, base: &[u8], next: &[u8]) -> Vec<u8> {
         let input = EncodeInput {
+            shape: &[],
             dtype,
             role: Role::Weight,
             data: next,

@@ -116,7 +116,7 @@ pub struct QuantCodes {
 /// let base: Vec<u8> = (0..400u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
 /// let mut next = base.clone();
 /// next[4 * 7..4 * 8].copy_from_slice(&1.5f32.to_le_bytes());
-/// let input = EncodeInput { dtype: DType::F32, role: Role::Weight, data: &next, base: Some(&base) };
+/// let input = EncodeInput { shape: &[], dtype: DType::F32, role: Role::Weight, data: &next, base: Some(&base) };
 /// let enc = BitmaskDelta::default().encode(&input).unwrap().unwrap();
 /// let form = codec::decode_for_device(CodecId::BitmaskDelta, &enc.payload, DType::F32, 400).unwrap();
 /// let DeviceForm::Sparse(s) = form else { panic!() };
@@ -407,6 +407,7 @@ mod tests {
     fn check(codec: &dyn Codec, dtype: DType, role: Role, base: &[u8], next: &[u8]) {
         let n = next.len() / dtype.size();
         let input = EncodeInput {
+            shape: &[],
             dtype,
             role,
             data: next,
@@ -547,6 +548,7 @@ mod tests {
             .collect();
         check(&IntDelta::default(), DType::F32, Role::Weight, &base, &next);
         let input = EncodeInput {
+            shape: &[],
             dtype: DType::F32,
             role: Role::Weight,
             data: &next,

@@ -32,7 +32,7 @@
 //!     .enumerate()
 //!     .flat_map(|(i, b)| (f32::from_le_bytes(b.try_into().unwrap()) + (i % 7) as f32 * 1e-4).to_le_bytes())
 //!     .collect();
-//! let input = EncodeInput { dtype: DType::F32, role: Role::Weight, data: &next, base: Some(&base) };
+//! let input = EncodeInput { shape: &[], dtype: DType::F32, role: Role::Weight, data: &next, base: Some(&base) };
 //! let enc = GroupedDelta::default().encode(&input).unwrap().unwrap();
 //! let back = codec::decode(CodecId::GroupedDelta, &enc.payload, DType::F32, 8192, Some(&base)).unwrap();
 //! assert_eq!(back, next);
@@ -333,6 +333,7 @@ mod tests {
 
     fn encode(dtype: DType, next: &[u8], base: &[u8]) -> Vec<u8> {
         let input = EncodeInput {
+            shape: &[],
             dtype,
             role: Role::Weight,
             data: next,
@@ -435,6 +436,7 @@ mod tests {
         let (base, next) = weights(200_000, 5);
         let grouped = encode(DType::F32, &next, &base).len();
         let input = EncodeInput {
+            shape: &[],
             dtype: DType::F32,
             role: Role::Weight,
             data: &next,
@@ -479,6 +481,7 @@ mod tests {
     fn non_float_dtypes_are_not_encoded_and_are_refused() {
         let data = vec![1u8; 64];
         let input = EncodeInput {
+            shape: &[],
             dtype: DType::I32,
             role: Role::Weight,
             data: &data,

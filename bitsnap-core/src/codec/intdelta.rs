@@ -20,7 +20,7 @@ use super::{Codec, CodecError, CodecId, Cursor, EncodeInput, Encoded, chunks, pl
 /// use bitsnap_core::{DType, Role};
 /// let base: Vec<u8> = (0..512u32).flat_map(|i| (i as f32 * 0.5).to_le_bytes()).collect();
 /// let next: Vec<u8> = (0..512u32).flat_map(|i| (i as f32 * 0.5 + 1e-4).to_le_bytes()).collect();
-/// let input = EncodeInput { dtype: DType::F32, role: Role::Weight, data: &next, base: Some(&base) };
+/// let input = EncodeInput { shape: &[], dtype: DType::F32, role: Role::Weight, data: &next, base: Some(&base) };
 /// let enc = IntDelta::default().encode(&input).unwrap().unwrap();
 /// let back = codec::decode(CodecId::IntDelta, &enc.payload, DType::F32, 512, Some(&base)).unwrap();
 /// assert_eq!(back, next);
@@ -186,6 +186,7 @@ mod tests {
 
     fn encode(dtype: DType, next: &[u8], base: &[u8]) -> Vec<u8> {
         let input = EncodeInput {
+            shape: &[],
             dtype,
             role: Role::Weight,
             data: next,
@@ -252,6 +253,7 @@ mod tests {
             .collect();
         let int = encode(DType::F32, &next, &base).len();
         let input = EncodeInput {
+            shape: &[],
             dtype: DType::F32,
             role: Role::Weight,
             data: &next,

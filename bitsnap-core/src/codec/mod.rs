@@ -31,7 +31,7 @@
 //! let base: Vec<u8> = (0..4096u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
 //! let mut next = base.clone();
 //! next[400] ^= 1; // one changed element
-//! let input = EncodeInput { dtype: DType::F32, role: Role::Weight, data: &next, base: Some(&base) };
+//! let input = EncodeInput { shape: &[], dtype: DType::F32, role: Role::Weight, data: &next, base: Some(&base) };
 //! let enc = XorDelta::default().encode(&input).unwrap().unwrap();
 //! assert!(enc.payload.len() < next.len() / 100); // measured 59 bytes of 16 KiB
 //! let back = codec::decode(CodecId::XorDelta, &enc.payload, DType::F32, 4096, Some(&base)).unwrap();
@@ -279,6 +279,10 @@ pub struct EncodeInput<'a> {
     pub role: Role,
     /// The tensor's little-endian bytes.
     pub data: &'a [u8],
+    /// The tensor's dimensions, outermost first, when known (empty: unknown, or a sample
+    /// of a tensor). Quantizers use the last one to model codes by row and column
+    /// ([`cluster`]'s context coding); the product need not match `data`'s length.
+    pub shape: &'a [u64],
     /// The base tensor's bytes (same dtype and length), for delta codecs.
     pub base: Option<&'a [u8]>,
 }
@@ -818,7 +822,7 @@ mod tests {
         #[test]
         fn raw_and_unchanged_round_trip(dtype in any_dtype(), n in 0usize..3000, seed in any::<u64>()) {
             let data = tensor_bytes(dtype, n, seed);
-            let input = EncodeInput { dtype, role: Role::Weight, data: &data, base: Some(&data) };
+            let input = EncodeInput { shape: &[], dtype, role: Role::Weight, data: &data, base: Some(&data) };
             let enc = Raw.encode(&input).unwrap().unwrap();
             prop_assert_eq!(&decode(CodecId::Raw, &enc.payload, dtype, n, None).unwrap(), &data);
             prop_assert_eq!(&decode(CodecId::Unchanged, &[], dtype, n, Some(&data)).unwrap(), &data);
@@ -862,6 +866,7 @@ mod tests {
                 })
                 .collect();
             let input = EncodeInput {
+                shape: &[],
                 dtype,
                 role: Role::OptimizerMoment(1),
                 data: &data,

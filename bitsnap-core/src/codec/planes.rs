@@ -23,7 +23,7 @@ use super::{Codec, CodecError, CodecId, Cursor, EncodeInput, Encoded, alloc, chu
 /// use bitsnap_core::codec::{self, Codec, CodecId, EncodeInput, Planes};
 /// use bitsnap_core::{DType, Role};
 /// let data: Vec<u8> = (0..1000u16).flat_map(|i| half::bf16::from_f32(i as f32 * 0.01).to_le_bytes()).collect();
-/// let input = EncodeInput { dtype: DType::BF16, role: Role::Weight, data: &data, base: None };
+/// let input = EncodeInput { shape: &[], dtype: DType::BF16, role: Role::Weight, data: &data, base: None };
 /// let enc = Planes::default().encode(&input).unwrap().unwrap();
 /// assert!(enc.payload.len() * 2 < data.len()); // measured 960 bytes of 2000
 /// assert_eq!(codec::decode(CodecId::Planes, &enc.payload, DType::BF16, 1000, None).unwrap(), data);
@@ -518,7 +518,7 @@ mod tests {
         #[test]
         fn round_trip(dtype in any_dtype(), n in 0usize..3000, seed in any::<u64>()) {
             let data = tensor_bytes(dtype, n, seed);
-            let input = EncodeInput { dtype, role: Role::Weight, data: &data, base: None };
+            let input = EncodeInput { shape: &[], dtype, role: Role::Weight, data: &data, base: None };
             let enc = Planes::default().encode(&input).unwrap().unwrap();
             let back = crate::codec::decode(CodecId::Planes, &enc.payload, dtype, n, None).unwrap();
             prop_assert_eq!(back, data);

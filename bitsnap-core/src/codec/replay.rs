@@ -516,6 +516,7 @@ mod tests {
             let mut predicted = vec![0u8; actual.len()];
             r.predict_into(&base, &a, &b, &mut predicted);
             let input = EncodeInput {
+                shape: &[],
                 dtype: DType::F32,
                 role: crate::Role::Weight,
                 data: &actual,

@@ -13,7 +13,7 @@ use super::{Codec, CodecError, CodecId, Cursor, EncodeInput, Encoded, chunks, pl
 /// use bitsnap_core::{DType, Role};
 /// let base: Vec<u8> = (0..512u32).flat_map(|i| (i as f32 * 0.5).to_le_bytes()).collect();
 /// let next: Vec<u8> = (0..512u32).flat_map(|i| (i as f32 * 0.5 + 1e-4).to_le_bytes()).collect();
-/// let input = EncodeInput { dtype: DType::F32, role: Role::Weight, data: &next, base: Some(&base) };
+/// let input = EncodeInput { shape: &[], dtype: DType::F32, role: Role::Weight, data: &next, base: Some(&base) };
 /// let enc = XorDelta::default().encode(&input).unwrap().unwrap();
 /// let back = codec::decode(CodecId::XorDelta, &enc.payload, DType::F32, 512, Some(&base)).unwrap();
 /// assert_eq!(back, next);
@@ -110,7 +110,7 @@ mod tests {
         fn round_trip(dtype in any_dtype(), n in 0usize..3000, permille in any_permille(), seed in any::<u64>()) {
             let base = tensor_bytes(dtype, n, seed);
             let next = mutate(&base, dtype.size(), permille, seed ^ 7);
-            let input = EncodeInput { dtype, role: Role::Weight, data: &next, base: Some(&base) };
+            let input = EncodeInput { shape: &[], dtype, role: Role::Weight, data: &next, base: Some(&base) };
             let enc = XorDelta::default().encode(&input).unwrap().unwrap();
             let back = decode(CodecId::XorDelta, &enc.payload, dtype, n, Some(&base)).unwrap();
             prop_assert_eq!(back, next);
@@ -123,6 +123,7 @@ mod tests {
         let base = tensor_bytes(DType::F32, n, 3);
         let next = mutate(&base, 4, 300, 5);
         let input = EncodeInput {
+            shape: &[],
             dtype: DType::F32,
             role: Role::Weight,
             data: &next,
@@ -138,6 +139,7 @@ mod tests {
         let base = vec![1u8; 64];
         let next = vec![2u8; 64];
         let input = EncodeInput {
+            shape: &[],
             dtype: DType::F32,
             role: Role::Weight,
             data: &next,

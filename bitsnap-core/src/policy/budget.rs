@@ -15,22 +15,27 @@
 //!    the ratio `x / base` clustered by its logarithm (non-negative tensors: second
 //!    moments) and, for tensors holding negative values (first moments), the difference
 //!    `x − base` clustered linearly (never for non-negative ones: base + delta can fall
-//!    below zero, a second moment below zero makes `√v` NaN). The first width at which
-//!    some candidate meets the budget wins, the smallest payload of its candidates.
-//!    That candidate is then tried with fewer codebook entries than its width holds (a
+//!    below zero, a second moment below zero makes `√v` NaN). At the first width at
+//!    which some candidate meets the budget, the smallest payload of its candidates;
+//!    then wider widths as long as their smallest passing payload is smaller still
+//!    (every payload stores its codes planes + zstd or context-coded, whichever is
+//!    smaller, see `codec/cluster/context.rs`: a context-coded 4-bit plain codebook of
+//!    a second moment is often smaller than a 3-bit ratio residual against the base,
+//!    whose codes depend less on rows and columns). Each candidate is tried with fewer codebook entries than its width holds (a
 //!    binary search between the narrower width's `2^b + 1` and `2^bits − 1`): the codes
-//!    keep their width, but a skewed code distribution is what zstd's entropy coding
-//!    shrinks, so the fewest entries that still meet the budget usually give the
+//!    keep their width, but a skewed code distribution is what entropy coding shrinks, so the fewest entries that still meet the budget usually give the
 //!    smallest payload (kept only if smaller; a width "between" 3 and 4 bits, say).
 //!    Tensors over [`super::EXACT_TRIAL_BYTES`] are tried on the policy's sample windows
-//!    (of the tensor and its base) and the winner is then encoded whole and checked again
-//!    (a failure moves on to the next width).
+//!    (of the tensor and its base; whole rows, so that the contexts see rows and
+//!    columns) and the winner is then encoded whole and checked again (a failure moves
+//!    on to the next width).
 //! 3. **Uniform codebooks, entropy-coded** ([`UniformQuantizer`], ECSQ), for signed
 //!    tensors (first moments): the widest uniform cells whose means keep the tensor
 //!    within the budget, at 2, 4 and 8 bits per code (byte-aligned: zstd's Huffman coding
-//!    sees whole codes), replace the k-means winner where their payload is smaller. A
-//!    k-means codebook uses its entries about equally, so its codes hardly entropy-code;
-//!    uniform cells leave most elements in the few cells near zero. Not for second
+//!    sees whole codes when they are not context-coded), replace the k-means winner
+//!    where their payload is smaller. A k-means codebook uses its entries about equally,
+//!    so its codes entropy-code little; uniform cells leave most elements in the few
+//!    cells near zero. Not for second
 //!    moments: there the cell next to zero holds most elements at its mean, and every
 //!    element below that mean drives a larger step (`m / √v`) than its own `v` would
 //!    (measured: the fidelity smoke test's resumed gaps went from 0.57x to 1.31x the
@@ -481,7 +486,8 @@ fn fewer_entries(
 }
 
 /// The widths tried for entropy-coded uniform codebooks: byte-aligned, so zstd's
-/// Huffman coding sees whole codes (3- and 6-bit codes straddle bytes).
+/// Huffman coding sees whole codes where they are not context-coded (3- and 6-bit codes
+/// straddle bytes).
 const UNIFORM_WIDTHS: [QuantBits; 3] = [QuantBits::B2, QuantBits::B4, QuantBits::B8];
 
 /// `best`, or the smallest [`UniformQuantizer`] encoding of `input` within `limit` (at
@@ -558,8 +564,8 @@ pub(super) fn encode_within(
 }
 
 /// Step 2 of the module documentation: the k-means codebook (plain or residual) of the
-/// narrowest width within `limit`, with the fewest entries; its size is recorded in
-/// `decision`.
+/// smallest width within `limit` (see the module documentation), with the fewest
+/// entries; its size is recorded in `decision`.
 fn kmeans_within(
     input: &EncodeInput<'_>,
     base: Option<&[u8]>,
@@ -570,7 +576,7 @@ fn kmeans_within(
     let w = input.dtype.size();
     let (sampled, sampled_base) = match input.data.len() > EXACT_TRIAL_BYTES {
         true => {
-            let (d, b) = sample(input.data, base, w);
+            let (d, b) = sample(input.data, base, w, input.shape);
             (Some(d), b)
         }
         false => (None, None),
@@ -584,70 +590,113 @@ fn kmeans_within(
     let with_base = base.is_some();
     let signed = cluster::has_negative(input.dtype, input.data);
     let mut narrower = None;
-    for bits in WIDTHS {
-        // The smallest passing payload of the candidates at this width.
-        let mut pick: Option<Pick> = None;
-        for (index, q) in candidates(bits, level, with_base, signed, None)
-            .into_iter()
-            .enumerate()
-        {
-            let Some(enc) = q.encode(&trial_input)? else {
+    let mut from = 0;
+    while from < WIDTHS.len() {
+        // The narrowest width within the limit, then wider ones while their payload keeps
+        // shrinking: context-coded codes (codec/cluster/context.rs) can make a wider
+        // width of a plain codebook smaller than a narrower residual one.
+        let mut best: Option<(QuantBits, Pick)> = None;
+        for bits in WIDTHS[from..].iter().copied() {
+            let Some(pick) = pick_at(
+                bits,
+                narrower,
+                limit,
+                &trial_input,
+                level,
+                with_base,
+                signed,
+            )?
+            else {
+                narrower = Some(bits);
+                if best.is_some() {
+                    break;
+                }
                 continue;
             };
-            let passes = enc.lossy.as_ref().is_some_and(|l| l.1.rel_l2 <= limit);
-            if passes && pick.as_ref().is_none_or(|p| enc.payload.len() < p.len()) {
-                pick = Some(Pick {
-                    index,
-                    entries: None,
-                    enc,
-                });
-            }
-        }
-        let Some(pick) = pick else {
             narrower = Some(bits);
+            if best.as_ref().is_some_and(|(_, b)| b.len() <= pick.len()) {
+                break;
+            }
+            best = Some((bits, pick));
+        }
+        let Some((bits, pick)) = best else {
+            break;
+        };
+        let enc = match sampled {
+            None => Some(pick.enc),
+            Some(_) => whole_within(&pick, bits, input, limit, level, with_base, signed)?,
+        };
+        if let Some(enc) = enc {
+            decision
+                .candidates
+                .push((enc.codec, enc.payload.len() as u64));
+            return Ok(Some(enc));
+        }
+        // The samples sat closer to the budget than the tensor: on with wider widths.
+        from = WIDTHS
+            .iter()
+            .position(|b| *b == bits)
+            .map_or(WIDTHS.len(), |i| i + 1);
+    }
+    Ok(None)
+}
+
+/// The smallest passing candidate at `bits` on `trial` (with the fewest entries that
+/// still pass), or `None` when none meets `limit`.
+fn pick_at(
+    bits: QuantBits,
+    narrower: Option<QuantBits>,
+    limit: f64,
+    trial: &EncodeInput<'_>,
+    level: i32,
+    with_base: bool,
+    signed: bool,
+) -> Result<Option<Pick>, CodecError> {
+    let mut pick: Option<Pick> = None;
+    for (index, q) in candidates(bits, level, with_base, signed, None)
+        .into_iter()
+        .enumerate()
+    {
+        let Some(enc) = q.encode(trial)? else {
             continue;
         };
-        let pick = fewer_entries(
-            pick,
-            narrower,
-            bits,
-            limit,
-            &trial_input,
-            level,
-            with_base,
-            signed,
-        )?;
-        let enc = match sampled {
-            None => pick.enc,
-            Some(_) => {
-                // Checked whole: with the entries chosen on the samples, else (the samples
-                // sat closer to the budget than the tensor) with the whole width.
-                let mut whole = None;
-                for entries in [pick.entries, None]
-                    .into_iter()
-                    .take(1 + usize::from(pick.entries.is_some()))
-                {
-                    let q =
-                        candidates(bits, level, with_base, signed, entries).swap_remove(pick.index);
-                    match q.encode(input)? {
-                        Some(full) if full.lossy.as_ref().is_some_and(|l| l.1.rel_l2 <= limit) => {
-                            whole = Some(full);
-                            break;
-                        }
-                        _ => continue,
-                    }
-                }
-                let Some(full) = whole else {
-                    narrower = Some(bits);
-                    continue;
-                };
-                full
+        let passes = enc.lossy.as_ref().is_some_and(|l| l.1.rel_l2 <= limit);
+        if passes && pick.as_ref().is_none_or(|p| enc.payload.len() < p.len()) {
+            pick = Some(Pick {
+                index,
+                entries: None,
+                enc,
+            });
+        }
+    }
+    let Some(pick) = pick else {
+        return Ok(None);
+    };
+    fewer_entries(pick, narrower, bits, limit, trial, level, with_base, signed).map(Some)
+}
+
+/// `pick` (chosen on samples) encoded whole: with the entries chosen on the samples,
+/// else with the whole width; `None` when neither meets `limit`.
+fn whole_within(
+    pick: &Pick,
+    bits: QuantBits,
+    input: &EncodeInput<'_>,
+    limit: f64,
+    level: i32,
+    with_base: bool,
+    signed: bool,
+) -> Result<Option<Encoded>, CodecError> {
+    for entries in [pick.entries, None]
+        .into_iter()
+        .take(1 + usize::from(pick.entries.is_some()))
+    {
+        let q = candidates(bits, level, with_base, signed, entries).swap_remove(pick.index);
+        match q.encode(input)? {
+            Some(full) if full.lossy.as_ref().is_some_and(|l| l.1.rel_l2 <= limit) => {
+                return Ok(Some(full));
             }
-        };
-        decision
-            .candidates
-            .push((enc.codec, enc.payload.len() as u64));
-        return Ok(Some(enc));
+            _ => continue,
+        }
     }
     Ok(None)
 }
@@ -677,6 +726,7 @@ mod tests {
     /// The k-means search alone (step 2 before the uniform codebooks), within `e`.
     fn kmeans(t: &Tensor, base: Option<&Tensor>, e: f64) -> Encoded {
         let input = EncodeInput {
+            shape: &t.shape,
             dtype: t.dtype,
             role: t.role,
             data: &t.data,
@@ -708,6 +758,7 @@ mod tests {
             // Every narrower width misses the budget in both domains.
             let layout = ClusterLayout::parse(&enc.payload, DType::F32).unwrap();
             let input = EncodeInput {
+                shape: &[],
                 dtype: DType::F32,
                 role,
                 data: &t.data,
@@ -745,6 +796,7 @@ mod tests {
                 false => ClusterMode::Linear,
             };
             let input = EncodeInput {
+                shape: &[],
                 dtype: DType::F32,
                 role,
                 data: &t.data,

@@ -66,7 +66,12 @@ pub(super) fn choices(store: &Store, name: &str) -> Result<Choices, Error> {
         let label = match e.codec {
             CodecId::Cluster | CodecId::ClusterResidual => {
                 match ClusterLayout::parse(file.payload(e)?, e.dtype) {
-                    Ok(l) => format!("{}b {}", l.bits.bits(), l.domain()),
+                    Ok(l) => format!(
+                        "{}b {}{}",
+                        l.bits.bits(),
+                        l.domain(),
+                        if l.context { " ctx" } else { "" }
+                    ),
                     Err(_) => e.codec.name().to_string(),
                 }
             }

@@ -14,10 +14,14 @@
 //! |---|---|
 //! | 1 | bits per code: 2, 3, 4, 6, 8 or 16 |
 //! | 1 | transform used to cluster: 0 linear, 1 log (informational) |
-//! | 2 | reserved, 0 |
+//! | 1 | coding of the codes: 0 planes, 1 context (`context.rs`) |
+//! | 1 | reserved, 0 |
 //! | 4 | `k`: codebook entries, u32 LE, 1 ≤ k ≤ 2^bits |
 //! | k × dtype size | codebook: the decoded values, in the tensor's dtype |
-//! | … | chunk stream of planes sections over the packed codes (element width 2 for 16 bits, else 1) |
+//! | … | coding 0: chunk stream of planes sections over the packed codes (element width 2 for 16 bits, else 1); coding 1: the codes context-coded by rANS, each under the frequency table of its row's and column's scale class |
+//!
+//! Encoders write whichever coding is smaller (context coding needs the tensor's shape,
+//! [`EncodeInput::shape`], for more than one context).
 //!
 //! Codes are packed as one little-endian bit stream: code `i` fills stream bits
 //! `i·b .. (i+1)·b`, stream bit `j` being bit `j % 8` of byte `j / 8` (equivalently bit
@@ -26,6 +30,7 @@
 //! words.
 //! Decoding is a pure table lookup, so the GPU loader and the CPU decoder agree bit for bit.
 
+mod context;
 mod kmeans;
 mod payload;
 mod residual;
@@ -34,13 +39,12 @@ mod values;
 
 use rayon::prelude::*;
 
-use super::{Codec, CodecError, CodecId, EncodeInput, Encoded, chunks, planes};
+use super::{Codec, CodecError, CodecId, EncodeInput, Encoded, chunks};
 use crate::Role;
+use context::CODING_PLANES;
 use kmeans::{kmeans_1d, sample_sorted};
-use payload::code_width;
-pub(crate) use payload::{
-    Family, code_at, decode_codes, decode_into, pack_codes, packed_len, precheck,
-};
+use payload::push_codes;
+pub(crate) use payload::{Family, code_at, decode_codes, decode_into, packed_len, precheck};
 pub(crate) use residual::decode_residual_into;
 pub use residual::{ResidualKind, ResidualQuantizer};
 pub use uniform::UniformQuantizer;
@@ -137,6 +141,9 @@ pub struct ClusterLayout {
     /// The transform tag ([`TRANSFORM_LINEAR`], [`TRANSFORM_LOG`],
     /// [`TRANSFORM_BASE_DELTA`], [`TRANSFORM_BASE_RATIO`]).
     pub transform: u8,
+    /// The codes are context-coded (rANS by row and column scale), not packed in
+    /// planes + zstd.
+    pub context: bool,
 }
 
 impl ClusterLayout {
@@ -147,7 +154,7 @@ impl ClusterLayout {
     /// use bitsnap_core::codec::{ClusterLayout, ClusterQuantizer, Codec, EncodeInput, QuantBits};
     /// use bitsnap_core::{DType, Role};
     /// let data: Vec<u8> = (0..100u32).flat_map(|i| (i as f32 * 1e-3).to_le_bytes()).collect();
-    /// let input = EncodeInput { dtype: DType::F32, role: Role::OptimizerMoment(1), data: &data, base: None };
+    /// let input = EncodeInput { shape: &[], dtype: DType::F32, role: Role::OptimizerMoment(1), data: &data, base: None };
     /// let enc = ClusterQuantizer::new(QuantBits::B3).encode(&input).unwrap().unwrap();
     /// let layout = ClusterLayout::parse(&enc.payload, DType::F32).unwrap();
     /// assert_eq!((layout.bits, layout.log, layout.entries), (QuantBits::B3, false, 8));
@@ -160,7 +167,14 @@ impl ClusterLayout {
             log: matches!(book.transform, TRANSFORM_LOG | TRANSFORM_BASE_RATIO),
             entries: (book.entries.len() / dtype.size()) as u32,
             transform: book.transform,
+            context: book.coding == context::CODING_CONTEXT,
         })
+    }
+
+    /// How the codes are stored, in words: `planes` (packed, byte planes + zstd) or
+    /// `context` (rANS by row and column scale).
+    pub fn coding(&self) -> &'static str {
+        if self.context { "context" } else { "planes" }
     }
 
     /// The domain in words: `linear`, `log`, `delta` (base + delta) or `ratio`
@@ -196,7 +210,7 @@ pub type QuantError = Distortion;
 /// use bitsnap_core::{DType, Role};
 /// let v: Vec<f32> = (0..10_000).map(|i| 1e-8 * (1.0 + (i % 977) as f32).powi(2)).collect();
 /// let data: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-/// let input = EncodeInput { dtype: DType::F32, role: Role::OptimizerMoment(2), data: &data, base: None };
+/// let input = EncodeInput { shape: &[], dtype: DType::F32, role: Role::OptimizerMoment(2), data: &data, base: None };
 /// let enc = ClusterQuantizer::new(QuantBits::B8).encode(&input).unwrap().unwrap();
 /// let (decoded, err) = enc.lossy.unwrap();
 /// assert!(err.rel_l2 < 0.015, "{err:?}"); // measured 0.0060
@@ -398,15 +412,14 @@ pub(super) fn encode_with_codebook(
         max_abs,
     };
 
-    let packed = pack_codes(&codes, bits);
-    let mut payload = Vec::with_capacity(8 + k * w + packed.len() / 2);
+    let mut payload = Vec::with_capacity(8 + k * w + n * bits.bits() as usize / 16);
     payload.push(bits.bits() as u8);
     payload.push(if log { TRANSFORM_LOG } else { TRANSFORM_LINEAR });
-    payload.extend_from_slice(&0u16.to_le_bytes());
+    payload.extend_from_slice(&[CODING_PLANES, 0]);
     payload.extend_from_slice(&(k as u32).to_le_bytes());
     book_bytes.iter().for_each(|b| payload.extend_from_slice(b));
-    let cw = code_width(bits);
-    planes::encode_chunked(&packed, None, cw, level, &mut payload)?;
+    let mags: Vec<f64> = book.iter().map(|v| v.abs()).collect();
+    push_codes(&mut payload, &codes, bits, &mags, input.shape, level)?;
     Ok(Encoded {
         codec: CodecId::Cluster,
         payload,
@@ -532,7 +545,7 @@ mod tests {
             n in 1usize..4000, second in any::<bool>(), seed in any::<u64>(), cut in 1usize..40) {
             let data = bytes(DType::F32, &moments(n, second, seed));
             let role = if second { Role::OptimizerMoment(2) } else { Role::OptimizerMoment(1) };
-            let input = EncodeInput { dtype: DType::F32, role, data: &data, base: None };
+            let input = EncodeInput { shape: &[], dtype: DType::F32, role, data: &data, base: None };
             let full = 1usize << bits.bits();
             let cap = full.saturating_sub(cut).max(2);
             let q = ClusterQuantizer { entries: Some(cap), ..ClusterQuantizer::new(bits) };
@@ -551,7 +564,7 @@ mod tests {
             n in 0usize..5000, second in any::<bool>(), seed in any::<u64>()) {
             let data = bytes(dtype, &moments(n, second, seed));
             let role = if second { Role::OptimizerMoment(2) } else { Role::OptimizerMoment(1) };
-            let input = EncodeInput { dtype, role, data: &data, base: None };
+            let input = EncodeInput { shape: &[], dtype, role, data: &data, base: None };
             let enc = ClusterQuantizer::new(bits).encode(&input).unwrap().unwrap();
             let (decoded, err) = enc.lossy.clone().unwrap();
             let back = decode(CodecId::Cluster, &enc.payload, dtype, n, None).unwrap();
@@ -600,7 +613,7 @@ mod tests {
             // random bits.
             let data = finite_bytes(dtype, n, seed);
             for role in [Role::OptimizerMoment(1), Role::OptimizerMoment(2)] {
-                let input = EncodeInput { dtype, role, data: &data, base: None };
+                let input = EncodeInput { shape: &[], dtype, role, data: &data, base: None };
                 let enc = ClusterQuantizer::new(bits).encode(&input).unwrap().expect("finite values are quantized");
                 let (decoded, err) = enc.lossy.clone().unwrap();
                 prop_assert_eq!(decode(CodecId::Cluster, &enc.payload, dtype, n, None).unwrap(), decoded);
@@ -612,7 +625,7 @@ mod tests {
                 // ±Inf and the NaNs, put anywhere: the quantizer does not apply.
                 let mut bad = data.clone();
                 bad[at..at + w].copy_from_slice(&v.to_le_bytes()[..w]);
-                let input = EncodeInput { dtype, role: Role::OptimizerMoment(1), data: &bad, base: None };
+                let input = EncodeInput { shape: &[], dtype, role: Role::OptimizerMoment(1), data: &bad, base: None };
                 prop_assert!(ClusterQuantizer::new(bits).encode(&input).unwrap().is_none());
             }
         }
@@ -622,7 +635,7 @@ mod tests {
             pos in any::<usize>(), byte in any::<u8>(),
             bits in prop::sample::select(QuantBits::ALL.to_vec())) {
             let data = bytes(DType::F32, &moments(3000, true, 5));
-            let input = EncodeInput { dtype: DType::F32, role: Role::OptimizerMoment(2), data: &data, base: None };
+            let input = EncodeInput { shape: &[], dtype: DType::F32, role: Role::OptimizerMoment(2), data: &data, base: None };
             let mut payload = ClusterQuantizer::new(bits).encode(&input).unwrap().unwrap().payload;
             let p = pos % payload.len();
             payload[p] ^= byte | 1;
@@ -638,6 +651,7 @@ mod tests {
         let v = [f64::MAX, -f64::MAX, 1.0, 0.0, f64::MIN_POSITIVE, 5e-324];
         let data: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         let input = EncodeInput {
+            shape: &[],
             dtype: DType::F64,
             role: Role::OptimizerMoment(1),
             data: &data,
@@ -665,6 +679,7 @@ mod tests {
         let v: Vec<f32> = (0..1000).map(|i| (i % 5) as f32 * 0.25).collect();
         let data = bytes(DType::F32, &v);
         let input = EncodeInput {
+            shape: &[],
             dtype: DType::F32,
             role: Role::OptimizerMoment(1),
             data: &data,
@@ -683,6 +698,7 @@ mod tests {
     fn skips_non_finite_and_integer_tensors() {
         let data = bytes(DType::F32, &[1.0, f32::NAN, 2.0]);
         let input = EncodeInput {
+            shape: &[],
             dtype: DType::F32,
             role: Role::OptimizerMoment(1),
             data: &data,
@@ -696,6 +712,7 @@ mod tests {
         );
         let ints = vec![0u8; 12];
         let input = EncodeInput {
+            shape: &[],
             dtype: DType::I32,
             role: Role::OptimizerMoment(1),
             data: &ints,
@@ -715,6 +732,7 @@ mod tests {
         v[17] = 0.0;
         let data = bytes(DType::F32, &v);
         let input = EncodeInput {
+            shape: &[],
             dtype: DType::F32,
             role: Role::OptimizerMoment(2),
             data: &data,

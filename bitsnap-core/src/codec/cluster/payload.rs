@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use super::context::{self, CODING_CONTEXT, CODING_PLANES};
 use super::{QuantBits, TRANSFORM_BASE_DELTA, TRANSFORM_BASE_RATIO, TRANSFORM_LOG};
 use crate::DType;
 use crate::codec::{CodecError, Cursor, alloc, chunks, planes};
@@ -65,11 +66,43 @@ pub(crate) fn precheck(
     family: Family,
 ) -> Result<(), CodecError> {
     let mut cur = Cursor::new(payload);
-    let bits = parse_codebook(&mut cur, dtype, family)?.bits;
+    let book = parse_codebook(&mut cur, dtype, family)?;
+    let bits = book.bits;
+    if book.coding == CODING_CONTEXT {
+        let k = book.entries.len() / dtype.size();
+        let at = cur.offset();
+        return context::check(cur.bytes(cur.remaining(), "codes")?, at, n, k);
+    }
     let width = code_width(bits);
     chunks::parse(&mut cur, packed_len(n, bits) / width)?
         .iter()
         .try_for_each(|c| planes::check_body(c.body, c.elems.len(), width, c.offset))
+}
+
+/// Appends the codes of a cluster payload whose head (bits, transform, coding byte,
+/// reserved byte, codebook) is already in `payload`: as a chunk stream of planes
+/// sections over the packed codes, or context-coded (see [`context`]), whichever is
+/// smaller; sets the coding byte (offset 2) to say which. `mags[j]` is the magnitude of
+/// codebook entry `j`, `shape` the tensor's (for the contexts).
+pub(super) fn push_codes(
+    payload: &mut Vec<u8>,
+    codes: &[u16],
+    bits: QuantBits,
+    mags: &[f64],
+    shape: &[u64],
+    level: i32,
+) -> Result<(), CodecError> {
+    let head = payload.len();
+    let packed = pack_codes(codes, bits);
+    planes::encode_chunked(&packed, None, code_width(bits), level, payload)?;
+    if let Some(section) = context::encode(codes, mags, shape, level)?
+        && section.len() < payload.len() - head
+    {
+        payload.truncate(head);
+        payload.extend_from_slice(&section);
+        payload[2] = CODING_CONTEXT;
+    }
+    Ok(())
 }
 
 /// A cluster payload entropy-decoded but not looked up: what a device needs to
@@ -100,9 +133,19 @@ pub(crate) fn decode_codes(
     let book = parse_codebook(&mut cur, dtype, family)?;
     let bits = book.bits;
     let plen = packed_len(n, bits);
-    let mut packed = alloc::zeroed(plen, "the codes")?;
     let codes_at = cur.offset();
     let rest = cur.bytes(cur.remaining(), "codes")?;
+    if book.coding == CODING_CONTEXT {
+        // Every code is checked against the codebook as it is decoded.
+        let k = book.entries.len() / w;
+        let codes = context::decode(rest, codes_at, n, k)?;
+        return Ok(Codes {
+            bits,
+            codebook: book.entries.to_vec(),
+            packed: pack_codes(&codes, bits),
+        });
+    }
+    let mut packed = alloc::zeroed(plen, "the codes")?;
     planes::decode_into(rest, code_width(bits), &mut packed).map_err(|e| e.shifted(codes_at))?;
     let used = (n * bits.bits() as usize) % 8;
     if used != 0 && packed.last().is_some_and(|b| b >> used != 0) {
@@ -174,6 +217,8 @@ pub(crate) struct Codebook<'a> {
     /// [`super::TRANSFORM_LINEAR`], [`TRANSFORM_LOG`], [`TRANSFORM_BASE_DELTA`] or
     /// [`TRANSFORM_BASE_RATIO`], as `family` allows.
     pub transform: u8,
+    /// How the codes are stored: [`CODING_PLANES`] or [`CODING_CONTEXT`].
+    pub coding: u8,
     /// `k` entries of the tensor's dtype, back to back.
     pub entries: &'a [u8],
 }
@@ -211,9 +256,15 @@ pub(crate) fn parse_codebook<'a>(
             format!("transform {transform} is not {what}"),
         ));
     }
-    let reserved = cur.u16("reserved")?;
-    if reserved != 0 {
-        return Err(CodecError::new(2, "reserved bytes are not zero"));
+    let coding = cur.u8("coding")?;
+    if coding != CODING_PLANES && coding != CODING_CONTEXT {
+        return Err(CodecError::new(
+            2,
+            format!("code coding {coding} is not known (0 planes, 1 context)"),
+        ));
+    }
+    if cur.u8("reserved")? != 0 {
+        return Err(CodecError::new(3, "reserved byte is not zero"));
     }
     let k = cur.u32("codebook size")? as usize;
     if k == 0 || k > 1 << bits.bits() {
@@ -226,6 +277,7 @@ pub(crate) fn parse_codebook<'a>(
     Ok(Codebook {
         bits,
         transform,
+        coding,
         entries,
     })
 }
@@ -286,6 +338,7 @@ mod tests {
             .flat_map(|i| (1e-6 * (1.0 + (i % 37) as f32)).to_le_bytes())
             .collect();
         let input = EncodeInput {
+            shape: &[],
             dtype: DType::F32,
             role: Role::OptimizerMoment(2),
             data: &v,

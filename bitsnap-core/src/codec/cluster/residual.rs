@@ -23,12 +23,13 @@
 
 use rayon::prelude::*;
 
+use super::context::CODING_PLANES;
 use super::kmeans::{kmeans_1d, sample_sorted};
-use super::payload::{self, Family, code_width, pack_codes};
+use super::payload::{self, Family};
 use super::values::{push_value, round_to, value_at, with_values, write_value};
 use super::{QuantBits, TRANSFORM_BASE_DELTA, TRANSFORM_BASE_RATIO};
 use crate::DType;
-use crate::codec::{Codec, CodecError, CodecId, EncodeInput, Encoded, chunks, planes};
+use crate::codec::{Codec, CodecError, CodecId, EncodeInput, Encoded, chunks};
 
 /// What a residual codebook holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -65,7 +66,7 @@ impl ResidualKind {
 /// let next: Vec<f32> = base.iter().enumerate().map(|(i, v)| v * (1.0 + 0.02 * ((i % 7) as f32 - 3.0) / 3.0)).collect();
 /// let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
 /// let (base, next) = (bytes(&base), bytes(&next));
-/// let input = EncodeInput { dtype: DType::F32, role: Role::OptimizerMoment(2), data: &next, base: Some(&base) };
+/// let input = EncodeInput { shape: &[], dtype: DType::F32, role: Role::OptimizerMoment(2), data: &next, base: Some(&base) };
 /// let enc = ResidualQuantizer::new(QuantBits::B3, ResidualKind::Ratio).encode(&input).unwrap().unwrap();
 /// let (decoded, err) = enc.lossy.unwrap();
 /// assert!(err.rel_l2 < 1e-6, "{err:?}"); // seven distinct ratios fit eight entries
@@ -207,17 +208,25 @@ impl Codec for ResidualQuantizer {
             Vec::with_capacity(8 + book.len() * w + n * self.bits.bits() as usize / 16);
         payload.push(self.bits.bits() as u8);
         payload.push(kind.transform());
-        payload.extend_from_slice(&0u16.to_le_bytes());
+        payload.extend_from_slice(&[CODING_PLANES, 0]);
         payload.extend_from_slice(&(book.len() as u32).to_le_bytes());
         book.iter()
             .for_each(|&v| push_value(dtype, v, &mut payload));
-        let packed = pack_codes(&codes, self.bits);
-        planes::encode_chunked(
-            &packed,
-            None,
-            code_width(self.bits),
-            self.level,
+        // How far each entry moves an element from its base: ranks rows and columns.
+        let mags: Vec<f64> = book
+            .iter()
+            .map(|&r| match kind {
+                ResidualKind::Delta => r.abs(),
+                ResidualKind::Ratio => r.max(f64::MIN_POSITIVE).ln().abs(),
+            })
+            .collect();
+        payload::push_codes(
             &mut payload,
+            &codes,
+            self.bits,
+            &mags,
+            input.shape,
+            self.level,
         )?;
         // What the decoder will produce, computed by the decoder itself.
         let mut decoded = vec![0u8; data.len()];
@@ -328,7 +337,7 @@ mod tests {
             }
             let (b, x) = (bytes(dtype, &base), bytes(dtype, &next));
             let role = Role::OptimizerMoment(if second { 2 } else { 1 });
-            let input = EncodeInput { dtype, role, data: &x, base: Some(&b) };
+            let input = EncodeInput { shape: &[], dtype, role, data: &x, base: Some(&b) };
             let q = ResidualQuantizer { entries: cap, ..ResidualQuantizer::new(bits, kind) };
             let Some(enc) = q.encode(&input).unwrap() else {
                 // Only a ratio of a first moment (negative values) is refused here.
@@ -367,7 +376,7 @@ mod tests {
             kind in prop::sample::select(vec![ResidualKind::Delta, ResidualKind::Ratio])) {
             let (base, next) = pair(3000, true, 0.2, 9);
             let (b, x) = (bytes(DType::F32, &base), bytes(DType::F32, &next));
-            let input = EncodeInput { dtype: DType::F32, role: Role::OptimizerMoment(2), data: &x, base: Some(&b) };
+            let input = EncodeInput { shape: &[], dtype: DType::F32, role: Role::OptimizerMoment(2), data: &x, base: Some(&b) };
             let mut payload = ResidualQuantizer::new(QuantBits::B3, kind).encode(&input).unwrap().unwrap().payload;
             let p = pos % payload.len();
             payload[p] ^= byte | 1;
@@ -383,6 +392,7 @@ mod tests {
         let enc = |kind, x: &[f64], b: Option<&[f64]>| {
             let (x, b) = (f(x), b.map(f));
             let input = EncodeInput {
+                shape: &[],
                 dtype: DType::F32,
                 role: Role::OptimizerMoment(2),
                 data: &x,
@@ -407,6 +417,7 @@ mod tests {
         assert!(enc(ResidualKind::Delta, &[1.0, -1.0], Some(&[1.0, 1.0])).is_some());
         let ints = vec![0u8; 8];
         let input = EncodeInput {
+            shape: &[],
             dtype: DType::I32,
             role: Role::OptimizerMoment(2),
             data: &ints,
@@ -420,6 +431,7 @@ mod tests {
         let (base, next) = pair(1000, true, 0.1, 3);
         let (b, x) = (bytes(DType::F32, &base), bytes(DType::F32, &next));
         let input = EncodeInput {
+            shape: &[],
             dtype: DType::F32,
             role: Role::OptimizerMoment(2),
             data: &x,

@@ -1,7 +1,7 @@
 //! Entropy-coded uniform codebooks (ECSQ): cells of one width `Δ` in the value domain,
 //! each entry the mean of the values in its cell, as many entries as the tensor's range
-//! needs (up to the width's); zstd's entropy coding then stores each code in about the
-//! entropy of the code distribution. At a given distortion that is closer to the
+//! needs (up to the width's); entropy coding (zstd's, or rANS where the codes are
+//! context-coded) then stores each code in about the entropy of the code distribution. At a given distortion that is closer to the
 //! rate-distortion bound than a k-means (Lloyd-Max) codebook, whose codes are used
 //! about equally often and so do not entropy-code. The payload is an ordinary cluster
 //! payload (its codebook is arbitrary values): decoders, the GPU loader included, see no
@@ -49,7 +49,7 @@ const GRID_PER_OCTAVE: usize = 8;
 /// // A first moment: symmetric, peaked at 0.
 /// let v: Vec<f32> = (0..20_000).map(|i| 1e-4 * (((i * 7919) % 2001) as f32 - 1000.0).powi(3) / 1e9).collect();
 /// let data: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-/// let input = EncodeInput { dtype: DType::F32, role: Role::OptimizerMoment(1), data: &data, base: None };
+/// let input = EncodeInput { shape: &[], dtype: DType::F32, role: Role::OptimizerMoment(1), data: &data, base: None };
 /// let enc = UniformQuantizer::new(QuantBits::B8, 0.1).encode(&input).unwrap().unwrap();
 /// let (decoded, err) = enc.lossy.unwrap();
 /// assert!(err.rel_l2 <= 0.1, "{err:?}");
@@ -245,6 +245,7 @@ mod tests {
 
     fn input(data: &[u8], second: bool) -> EncodeInput<'_> {
         EncodeInput {
+            shape: &[],
             dtype: DType::F32,
             role: Role::OptimizerMoment(if second { 2 } else { 1 }),
             data,
@@ -255,8 +256,9 @@ mod tests {
     #[test]
     fn beats_kmeans_at_the_same_error() {
         // A first moment at the error of a 3-bit k-means codebook (8 entries used about
-        // equally, 2.65 bits/element after zstd): 15 uniform cells at 4 bits store 2.09
-        // (code entropy 1.99); measured.
+        // equally: 53 866 bytes, 2.15 bits/element, its codes rANS-coded; 2.65 when
+        // planes + zstd was the only coding): 15 uniform cells at 4 bits store 50 284
+        // (2.01; code entropy 1.99), 0.93 of it; measured.
         let data = moments(200_000, false, 7);
         let km = ClusterQuantizer::new(QuantBits::B3)
             .with_mode(ClusterMode::Linear)
@@ -270,7 +272,7 @@ mod tests {
             .unwrap();
         assert!(u.lossy.as_ref().unwrap().1.rel_l2 <= e);
         assert!(
-            u.payload.len() * 5 < km.payload.len() * 4,
+            u.payload.len() * 100 < km.payload.len() * 96,
             "{} vs {} at {e}",
             u.payload.len(),
             km.payload.len()
