@@ -15,16 +15,20 @@
 //!    the ratio `x / base` clustered by its logarithm (non-negative tensors: second
 //!    moments) and, for tensors holding negative values (first moments), the difference
 //!    `x − base` clustered linearly (never for non-negative ones: base + delta can fall
-//!    below zero, a second moment below zero makes `√v` NaN). At the first width at
-//!    which some candidate meets the budget, the smallest payload of its candidates;
-//!    then wider widths as long as their smallest passing payload is smaller still
+//!    below zero, a second moment below zero makes `√v` NaN). The first width at which
+//!    some candidate meets the budget wins, the smallest payload of its candidates
 //!    (every payload stores its codes planes + zstd or context-coded, whichever is
-//!    smaller, see `codec/cluster/context.rs`: a context-coded 4-bit plain codebook of
-//!    a second moment is often smaller than a 3-bit ratio residual against the base,
-//!    whose codes depend less on rows and columns). Each candidate is tried with fewer codebook entries than its width holds (a
+//!    smaller, see `codec/cluster/context.rs`). Going on to wider widths while they
+//!    shrink was tried (session 7): with context coding a 4-bit linear codebook of a
+//!    second moment often beats a 3-bit ratio residual (JAX series delta: second
+//!    moments 1.95 → 1.31 bits per element), but a linear codebook leaves small
+//!    elements of `v` far off in ratio, and the fidelity smoke test's gap 20 steps
+//!    after a resume went from 0.47 to 1.16 of the noise with one such tensor: dropped.
+//!    That candidate is then tried with fewer codebook entries than its width holds (a
 //!    binary search between the narrower width's `2^b + 1` and `2^bits − 1`): the codes
-//!    keep their width, but a skewed code distribution is what entropy coding shrinks, so the fewest entries that still meet the budget usually give the
-//!    smallest payload (kept only if smaller; a width "between" 3 and 4 bits, say).
+//!    keep their width, but a skewed code distribution is what entropy coding shrinks,
+//!    so the fewest entries that still meet the budget usually give the smallest
+//!    payload (kept only if smaller; a width "between" 3 and 4 bits, say).
 //!    Tensors over [`super::EXACT_TRIAL_BYTES`] are tried on the policy's sample windows
 //!    (of the tensor and its base; whole rows, so that the contexts see rows and
 //!    columns) and the winner is then encoded whole and checked again (a failure moves
@@ -564,8 +568,8 @@ pub(super) fn encode_within(
 }
 
 /// Step 2 of the module documentation: the k-means codebook (plain or residual) of the
-/// smallest width within `limit` (see the module documentation), with the fewest
-/// entries; its size is recorded in `decision`.
+/// narrowest width within `limit`, with the fewest entries; its size is recorded in
+/// `decision`.
 fn kmeans_within(
     input: &EncodeInput<'_>,
     base: Option<&[u8]>,
@@ -590,53 +594,34 @@ fn kmeans_within(
     let with_base = base.is_some();
     let signed = cluster::has_negative(input.dtype, input.data);
     let mut narrower = None;
-    let mut from = 0;
-    while from < WIDTHS.len() {
-        // The narrowest width within the limit, then wider ones while their payload keeps
-        // shrinking: context-coded codes (codec/cluster/context.rs) can make a wider
-        // width of a plain codebook smaller than a narrower residual one.
-        let mut best: Option<(QuantBits, Pick)> = None;
-        for bits in WIDTHS[from..].iter().copied() {
-            let Some(pick) = pick_at(
-                bits,
-                narrower,
-                limit,
-                &trial_input,
-                level,
-                with_base,
-                signed,
-            )?
-            else {
-                narrower = Some(bits);
-                if best.is_some() {
-                    break;
-                }
-                continue;
-            };
+    for bits in WIDTHS {
+        let Some(pick) = pick_at(
+            bits,
+            narrower,
+            limit,
+            &trial_input,
+            level,
+            with_base,
+            signed,
+        )?
+        else {
             narrower = Some(bits);
-            if best.as_ref().is_some_and(|(_, b)| b.len() <= pick.len()) {
-                break;
-            }
-            best = Some((bits, pick));
-        }
-        let Some((bits, pick)) = best else {
-            break;
+            continue;
         };
         let enc = match sampled {
             None => Some(pick.enc),
+            // The samples may sit closer to the budget than the tensor: then on with the
+            // next width.
             Some(_) => whole_within(&pick, bits, input, limit, level, with_base, signed)?,
         };
-        if let Some(enc) = enc {
-            decision
-                .candidates
-                .push((enc.codec, enc.payload.len() as u64));
-            return Ok(Some(enc));
-        }
-        // The samples sat closer to the budget than the tensor: on with wider widths.
-        from = WIDTHS
-            .iter()
-            .position(|b| *b == bits)
-            .map_or(WIDTHS.len(), |i| i + 1);
+        let Some(enc) = enc else {
+            narrower = Some(bits);
+            continue;
+        };
+        decision
+            .candidates
+            .push((enc.codec, enc.payload.len() as u64));
+        return Ok(Some(enc));
     }
     Ok(None)
 }

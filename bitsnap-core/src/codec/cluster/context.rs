@@ -639,6 +639,25 @@ mod tests {
         }
     }
 
+    /// A section written by the first encoder (4 contexts over 4 rows × 6 columns, a
+    /// 3-entry codebook): every later reader decodes these bytes to these codes, whatever
+    /// its zstd or encoder does (FORMAT.md 3.7.1 pins constriction's coder).
+    #[test]
+    fn a_pinned_section_decodes_to_its_codes() {
+        let codes: Vec<u16> = vec![
+            0, 1, 2, 0, 0, 0, 1, 0, 2, 2, 1, 0, 0, 1, 0, 0, 1, 2, 2, 2, 0, 0, 0, 1,
+        ];
+        let section: [u8; 68] = [
+            6, 0, 0, 0, 4, 43, 0, 0, 0, 40, 181, 47, 253, 32, 34, 17, 1, 0, 0, 0, 0, 0, 1, 1, 2, 1,
+            0, 1, 255, 255, 255, 255, 0, 0, 255, 255, 0, 128, 0, 128, 255, 255, 0, 0, 255, 255, 0,
+            0, 0, 0, 0, 0, 0, 0, 16, 0, 2, 0, 0, 0, 222, 243, 8, 229, 166, 255, 15, 0,
+        ];
+        super::check(&section, 0, 24, 3).unwrap();
+        assert_eq!(super::decode(&section, 0, 24, 3).unwrap(), codes);
+        // Codes of a 2-entry codebook cannot index this one's tables.
+        assert!(super::decode(&section, 0, 24, 2).is_err());
+    }
+
     /// A section with its fields set by hand (one context, weights `w`, one chunk).
     fn section_by_hand(
         cols: u32,
