@@ -731,6 +731,40 @@ fn codec_seeds(id: CodecId) -> Vec<Vec<u8>> {
             }
         }
     }
+    // Codes context-coded (a 2-D tensor whose rows and columns differ in scale).
+    if matches!(id, CodecId::Cluster | CodecId::ClusterResidual) {
+        let (rows, cols) = (40usize, 64usize);
+        let data: Vec<u8> = (0..rows * cols)
+            .flat_map(|i| {
+                let scale = (1 + i / cols % 5) as f32 * (1 + i % cols % 7) as f32;
+                (1e-6 * scale * (1 + i % 3) as f32).to_le_bytes()
+            })
+            .collect();
+        let base: Vec<u8> = data
+            .chunks_exact(4)
+            .flat_map(|b| (f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * 0.9).to_le_bytes())
+            .collect();
+        let input = EncodeInput {
+            shape: &[rows as u64, cols as u64],
+            dtype: DType::F32,
+            role: Role::OptimizerMoment(2),
+            data: &data,
+            base: Some(&base),
+        };
+        let encoder: Box<dyn Codec> = match id {
+            CodecId::Cluster => Box::new(codec::ClusterQuantizer::new(codec::QuantBits::B4)),
+            _ => Box::new(codec::ResidualQuantizer::new(
+                codec::QuantBits::B4,
+                codec::ResidualKind::Ratio,
+            )),
+        };
+        if let Ok(Some(e)) = encoder.encode(&input) {
+            let mut seed = vec![DType::F32.tag()];
+            seed.extend_from_slice(&((rows * cols) as u32).to_le_bytes());
+            seed.extend_from_slice(&e.payload);
+            out.push(seed);
+        }
+    }
     // Tiny payloads that validly declare huge tensors: 2^34 bytes (2^30 << 4), 2^36
     // bytes of f32 and 2^37 of f64, and one just within the budget.
     for (dtype, count, shift) in [

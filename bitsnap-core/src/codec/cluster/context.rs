@@ -100,17 +100,20 @@ pub(crate) fn encode(
 /// codes, each checked to be `< k`.
 pub(crate) fn decode(bytes: &[u8], at: usize, n: usize, k: usize) -> Result<Vec<u16>, CodecError> {
     let s = Section::parse(bytes, at, n, k)?;
+    let tables = s.tables()?;
     let mut out: Vec<u16> = bytemuck::allocation::try_zeroed_vec(n)
         .map_err(|()| CodecError::alloc(2 * n as u64, "the codes"))?;
     out.par_chunks_mut(s.chunk_elems)
         .zip(s.chunks.par_iter())
         .enumerate()
-        .try_for_each(|(c, (out, &(off, words)))| s.decode_chunk(c, out, off, words))?;
+        .try_for_each(|(c, (out, &(off, words)))| s.decode_chunk(&tables, c, out, off, words))?;
     Ok(out)
 }
 
 /// Checks a context-coded section for `n` codes of a `k`-entry codebook without
-/// decoding the codes (their words are checked when decoded).
+/// decoding anything or allocating what `n` decides: its fields, chunk table and the
+/// size its side tables declare (the tables and the codes' words are checked when
+/// decoded).
 pub(crate) fn check(bytes: &[u8], at: usize, n: usize, k: usize) -> Result<(), CodecError> {
     Section::parse(bytes, at, n, k).map(|_| ())
 }
@@ -375,21 +378,33 @@ fn model(weights: &[u16]) -> Option<Model> {
     Model::from_nonzero_fixed_point_probabilities(&p, false).ok()
 }
 
-/// A parsed section: its contexts, models and chunk table.
+/// A parsed section: its contexts, the side tables' frame and the chunk table.
 struct Section<'a> {
     cols: usize,
     contexts: usize,
-    row_class: Vec<u8>,
-    col_class: Vec<u8>,
-    models: Vec<Option<Model>>,
+    rows: usize,
+    k: usize,
+    /// The zstd frame of the side tables, at payload offset `frame_at`.
+    frame: &'a [u8],
+    frame_at: usize,
     chunk_elems: usize,
-    /// Per chunk: payload offset and word count.
+    /// Per chunk: offset into `words` and word count.
     chunks: Vec<(usize, usize)>,
-    bytes_at: usize,
+    words_at: usize,
     words: &'a [u8],
 }
 
+/// The decoded side tables: classes and each context's model.
+struct Tables {
+    row_class: Vec<u8>,
+    col_class: Vec<u8>,
+    models: Vec<Option<Model>>,
+}
+
 impl<'a> Section<'a> {
+    /// Parses the fields and the chunk table, and checks that the side tables' frame
+    /// declares the size they must have; allocates nothing the element count decides
+    /// (the tables are decompressed by [`Section::tables`]).
     fn parse(bytes: &'a [u8], at: usize, n: usize, k: usize) -> Result<Section<'a>, CodecError> {
         let err = |cur: &Cursor<'_>, why: String| CodecError::new(at + cur.offset(), why);
         let mut cur = Cursor::new(bytes);
@@ -416,41 +431,39 @@ impl<'a> Section<'a> {
             ));
         }
         let side_len = cur.u32("context table length").map_err(|e| e.shifted(at))? as usize;
-        let side_at = cur.offset();
+        let frame_at = at + cur.offset();
         let frame = cur
             .bytes(side_len, "context tables")
             .map_err(|e| e.shifted(at))?;
         let rows = n.checked_div(cols).unwrap_or(0);
-        let classes = if contexts > 1 { rows + cols } else { 0 };
-        let expect = classes + 2 * contexts * k;
-        let side = zstd::bulk::decompress(frame, expect)
-            .map_err(|e| CodecError::new(at + side_at, format!("context tables: {e}")))?;
-        if side.len() != expect {
-            return Err(CodecError::new(
-                at + side_at,
-                format!("context tables of {} bytes, {expect} expected", side.len()),
-            ));
+        let section = Section {
+            cols,
+            contexts,
+            rows,
+            k,
+            frame,
+            frame_at,
+            chunk_elems: 0,
+            chunks: Vec::new(),
+            words_at: 0,
+            words: &[],
+        };
+        let expect = section.tables_len();
+        match zstd::zstd_safe::get_frame_content_size(frame) {
+            Ok(Some(size)) if size == expect as u64 => {}
+            Ok(Some(size)) => {
+                return Err(CodecError::new(
+                    frame_at,
+                    format!("context tables of {size} bytes, {expect} expected"),
+                ));
+            }
+            _ => {
+                return Err(CodecError::new(
+                    frame_at,
+                    "context tables: not a zstd frame that declares its size".to_string(),
+                ));
+            }
         }
-        let (class_bytes, weight_bytes) = side.split_at(classes);
-        if let Some(i) = class_bytes.iter().position(|&c| c as usize >= contexts) {
-            return Err(CodecError::new(
-                at + side_at,
-                format!(
-                    "class {} of {} is past {contexts} contexts",
-                    class_bytes[i],
-                    if i < rows {
-                        format!("row {i}")
-                    } else {
-                        format!("column {}", i - rows)
-                    }
-                ),
-            ));
-        }
-        let weights: Vec<u16> = weight_bytes
-            .chunks_exact(2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-            .collect();
-        let models = models(&weights, k);
         let chunk_elems = cur.u32("elements per chunk").map_err(|e| e.shifted(at))? as usize;
         if chunk_elems == 0 {
             return Err(err(&cur, "0 elements per chunk".to_string()));
@@ -472,26 +485,76 @@ impl<'a> Section<'a> {
         cur.finish("context-coded codes")
             .map_err(|e| e.shifted(at))?;
         Ok(Section {
-            cols,
-            contexts,
-            row_class: class_bytes[..classes.min(rows)].to_vec(),
-            col_class: class_bytes[classes.min(rows)..].to_vec(),
-            models,
             chunk_elems,
             chunks,
-            bytes_at: at + words_at,
+            words_at: at + words_at,
             words: &bytes[words_at..],
+            ..section
+        })
+    }
+
+    /// Bytes the side tables decompress to.
+    fn tables_len(&self) -> usize {
+        let classes = if self.contexts > 1 {
+            self.rows + self.cols
+        } else {
+            0
+        };
+        classes + 2 * self.contexts * self.k
+    }
+
+    /// Decompresses the side tables (into a fallibly allocated buffer) and checks them.
+    fn tables(&self) -> Result<Tables, CodecError> {
+        let expect = self.tables_len();
+        let mut side = crate::codec::alloc::zeroed(expect, "the context tables")?;
+        let got = zstd::bulk::decompress_to_buffer(self.frame, &mut side[..])
+            .map_err(|e| CodecError::new(self.frame_at, format!("context tables: {e}")))?;
+        if got != expect {
+            return Err(CodecError::new(
+                self.frame_at,
+                format!("context tables of {got} bytes, {expect} expected"),
+            ));
+        }
+        let classes = expect - 2 * self.contexts * self.k;
+        let (class_bytes, weight_bytes) = side.split_at(classes);
+        if let Some(i) = class_bytes
+            .iter()
+            .position(|&c| c as usize >= self.contexts)
+        {
+            let which = if i < self.rows {
+                format!("row {i}")
+            } else {
+                format!("column {}", i - self.rows)
+            };
+            return Err(CodecError::new(
+                self.frame_at,
+                format!(
+                    "class {} of {which} is past {} contexts",
+                    class_bytes[i], self.contexts
+                ),
+            ));
+        }
+        let weights: Vec<u16> = weight_bytes
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        let split = classes.min(self.rows);
+        Ok(Tables {
+            row_class: class_bytes[..split].to_vec(),
+            col_class: class_bytes[split..].to_vec(),
+            models: models(&weights, self.k),
         })
     }
 
     fn decode_chunk(
         &self,
+        tables: &Tables,
         c: usize,
         out: &mut [u16],
         off: usize,
         words: usize,
     ) -> Result<(), CodecError> {
-        let at = self.bytes_at + off;
+        let at = self.words_at + off;
         let compressed: Vec<u32> = self.words[off..off + 4 * words]
             .chunks_exact(4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -501,12 +564,12 @@ impl<'a> Section<'a> {
         let ctx = Contexts {
             cols: self.cols,
             last: self.contexts - 1,
-            rows: &self.row_class,
-            cols_of: &self.col_class,
+            rows: &tables.row_class,
+            cols_of: &tables.col_class,
         };
         let first = c * self.chunk_elems;
         for (i, (o, x)) in out.iter_mut().zip(ctx.from(first)).enumerate() {
-            let m = self.models[x].as_ref().ok_or_else(|| {
+            let m = tables.models[x].as_ref().ok_or_else(|| {
                 CodecError::new(
                     at,
                     format!(
@@ -725,6 +788,11 @@ mod tests {
             assert!(err.to_string().contains(want), "{want}: {err}");
             assert!(err.offset >= 100, "{err}");
         }
+        // A huge tensor of one column and 2 contexts would need 2^34 bytes of classes:
+        // refused by the size its frame declares, before anything is allocated.
+        let huge = section_by_hand(1, 2, &ok_side, u32::MAX, &[1, 1, 1, 1, 1]);
+        let err = super::check(&huge, 0, 1 << 34, 2).unwrap_err();
+        assert!(err.to_string().contains("expected"), "{err}");
         let mut trailing = section_by_hand(4, 1, &ok_side, 8, &[1]);
         trailing.push(0);
         assert!(super::check(&trailing, 0, 8, 2).is_err());
