@@ -82,6 +82,10 @@ pub(crate) fn encode(
     } else {
         n
     };
+    // The section stores `cols` as a u32 (a row of over 4G codes keeps planes + zstd).
+    if u32::try_from(cols).is_err() {
+        return Ok(None);
+    }
     // The cheapest of one context and row × column classes at each tried count.
     let mut best = Layout::single(n, cols, codes, k);
     if cols < n {
