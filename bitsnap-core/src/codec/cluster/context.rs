@@ -97,7 +97,7 @@ pub(crate) fn encode(
             }
         }
     }
-    best.write(codes, level).map(Some)
+    best.write(codes, level)
 }
 
 /// Decodes a context-coded section (`bytes`, starting at payload offset `at`) into `n`
@@ -269,7 +269,8 @@ impl Layout {
         }
     }
 
-    fn write(&self, codes: &[u16], level: i32) -> Result<Vec<u8>, CodecError> {
+    /// The section, or `None` when its side tables do not fit the u32 length field.
+    fn write(&self, codes: &[u16], level: i32) -> Result<Option<Vec<u8>>, CodecError> {
         let k = self.weights.len() / self.contexts;
         let models = models(&self.weights, k);
         let ctx = Contexts {
@@ -312,7 +313,10 @@ impl Layout {
         let mut out = Vec::with_capacity(17 + side.len() + 4 * (words + chunks.len()));
         out.extend_from_slice(&(self.cols as u32).to_le_bytes());
         out.push(self.contexts as u8);
-        out.extend_from_slice(&(side.len() as u32).to_le_bytes());
+        let Ok(side_len) = u32::try_from(side.len()) else {
+            return Ok(None);
+        };
+        out.extend_from_slice(&side_len.to_le_bytes());
         out.extend_from_slice(&side);
         out.extend_from_slice(&(CHUNK_ELEMS as u32).to_le_bytes());
         for c in &chunks {
@@ -320,7 +324,7 @@ impl Layout {
             c.iter()
                 .for_each(|w| out.extend_from_slice(&w.to_le_bytes()));
         }
-        Ok(out)
+        Ok(Some(out))
     }
 }
 
