@@ -22,8 +22,8 @@
 //!    shrink was tried (session 7): with context coding a 4-bit linear codebook of a
 //!    second moment often beats a 3-bit ratio residual (JAX series delta: second
 //!    moments 1.95 → 1.31 bits per element), but a linear codebook leaves small
-//!    elements of `v` far off in ratio, and the fidelity smoke test's gap 20 steps
-//!    after a resume went from 0.47 to 1.16 of the noise with one such tensor: dropped.
+//!    elements of `v` far off in ratio, and the fidelity smoke test's gap from its later
+//!    resume point went from 0.47 to 1.16 of the noise with one such tensor: dropped.
 //!    That candidate is then tried with fewer codebook entries than its width holds (a
 //!    binary search between the narrower width's `2^b + 1` and `2^bits − 1`): the codes
 //!    keep their width, but a skewed code distribution is what entropy coding shrinks,

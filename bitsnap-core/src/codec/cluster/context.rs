@@ -211,12 +211,7 @@ impl Layout {
         k: usize,
         n: usize,
     ) -> Layout {
-        let ctx = Contexts {
-            cols,
-            last: contexts - 1,
-            rows: &row_class,
-            cols_of: &col_class,
-        };
+        let ctx = Contexts::new(cols, contexts, &row_class, &col_class);
         let counts = codes
             .par_chunks(CHUNK_ELEMS)
             .enumerate()
@@ -272,12 +267,7 @@ impl Layout {
     fn write(&self, codes: &[u16], level: i32) -> Result<Option<Vec<u8>>, CodecError> {
         let k = self.weights.len() / self.contexts;
         let models = models(&self.weights, k);
-        let ctx = Contexts {
-            cols: self.cols,
-            last: self.contexts - 1,
-            rows: &self.row_class,
-            cols_of: &self.col_class,
-        };
+        let ctx = Contexts::new(self.cols, self.contexts, &self.row_class, &self.col_class);
         let chunks: Vec<Vec<u32>> = codes
             .par_chunks(CHUNK_ELEMS)
             .enumerate()
@@ -335,7 +325,18 @@ struct Contexts<'a> {
     cols_of: &'a [u8],
 }
 
-impl Contexts<'_> {
+impl<'a> Contexts<'a> {
+    /// `contexts` contexts over rows of `cols` elements, by the classes of rows and
+    /// columns (ignored for one context).
+    fn new(cols: usize, contexts: usize, rows: &'a [u8], cols_of: &'a [u8]) -> Contexts<'a> {
+        Contexts {
+            cols,
+            last: contexts - 1,
+            rows,
+            cols_of,
+        }
+    }
+
     /// The contexts of elements `first ..`, in order (no division per element).
     fn from(&self, first: usize) -> impl Iterator<Item = usize> + '_ {
         let (mut r, mut c) = (first / self.cols, first % self.cols);
@@ -568,12 +569,12 @@ impl<'a> Section<'a> {
             .collect();
         let mut coder = DefaultAnsCoder::from_compressed(compressed)
             .map_err(|_| CodecError::new(at, format!("chunk {c}: its last word is 0")))?;
-        let ctx = Contexts {
-            cols: self.cols,
-            last: self.contexts - 1,
-            rows: &tables.row_class,
-            cols_of: &tables.col_class,
-        };
+        let ctx = Contexts::new(
+            self.cols,
+            self.contexts,
+            &tables.row_class,
+            &tables.col_class,
+        );
         let first = c * self.chunk_elems;
         for (i, (o, x)) in out.iter_mut().zip(ctx.from(first)).enumerate() {
             let m = tables.models[x].as_ref().ok_or_else(|| {
