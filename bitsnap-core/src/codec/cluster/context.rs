@@ -88,7 +88,7 @@ pub(crate) fn encode(
         return Ok(None);
     }
     // The cheaper of one context and row × column classes.
-    let mut best = Layout::single(n, cols, codes, k);
+    let mut best = Layout::single(cols, codes, k);
     if cols < n {
         let stats = RowCol::measure(codes, mags, cols);
         let classes = Layout::classes(&stats, CLASS_CONTEXTS, codes, k);
@@ -190,8 +190,8 @@ struct Layout {
 }
 
 impl Layout {
-    fn single(n: usize, cols: usize, codes: &[u16], k: usize) -> Layout {
-        Layout::counted(cols, 1, Vec::new(), Vec::new(), codes, k, n)
+    fn single(cols: usize, codes: &[u16], k: usize) -> Layout {
+        Layout::counted(cols, 1, Vec::new(), Vec::new(), codes, k)
     }
 
     fn classes(stats: &RowCol, c: usize, codes: &[u16], k: usize) -> Layout {
@@ -199,7 +199,7 @@ impl Layout {
         let step = ((spread(&stats.rows_log) + spread(&stats.cols_log)) / (c - 1) as f64).max(0.5);
         let row_class = classes(&stats.rows_log, step, c);
         let col_class = classes(&stats.cols_log, step, c);
-        Layout::counted(stats.cols, c, row_class, col_class, codes, k, codes.len())
+        Layout::counted(stats.cols, c, row_class, col_class, codes, k)
     }
 
     fn counted(
@@ -209,7 +209,6 @@ impl Layout {
         col_class: Vec<u8>,
         codes: &[u16],
         k: usize,
-        n: usize,
     ) -> Layout {
         let ctx = Contexts::new(cols, contexts, &row_class, &col_class);
         let counts = codes
@@ -251,7 +250,11 @@ impl Layout {
             }
         }
         // Side tables, before zstd: class bytes and two bytes per weight.
-        let side = if contexts > 1 { n / cols + cols } else { 0 } + 2 * contexts * k;
+        let side = if contexts > 1 {
+            codes.len() / cols + cols
+        } else {
+            0
+        } + 2 * contexts * k;
         cost_bits += 8.0 * side as f64;
         Layout {
             cols,
