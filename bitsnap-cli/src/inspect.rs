@@ -211,7 +211,7 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
                         budget,
                         why: match budget {
                             Some(b) => format!(
-                                "smallest width within {b} ({what}, {} entries, {} codes); {}",
+                                "narrowest width within {b} ({what}, {} entries, {} codes); {}",
                                 layout.entries,
                                 layout.coding(),
                                 rule.as_deref().unwrap_or("-")
@@ -389,7 +389,7 @@ pub fn run(args: InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
     if let Some(r) = &rule {
         writeln!(
             out,
-            "lossy budget {} (first moments {}): {r}; per tensor the smallest width (or the base) within it; ctx: codes context-coded",
+            "lossy budget {} (first moments {}): {r}; per tensor the narrowest width (or the base) within it; ctx: codes context-coded",
             budget.map_or("-".into(), |b| b.to_string()),
             budget_m1.map_or("-".into(), |b| b.to_string())
         )?;
