@@ -60,14 +60,17 @@ const PRECISION: usize = 24;
 const CLASS_CONTEXTS: usize = MAX_CONTEXTS;
 
 /// The context-coded section of `codes` (each `< mags.len()`, the codebook size), or
-/// `None` when it cannot be written (more than [`MAX_SYMBOLS`] entries). `mags[j]` is
-/// a non-negative scale of entry `j` (its magnitude), which ranks rows and columns;
-/// `shape` the tensor's dimensions (empty or 1-D: one context).
+/// `None` when it cannot be written (more than [`MAX_SYMBOLS`] entries) or cannot be
+/// shorter than `beat` bytes (the codes' empirical entropy in their contexts, a lower
+/// bound on what rANS writes for them, is not). `mags[j]` is a non-negative scale of
+/// entry `j` (its magnitude), which ranks rows and columns; `shape` the tensor's
+/// dimensions (empty or 1-D: one context).
 pub(crate) fn encode(
     codes: &[u16],
     mags: &[f64],
     shape: &[u64],
     level: i32,
+    beat: usize,
 ) -> Result<Option<Vec<u8>>, CodecError> {
     let k = mags.len();
     let n = codes.len();
@@ -87,14 +90,22 @@ pub(crate) fn encode(
     if u32::try_from(cols).is_err() {
         return Ok(None);
     }
-    // The cheaper of one context and row × column classes.
-    let mut best = Layout::single(cols, codes, k);
-    if cols < n {
+    // The cheaper of one context and row × column classes (one count of the codes
+    // serves both: one context's counts are the classes' summed).
+    let best = if cols < n {
         let stats = RowCol::measure(codes, mags, cols);
         let classes = Layout::classes(&stats, CLASS_CONTEXTS, codes, k);
-        if classes.cost_bits < best.cost_bits {
-            best = classes;
+        let single = classes.merged(n);
+        if classes.cost_bits < single.cost_bits {
+            classes
+        } else {
+            single
         }
+    } else {
+        Layout::single(cols, codes, k)
+    };
+    if best.entropy_bits / 8.0 >= beat as f64 {
+        return Ok(None);
     }
     best.write(codes, level)
 }
@@ -184,8 +195,14 @@ struct Layout {
     contexts: usize,
     row_class: Vec<u8>,
     col_class: Vec<u8>,
+    /// `contexts × k` counts of the codes.
+    counts: Vec<u64>,
     /// `contexts × k` weights.
     weights: Vec<u16>,
+    /// The codes' empirical entropy in their contexts, in bits: what no static model
+    /// per context can beat.
+    entropy_bits: f64,
+    /// `entropy_bits` plus the side tables before zstd.
     cost_bits: f64,
 }
 
@@ -200,6 +217,16 @@ impl Layout {
         let row_class = classes(&stats.rows_log, step, c);
         let col_class = classes(&stats.cols_log, step, c);
         Layout::counted(stats.cols, c, row_class, col_class, codes, k)
+    }
+
+    /// This layout's counts in one context, for `n` codes.
+    fn merged(&self, n: usize) -> Layout {
+        let k = self.counts.len() / self.contexts;
+        let mut counts = vec![0u64; k];
+        for table in self.counts.chunks(k) {
+            counts.iter_mut().zip(table).for_each(|(a, b)| *a += b);
+        }
+        Layout::from_counts(self.cols, 1, Vec::new(), Vec::new(), counts, n)
     }
 
     fn counted(
@@ -230,8 +257,21 @@ impl Layout {
                     a
                 },
             );
+        Layout::from_counts(cols, contexts, row_class, col_class, counts, codes.len())
+    }
+
+    /// The weights and estimated size of `counts` (`contexts × k`) for `n` codes.
+    fn from_counts(
+        cols: usize,
+        contexts: usize,
+        row_class: Vec<u8>,
+        col_class: Vec<u8>,
+        counts: Vec<u64>,
+        n: usize,
+    ) -> Layout {
+        let k = counts.len() / contexts;
         let mut weights = Vec::with_capacity(contexts * k);
-        let mut cost_bits = 0.0;
+        let mut entropy_bits = 0.0;
         for table in counts.chunks(k) {
             let total: u64 = table.iter().sum();
             let max = table.iter().copied().max().unwrap_or(0);
@@ -245,24 +285,21 @@ impl Layout {
                 };
                 weights.push(w);
                 if count > 0 {
-                    cost_bits -= count as f64 * (count as f64 / total as f64).log2();
+                    entropy_bits -= count as f64 * (count as f64 / total as f64).log2();
                 }
             }
         }
         // Side tables, before zstd: class bytes and two bytes per weight.
-        let side = if contexts > 1 {
-            codes.len() / cols + cols
-        } else {
-            0
-        } + 2 * contexts * k;
-        cost_bits += 8.0 * side as f64;
+        let side = if contexts > 1 { n / cols + cols } else { 0 } + 2 * contexts * k;
         Layout {
             cols,
             contexts,
             row_class,
             col_class,
+            counts,
             weights,
-            cost_bits,
+            entropy_bits,
+            cost_bits: entropy_bits + 8.0 * side as f64,
         }
     }
 
@@ -674,6 +711,18 @@ mod tests {
         check(CodecId::Cluster, &shaped.payload, DType::F32, n).unwrap();
     }
 
+    #[test]
+    fn a_section_that_cannot_beat_the_planes_is_not_written() {
+        let codes = codes_of(20_000, 16, 5);
+        let mags: Vec<f64> = (0..16).map(f64::from).collect();
+        let written = encode(&codes, &mags, &[100, 200], 3, usize::MAX)
+            .unwrap()
+            .unwrap();
+        // 16 skewed symbols: at least ~3 bits a code, far above 1 000 bytes.
+        assert!(written.len() > 5_000, "{}", written.len());
+        assert_eq!(encode(&codes, &mags, &[100, 200], 3, 1_000).unwrap(), None);
+    }
+
     proptest! {
         #[test]
         fn round_trips_any_codes_and_shape(
@@ -684,9 +733,15 @@ mod tests {
             let mags: Vec<f64> = (0..k).map(|j| j as f64 * 0.5).collect();
             let shape = [rows as u64, cols as u64];
             let shape: &[u64] = if flat { &[] } else { &shape };
-            let section = encode(&codes, &mags, shape, level).unwrap().unwrap();
+            let section = encode(&codes, &mags, shape, level, usize::MAX).unwrap().unwrap();
             super::check(&section, 0, n, k).unwrap();
-            prop_assert_eq!(super::decode(&section, 0, n, k).unwrap(), codes);
+            prop_assert_eq!(&super::decode(&section, 0, n, k).unwrap(), &codes);
+            // The bound `encode` skips by is a lower bound: a section it would write is
+            // written for any `beat` above its length.
+            prop_assert_eq!(
+                encode(&codes, &mags, shape, level, section.len() + 1).unwrap(),
+                Some(section)
+            );
         }
 
         #[test]
@@ -696,7 +751,9 @@ mod tests {
             let (rows, cols) = (30, 70);
             let codes = codes_of(rows * cols, k, seed);
             let mags: Vec<f64> = (0..k).map(|j| j as f64).collect();
-            let mut section = encode(&codes, &mags, &[rows as u64, cols as u64], 3).unwrap().unwrap();
+            let mut section = encode(&codes, &mags, &[rows as u64, cols as u64], 3, usize::MAX)
+                .unwrap()
+                .unwrap();
             let i = at.index(section.len());
             if cut {
                 section.truncate(i);

@@ -95,7 +95,7 @@ pub(super) fn push_codes(
     let head = payload.len();
     let packed = pack_codes(codes, bits);
     planes::encode_chunked(&packed, None, code_width(bits), level, payload)?;
-    if let Some(section) = context::encode(codes, mags, shape, level)?
+    if let Some(section) = context::encode(codes, mags, shape, level, payload.len() - head)?
         && section.len() < payload.len() - head
     {
         payload.truncate(head);
