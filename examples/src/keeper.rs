@@ -58,7 +58,14 @@ pub fn serve(
     }
     let stats = keeper.shutdown()?;
     let _ = std::fs::remove_file(&files.stop);
-    println!("keeper: stopped after {} snapshots handed over", stats.puts);
+    println!(
+        "keeper: stopped after {} snapshots handed over ({} persisted, {} replaced by a newer one before persisting, {} failed; {} bad frames)",
+        stats.puts,
+        stats.persist.saved,
+        stats.persist.skipped,
+        stats.persist.failed,
+        stats.bad_frames
+    );
     Ok(stats)
 }
 

@@ -33,6 +33,20 @@ fn summary(dir: &Path) -> Summary {
 /// reports are the files' sizes and the decoded tensors' sizes.
 fn check_store(dir: &Path, summary: Option<&Summary>) -> Store {
     let store = Store::open(dir).expect("open store");
+    if let Some(s) = summary {
+        let listed: Vec<&str> = s.store.snapshots.iter().map(|r| r.name.as_str()).collect();
+        let stored: Vec<(u64, &str, Option<u64>)> = store
+            .snapshots()
+            .iter()
+            .map(|i| (i.id, i.name.as_str(), i.base))
+            .collect();
+        assert_eq!(
+            listed.len(),
+            stored.len(),
+            "{}: the run's summary lists {listed:?}, the store holds (id, name, base) {stored:?}",
+            dir.display()
+        );
+    }
     let verify = store.verify().expect("verify");
     assert!(verify.failed.is_empty(), "{:?}", verify.failed);
     assert_eq!(verify.ok.len(), store.snapshots().len());
@@ -221,6 +235,19 @@ fn finetune_gpt_resumes_exactly_after_a_simulated_crash_and_after_a_killed_proce
         bits(&sd),
         bits(&sa),
         "the keeper-restored loss curve differs from the uninterrupted one"
+    );
+    // (A mismatch here was seen once in CI, not reproduced in 900 runs under load:
+    // the keeper's output says what it persisted.)
+    let listed = sd.store.snapshots.len();
+    let on_disk = Store::open(d.join("checkpoints"))
+        .unwrap()
+        .snapshots()
+        .len();
+    assert_eq!(
+        listed,
+        on_disk,
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&keeper.stderr)
     );
     check_store(&d.join("checkpoints"), Some(&sd));
 }
