@@ -93,8 +93,9 @@
 use std::fmt;
 
 use super::{EXACT_TRIAL_BYTES, sample};
+use crate::codec::cluster::Samples;
 use crate::codec::{
-    ClusterMode, ClusterQuantizer, Codec, CodecError, CodecId, EncodeInput, Encoded, QuantBits,
+    ClusterMode, ClusterQuantizer, CodecError, CodecId, EncodeInput, Encoded, QuantBits,
     ResidualKind, ResidualQuantizer, UniformQuantizer, cluster,
 };
 use crate::format::Decision;
@@ -411,11 +412,11 @@ fn candidates(
     with_base: bool,
     signed: bool,
     entries: Option<usize>,
-) -> Vec<Box<dyn Codec>> {
-    let mut v: Vec<Box<dyn Codec>> = [ClusterMode::Linear, ClusterMode::Log]
+) -> Vec<Candidate> {
+    let mut v: Vec<Candidate> = [ClusterMode::Linear, ClusterMode::Log]
         .into_iter()
-        .map(|mode| -> Box<dyn Codec> {
-            Box::new(ClusterQuantizer {
+        .map(|mode| {
+            Candidate::Cluster(ClusterQuantizer {
                 level,
                 entries,
                 ..ClusterQuantizer::new(bits).with_mode(mode)
@@ -427,13 +428,36 @@ fn candidates(
             true => ResidualKind::Delta,
             false => ResidualKind::Ratio,
         };
-        v.push(Box::new(ResidualQuantizer {
+        v.push(Candidate::Residual(ResidualQuantizer {
             level,
             entries,
             ..ResidualQuantizer::new(bits, kind)
         }));
     }
     v
+}
+
+/// A quantizer [`candidates`] tries.
+enum Candidate {
+    Cluster(ClusterQuantizer),
+    Residual(ResidualQuantizer),
+}
+
+impl Candidate {
+    fn encode(&self, on: On<'_>) -> Result<Option<Encoded>, CodecError> {
+        match self {
+            Candidate::Cluster(q) => q.encode_with(on.input, on.samples),
+            Candidate::Residual(q) => q.encode_with(on.input, on.samples),
+        }
+    }
+}
+
+/// An input of the search (the tensor, or its trial sample) and the memo of the sorted
+/// samples its quantizers draw.
+#[derive(Clone, Copy)]
+struct On<'a> {
+    input: &'a EncodeInput<'a>,
+    samples: &'a Samples,
 }
 
 /// The trial that won a width: which candidate, with how many entries, its payload.
@@ -459,7 +483,7 @@ fn fewer_entries(
     narrower: Option<QuantBits>,
     bits: QuantBits,
     limit: f64,
-    input: &EncodeInput<'_>,
+    on: On<'_>,
     level: i32,
     with_base: bool,
     signed: bool,
@@ -472,7 +496,7 @@ fn fewer_entries(
     while lo <= hi {
         let mid = lo + (hi - lo) / 2;
         let q = candidates(bits, level, with_base, signed, Some(mid)).swap_remove(best.index);
-        match q.encode(input)? {
+        match q.encode(on)? {
             Some(enc) if enc.lossy.as_ref().is_some_and(|l| l.1.rel_l2 <= limit) => {
                 if enc.payload.len() < best.len() {
                     best = Pick {
@@ -499,7 +523,7 @@ const UNIFORM_WIDTHS: [QuantBits; 3] = [QuantBits::B2, QuantBits::B4, QuantBits:
 /// in `decision`.
 fn uniform_if_smaller(
     best: Encoded,
-    input: &EncodeInput<'_>,
+    on: On<'_>,
     limit: f64,
     level: i32,
     decision: &mut Decision,
@@ -510,7 +534,7 @@ fn uniform_if_smaller(
             level,
             ..UniformQuantizer::new(bits, limit)
         };
-        let Some(enc) = q.encode(input)? else {
+        let Some(enc) = q.encode_with(on.input, on.samples)? else {
             continue;
         };
         if enc.lossy.as_ref().is_none_or(|l| l.1.rel_l2 > limit) {
@@ -549,7 +573,14 @@ pub(super) fn encode_within(
             }));
         }
     }
-    let Some(enc) = kmeans_within(input, base, limit, level, decision)? else {
+    // One memo of sorted samples for every quantizer tried on the whole tensor.
+    let whole = EncodeInput { base, ..*input };
+    let samples = Samples::default();
+    let on = On {
+        input: &whole,
+        samples: &samples,
+    };
+    let Some(enc) = kmeans_within(on, limit, level, decision)? else {
         return Ok(None);
     };
     // Uniform cells only for signed tensors (first moments): for a second moment the
@@ -557,7 +588,7 @@ pub(super) fn encode_within(
     // drives a larger step (`m / √v`) than its own `v` would; the fidelity smoke test
     // measured resumed gaps of 1.3x the noise with them (0.56x without).
     let enc = match cluster::has_negative(input.dtype, input.data) {
-        true => uniform_if_smaller(enc, &EncodeInput { base, ..*input }, limit, level, decision)?,
+        true => uniform_if_smaller(enc, on, limit, level, decision)?,
         false => enc,
     };
     if enc.payload.len() as u64 >= lossless {
@@ -571,12 +602,12 @@ pub(super) fn encode_within(
 /// narrowest width within `limit`, with the fewest entries; its size is recorded in
 /// `decision`.
 fn kmeans_within(
-    input: &EncodeInput<'_>,
-    base: Option<&[u8]>,
+    whole: On<'_>,
     limit: f64,
     level: i32,
     decision: &mut Decision,
 ) -> Result<Option<Encoded>, CodecError> {
+    let (input, base) = (whole.input, whole.input.base);
     let w = input.dtype.size();
     let (sampled, sampled_base) = match input.data.len() > EXACT_TRIAL_BYTES {
         true => {
@@ -590,21 +621,16 @@ fn kmeans_within(
         base: sampled_base.as_deref().or(base),
         ..*input
     };
-    let input = &EncodeInput { base, ..*input };
+    let trial_samples = Samples::default();
+    let trial = On {
+        input: &trial_input,
+        samples: &trial_samples,
+    };
     let with_base = base.is_some();
     let signed = cluster::has_negative(input.dtype, input.data);
     let mut narrower = None;
     for bits in WIDTHS {
-        let Some(pick) = pick_at(
-            bits,
-            narrower,
-            limit,
-            &trial_input,
-            level,
-            with_base,
-            signed,
-        )?
-        else {
+        let Some(pick) = pick_at(bits, narrower, limit, trial, level, with_base, signed)? else {
             narrower = Some(bits);
             continue;
         };
@@ -612,7 +638,7 @@ fn kmeans_within(
             None => Some(pick.enc),
             // The samples may sit closer to the budget than the tensor: then on with the
             // next width.
-            Some(_) => whole_within(&pick, bits, input, limit, level, with_base, signed)?,
+            Some(_) => whole_within(&pick, bits, whole, limit, level, with_base, signed)?,
         };
         let Some(enc) = enc else {
             narrower = Some(bits);
@@ -632,7 +658,7 @@ fn pick_at(
     bits: QuantBits,
     narrower: Option<QuantBits>,
     limit: f64,
-    trial: &EncodeInput<'_>,
+    trial: On<'_>,
     level: i32,
     with_base: bool,
     signed: bool,
@@ -665,7 +691,7 @@ fn pick_at(
 fn whole_within(
     pick: &Pick,
     bits: QuantBits,
-    input: &EncodeInput<'_>,
+    whole: On<'_>,
     limit: f64,
     level: i32,
     with_base: bool,
@@ -676,7 +702,7 @@ fn whole_within(
         .take(1 + usize::from(pick.entries.is_some()))
     {
         let q = candidates(bits, level, with_base, signed, entries).swap_remove(pick.index);
-        match q.encode(input)? {
+        match q.encode(whole)? {
             Some(full) if full.lossy.as_ref().is_some_and(|l| l.1.rel_l2 <= limit) => {
                 return Ok(Some(full));
             }
@@ -690,7 +716,7 @@ fn whole_within(
 mod tests {
     use super::*;
     use crate::codec::testing::moments;
-    use crate::codec::{self, ClusterLayout, Distortion};
+    use crate::codec::{self, ClusterLayout, Codec, Distortion};
     use crate::{DType, Lossiness, Policy, Role, Tensor};
 
     fn tensor(data: Vec<u8>, role: Role) -> Tensor {
@@ -717,9 +743,13 @@ mod tests {
             data: &t.data,
             base: base.map(|b| b.data.as_slice()),
         };
-        let base = base.map(|b| b.data.as_slice());
         let level = codec::DEFAULT_ZSTD_LEVEL;
-        kmeans_within(&input, base, e, level, &mut Decision::default())
+        let samples = Samples::default();
+        let on = On {
+            input: &input,
+            samples: &samples,
+        };
+        kmeans_within(on, e, level, &mut Decision::default())
             .unwrap()
             .unwrap()
     }

@@ -1,26 +1,7 @@
-//! 1-D k-means for the cluster quantizer's codebooks: a sorted sample of the tensor,
-//! k-means++ seeding (quantiles for codebooks above 256 entries, where k-means++ would
+//! 1-D k-means for the cluster quantizer's codebooks, on a sorted sample of the tensor
+//! (`samples.rs`): k-means++ seeding (quantiles for codebooks above 256 entries, where k-means++ would
 //! cost `O(n k)`), then Lloyd iterations, each `O(k log n)` on the sorted sample with
 //! prefix sums.
-
-use rayon::prelude::*;
-
-/// A sorted, evenly strided sample of the values `f(i)` that are `Some`, large enough for
-/// `k` clusters (64 values per cluster, at least 2^16, at most 2^21 values).
-pub(super) fn sample_sorted(
-    n: usize,
-    k: usize,
-    f: impl Fn(usize) -> Option<f64> + Sync,
-) -> Vec<f64> {
-    let target = (k * 64).clamp(1 << 16, 1 << 21);
-    let stride = (n / target).max(1);
-    let mut s: Vec<f64> = (0..n.div_ceil(stride))
-        .into_par_iter()
-        .filter_map(|j| f(j * stride))
-        .collect();
-    s.par_sort_unstable_by(f64::total_cmp);
-    s
-}
 
 /// 1-D k-means on a sorted sample: at most `k` sorted centroids.
 pub(super) fn kmeans_1d(sorted: &[f64], k: usize, iterations: usize) -> Vec<f64> {
@@ -135,11 +116,5 @@ mod tests {
             (c[0] - 0.0045).abs() < 1e-12 && (c[1] - 100.0045).abs() < 1e-9,
             "{c:?}"
         );
-    }
-
-    #[test]
-    fn sample_is_sorted_and_skips_none() {
-        let s = sample_sorted(10, 4, |i| (i % 3 != 0).then_some(10.0 - i as f64));
-        assert_eq!(s, vec![2.0, 3.0, 5.0, 6.0, 8.0, 9.0]);
     }
 }

@@ -34,6 +34,7 @@ mod context;
 mod kmeans;
 mod payload;
 mod residual;
+mod samples;
 mod uniform;
 mod values;
 
@@ -42,11 +43,13 @@ use rayon::prelude::*;
 use super::{Codec, CodecError, CodecId, EncodeInput, Encoded, chunks};
 use crate::Role;
 use context::CODING_PLANES;
-use kmeans::{kmeans_1d, sample_sorted};
+use kmeans::kmeans_1d;
 use payload::push_codes;
 pub(crate) use payload::{Family, code_at, decode_codes, decode_into, packed_len, precheck};
 pub(crate) use residual::decode_residual_into;
 pub use residual::{ResidualKind, ResidualQuantizer};
+pub use samples::Samples;
+use samples::Transform;
 pub use uniform::UniformQuantizer;
 pub(crate) use values::floats_to_f64;
 use values::{push_value, round_to, value_at, with_values};
@@ -264,12 +267,23 @@ impl Codec for ClusterQuantizer {
     }
 
     fn encode(&self, input: &EncodeInput<'_>) -> Result<Option<Encoded>, CodecError> {
+        self.encode_with(input, &Samples::default())
+    }
+}
+
+impl ClusterQuantizer {
+    /// [`Codec::encode`], drawing its sample through `samples` (shared by the quantizers
+    /// a search tries on one input).
+    pub fn encode_with(
+        &self,
+        input: &EncodeInput<'_>,
+        samples: &Samples,
+    ) -> Result<Option<Encoded>, CodecError> {
         let dtype = input.dtype;
         if !dtype.is_quantizable_float() {
             return Ok(None);
         }
         let data = input.data;
-        let n = data.len() / dtype.size();
         let step = chunks::chunk_elems(dtype.size());
         // One parallel scan: finite?, minimum, largest magnitude.
         let (finite, min, peak) = data
@@ -302,7 +316,11 @@ impl Codec for ClusterQuantizer {
         let k_max = self.entries.map_or(1usize << self.bits.bits(), |e| {
             e.clamp(2, 1usize << self.bits.bits())
         });
-        let sample = sample_sorted(n, k_max, |i| {
+        let transform = match log {
+            false => Transform::Linear,
+            true => Transform::Log,
+        };
+        let sample = samples.sorted(input, transform, k_max, |i| {
             let v = value_at(dtype, data, i);
             match log {
                 false => Some(v),

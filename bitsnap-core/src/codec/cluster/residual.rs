@@ -24,8 +24,9 @@
 use rayon::prelude::*;
 
 use super::context::CODING_PLANES;
-use super::kmeans::{kmeans_1d, sample_sorted};
+use super::kmeans::kmeans_1d;
 use super::payload::{self, Family};
+use super::samples::{Samples, Transform};
 use super::values::{push_value, round_to, value_at, with_values, write_value};
 use super::{QuantBits, TRANSFORM_BASE_DELTA, TRANSFORM_BASE_RATIO};
 use crate::DType;
@@ -124,6 +125,18 @@ impl Codec for ResidualQuantizer {
     }
 
     fn encode(&self, input: &EncodeInput<'_>) -> Result<Option<Encoded>, CodecError> {
+        self.encode_with(input, &Samples::default())
+    }
+}
+
+impl ResidualQuantizer {
+    /// [`Codec::encode`], drawing its sample through `samples` (shared by the quantizers
+    /// a search tries on one input).
+    pub fn encode_with(
+        &self,
+        input: &EncodeInput<'_>,
+        samples: &Samples,
+    ) -> Result<Option<Encoded>, CodecError> {
         let dtype = input.dtype;
         let Some(base) = input.base else {
             return Ok(None);
@@ -159,7 +172,7 @@ impl Codec for ResidualQuantizer {
         let k_max = self.entries.map_or(1usize << self.bits.bits(), |e| {
             e.clamp(2, 1usize << self.bits.bits())
         });
-        let sample = sample_sorted(n, k_max, |i| {
+        let sample = samples.sorted(input, Transform::Residual(kind), k_max, |i| {
             residual(kind, value_at(dtype, data, i), value_at(dtype, base, i))
                 .ok()
                 .flatten()

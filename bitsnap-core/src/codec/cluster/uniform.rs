@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use super::kmeans::sample_sorted;
+use super::samples::{Samples, Transform};
 use super::values::{value_at, with_values};
 use super::{
     CodecError, CodecId, EncodeInput, Encoded, QuantBits, chunks, encode_with_codebook, error_scale,
@@ -139,6 +139,18 @@ impl Codec for UniformQuantizer {
     }
 
     fn encode(&self, input: &EncodeInput<'_>) -> Result<Option<Encoded>, CodecError> {
+        self.encode_with(input, &Samples::default())
+    }
+}
+
+impl UniformQuantizer {
+    /// [`Codec::encode`], drawing its sample through `samples` (shared by the quantizers
+    /// a search tries on one input).
+    pub fn encode_with(
+        &self,
+        input: &EncodeInput<'_>,
+        samples: &Samples,
+    ) -> Result<Option<Encoded>, CodecError> {
         let dtype = input.dtype;
         if !dtype.is_quantizable_float() || self.max_error.is_nan() || self.max_error <= 0.0 {
             return Ok(None);
@@ -162,9 +174,12 @@ impl Codec for UniformQuantizer {
         let scale = error_scale(peak);
         // Scaled (exactly, by a power of two) so that squares neither overflow nor
         // underflow; the cells are chosen on scaled values and the entries unscaled.
-        let sorted = sample_sorted(n, SAMPLE_CLUSTERS, |i| {
-            Some(value_at(dtype, data, i) * scale)
-        });
+        let sorted = samples.sorted(
+            input,
+            Transform::Scaled(scale.to_bits()),
+            SAMPLE_CLUSTERS,
+            |i| Some(value_at(dtype, data, i) * scale),
+        );
         let norm: f64 = sorted.iter().map(|x| x * x).sum();
         let cap = 1usize << self.bits.bits();
         if norm == 0.0 {
