@@ -14,8 +14,11 @@
 //! 2.08 (full snapshot) and 2.29 → 2.09 (delta), second moments 1.96 → 1.27 and 2.30 →
 //! 1.31 (the delta's second moments then take 4-bit plain codebooks instead of 3-bit
 //! ratio residuals: the policy tries wider widths while they shrink). Encoding runs at
-//! ~190 M codes/s, decoding at ~140 M codes/s (2-core box, 16M 4-bit codes; planes + zstd
-//! decodes ~4000 M/s): decoding is rANS's sequential state update, one chunk per core.
+//! ~210–230 M codes/s, decoding at ~310–360 M codes/s (2-core box, release, 16M skewed
+//! codes of 8 to 256 entries; planes + zstd decodes ~4000 M/s): decoding is rANS's
+//! sequential state update, one chunk per core, and each code's symbol is found by a
+//! bucket table (`lookup.rs`; constriction's binary search decoded 180 M/s at 8 entries,
+//! 89 M/s at 256).
 //!
 //! Section layout (after the codebook of a payload whose coding byte is
 //! [`CODING_CONTEXT`]; all integers little-endian):
@@ -41,6 +44,7 @@ use constriction::stream::model::DefaultContiguousCategoricalEntropyModel as Mod
 use constriction::stream::stack::DefaultAnsCoder;
 use rayon::prelude::*;
 
+use super::lookup::{Lookup, PRECISION};
 use crate::codec::{CodecError, Cursor};
 
 /// Payload coding byte: codes packed, in a chunk stream of planes sections.
@@ -54,7 +58,6 @@ pub const MAX_SYMBOLS: usize = 256;
 /// Elements per chunk the encoder writes (each chunk is decoded on its own core).
 pub const CHUNK_ELEMS: usize = 1 << 20;
 
-const PRECISION: usize = 24;
 /// Contexts the encoder uses with row and column classes (trying 4 and 8 as well gave
 /// the same sizes on the JAX series, measured).
 const CLASS_CONTEXTS: usize = MAX_CONTEXTS;
@@ -402,10 +405,27 @@ fn class(classes: &[u8], i: usize) -> usize {
 
 /// Each context's model from its `k` weights (`None` for a context of all-zero weights).
 fn models(weights: &[u16], k: usize) -> Vec<Option<Model>> {
-    weights.chunks(k).map(model).collect()
+    weights
+        .chunks(k)
+        .map(|w| {
+            let p = probabilities(w)?;
+            Model::from_nonzero_fixed_point_probabilities(&p, false).ok()
+        })
+        .collect()
 }
 
-fn model(weights: &[u16]) -> Option<Model> {
+/// Each context's decoding model (the same distribution as [`models`]').
+fn lookups(weights: &[u16], k: usize) -> Vec<Option<Lookup>> {
+    weights
+        .chunks(k)
+        .map(|w| Lookup::new(&probabilities(w)?))
+        .collect()
+}
+
+/// The fixed-point probabilities (at [`PRECISION`] bits) of one context's weights:
+/// each symbol at least 1, the rest shared in proportion to the weights, what rounding
+/// leaves to the heaviest symbol; `None` for all-zero weights or too many symbols.
+fn probabilities(weights: &[u16]) -> Option<Vec<u32>> {
     let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
     if total == 0 || weights.len() > MAX_SYMBOLS {
         return None;
@@ -423,7 +443,7 @@ fn model(weights: &[u16]) -> Option<Model> {
         .max_by_key(|&(i, &w)| (w, std::cmp::Reverse(i)))
         .map_or(0, |(i, _)| i);
     p[top] += ((1u64 << PRECISION) - sum) as u32;
-    Model::from_nonzero_fixed_point_probabilities(&p, false).ok()
+    Some(p)
 }
 
 /// A parsed section: its contexts, the side tables' frame and the chunk table.
@@ -446,7 +466,7 @@ struct Section<'a> {
 struct Tables {
     row_class: Vec<u8>,
     col_class: Vec<u8>,
-    models: Vec<Option<Model>>,
+    models: Vec<Option<Lookup>>,
 }
 
 impl<'a> Section<'a> {
@@ -590,7 +610,7 @@ impl<'a> Section<'a> {
         Ok(Tables {
             row_class: class_bytes[..split].to_vec(),
             col_class: class_bytes[split..].to_vec(),
-            models: models(&weights, self.k),
+            models: lookups(&weights, self.k),
         })
     }
 

@@ -32,6 +32,7 @@
 
 mod context;
 mod kmeans;
+mod lookup;
 mod payload;
 mod residual;
 mod samples;
