@@ -467,6 +467,7 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
     let mut saver = StepSaver::open(&ckpt_dir, cfg.saver_config())?;
     let mut replay = Replay::default();
     let mut crash: Option<CrashReport> = None;
+    let mut earlier_saves = Vec::new();
     let resumed = match cfg.resume {
         true => {
             let restored = restore(&saver, cfg, &texts, device)?;
@@ -561,6 +562,9 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
             // queued save finish, as a process that died just after it would have). A new
             // saver reopens the store from disk and restores its latest snapshot.
             drop(state);
+            // The statistics of the saves completed before the crash (one still being
+            // written is not counted): the summary's means are over the whole run.
+            earlier_saves = saver.stats();
             drop(saver);
             bar.println(format!(
                 "simulated crash after step {step}; restoring from {}",
@@ -595,7 +599,8 @@ pub fn run(cfg: &RunConfig, chosen: &Chosen) -> Result<Summary, Error> {
     }
     bar.finish_and_clear();
     saver.flush()?;
-    let saves = saver.stats();
+    let mut saves = earlier_saves;
+    saves.extend(saver.stats());
     saver.close()?;
     if let Some(c) = crash.as_mut() {
         c.replayed = replay.compared;
