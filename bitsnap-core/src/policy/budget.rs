@@ -39,7 +39,9 @@
 //!    sees whole codes when they are not context-coded), replace the k-means winner
 //!    where their payload is smaller. A k-means codebook uses its entries about equally,
 //!    so its codes entropy-code little; uniform cells leave most elements in the few
-//!    cells near zero. Not for second
+//!    cells near zero. A tensor tried on sample windows in step 2 tries the three widths
+//!    on them too, and only the one storing them in the fewest bytes is encoded whole
+//!    (the next if it misses the budget there). Not for second
 //!    moments: there the cell next to zero holds most elements at its mean, and every
 //!    element below that mean drives a larger step (`m / √v`) than its own `v` would
 //!    (measured: the fidelity smoke test's resumed gaps went from 0.57x to 1.31x the
@@ -452,6 +454,33 @@ impl Candidate {
     }
 }
 
+/// A large tensor's sample windows (and its base's, at the same places), on which the
+/// search tries its candidates before it encodes the winner whole.
+struct Windows {
+    data: Vec<u8>,
+    base: Option<Vec<u8>>,
+}
+
+impl Windows {
+    /// The windows of `input`, or `None` for a tensor of at most [`EXACT_TRIAL_BYTES`]
+    /// (tried whole).
+    fn of(input: &EncodeInput<'_>) -> Option<Windows> {
+        (input.data.len() > EXACT_TRIAL_BYTES).then(|| {
+            let (data, base) = sample(input.data, input.base, input.dtype.size(), input.shape);
+            Windows { data, base }
+        })
+    }
+
+    /// The windows as an input like `of`.
+    fn input<'a>(&'a self, of: &EncodeInput<'a>) -> EncodeInput<'a> {
+        EncodeInput {
+            data: &self.data,
+            base: self.base.as_deref().or(of.base),
+            ..*of
+        }
+    }
+}
+
 /// An input of the search (the tensor, or its trial sample) and the memo of the sorted
 /// samples its quantizers draw.
 #[derive(Clone, Copy)]
@@ -518,26 +547,45 @@ fn fewer_entries(
 /// straddle bytes).
 const UNIFORM_WIDTHS: [QuantBits; 3] = [QuantBits::B2, QuantBits::B4, QuantBits::B8];
 
-/// `best`, or the smallest [`UniformQuantizer`] encoding of `input` within `limit` (at
-/// the [`UNIFORM_WIDTHS`], linear cells) if one is smaller; each tried one is recorded
-/// in `decision`.
+/// `best`, or the smallest [`UniformQuantizer`] encoding of `whole` within `limit` (at
+/// the [`UNIFORM_WIDTHS`], linear cells) if one is smaller; each one encoded whole is
+/// recorded in `decision`. With sample `windows` (a large tensor) the widths are tried
+/// on them first, and only the one storing them in the fewest bytes is encoded whole
+/// (the next, if that one misses the budget on the whole tensor).
 fn uniform_if_smaller(
     best: Encoded,
-    on: On<'_>,
+    whole: On<'_>,
+    windows: Option<On<'_>>,
     limit: f64,
     level: i32,
     decision: &mut Decision,
 ) -> Result<Encoded, CodecError> {
+    let quantizer = |bits| UniformQuantizer {
+        level,
+        ..UniformQuantizer::new(bits, limit)
+    };
+    let passes = |enc: &Encoded| enc.lossy.as_ref().is_some_and(|l| l.1.rel_l2 <= limit);
+    let widths: Vec<QuantBits> = match windows {
+        None => UNIFORM_WIDTHS.to_vec(),
+        Some(on) => {
+            let mut tried = Vec::new();
+            for bits in UNIFORM_WIDTHS {
+                if let Some(enc) = quantizer(bits).encode_with(on.input, on.samples)?
+                    && passes(&enc)
+                {
+                    tried.push((enc.payload.len(), bits));
+                }
+            }
+            tried.sort_by_key(|&(len, bits)| (len, bits.bits()));
+            tried.into_iter().map(|(_, bits)| bits).collect()
+        }
+    };
     let mut best = best;
-    for bits in UNIFORM_WIDTHS {
-        let q = UniformQuantizer {
-            level,
-            ..UniformQuantizer::new(bits, limit)
-        };
-        let Some(enc) = q.encode_with(on.input, on.samples)? else {
+    for bits in widths {
+        let Some(enc) = quantizer(bits).encode_with(whole.input, whole.samples)? else {
             continue;
         };
-        if enc.lossy.as_ref().is_none_or(|l| l.1.rel_l2 > limit) {
+        if !passes(&enc) {
             continue;
         }
         decision
@@ -545,6 +593,9 @@ fn uniform_if_smaller(
             .push((enc.codec, enc.payload.len() as u64));
         if enc.payload.len() < best.payload.len() {
             best = enc;
+        }
+        if windows.is_some() {
+            break;
         }
     }
     Ok(best)
@@ -573,14 +624,21 @@ pub(super) fn encode_within(
             }));
         }
     }
-    // One memo of sorted samples for every quantizer tried on the whole tensor.
-    let whole = EncodeInput { base, ..*input };
-    let samples = Samples::default();
-    let on = On {
-        input: &whole,
-        samples: &samples,
+    // One memo of sorted samples for every quantizer tried on the whole tensor, one for
+    // those tried on its sample windows (tensors over EXACT_TRIAL_BYTES).
+    let whole_input = EncodeInput { base, ..*input };
+    let (whole_samples, trial_samples) = (Samples::default(), Samples::default());
+    let whole = On {
+        input: &whole_input,
+        samples: &whole_samples,
     };
-    let Some(enc) = kmeans_within(on, limit, level, decision)? else {
+    let windows = Windows::of(&whole_input);
+    let trial_input = windows.as_ref().map(|w| w.input(&whole_input));
+    let trial = trial_input.as_ref().map(|input| On {
+        input,
+        samples: &trial_samples,
+    });
+    let Some(enc) = kmeans_within(whole, trial, limit, level, decision)? else {
         return Ok(None);
     };
     // Uniform cells only for signed tensors (first moments): for a second moment the
@@ -588,7 +646,7 @@ pub(super) fn encode_within(
     // drives a larger step (`m / √v`) than its own `v` would; the fidelity smoke test
     // measured resumed gaps of 1.3x the noise with them (0.56x without).
     let enc = match cluster::has_negative(input.dtype, input.data) {
-        true => uniform_if_smaller(enc, on, limit, level, decision)?,
+        true => uniform_if_smaller(enc, whole, trial, limit, level, decision)?,
         false => enc,
     };
     if enc.payload.len() as u64 >= lossless {
@@ -603,30 +661,14 @@ pub(super) fn encode_within(
 /// `decision`.
 fn kmeans_within(
     whole: On<'_>,
+    windows: Option<On<'_>>,
     limit: f64,
     level: i32,
     decision: &mut Decision,
 ) -> Result<Option<Encoded>, CodecError> {
-    let (input, base) = (whole.input, whole.input.base);
-    let w = input.dtype.size();
-    let (sampled, sampled_base) = match input.data.len() > EXACT_TRIAL_BYTES {
-        true => {
-            let (d, b) = sample(input.data, base, w, input.shape);
-            (Some(d), b)
-        }
-        false => (None, None),
-    };
-    let trial_input = EncodeInput {
-        data: sampled.as_deref().unwrap_or(input.data),
-        base: sampled_base.as_deref().or(base),
-        ..*input
-    };
-    let trial_samples = Samples::default();
-    let trial = On {
-        input: &trial_input,
-        samples: &trial_samples,
-    };
-    let with_base = base.is_some();
+    let input = whole.input;
+    let trial = windows.unwrap_or(whole);
+    let with_base = input.base.is_some();
     let signed = cluster::has_negative(input.dtype, input.data);
     let mut narrower = None;
     for bits in WIDTHS {
@@ -634,7 +676,7 @@ fn kmeans_within(
             narrower = Some(bits);
             continue;
         };
-        let enc = match sampled {
+        let enc = match windows {
             None => Some(pick.enc),
             // The samples may sit closer to the budget than the tensor: then on with the
             // next width.
@@ -744,12 +786,18 @@ mod tests {
             base: base.map(|b| b.data.as_slice()),
         };
         let level = codec::DEFAULT_ZSTD_LEVEL;
-        let samples = Samples::default();
+        let (samples, trial_samples) = (Samples::default(), Samples::default());
         let on = On {
             input: &input,
             samples: &samples,
         };
-        kmeans_within(on, e, level, &mut Decision::default())
+        let windows = Windows::of(&input);
+        let trial_input = windows.as_ref().map(|w| w.input(&input));
+        let trial = trial_input.as_ref().map(|input| On {
+            input,
+            samples: &trial_samples,
+        });
+        kmeans_within(on, trial, e, level, &mut Decision::default())
             .unwrap()
             .unwrap()
     }
