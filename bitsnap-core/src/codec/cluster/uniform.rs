@@ -117,19 +117,45 @@ fn means(sorted: &[f64], cells: &[(usize, usize)]) -> Vec<f64> {
         .collect()
 }
 
-/// The relative L2 error of quantizing `sorted` (scaled values) to its cells' means.
-fn estimate(sorted: &[f64], cells: &[(usize, usize)], norm: f64) -> f64 {
-    let err: f64 = cells
-        .par_iter()
-        .map(|&(a, b)| {
-            let s = &sorted[a..b];
-            let m = s.iter().sum::<f64>() / s.len() as f64;
-            s.iter().map(|x| (x - m) * (x - m)).sum::<f64>()
-        })
-        .sum();
-    match norm > 0.0 {
-        true => (err / norm).sqrt(),
-        false => 0.0,
+/// Prefix sums of a sorted sample and of its squares, so that a cell's squared error
+/// around its mean costs two subtractions instead of a pass over its values (the cell
+/// width search evaluates ~50 widths per encode: measured 11% of a lossy `pack` of the
+/// JAX series when each evaluation passed over the sample).
+struct Sums {
+    s1: Vec<f64>,
+    s2: Vec<f64>,
+}
+
+impl Sums {
+    fn of(sorted: &[f64]) -> Sums {
+        let (mut s1, mut s2) = (vec![0.0], vec![0.0]);
+        let (mut a, mut b) = (0.0f64, 0.0f64);
+        for &x in sorted {
+            a += x;
+            b += x * x;
+            s1.push(a);
+            s2.push(b);
+        }
+        Sums { s1, s2 }
+    }
+
+    /// The relative L2 error of quantizing the sample (scaled values, `norm` the sum of
+    /// their squares) to its cells' means: per cell `Σx² − (Σx)²/len`, never below 0
+    /// (rounding). The values are scaled to at most ~1, so the rounding is ~1e-16 of
+    /// `norm` per cell, far below any budget.
+    fn estimate(&self, cells: &[(usize, usize)], norm: f64) -> f64 {
+        let err: f64 = cells
+            .iter()
+            .map(|&(a, b)| {
+                let sum = self.s1[b] - self.s1[a];
+                let squares = self.s2[b] - self.s2[a];
+                (squares - sum * sum / (b - a) as f64).max(0.0)
+            })
+            .sum();
+        match norm > 0.0 {
+            true => (err / norm).sqrt(),
+            false => 0.0,
+        }
     }
 }
 
@@ -192,7 +218,8 @@ impl UniformQuantizer {
         // the target on the sample, then bisection refines towards the next grid point.
         let (lo_x, hi_x) = (peak * scale * 2f64.powi(-GRID_OCTAVES), 4.0 * peak * scale);
         let target = self.max_error * TARGET_FRACTION;
-        let error = |delta: f64| estimate(&sorted, &cells(&sorted, delta, cap), norm);
+        let sums = Sums::of(&sorted);
+        let error = |delta: f64| sums.estimate(&cells(&sorted, delta, cap), norm);
         let meets = |delta: f64| error(delta) <= target;
         let (lo2, hi2) = (lo_x.log2(), hi_x.log2());
         let steps = ((hi2 - lo2) * GRID_PER_OCTAVE as f64).ceil() as usize;
