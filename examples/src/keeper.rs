@@ -58,13 +58,11 @@ pub fn serve(
     }
     let stats = keeper.shutdown()?;
     let _ = std::fs::remove_file(&files.stop);
+    let p = stats.persist;
     println!(
-        "keeper: stopped after {} snapshots handed over ({} persisted, {} replaced by a newer one before persisting, {} failed; {} bad frames)",
-        stats.puts,
-        stats.persist.saved,
-        stats.persist.skipped,
-        stats.persist.failed,
-        stats.bad_frames
+        "keeper: stopped after {} snapshots handed over ({} persisted, {} replaced by a \
+         newer one before persisting, {} failed; {} bad frames)",
+        stats.puts, p.saved, p.skipped, p.failed, stats.bad_frames
     );
     Ok(stats)
 }

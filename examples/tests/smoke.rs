@@ -29,21 +29,21 @@ fn summary(dir: &Path) -> Summary {
     serde_json::from_str(&text).expect("summary.json parses")
 }
 
-/// Every snapshot of the store decodes (checksums included), and the sizes the summary
-/// reports are the files' sizes and the decoded tensors' sizes.
-fn check_store(dir: &Path, summary: Option<&Summary>) -> Store {
+/// Every snapshot of the store in `dir` decodes (checksums included), and, given the
+/// run's summary, it lists the store's snapshots and reports the files' sizes and the
+/// decoded tensors' sizes; `note` is printed when the listing differs.
+fn check_store(dir: &Path, summary: Option<&Summary>, note: &str) -> Store {
     let store = Store::open(dir).expect("open store");
     if let Some(s) = summary {
         let listed: Vec<&str> = s.store.snapshots.iter().map(|r| r.name.as_str()).collect();
-        let stored: Vec<(u64, &str, Option<u64>)> = store
-            .snapshots()
-            .iter()
-            .map(|i| (i.id, i.name.as_str(), i.base))
-            .collect();
+        let stored: Vec<&str> = store.snapshots().iter().map(|i| i.name.as_str()).collect();
+        let ids: Vec<(u64, Option<u64>)> =
+            store.snapshots().iter().map(|i| (i.id, i.base)).collect();
         assert_eq!(
-            listed.len(),
-            stored.len(),
-            "{}: the run's summary lists {listed:?}, the store holds (id, name, base) {stored:?}",
+            listed,
+            stored,
+            "{}: the run's summary and the store list different snapshots (store ids and \
+             bases: {ids:?})\n{note}",
             dir.display()
         );
     }
@@ -138,7 +138,7 @@ fn finetune_gpt_resumes_exactly_after_a_simulated_crash_and_after_a_killed_proce
         "plot of {} bytes",
         png.len()
     );
-    let store_a = check_store(&a.join("checkpoints"), Some(&sa));
+    let store_a = check_store(&a.join("checkpoints"), Some(&sa), "");
 
     // Crash simulated in-process (the default): restored from disk, replayed exactly.
     assert!(
@@ -158,7 +158,7 @@ fn finetune_gpt_resumes_exactly_after_a_simulated_crash_and_after_a_killed_proce
         bits(&sa),
         "resumed loss curve differs from the uninterrupted one"
     );
-    let store_b = check_store(&b.join("checkpoints"), Some(&sb));
+    let store_b = check_store(&b.join("checkpoints"), Some(&sb), "");
     let last = format!("step-{total}");
     assert!(
         model_tensors(&store_b, &last) == model_tensors(&store_a, &last),
@@ -199,7 +199,7 @@ fn finetune_gpt_resumes_exactly_after_a_simulated_crash_and_after_a_killed_proce
         bits(&sa),
         "--resume loss curve differs from the uninterrupted one"
     );
-    check_store(&c.join("checkpoints"), Some(&sc));
+    check_store(&c.join("checkpoints"), Some(&sc), "");
 
     // `--keeper`: a keeper process, a trainer SIGKILLed after the crash step, restarted
     // with `--resume`: restored from the keeper's memory, the same curve again.
@@ -236,20 +236,10 @@ fn finetune_gpt_resumes_exactly_after_a_simulated_crash_and_after_a_killed_proce
         bits(&sa),
         "the keeper-restored loss curve differs from the uninterrupted one"
     );
-    // (A mismatch here was seen once in CI, not reproduced in 900 runs under load:
-    // the keeper's output says what it persisted.)
-    let listed = sd.store.snapshots.len();
-    let on_disk = Store::open(d.join("checkpoints"))
-        .unwrap()
-        .snapshots()
-        .len();
-    assert_eq!(
-        listed,
-        on_disk,
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&keeper.stderr)
-    );
-    check_store(&d.join("checkpoints"), Some(&sd));
+    // (A mismatch of the listing was seen once in CI, not reproduced in 900 runs under
+    // load: the keeper demo's output says what the keeper persisted.)
+    let note = format!("{stdout}\n{}", String::from_utf8_lossy(&keeper.stderr));
+    check_store(&d.join("checkpoints"), Some(&sd), &note);
 }
 
 #[test]
@@ -320,7 +310,7 @@ fn learner_resumes_through_bitsnap_checkpointer() {
     );
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("bit-identical"));
-    let store = check_store(&tmp.path().join("checkpoints"), None);
+    let store = check_store(&tmp.path().join("checkpoints"), None, "");
     // KeepLastN(3) over epochs 1..=4: epochs 2, 3, 4 of model, optim and scheduler.
     let mut names: Vec<String> = store
         .snapshots()
@@ -344,7 +334,7 @@ fn custom_loop_restores_exactly() {
     );
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("is bit-identical to"));
-    let store = check_store(&tmp.path().join("checkpoints"), None);
+    let store = check_store(&tmp.path().join("checkpoints"), None, "");
     assert!(store.snapshots().len() >= 4);
 }
 
@@ -383,5 +373,5 @@ fn finetune_gpt_lossy_optimizer_quantizes_moments_and_resumes_close() {
     // Measured 8.1e-7 (8-bit moments, this smoke run, dropout on and a shuffled loader);
     // the bound is 6x that.
     assert!(crash.replayed > 0 && crash.max_rel_diff < 5e-6, "{crash:?}");
-    check_store(&tmp.path().join("checkpoints"), Some(&s));
+    check_store(&tmp.path().join("checkpoints"), Some(&s), "");
 }

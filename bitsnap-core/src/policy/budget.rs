@@ -40,8 +40,8 @@
 //!    where their payload is smaller. A k-means codebook uses its entries about equally,
 //!    so its codes entropy-code little; uniform cells leave most elements in the few
 //!    cells near zero. A tensor tried on sample windows in step 2 tries the three widths
-//!    on them too, and only the one storing them in the fewest bytes is encoded whole
-//!    (the next if it misses the budget there). Not for second
+//!    on them too, and encodes them whole in that order (within the budget there first,
+//!    then by bytes) until one meets the budget on the whole tensor. Not for second
 //!    moments: there the cell next to zero holds most elements at its mean, and every
 //!    element below that mean drives a larger step (`m / √v`) than its own `v` would
 //!    (measured: the fidelity smoke test's resumed gaps went from 0.57x to 1.31x the
@@ -550,8 +550,9 @@ const UNIFORM_WIDTHS: [QuantBits; 3] = [QuantBits::B2, QuantBits::B4, QuantBits:
 /// `best`, or the smallest [`UniformQuantizer`] encoding of `whole` within `limit` (at
 /// the [`UNIFORM_WIDTHS`], linear cells) if one is smaller; each one encoded whole is
 /// recorded in `decision`. With sample `windows` (a large tensor) the widths are tried
-/// on them first, and only the one storing them in the fewest bytes is encoded whole
-/// (the next, if that one misses the budget on the whole tensor).
+/// on them first and encoded whole in that order, those within the budget there first,
+/// each by the bytes it stored them in, until one meets the budget on the whole tensor
+/// (the windows may sit closer to the budget than the tensor, either way).
 fn uniform_if_smaller(
     best: Encoded,
     whole: On<'_>,
@@ -570,14 +571,14 @@ fn uniform_if_smaller(
         Some(on) => {
             let mut tried = Vec::new();
             for bits in UNIFORM_WIDTHS {
-                if let Some(enc) = quantizer(bits).encode_with(on.input, on.samples)?
-                    && passes(&enc)
-                {
-                    tried.push((enc.payload.len(), bits));
-                }
+                let rank = match quantizer(bits).encode_with(on.input, on.samples)? {
+                    Some(enc) => (!passes(&enc), enc.payload.len()),
+                    None => (true, usize::MAX),
+                };
+                tried.push((rank, bits.bits(), bits));
             }
-            tried.sort_by_key(|&(len, bits)| (len, bits.bits()));
-            tried.into_iter().map(|(_, bits)| bits).collect()
+            tried.sort_by_key(|&(rank, bits, _)| (rank, bits));
+            tried.into_iter().map(|(_, _, bits)| bits).collect()
         }
     };
     let mut best = best;

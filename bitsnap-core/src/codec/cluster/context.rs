@@ -149,25 +149,24 @@ impl RowCol {
             .par_chunks(cols)
             .map(|r| r.iter().map(|&c| sq[c as usize]).sum())
             .collect();
-        let cols_sum = codes
-            .par_chunks(cols)
-            .fold(
-                || vec![0.0f64; cols],
-                |mut acc, r| {
-                    acc.iter_mut()
-                        .zip(r)
-                        .for_each(|(a, &c)| *a += sq[c as usize]);
-                    acc
-                },
-            )
-            .reduce(
-                || vec![0.0f64; cols],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
+        // Each column summed over the rows in order, blocks of columns in parallel: the
+        // same sums on every run and thread count (a rayon fold's grouping follows work
+        // stealing, and the classes are cut from these sums), in `cols` floats.
         let rows = codes.len() / cols;
+        let per_task = cols.div_ceil(rayon::current_num_threads()).max(256);
+        let mut cols_sum = vec![0.0f64; cols];
+        cols_sum
+            .par_chunks_mut(per_task)
+            .enumerate()
+            .for_each(|(t, acc)| {
+                let first = t * per_task;
+                for r in 0..rows {
+                    let row = &codes[r * cols + first..r * cols + first + acc.len()];
+                    acc.iter_mut()
+                        .zip(row)
+                        .for_each(|(a, &c)| *a += sq[c as usize]);
+                }
+            });
         let log = |s: &f64, count: usize| (s / count as f64).max(f64::MIN_POSITIVE).log2();
         RowCol {
             cols,

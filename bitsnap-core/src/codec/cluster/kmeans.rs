@@ -1,7 +1,7 @@
 //! 1-D k-means for the cluster quantizer's codebooks, on a sorted sample of the tensor
-//! (`samples.rs`): k-means++ seeding (quantiles for codebooks above 256 entries, where k-means++ would
-//! cost `O(n k)`), then Lloyd iterations, each `O(k log n)` on the sorted sample with
-//! prefix sums.
+//! (`samples.rs`): k-means++ seeding (quantiles for codebooks above 256 entries, where
+//! k-means++ would cost `O(n k)`), then Lloyd iterations, each `O(k log n)` on the
+//! sorted sample with prefix sums.
 
 /// 1-D k-means on a sorted sample: at most `k` sorted centroids.
 pub(super) fn kmeans_1d(sorted: &[f64], k: usize, iterations: usize) -> Vec<f64> {

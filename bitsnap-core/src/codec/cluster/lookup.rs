@@ -2,16 +2,22 @@
 //! categorical distribution as the encoder's `constriction` model, in 24-bit fixed
 //! point, whose quantile function finds the symbol through a table of 2^12 buckets and
 //! a short forward scan instead of a binary search over up to 256 entries. Decoding
-//! spends most of its time in that function, once per code.
+//! spends most of its time in that function, once per code. The scan is bounded by the
+//! symbols sharing one bucket (at most 256, when many symbols have tiny probabilities:
+//! slower than a binary search for such a table, never unbounded).
 
 use std::num::NonZeroU32;
 
 use constriction::stream::model::{DecoderModel, EntropyModel};
 
+use super::context::MAX_SYMBOLS;
+
 /// Fixed-point precision of the probabilities, in bits (the format's).
 pub(super) const PRECISION: usize = 24;
 /// The quantile range is cut into 2^BUCKET_BITS buckets, each knowing its first symbol.
 const BUCKET_BITS: usize = 12;
+// A bucket's first symbol is stored in a byte.
+const _: () = assert!(MAX_SYMBOLS <= 256);
 
 /// A categorical distribution over symbols `0..k` for decoding.
 #[derive(Debug, Clone)]
@@ -25,10 +31,10 @@ pub(super) struct Lookup {
 }
 
 impl Lookup {
-    /// The distribution of the fixed-point probabilities `p` (at most 256 symbols, each
-    /// at least 1, summing to `2^PRECISION`), or `None` if they are not that.
+    /// The distribution of the fixed-point probabilities `p` (at most [`MAX_SYMBOLS`]
+    /// symbols, each at least 1, summing to `2^PRECISION`), or `None` if they are not that.
     pub(super) fn new(p: &[u32]) -> Option<Lookup> {
-        if p.is_empty() || p.len() > 256 {
+        if p.is_empty() || p.len() > MAX_SYMBOLS {
             return None;
         }
         let probability: Vec<NonZeroU32> = p
@@ -103,7 +109,10 @@ mod tests {
     proptest! {
         #[test]
         fn agrees_with_the_encoders_model_on_every_quantile_tried(
-            k in 1usize..=256, seed in any::<u64>(), qs in prop::collection::vec(0u32..1 << PRECISION, 64)) {
+            k in 1usize..=256,
+            seed in any::<u64>(),
+            qs in prop::collection::vec(0u32..1 << PRECISION, 64),
+        ) {
             let p = probabilities(k, seed);
             let lookup = Lookup::new(&p).unwrap();
             let model = Model::from_nonzero_fixed_point_probabilities(&p, false).unwrap();
@@ -120,6 +129,35 @@ mod tests {
                 prop_assert_eq!((s, left, prob.get()), (s2, left2, prob2.get()), "quantile {}", q);
             }
         }
+    }
+
+    /// Every quantile of `p`, against the encoder's model.
+    fn agrees_everywhere(p: &[u32]) {
+        let lookup = Lookup::new(p).unwrap();
+        let model = Model::from_nonzero_fixed_point_probabilities(p, false).unwrap();
+        for q in 0..1u32 << PRECISION {
+            let (s, left, prob) = lookup.quantile_function(q);
+            let (s2, left2, prob2) = model.quantile_function(q);
+            assert_eq!((s, left, prob.get()), (s2, left2, prob2.get()), "{q}");
+        }
+    }
+
+    #[test]
+    fn agrees_on_every_quantile_of_extreme_tables() {
+        let full = 1u32 << PRECISION;
+        // One symbol; 255 symbols of probability 1 in the first bucket; all equal; every
+        // symbol ending exactly on a bucket boundary.
+        agrees_everywhere(&[full]);
+        let mut tiny = vec![1u32; 256];
+        tiny[255] = full - 255;
+        agrees_everywhere(&tiny);
+        tiny.reverse();
+        agrees_everywhere(&tiny);
+        agrees_everywhere(&[1 << 16; 256]);
+        let bucket = 1u32 << (PRECISION - BUCKET_BITS);
+        let mut edges = vec![bucket; 255];
+        edges.push(full - 255 * bucket);
+        agrees_everywhere(&edges);
     }
 
     #[test]

@@ -49,7 +49,7 @@ use payload::push_codes;
 pub(crate) use payload::{Family, code_at, decode_codes, decode_into, packed_len, precheck};
 pub(crate) use residual::decode_residual_into;
 pub use residual::{ResidualKind, ResidualQuantizer};
-pub use samples::Samples;
+pub(crate) use samples::Samples;
 use samples::Transform;
 pub use uniform::UniformQuantizer;
 pub(crate) use values::floats_to_f64;
@@ -275,7 +275,7 @@ impl Codec for ClusterQuantizer {
 impl ClusterQuantizer {
     /// [`Codec::encode`], drawing its sample through `samples` (shared by the quantizers
     /// a search tries on one input).
-    pub fn encode_with(
+    pub(crate) fn encode_with(
         &self,
         input: &EncodeInput<'_>,
         samples: &Samples,

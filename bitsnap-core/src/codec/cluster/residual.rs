@@ -132,7 +132,7 @@ impl Codec for ResidualQuantizer {
 impl ResidualQuantizer {
     /// [`Codec::encode`], drawing its sample through `samples` (shared by the quantizers
     /// a search tries on one input).
-    pub fn encode_with(
+    pub(crate) fn encode_with(
         &self,
         input: &EncodeInput<'_>,
         samples: &Samples,

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use rayon::prelude::*;
 
 use super::ResidualKind;
+use crate::DType;
 use crate::codec::EncodeInput;
 
 /// The values a sample holds.
@@ -51,29 +52,15 @@ pub(super) fn sample_sorted(
 type Drawn = HashMap<(Transform, usize), Arc<Vec<f64>>>;
 
 /// The sorted samples drawn from one [`EncodeInput`], by transform and size. Used with
-/// another input it draws afresh and keeps nothing, so a memo can never hand one tensor
-/// another's sample. Encodings are the same with or without it.
-///
-/// ```
-/// use bitsnap_core::codec::cluster::Samples;
-/// use bitsnap_core::codec::{ClusterQuantizer, Codec, EncodeInput, QuantBits};
-/// use bitsnap_core::{DType, Role};
-/// let v: Vec<f32> = (0..50_000).map(|i| 1e-3 * ((i * 7919 % 1000) as f32 - 500.0)).collect();
-/// let data: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-/// let input = EncodeInput { shape: &[], dtype: DType::F32, role: Role::OptimizerMoment(1), data: &data, base: None };
-/// let samples = Samples::default();
-/// // A search: one sample drawn and sorted, shared by every codebook size tried.
-/// for entries in [16, 12, 9] {
-///     let q = ClusterQuantizer { entries: Some(entries), ..ClusterQuantizer::new(QuantBits::B4) };
-///     let shared = q.encode_with(&input, &samples).unwrap().unwrap();
-///     assert_eq!(shared.payload, q.encode(&input).unwrap().unwrap().payload);
-/// }
-/// ```
+/// another input it draws afresh and keeps nothing. The input is recognised by its
+/// buffers' addresses and lengths and its dtype, so a memo must not outlive the inputs
+/// it serves (a freed buffer's address can come back for another tensor): crate-private,
+/// and made per tensor by the budget search. Encodings are the same with or without it.
 #[derive(Debug, Default)]
-pub struct Samples {
-    /// The input served: its data's and base's addresses and lengths (compared, never
-    /// dereferenced).
-    of: OnceLock<[usize; 4]>,
+pub(crate) struct Samples {
+    /// The input served: its data's and base's addresses and lengths, and its dtype
+    /// (compared, never dereferenced).
+    of: OnceLock<([usize; 4], DType)>,
     drawn: Mutex<Drawn>,
 }
 
@@ -108,22 +95,23 @@ impl Samples {
     }
 }
 
-fn identity(input: &EncodeInput<'_>) -> [usize; 4] {
+fn identity(input: &EncodeInput<'_>) -> ([usize; 4], DType) {
     let (base_at, base_len) = input
         .base
         .map_or((0, 0), |b| (b.as_ptr() as usize, b.len()));
-    [
+    let buffers = [
         input.data.as_ptr() as usize,
         input.data.len(),
         base_at,
         base_len,
-    ]
+    ];
+    (buffers, input.dtype)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DType, Role};
+    use crate::Role;
 
     #[test]
     fn sample_is_sorted_and_skips_none() {
@@ -148,6 +136,9 @@ mod tests {
         // the same sample, whatever `f` says now.
         let again = memo.sorted(&input(&a), Transform::Linear, 256, |_| Some(-1.0));
         assert!(Arc::ptr_eq(&first, &again));
+        // Another size (2048 clusters draw 2^17 values): drawn.
+        let larger = memo.sorted(&input(&a), Transform::Linear, 2048, |i| Some(i as f64));
+        assert!(!Arc::ptr_eq(&first, &larger));
         // Another transform: drawn.
         let log = memo.sorted(&input(&a), Transform::Log, 16, |_| Some(-1.0));
         assert_eq!(*log, vec![-1.0; 1000]);

@@ -172,7 +172,7 @@ impl Codec for UniformQuantizer {
 impl UniformQuantizer {
     /// [`Codec::encode`], drawing its sample through `samples` (shared by the quantizers
     /// a search tries on one input).
-    pub fn encode_with(
+    pub(crate) fn encode_with(
         &self,
         input: &EncodeInput<'_>,
         samples: &Samples,
