@@ -481,6 +481,23 @@ impl Windows {
     }
 }
 
+/// Runs `search` on `input` and, for a tensor over [`EXACT_TRIAL_BYTES`], its sample
+/// windows, each with its own memo of sorted samples.
+fn searched<T>(input: &EncodeInput<'_>, search: impl FnOnce(On<'_>, Option<On<'_>>) -> T) -> T {
+    let (samples, window_samples) = (Samples::default(), Samples::default());
+    let windows = Windows::of(input);
+    let windows_input = windows.as_ref().map(|w| w.input(input));
+    let whole = On {
+        input,
+        samples: &samples,
+    };
+    let trial = windows_input.as_ref().map(|input| On {
+        input,
+        samples: &window_samples,
+    });
+    search(whole, trial)
+}
+
 /// An input of the search (the tensor, or its trial sample) and the memo of the sorted
 /// samples its quantizers draw.
 #[derive(Clone, Copy)]
@@ -625,30 +642,21 @@ pub(super) fn encode_within(
             }));
         }
     }
-    // One memo of sorted samples for every quantizer tried on the whole tensor, one for
-    // those tried on its sample windows (tensors over EXACT_TRIAL_BYTES).
-    let whole_input = EncodeInput { base, ..*input };
-    let (whole_samples, trial_samples) = (Samples::default(), Samples::default());
-    let whole = On {
-        input: &whole_input,
-        samples: &whole_samples,
-    };
-    let windows = Windows::of(&whole_input);
-    let trial_input = windows.as_ref().map(|w| w.input(&whole_input));
-    let trial = trial_input.as_ref().map(|input| On {
-        input,
-        samples: &trial_samples,
-    });
-    let Some(enc) = kmeans_within(whole, trial, limit, level, decision)? else {
+    let found = searched(&EncodeInput { base, ..*input }, |whole, trial| {
+        let Some(enc) = kmeans_within(whole, trial, limit, level, decision)? else {
+            return Ok(None);
+        };
+        // Uniform cells only for signed tensors (first moments): for a second moment the
+        // cell next to zero holds most elements at its mean, and each element below it
+        // drives a larger step (`m / √v`) than its own `v` would; the fidelity smoke test
+        // measured resumed gaps of 1.3x the noise with them (0.56x without).
+        match cluster::has_negative(input.dtype, input.data) {
+            true => uniform_if_smaller(enc, whole, trial, limit, level, decision).map(Some),
+            false => Ok(Some(enc)),
+        }
+    })?;
+    let Some(enc) = found else {
         return Ok(None);
-    };
-    // Uniform cells only for signed tensors (first moments): for a second moment the
-    // cell next to zero holds most elements at its mean, and each element below it
-    // drives a larger step (`m / √v`) than its own `v` would; the fidelity smoke test
-    // measured resumed gaps of 1.3x the noise with them (0.56x without).
-    let enc = match cluster::has_negative(input.dtype, input.data) {
-        true => uniform_if_smaller(enc, whole, trial, limit, level, decision)?,
-        false => enc,
     };
     if enc.payload.len() as u64 >= lossless {
         return Ok(None);
@@ -787,20 +795,11 @@ mod tests {
             base: base.map(|b| b.data.as_slice()),
         };
         let level = codec::DEFAULT_ZSTD_LEVEL;
-        let (samples, trial_samples) = (Samples::default(), Samples::default());
-        let on = On {
-            input: &input,
-            samples: &samples,
-        };
-        let windows = Windows::of(&input);
-        let trial_input = windows.as_ref().map(|w| w.input(&input));
-        let trial = trial_input.as_ref().map(|input| On {
-            input,
-            samples: &trial_samples,
-        });
-        kmeans_within(on, trial, e, level, &mut Decision::default())
-            .unwrap()
-            .unwrap()
+        searched(&input, |whole, trial| {
+            kmeans_within(whole, trial, e, level, &mut Decision::default())
+        })
+        .unwrap()
+        .unwrap()
     }
 
     fn measured(t: &Tensor, enc: &codec::Encoded, base: Option<&[u8]>) -> Distortion {
