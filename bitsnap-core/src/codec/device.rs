@@ -170,10 +170,11 @@ pub fn decode_for_device(
         CodecId::Identical => DeviceForm::Identical,
         CodecId::Cluster => {
             let c = cluster::decode_codes(payload, dtype, numel, cluster::Family::Plain)?;
+            let (bits, codebook, codes) = c.into_packed();
             DeviceForm::Codes(QuantCodes {
-                bits: c.bits.bits(),
-                codebook: c.codebook,
-                codes: c.packed,
+                bits: bits.bits(),
+                codebook,
+                codes,
             })
         }
     })

@@ -111,13 +111,33 @@ pub(crate) struct Codes {
     pub bits: QuantBits,
     /// `k` entries of the tensor's dtype, back to back.
     pub codebook: Vec<u8>,
-    /// The codes, packed as one little-endian bit stream (see [`pack_codes`]).
-    pub packed: Vec<u8>,
+    codes: Stored,
+}
+
+/// The codes as their coding left them: packed (planes + zstd) or one per element
+/// (context-coded; packed only for a device, not to be unpacked again on the host).
+enum Stored {
+    /// One little-endian bit stream (see [`pack_codes`]).
+    Packed(Vec<u8>),
+    Each(Vec<u16>),
 }
 
 impl Codes {
     pub(super) fn code(&self, i: usize) -> usize {
-        code_at(&self.packed, self.bits, i)
+        match &self.codes {
+            Stored::Packed(packed) => code_at(packed, self.bits, i),
+            Stored::Each(codes) => usize::from(codes[i]),
+        }
+    }
+
+    /// The codes packed as one little-endian bit stream (see [`pack_codes`]): the form
+    /// the GPU loader expands.
+    pub(crate) fn into_packed(self) -> (QuantBits, Vec<u8>, Vec<u8>) {
+        let packed = match self.codes {
+            Stored::Packed(packed) => packed,
+            Stored::Each(codes) => pack_codes(&codes, self.bits),
+        };
+        (self.bits, self.codebook, packed)
     }
 }
 
@@ -142,7 +162,7 @@ pub(crate) fn decode_codes(
         return Ok(Codes {
             bits,
             codebook: book.entries.to_vec(),
-            packed: pack_codes(&codes, bits),
+            codes: Stored::Each(codes),
         });
     }
     let mut packed = alloc::zeroed(plen, "the codes")?;
@@ -160,7 +180,7 @@ pub(crate) fn decode_codes(
     let codes = Codes {
         bits,
         codebook: book.entries.to_vec(),
-        packed,
+        codes: Stored::Packed(packed),
     };
     let k = codes.codebook.len() / w;
     if k < 1 << bits.bits() {
