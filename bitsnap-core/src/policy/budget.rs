@@ -471,11 +471,11 @@ impl Windows {
         })
     }
 
-    /// The windows as an input like `of`.
+    /// The windows as an input like `of` (their base is the same windows of `of`'s).
     fn input<'a>(&'a self, of: &EncodeInput<'a>) -> EncodeInput<'a> {
         EncodeInput {
             data: &self.data,
-            base: self.base.as_deref().or(of.base),
+            base: self.base.as_deref(),
             ..*of
         }
     }
